@@ -1,0 +1,3 @@
+from ntkrun.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""Command-line interface: parses arguments and hands them to spec, runners and runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ntkrun.runners import DivergenceError, get_runner, resolve_device
+from ntkrun.runs import is_complete, latest_run, open_run
+from ntkrun.spec import SpecError, list_presets, load_spec, preset_description
+
+app = typer.Typer(
+    help="Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"ntkrun: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class RichProgress:
+    """A progress bar on stderr, weighted by work, with ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("starting", total=None)
+
+    def start(self, total: float) -> None:
+        self.bar.update(self.task, total=total)
+
+    def advance(self, description: str, amount: float) -> None:
+        self.bar.update(self.task, description=description, advance=amount)
+
+
+def frame_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else str(v) for v in row])
+    return table
+
+
+def run_experiment(
+    experiment: str,
+    preset: str | None,
+    config: Path | None,
+    sets: list[str] | None,
+    overrides: dict[tuple[str, ...], Any],
+    output_root: Path | None,
+    quiet: bool,
+) -> None:
+    """Validate everything, then run in a fresh run directory and print the metrics."""
+    try:
+        spec = load_spec(experiment, preset=preset, config=config, sets=sets or [], overrides=overrides)
+        device = resolve_device(spec.device)
+    except (SpecError, ValueError) as e:
+        fail(str(e))
+    root = output_root if output_root is not None else Path(spec.output)
+    runner = get_runner(experiment)
+    progress = RichProgress(enabled=not quiet)
+    try:
+        with progress.bar, open_run(root, spec) as run:
+            metrics = runner(spec, run, progress)
+            final = run.finalize(str(device))
+    except OSError as e:
+        fail(f"cannot write the run directory under {root}: {e.strerror or e}")
+    except DivergenceError as e:
+        fail(f"{e} (partial files kept in {run.path})", code=1)
+    except KeyboardInterrupt:
+        fail(f"interrupted; partial files kept in {run.path}", code=130)
+    if not quiet:
+        out.print(frame_table(metrics, f"{experiment}: metrics.csv"))
+    out.print(f"run directory: {final}", markup=False, highlight=False, soft_wrap=True)
+
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `ntkrun presets`).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML spec file (overlays the preset).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: KEY.PATH=VALUE (repeatable).")]
+RootOpt = Annotated[Path | None, typer.Option("--output-root", "-o", help="Root of run directories.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+
+
+@app.command()
+def convergence(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
+    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    output_root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """NTK convergence with width and during training (paper Figure 1). Default preset: paper."""
+    overrides: dict[tuple[str, ...], Any] = {}
+    if width:
+        overrides["network", "width"] = list(width)
+    if seeds is not None:
+        overrides["seeds",] = seeds
+    if steps is not None:
+        overrides["training", "steps"] = steps
+    run_experiment("convergence", preset, config, set_, overrides, output_root, quiet)
+
+
+@app.command()
+def presets() -> None:
+    """List the presets of every experiment, one line each."""
+    for experiment, found in list_presets().items():
+        for name, path in found.items():
+            out.print(f"{experiment:<12} {name:<8} {preset_description(path)}", markup=False, highlight=False)
+
+
+@app.command()
+def show(
+    run_dir: Annotated[Path | None, typer.Argument(help="Run directory (default: the latest run).")] = None,
+    output_root: RootOpt = None,
+) -> None:
+    """Summarize a run directory (default: the latest complete run)."""
+    if run_dir is None:
+        root = output_root or Path("outputs")
+        run_dir = latest_run(root)
+        if run_dir is None:
+            fail(f"no complete run under {root}/ (run an experiment first, or name a run directory)")
+    if not run_dir.is_dir():
+        fail(f"{run_dir}: not a run directory")
+    status = "complete" if is_complete(run_dir) else "FAILED" if (run_dir / "ERROR").exists() else "incomplete"
+    out.print(f"run:    {run_dir.resolve()}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"status: {status}", markup=False, highlight=False)
+    if (run_dir / "ERROR").exists():
+        out.print(f"error:  {(run_dir / 'ERROR').read_text().strip()}", markup=False, highlight=False)
+    meta_path = run_dir / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        out.print(
+            f"experiment {meta['experiment']}, spec {meta['spec_hash']}, device {meta['device']}, "
+            f"{meta['threads']} threads, wall time {meta['wall_time_s']:.1f} s, finished {meta['end_time']}",
+            markup=False,
+            highlight=False,
+        )
+    if (run_dir / "spec.yaml").is_file():
+        out.print((run_dir / "spec.yaml").read_text().rstrip(), markup=False, highlight=False)
+    if (run_dir / "metrics.csv").is_file():
+        out.print(frame_table(pd.read_csv(run_dir / "metrics.csv"), "metrics.csv"))
+    files = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+    out.print(f"files: {files}", markup=False, highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,6 @@
+"""Kernel engine: empirical NTK (SPEC §2) and the infinite-width limits (SPEC §3)."""
+
+from ntkrun.kernels.analytic import analytic_kernels
+from ntkrun.kernels.empirical import empirical_nngp, empirical_ntk
+
+__all__ = ["analytic_kernels", "empirical_nngp", "empirical_ntk"]

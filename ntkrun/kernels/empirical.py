@@ -1,0 +1,122 @@
+"""Empirical (finite-width) NTK by the layerwise factorization of SPEC §2.
+
+    Theta(x, x') = sum_{l=0}^{L-1} [a(l)(x).a(l)(x') / n_l + beta^2] * [delta(l+1)(x).delta(l+1)(x')]
+
+One forward pass and one backward pass of the deltas per input; no per-sample parameter
+gradient is ever formed. Inputs are processed in row blocks sized from a memory budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ntkrun.network import MLP
+
+Progress = Callable[[int, int], None]
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of per-input features held at once
+
+
+def _features(net: MLP, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(N, n0) -> ([a(l)] (N, n_l), [delta(l+1)] (N, n_{l+1})) for l = 0 .. L-1."""
+    with torch.no_grad():
+        cache = net.forward_cache(X)
+        return cache.acts, net.deltas(cache)
+
+
+def _block_gram(
+    net: MLP,
+    fa: tuple[list[torch.Tensor], list[torch.Tensor]],
+    fb: tuple[list[torch.Tensor], list[torch.Tensor]],
+    per_layer: bool,
+) -> torch.Tensor:
+    """Theta on a block pair: -> (Na, Nb), or (L, Na, Nb) per layer if per_layer."""
+    acts_a, deltas_a = fa
+    acts_b, deltas_b = fb
+    beta2 = net.beta**2
+    layers = []
+    total = None
+    for l in range(net.depth):
+        k = acts_a[l] @ acts_b[l].t()
+        k.mul_(1.0 / net.sizes[l]).add_(beta2)
+        if l < net.depth - 1:  # delta(L) = 1: the last layer has no delta product
+            k.mul_(deltas_a[l] @ deltas_b[l].t())
+        if per_layer:
+            layers.append(k)
+        elif total is None:
+            total = k
+        else:
+            total.add_(k)
+    return torch.stack(layers) if per_layer else total
+
+
+def block_size_for(net: MLP, memory_budget: int, dtype: torch.dtype) -> int:
+    """Inputs per block such that two blocks of features (a and delta of every layer) fit."""
+    per_input = 2 * sum(net.sizes) * torch.empty((), dtype=dtype).element_size()
+    return max(1, memory_budget // (2 * per_input))
+
+
+def _prepare(net: MLP, X: torch.Tensor) -> torch.Tensor:
+    p = net.weights[0]
+    X = torch.as_tensor(X).to(device=p.device, dtype=p.dtype)
+    if X.dim() != 2 or X.shape[1] != net.n0:
+        raise ValueError(f"inputs must have shape (N, {net.n0}), got {tuple(X.shape)}")
+    if X.shape[0] == 0:
+        raise ValueError("inputs must hold at least one point (N = 0)")
+    if not torch.isfinite(X).all():
+        raise ValueError("inputs contain NaN or inf")
+    return X
+
+
+def empirical_ntk(
+    net: MLP,
+    X: torch.Tensor,
+    X2: torch.Tensor | None = None,
+    *,
+    per_layer: bool = False,
+    block_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Empirical NTK Gram matrix: X (N1, n0), X2 (N2, n0) or None (= X) -> (N1, N2).
+
+    With per_layer=True returns (L, N1, N2): the contribution of the parameters W(l), b(l) of
+    each layer l = 0 .. L-1 (they sum to Theta). Features are held for at most two blocks of
+    `block_size` inputs (default: chosen from `memory_budget` bytes); a larger N recomputes the
+    forward pass of column blocks. `progress(done, total)` is called after each block pair.
+    """
+    X = _prepare(net, X)
+    symmetric = X2 is None
+    X2 = X if symmetric else _prepare(net, X2)
+    bs = block_size or block_size_for(net, memory_budget, X.dtype)
+    rows = list(torch.split(X, bs))
+    cols = rows if symmetric else list(torch.split(X2, bs))
+    shape = (net.depth, X.shape[0], X2.shape[0]) if per_layer else (X.shape[0], X2.shape[0])
+    out = X.new_empty(shape)
+    total = len(rows) * (len(rows) + 1) // 2 if symmetric else len(rows) * len(cols)
+    done = 0
+    for i, rows_i in enumerate(rows):
+        fi = _features(net, rows_i)
+        for j in range(i if symmetric else 0, len(cols)):
+            fj = fi if symmetric and j == i else _features(net, cols[j])
+            block = _block_gram(net, fi, fj, per_layer)
+            r, c = slice(i * bs, i * bs + block.shape[-2]), slice(j * bs, j * bs + block.shape[-1])
+            out[..., r, c] = block
+            if symmetric and j != i:
+                out[..., c, r] = block.transpose(-1, -2)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out
+
+
+def empirical_nngp(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
+    """Finite-width estimate of Sigma(L): a(L-1)(x).a(L-1)(x') / n_{L-1} + beta^2 -> (N1, N2)."""
+    X = _prepare(net, X)
+    X2 = X if X2 is None else _prepare(net, X2)
+    with torch.no_grad():
+        a = net.forward_cache(X).acts[-1]
+        a2 = a if X2 is X else net.forward_cache(X2).acts[-1]
+    return a @ a2.t() / net.sizes[-2] + net.beta**2

@@ -1,0 +1,62 @@
+"""Figures. Each function takes tidy DataFrames and writes <stem>.png and <stem>.pdf."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ntkrun.spec import ConvergenceSpec  # noqa: E402
+
+STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
+
+
+def _save(fig: plt.Figure, stem: Path) -> None:
+    fig.savefig(stem.with_suffix(".png"), bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def _step_styles(steps: list[int]) -> dict[int, str]:
+    """First recorded step solid, last dashed, any in between dotted."""
+    return {s: "-" if i == 0 else "--" if i == len(steps) - 1 else ":" for i, s in enumerate(steps)}
+
+
+def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: ConvergenceSpec, stem: Path) -> None:
+    """Paper Figure 1 with the analytic limit: Theta(x0, x) against gamma.
+
+    Left: every seed (colour per width, solid t = first step, dashed t = last step).
+    Right: the seed mean with a +-1 std band per width and step.
+    """
+    widths = sorted(kernels["width"].unique())
+    steps = sorted(kernels["step"].unique())
+    styles = _step_styles(steps)
+    colors = {w: plt.get_cmap("tab10")(i) for i, w in enumerate(widths)}
+    limit = summary.drop_duplicates("gamma").sort_values("gamma")
+    lr = spec.training.lr
+    with plt.rc_context(STYLE):
+        fig, (ax_all, ax_mean) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for (width, step, _seed), g in kernels.groupby(["width", "step", "seed"], sort=True):
+            ax_all.plot(g["gamma"], g["theta"], styles[step], color=colors[width], lw=0.7, alpha=0.6)
+        for (width, step), g in summary.groupby(["width", "step"], sort=True):
+            label = f"n = {width}, t = {step * lr:g}"
+            ax_mean.plot(g["gamma"], g["mean"], styles[step], color=colors[width], lw=1.2, label=label)
+            ax_mean.fill_between(g["gamma"], g["mean"] - g["std"], g["mean"] + g["std"], color=colors[width], alpha=0.15)
+        for ax in (ax_all, ax_mean):
+            ax.plot(limit["gamma"], limit["theta_inf"], color="black", lw=1.4, label=r"$\Theta^{(L)}_\infty$")
+            ax.set_xlabel(r"$\gamma$")
+            ax.set_xlim(-3.1416, 3.1416)
+        handles = [plt.Line2D([], [], color=colors[w], label=f"n = {w}") for w in widths]
+        handles += [plt.Line2D([], [], color="gray", ls=styles[s], label=f"t = {s * lr:g}") for s in steps]
+        handles += [plt.Line2D([], [], color="black", lw=1.4, label=r"limit $\Theta_\infty^{(L)}$")]
+        ax_all.legend(handles=handles, frameon=False, fontsize=8)
+        ax_all.set_ylabel(r"$\Theta(x_0, x)$,  $x = (\cos\gamma, \sin\gamma)$")
+        ax_all.set_title(f"{spec.seeds} seeds per width")
+        ax_mean.set_title(r"seed mean $\pm$ 1 std")
+        net = spec.network
+        fig.suptitle(f"NTK convergence: depth {net.depth}, {net.nonlinearity}, beta {net.beta:g}", fontsize=10)
+        _save(fig, stem)

@@ -1,0 +1,259 @@
+"""Experiment specs: models with defaults from SPEC.md, YAML loading, `--set` overrides, validation.
+
+A spec is built in layers: the model defaults, then a preset file (configs/<experiment>/<name>.yaml)
+or a config file, then `--set key.path=value` overrides, then CLI shortcuts. Every leaf
+remembers which layer set it, so a validation error names the file or flag it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from ntkrun.nonlinearities import NONLINEARITIES
+
+
+class SpecError(ValueError):
+    """A spec could not be read or is invalid; the message is one line naming source, key and reason."""
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Widths = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_as_list)]
+NonlinearityName = Literal[tuple(NONLINEARITIES)]  # type: ignore[valid-type]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NetworkSpec(Model):
+    depth: PositiveInt = 4
+    width: Widths = [500, 10000]  # one network per width
+    nonlinearity: NonlinearityName = "relu"
+    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+
+
+class TrainingSpec(Model):
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    steps: NonNegativeInt = 200
+    n_train: PositiveInt = 128  # (choice) training points x ~ N(0, I_2), drawn once per seed
+    record_steps: list[NonNegativeInt] | None = None  # default [0, steps]
+
+    @model_validator(mode="after")
+    def _record_within_steps(self) -> TrainingSpec:
+        late = [s for s in self.record_steps or [] if s > self.steps]
+        if late:
+            raise ValueError(f"record_steps {late} are past steps = {self.steps}")
+        return self
+
+    @property
+    def recorded(self) -> list[int]:
+        """Sorted, distinct steps at which the kernel is recorded."""
+        return sorted(set(self.record_steps if self.record_steps is not None else [0, self.steps]))
+
+
+class GridSpec(Model):
+    n_angles: PositiveInt = 256  # (choice) gamma on n_angles points of [-pi, pi)
+    x0_angle: Annotated[float, Field(allow_inf_nan=False)] = 0.0  # x0 = (cos, sin) of this angle
+
+
+class RunSpec(Model):
+    """Fields every experiment has."""
+
+    experiment: str
+    seeds: PositiveInt = 10  # seeds base_seed .. base_seed + seeds - 1
+    base_seed: NonNegativeInt = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    output: str = "outputs"  # root directory of run directories
+
+
+class ConvergenceSpec(RunSpec):
+    experiment: Literal["convergence"] = "convergence"
+    network: NetworkSpec = NetworkSpec()
+    training: TrainingSpec = TrainingSpec()
+    grid: GridSpec = GridSpec()
+
+
+EXPERIMENTS: dict[str, type[RunSpec]] = {"convergence": ConvergenceSpec}
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def presets_root() -> Path:
+    return Path(str(resources.files("ntkrun"))) / "configs"
+
+
+def list_presets() -> dict[str, dict[str, Path]]:
+    """{experiment: {preset name: path}} for every experiment with preset files."""
+    out: dict[str, dict[str, Path]] = {}
+    for exp in EXPERIMENTS:
+        folder = presets_root() / exp
+        out[exp] = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    return out
+
+
+def preset_description(path: Path) -> str:
+    """The first comment line of a preset file."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class Layers:
+    """A nested dict built from layered sources, remembering which source set each leaf."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.origin: dict[tuple[str, ...], str] = {}
+
+    def merge(self, update: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> None:
+        target = self.data
+        for key in prefix:
+            target = target.setdefault(key, {})
+        for key, value in update.items():
+            path = (*prefix, str(key))
+            replaced = not (isinstance(value, dict) and value and isinstance(target.get(key), dict))
+            if replaced:  # a leaf or a whole subtree is replaced: its old leaves are gone
+                for old in [p for p in self.origin if p[: len(path)] == path]:
+                    del self.origin[old]
+            if isinstance(value, dict) and value:
+                if replaced:
+                    target[key] = {}
+                self.merge(value, source, path)
+            else:
+                target[key] = value
+                self.origin[path] = source
+
+    def source_of(self, path: tuple[str, ...]) -> str:
+        """The source that set `path` (or an ancestor), else the last one that set a key below it."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origin:
+                return self.origin[path[:n]]
+        below = [src for p, src in self.origin.items() if p[: len(path)] == path]
+        return below[-1] if below else "defaults"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; any problem becomes a one-line SpecError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SpecError(f"{path}: cannot read: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise SpecError(f"{path}: {where}{problem}") from None
+    if data is None:
+        raise SpecError(f"{path}: empty file, expected a YAML mapping of spec keys")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a YAML mapping of spec keys, got {type(data).__name__}")
+    return data
+
+
+def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
+    """'a.b=value' -> (('a', 'b'), value parsed as a YAML scalar or flow list)."""
+    key, sep, raw = item.partition("=")
+    path = tuple(key.strip().split("."))
+    if not sep or not key.strip() or any(not p for p in path):
+        raise SpecError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set training.lr=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise SpecError(f"--set {item}: cannot parse value {raw!r}") from None
+    return path, value
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    source = layers.source_of(tuple(p for p in loc if not p.isdigit()))
+    if err["type"] == "extra_forbidden":
+        sub: Any = model
+        for part in loc[:-1]:
+            field = sub.model_fields.get(part) if isinstance(sub, type) else None
+            sub = field.annotation if field is not None else None
+        allowed = ", ".join(sub.model_fields) if isinstance(sub, type) and issubclass(sub, BaseModel) else ""
+        reason = f"unknown key (allowed: {allowed})" if allowed else "unknown key"
+    else:
+        reason = err["msg"].removeprefix("Value error, ")
+        if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            reason += f" (got {err['input']!r})"
+    return f"{source}: {key}: {reason}"
+
+
+def load_spec(
+    experiment: str,
+    *,
+    preset: str | None = None,
+    config: Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    overrides: dict[tuple[str, ...], Any] | None = None,
+) -> RunSpec:
+    """Resolve and validate a spec: defaults <- preset <- config file <- --set <- CLI shortcuts.
+
+    With neither preset nor config the `paper` preset is used. Raises SpecError.
+    """
+    if experiment not in EXPERIMENTS:
+        raise SpecError(f"unknown experiment {experiment!r} (known: {', '.join(EXPERIMENTS)})")
+    model = EXPERIMENTS[experiment]
+    layers = Layers()
+    if preset is not None or config is None:
+        name = preset or "paper"
+        presets = list_presets()[experiment]
+        if name not in presets:
+            raise SpecError(f"--preset {name}: unknown preset for {experiment} (known: {', '.join(presets)})")
+        layers.merge(read_yaml(presets[name]), f"preset {name} ({presets[name]})")
+    if config is not None:
+        layers.merge(read_yaml(config), str(config))
+    for item in sets:
+        path, value = parse_set(item)
+        layers.merge(_nest(path, value), f"--set {item}")
+    for path, value in (overrides or {}).items():
+        layers.merge(_nest(path, value), f"--{path[-1].replace('_', '-')}")
+    exp = layers.data.get("experiment", experiment)
+    if exp != experiment:
+        raise SpecError(f"{layers.source_of(('experiment',))}: experiment: is {exp!r}, but this command runs {experiment!r}")
+    try:
+        return model.model_validate(layers.data)
+    except ValidationError as err:
+        raise SpecError(_format_error(err.errors()[0], layers, model)) from None
+
+
+def spec_dict(spec: RunSpec) -> dict[str, Any]:
+    """The fully resolved spec as plain data (what spec.yaml holds)."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: RunSpec) -> str:
+    """8 hex digits identifying the resolved spec."""
+    blob = json.dumps(spec_dict(spec), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
