@@ -99,8 +99,12 @@ def run_experiment(
 
 
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `ntkrun presets`).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML spec file (overlays the preset).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: KEY.PATH=VALUE (repeatable).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML spec file (overlays the preset).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override: KEY.PATH=VALUE (repeatable).")
+]
 RootOpt = Annotated[Path | None, typer.Option("--output-root", "-o", help="Root of run directories.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
 
@@ -148,7 +152,9 @@ def show(
             fail(f"no complete run under {root}/ (run an experiment first, or name a run directory)")
     if not run_dir.is_dir():
         fail(f"{run_dir}: not a run directory")
-    status = "complete" if is_complete(run_dir) else "FAILED" if (run_dir / "ERROR").exists() else "incomplete"
+    status = (
+        "complete" if is_complete(run_dir) else "FAILED" if (run_dir / "ERROR").exists() else "incomplete"
+    )
     out.print(f"run:    {run_dir.resolve()}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"status: {status}", markup=False, highlight=False)
     if (run_dir / "ERROR").exists():

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from ntkrun.spec import ConvergenceSpec  # noqa: E402
+from ntkrun.spec import ConvergenceSpec
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -26,7 +26,9 @@ def _step_styles(steps: list[int]) -> dict[int, str]:
     return {s: "-" if i == 0 else "--" if i == len(steps) - 1 else ":" for i, s in enumerate(steps)}
 
 
-def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: ConvergenceSpec, stem: Path) -> None:
+def convergence_figure(
+    summary: pd.DataFrame, kernels: pd.DataFrame, spec: ConvergenceSpec, stem: Path
+) -> None:
     """Paper Figure 1 with the analytic limit: Theta(x0, x) against gamma.
 
     Left: every seed (colour per width, solid t = first step, dashed t = last step).
@@ -45,7 +47,9 @@ def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: Conve
         for (width, step), g in summary.groupby(["width", "step"], sort=True):
             label = f"n = {width}, t = {step * lr:g}"
             ax_mean.plot(g["gamma"], g["mean"], styles[step], color=colors[width], lw=1.2, label=label)
-            ax_mean.fill_between(g["gamma"], g["mean"] - g["std"], g["mean"] + g["std"], color=colors[width], alpha=0.15)
+            ax_mean.fill_between(
+                g["gamma"], g["mean"] - g["std"], g["mean"] + g["std"], color=colors[width], alpha=0.15
+            )
         for ax in (ax_all, ax_mean):
             ax.plot(limit["gamma"], limit["theta_inf"], color="black", lw=1.4, label=r"$\Theta^{(L)}_\infty$")
             ax.set_xlabel(r"$\gamma$")
@@ -58,5 +62,7 @@ def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: Conve
         ax_all.set_title(f"{spec.seeds} seeds per width")
         ax_mean.set_title(r"seed mean $\pm$ 1 std")
         net = spec.network
-        fig.suptitle(f"NTK convergence: depth {net.depth}, {net.nonlinearity}, beta {net.beta:g}", fontsize=10)
+        fig.suptitle(
+            f"NTK convergence: depth {net.depth}, {net.nonlinearity}, beta {net.beta:g}", fontsize=10
+        )
         _save(fig, stem)

@@ -1,8 +1,8 @@
 """Run directories: built under a hidden name, renamed into place only when complete.
 
-    <root>/<experiment>/.<stamp>_<hash>.partial   while running
-    <root>/<experiment>/<stamp>_<hash>            when complete (and `latest` points at it)
-    <root>/<experiment>/<stamp>_<hash>.failed     after an error or Ctrl-C, with an ERROR file
+<root>/<experiment>/.<stamp>_<hash>.partial   while running
+<root>/<experiment>/<stamp>_<hash>            when complete (and `latest` points at it)
+<root>/<experiment>/<stamp>_<hash>.failed     after an error or Ctrl-C, with an ERROR file
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def load_spec(
         layers.merge(_nest(path, value), f"--{path[-1].replace('_', '-')}")
     exp = layers.data.get("experiment", experiment)
     if exp != experiment:
-        raise SpecError(f"{layers.source_of(('experiment',))}: experiment: is {exp!r}, but this command runs {experiment!r}")
+        source = layers.source_of(("experiment",))
+        raise SpecError(f"{source}: experiment: is {exp!r}, but this command runs {experiment!r}")
     try:
         return model.model_validate(layers.data)
     except ValidationError as err:

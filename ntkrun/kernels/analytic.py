@@ -24,7 +24,9 @@ Progress = Callable[[int, int], None]
 Expectations = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def relu_expectations(sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relu_expectations(
+    sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(E[relu(u) relu(v)], E[relu'(u) relu'(v)]) for (u, v) ~ N(0, [[sxx, sxy], [sxy, syy]]).
 
     Arguments broadcast against each other. Where a variance is 0, u = 0 a.s. and relu'(0) = 0.
@@ -38,7 +40,9 @@ def relu_expectations(sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor) -
     return e_ss, e_dd
 
 
-def erf_expectations(sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def erf_expectations(
+    sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(E[erf(u) erf(v)], E[erf'(u) erf'(v)]) for (u, v) ~ N(0, [[sxx, sxy], [sxy, syy]])."""
     q = (1 + 2 * sxx) * (1 + 2 * syy)
     e_ss = (2 / math.pi) * torch.arcsin((2 * sxy / torch.sqrt(q)).clamp(-1.0, 1.0))
@@ -56,7 +60,9 @@ def quadrature_expectations(nl: Nonlinearity, order: int = 64, chunk_elems: int 
     """
     nodes, weights = np.polynomial.hermite.hermgauss(order)
 
-    def expectations(sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expectations(
+        sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         sxx, sxy, syy = torch.broadcast_tensors(sxx, sxy, syy)
         z = torch.as_tensor(nodes * math.sqrt(2.0), dtype=sxy.dtype, device=sxy.device)
         w = torch.as_tensor(weights / math.sqrt(math.pi), dtype=sxy.dtype, device=sxy.device)

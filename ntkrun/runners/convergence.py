@@ -54,7 +54,9 @@ def train_unit(
     gammas = grid_angles(spec.grid.n_angles)
     x0 = circle(torch.tensor([spec.grid.x0_angle], dtype=torch.float64))
     Xg, x0 = circle(gammas).to(device, dtype), x0.to(device, dtype)
-    net = MLP(2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device)
+    net = MLP(
+        2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device
+    )
     recorded = set(tr.recorded)
     kernel_rows: list[dict] = []
     loss_rows: list[dict] = []
@@ -86,7 +88,9 @@ def train_unit(
 
 def summarize(kernels: pd.DataFrame, theta_inf: pd.Series) -> pd.DataFrame:
     """Per (width, step, gamma): mean and std over seeds, and the limit theta_inf."""
-    summary = kernels.groupby(["width", "step", "gamma"], sort=True)["theta"].agg(["mean", "std"]).reset_index()
+    summary = (
+        kernels.groupby(["width", "step", "gamma"], sort=True)["theta"].agg(["mean", "std"]).reset_index()
+    )
     summary["theta_inf"] = summary["gamma"].map(theta_inf)
     return summary
 
