@@ -54,8 +54,8 @@ class MLP(nn.Module):
     """NTK-parametrized MLP with scalar output: (N, n0) -> (N,).
 
     `depth` is the number of weight matrices L; `width` is the hidden width (or a list of the
-    L - 1 hidden widths). Parameters are drawn on the CPU from `seed` so that a seed gives the
-    same network on every device.
+    L - 1 hidden widths). Parameters are drawn in float64 on the CPU from `seed`, then cast, so
+    a seed gives the same network (up to rounding) on every device and in every dtype.
     """
 
     def __init__(
@@ -80,10 +80,10 @@ class MLP(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
-            w = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
-            b = torch.randn(n_out, generator=gen, dtype=dtype)
-            self.weights.append(nn.Parameter(w.to(device)))
-            self.biases.append(nn.Parameter(b.to(device)))
+            w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+            b = torch.randn(n_out, generator=gen, dtype=torch.float64)
+            self.weights.append(nn.Parameter(w.to(device=device, dtype=dtype)))
+            self.biases.append(nn.Parameter(b.to(device=device, dtype=dtype)))
 
     @property
     def n0(self) -> int:

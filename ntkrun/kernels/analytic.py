@@ -162,4 +162,7 @@ def analytic_kernels(
             sigma_out[r], theta_out[r] = sigma, theta
         if progress is not None:
             progress(k, nblocks)
+    if X2 is X:  # quadrature treats u and v asymmetrically: restore exact symmetry
+        sigma_out = (sigma_out + sigma_out.transpose(-1, -2)) / 2
+        theta_out = (theta_out + theta_out.transpose(-1, -2)) / 2
     return sigma_out, theta_out

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from ntkrun.network import MLP
+
+
+def jacobian_ntk(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None, per_layer: bool = False):
+    """Independent reference: contract per-sample parameter Jacobians from torch.func.
+
+    -> (N1, N2), or (L, N1, N2) grouped by the layer index of each parameter.
+    """
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def f(p, x):
+        return functional_call(net, p, (x[None],))[0]
+
+    X2 = X if X2 is None else X2
+    J1 = vmap(jacrev(f), (None, 0))(params, X)
+    J2 = vmap(jacrev(f), (None, 0))(params, X2)
+    layers = torch.zeros(net.depth, X.shape[0], X2.shape[0], dtype=X.dtype)
+    for name in params:  # names look like weights.2 / biases.2
+        l = int(name.split(".")[1])
+        layers[l] += J1[name].reshape(X.shape[0], -1) @ J2[name].reshape(X2.shape[0], -1).T
+    return layers if per_layer else layers.sum(0)
