@@ -8,6 +8,7 @@ per-sample-Jacobian reference. Prints ratios; absolute seconds drift on a shared
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable
 
@@ -29,9 +30,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def gemm_seconds(g: int, repeats: int) -> float:
+    """Best time of a square fp32 g x g x g matrix product."""
+    A, B = torch.randn(g, g), torch.randn(g, g)
+    return best_time(lambda: A @ B, repeats)
+
+
 def matmul_flops(sizes: list[int], n: int) -> float:
     """2 N sum_l n_l n_{l+1}: one pass through every weight matrix."""
-    return 2.0 * n * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return 2.0 * n * sum(a * b for a, b in itertools.pairwise(sizes))
 
 
 def gd_flops(sizes: list[int], n: int) -> float:
@@ -74,11 +81,9 @@ def main() -> None:
     rows = []
 
     g = 4096
-    A, B = torch.randn(g, g), torch.randn(g, g)
-    t = best_time(lambda: A @ B, args.repeats)
+    t = gemm_seconds(g, args.repeats)
     gemm_rate = 2.0 * g**3 / t
     rows.append({"what": f"fp32 GEMM {g}x{g}x{g}", "seconds": t, "gflops": gemm_rate / 1e9, "ratio": 1.0})
-    del A, B
 
     net = MLP(args.n0, args.width, args.depth, seed=0)
     X = torch.rand(args.n, args.n0)
@@ -104,7 +109,6 @@ def main() -> None:
             "ratio": rate / gemm_rate,
         }
     )
-    del net
 
     ref_net = MLP(args.n0, args.ref_width, args.depth, seed=0)
     Xr = torch.rand(args.ref_n, args.n0)

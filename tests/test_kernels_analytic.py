@@ -23,7 +23,8 @@ COVS = [
 
 
 def scipy_relu(sxx: float, sxy: float, syy: float) -> tuple[float, float]:
-    """E[relu(u) relu(v)] by adaptive 2-D quadrature on the positive quadrant; E[relu' relu'] = P(u>0, v>0)."""
+    """E[relu(u) relu(v)] by adaptive 2-D quadrature on the positive quadrant;
+    E[relu'(u) relu'(v)] = P(u > 0, v > 0)."""
     cov = np.array([[sxx, sxy], [sxy, syy]])
     if abs(np.linalg.det(cov)) < 1e-12:  # degenerate: v = c u
         c = sxy / sxx
@@ -80,6 +81,7 @@ def test_symmetric_psd_and_blocking():
             assert torch.linalg.eigvalsh(K).min() > -1e-10 * K.abs().max()
     s_ab, t_ab = analytic_kernels(X, X2, depth=4)
     s_ba, t_ba = analytic_kernels(X2, X, depth=4)
+    assert torch.allclose(s_ab, s_ba.T, rtol=0, atol=1e-12)
     assert torch.allclose(t_ab, t_ba.T, rtol=0, atol=1e-12)
     _, t_blocked = analytic_kernels(X, X2, depth=4, block_rows=3)
     assert torch.equal(t_blocked, t_ab)
