@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,8 +61,7 @@ class RunDir:
         stamp = datetime.fromtimestamp(self.start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.name = f"{stamp}_{spec_hash(spec)}"
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.parent / f".{self.name}.{os.getpid()}.partial"
-        self.path.mkdir()
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.parent))
         self.meta: dict[str, Any] = {}
         self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
 

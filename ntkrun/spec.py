@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -150,6 +151,21 @@ class Layers:
         return below[-1] if below else "defaults"
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 and 1E6 as floats (YAML 1.2), as a user means them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; any problem becomes a one-line SpecError naming the file."""
     try:
@@ -160,7 +176,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise SpecError(f"{path}: cannot read: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -180,7 +196,7 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
     if not sep or not key.strip() or any(not p for p in path):
         raise SpecError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set training.lr=0.5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise SpecError(f"--set {item}: cannot parse value {raw!r}") from None
     return path, value

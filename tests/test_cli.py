@@ -1,0 +1,157 @@
+"""End-to-end tests of the CLI on tiny convergence runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import ntkrun.runners.convergence as convergence_runner
+from ntkrun.cli import app
+
+TINY = [
+    "convergence", "--preset", "quick", "--set", "network.width=[8, 32]", "--seeds", "2", "--steps", "6",
+    "--set", "grid.n_angles=16", "--set", "training.n_train=10", "--quiet",
+]  # fmt: skip
+CSVS = ["kernels.csv", "summary.csv", "metrics.csv", "losses.csv"]
+
+
+def invoke(args: list[str], root: Path):
+    return CliRunner().invoke(app, [*args, "--output-root", str(root)] if args[0] == "convergence" else args)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    folder = root / "convergence"
+    return sorted(p for p in folder.iterdir() if p.name != "latest") if folder.exists() else []
+
+
+def test_tiny_run_writes_a_complete_run_directory(tmp_path):
+    result = invoke(TINY, tmp_path)
+    assert result.exit_code == 0, result.output
+    (run,) = run_dirs(tmp_path)
+    assert (tmp_path / "convergence" / "latest").resolve() == run.resolve()
+    names = {p.name for p in run.iterdir()}
+    assert {*CSVS, "figure.png", "figure.pdf", "spec.yaml", "meta.json", "run.log"} <= names
+    assert "ERROR" not in names
+    kernels = pd.read_csv(run / "kernels.csv")
+    assert list(kernels.columns) == ["width", "seed", "step", "gamma", "theta"]
+    assert len(kernels) == 2 * 2 * 2 * 16  # widths x seeds x recorded steps x angles
+    summary = pd.read_csv(run / "summary.csv")
+    assert list(summary.columns) == ["width", "step", "gamma", "mean", "std", "theta_inf"]
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert sorted(metrics["step"].unique()) == [0, 6]
+    first = metrics[metrics["step"] == 0]
+    assert (first["rel_change_from_first"] == 0).all()
+    assert metrics.notna().all().all()
+    losses = pd.read_csv(run / "losses.csv")
+    assert len(losses) == 2 * 2 * 7  # loss before each of 6 steps and after the last
+    assert str(run) in result.stdout.replace("\n", "")
+
+
+def test_same_spec_same_seed_gives_byte_identical_csvs(tmp_path):
+    for root in (tmp_path / "a", tmp_path / "b"):
+        assert invoke(TINY, root).exit_code == 0
+    (a,), (b,) = run_dirs(tmp_path / "a"), run_dirs(tmp_path / "b")
+    for name in [*CSVS, "spec.yaml"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_two_runs_of_one_spec_get_distinct_directories(tmp_path):
+    assert invoke(TINY, tmp_path).exit_code == 0
+    assert invoke(TINY, tmp_path).exit_code == 0
+    runs = run_dirs(tmp_path)
+    assert len(runs) == 2
+    assert (tmp_path / "convergence" / "latest").resolve() == max(runs, key=lambda p: p.stat().st_mtime)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["--set", "network.width=0"],
+            "--set network.width=0: network.width.0: Input should be greater than 0",
+        ),
+        (["--width", "0"], "--width: network.width.0: Input should be greater than 0"),
+        (["--set", "training.lr=0"], "training.lr: Input should be greater than 0"),
+        (["--steps", "3", "--set", "training.record_steps=[5]"], "record_steps [5] are past steps = 3"),
+        (["--set", "network.nonlinearity=swish"], "network.nonlinearity"),
+        (["--preset", "nope"], "--preset nope: unknown preset"),
+        (["--set", "training.n_train=-2"], "training.n_train"),
+        (["--set", "bogus"], "--set bogus: expected KEY.PATH=VALUE"),
+        (["--config", "/nonexistent/spec.yaml"], "/nonexistent/spec.yaml: cannot read"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, expected):
+    result = invoke([*TINY, *extra], tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("ntkrun: error: ")
+    assert expected in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "convergence").exists()
+
+
+def test_malformed_yaml_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [lr: 1\n")
+    result = invoke([*TINY, "--config", str(bad)], tmp_path / "out")
+    assert result.exit_code == 2 and f"{bad}: line" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_divergence_names_the_unit_and_leaves_a_failed_directory(tmp_path):
+    result = invoke([*TINY, "--set", "training.lr=1e6"], tmp_path)
+    assert result.exit_code == 1
+    assert "width 8, seed 0: training diverged at step" in result.stderr
+    assert "Traceback" not in result.output
+    (run,) = run_dirs(tmp_path)
+    assert run.name.endswith(".failed") and "diverged" in (run / "ERROR").read_text()
+    assert not (run / "meta.json").exists() and not (tmp_path / "convergence" / "latest").exists()
+
+
+def test_interrupt_keeps_partial_files_in_a_failed_directory(tmp_path, monkeypatch):
+    real_step, calls = convergence_runner.gd_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(convergence_runner, "gd_step", interrupted_step)
+    result = invoke(TINY, tmp_path)
+    assert result.exit_code == 130 and "interrupted; partial files kept in" in result.stderr
+    (run,) = run_dirs(tmp_path)
+    assert run.name.endswith(".failed")
+    assert "interrupted" in (run / "ERROR").read_text()
+    assert (run / "spec.yaml").exists() and (run / "run.log").exists()
+    assert not (run / "metrics.csv").exists() and not (run / "meta.json").exists()
+    assert not (tmp_path / "convergence" / "latest").exists()
+
+
+def test_unwritable_output_root_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = invoke(TINY, blocker)
+    assert result.exit_code == 2 and "cannot write the run directory under" in result.stderr
+
+
+def test_show_and_presets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["show"]).exit_code == 2  # nothing run yet
+    assert invoke(TINY, tmp_path / "outputs").exit_code == 0
+    result = CliRunner().invoke(app, ["show"])
+    assert result.exit_code == 0
+    assert "status: complete" in result.stdout and "rel_dist_to_limit" in result.stdout
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert CliRunner().invoke(app, ["show", str(run)]).exit_code == 0
+    presets = CliRunner().invoke(app, ["presets"])
+    assert "convergence  paper" in presets.stdout and "convergence  quick" in presets.stdout
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "ntkrun", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "convergence" in result.stdout
