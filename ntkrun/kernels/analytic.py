@@ -111,12 +111,15 @@ def analytic_kernels(
     closed_form: bool = True,
     all_layers: bool = False,
     block_rows: int | None = None,
+    memory_budget: int = 2**30,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Limiting kernels: X (N1, n0), X2 (N2, n0) or None (= X) -> (Sigma(L), Theta(L)), (N1, N2).
 
     With all_layers=True returns (L, N1, N2) stacks of Sigma(1..L) and Theta(1..L). float64.
-    `closed_form=False` forces quadrature (used to check the closed forms).
+    `closed_form=False` forces quadrature (used to check the closed forms). Rows are processed
+    in blocks of `block_rows` (default: as many as keep the intermediates of one block within
+    `memory_budget` bytes, besides the output); `progress(done, total)` is called per block.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -140,7 +143,9 @@ def analytic_kernels(
     d1 = diagonals(X)
     d2 = d1 if X2 is X else diagonals(X2)
     n1, n2 = X.shape[0], X2.shape[0]
-    rows = block_rows or max(1, 2**24 // max(n2, 1))
+    # one block holds about 16 (rows, N2) float64 intermediates (more per layer if all_layers)
+    per_row = 8 * n2 * (16 + (2 * depth if all_layers else 0))
+    rows = block_rows or max(1, memory_budget // per_row)
     shape = (depth, n1, n2) if all_layers else (n1, n2)
     sigma_out, theta_out = X.new_empty(shape), X.new_empty(shape)
     nblocks = math.ceil(n1 / rows)
@@ -163,6 +168,18 @@ def analytic_kernels(
         if progress is not None:
             progress(k, nblocks)
     if X2 is X:  # quadrature treats u and v asymmetrically: restore exact symmetry
-        sigma_out = (sigma_out + sigma_out.transpose(-1, -2)) / 2
-        theta_out = (theta_out + theta_out.transpose(-1, -2)) / 2
+        _symmetrize_(sigma_out)
+        _symmetrize_(theta_out)
     return sigma_out, theta_out
+
+
+def _symmetrize_(K: torch.Tensor, block: int = 1024) -> None:
+    """K <- (K + K^T) / 2 in place over the last two dims, one block pair at a time."""
+    n = K.shape[-1]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            avg = (
+                K[..., i : i + block, j : j + block] + K[..., j : j + block, i : i + block].transpose(-1, -2)
+            ) / 2
+            K[..., i : i + block, j : j + block] = avg
+            K[..., j : j + block, i : i + block] = avg.transpose(-1, -2)
