@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import ntkrun.runners.convergence as convergence_runner
+import ntkrun.runners as runners
 from ntkrun.cli import app
 
 TINY = [
@@ -113,7 +113,7 @@ def test_divergence_names_the_unit_and_leaves_a_failed_directory(tmp_path):
 
 
 def test_interrupt_keeps_partial_files_in_a_failed_directory(tmp_path, monkeypatch):
-    real_step, calls = convergence_runner.gd_step, []
+    real_step, calls = runners.gd_step, []
 
     def interrupted_step(*args, **kwargs):
         calls.append(1)
@@ -121,7 +121,7 @@ def test_interrupt_keeps_partial_files_in_a_failed_directory(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(convergence_runner, "gd_step", interrupted_step)
+    monkeypatch.setattr(runners, "gd_step", interrupted_step)
     result = invoke(TINY, tmp_path)
     assert result.exit_code == 130 and "interrupted; partial files kept in" in result.stderr
     (run,) = run_dirs(tmp_path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import pandas as pd
 import torch
 
+from ntkrun.network import MLP, gd_step, mse_cost
 from ntkrun.runs import RunDir
 from ntkrun.spec import RunSpec
 
@@ -45,6 +47,44 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+def train(
+    net: MLP,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    steps: int,
+    label: str,
+    progress: Progress,
+    step_cost: float = 1.0,
+    record_at: Collection[int] = (),
+    record: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Full-batch GD for `steps` steps; -> the cost before each step and after the last (steps + 1).
+
+    `record(step)` is called before the step at each step in `record_at` (and at `steps`).
+    Raises DivergenceError naming `label` and the step on a non-finite cost.
+    """
+    losses = []
+    for step in range(steps + 1):
+        if record is not None and step in record_at:
+            record(step)
+        if step == steps:
+            break
+        loss = float(gd_step(net, X, y, lr))
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"{label}: training diverged at step {step} (loss {loss}); lower training.lr (now {lr})"
+            )
+        losses.append(loss)
+        progress.advance(label, step_cost)
+    with torch.no_grad():
+        losses.append(float(mse_cost(net(X), y)))
+    if not math.isfinite(losses[-1]):
+        raise DivergenceError(f"{label}: training diverged at step {steps}; lower training.lr (now {lr})")
+    return losses
+
+
 Runner = Callable[[RunSpec, RunDir, Progress], pd.DataFrame]
 
 
@@ -52,6 +92,10 @@ def get_runner(experiment: str) -> Runner:
     """The `execute(spec, run, progress) -> metrics` function of an experiment."""
     if experiment == "convergence":
         from ntkrun.runners.convergence import execute
+
+        return execute  # type: ignore[return-value]
+    if experiment == "regression":
+        from ntkrun.runners.regression import execute
 
         return execute  # type: ignore[return-value]
     raise ValueError(f"no runner for experiment {experiment!r}")

@@ -7,82 +7,53 @@ each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic l
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import MLP, gd_step
+from ntkrun.network import MLP
 from ntkrun.plots import convergence_figure
-from ntkrun.runners import DivergenceError, Progress, resolve_device, resolve_dtype
+from ntkrun.runners import DivergenceError, Progress, resolve_device, resolve_dtype, train
 from ntkrun.runs import RunDir
 from ntkrun.spec import ConvergenceSpec
 
 LOG = logging.getLogger("ntkrun")
 
 
-def data_generator(seed: int) -> torch.Generator:
-    """A generator for a unit's data, independent of the network's init stream of the same seed."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-
-
-def circle(gammas: torch.Tensor) -> torch.Tensor:
-    """(G,) angles -> (G, 2) points (cos g, sin g)."""
-    return torch.stack([torch.cos(gammas), torch.sin(gammas)], dim=1)
-
-
-def grid_angles(n: int) -> torch.Tensor:
-    """n angles evenly spaced in [-pi, pi), float64."""
-    return -math.pi + 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
-
-
-def training_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """X ~ N(0, I_2) of shape (n, 2) and y = x1 x2 of shape (n,), float64."""
-    X = torch.randn(n, 2, generator=data_generator(seed), dtype=torch.float64)
-    return X, X[:, 0] * X[:, 1]
-
-
 def train_unit(
     spec: ConvergenceSpec, width: int, seed: int, device: torch.device, progress: Progress, cost: float
 ) -> tuple[list[dict], list[dict]]:
-    """Train one network; -> (kernel rows, loss rows). Raises DivergenceError on a non-finite loss."""
+    """Train one network, recording Theta(x0, .) on the grid; -> (kernel rows, loss rows)."""
     dtype = resolve_dtype(spec.dtype)
     net_spec, tr = spec.network, spec.training
-    X, y = (t.to(device=device, dtype=dtype) for t in training_set(tr.n_train, seed))
+    X = gaussian_inputs(tr.n_train, 2, seed)
+    X, y = X.to(device, dtype), product_target(X).to(device, dtype)
     gammas = grid_angles(spec.grid.n_angles)
-    x0 = circle(torch.tensor([spec.grid.x0_angle], dtype=torch.float64))
-    Xg, x0 = circle(gammas).to(device, dtype), x0.to(device, dtype)
+    Xg, x0 = circle(gammas).to(device, dtype), circle([spec.grid.x0_angle]).to(device, dtype)
     net = MLP(
         2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device
     )
-    recorded = set(tr.recorded)
-    kernel_rows: list[dict] = []
-    loss_rows: list[dict] = []
     label = f"width {width}, seed {seed}"
-    for step in range(tr.steps + 1):
-        if step in recorded:
-            theta = empirical_ntk(net, x0, Xg)[0].double().cpu()
-            if not torch.isfinite(theta).all():
-                raise DivergenceError(f"{label}: non-finite NTK at step {step}; lower training.lr")
-            kernel_rows += [
-                {"width": width, "seed": seed, "step": step, "gamma": g, "theta": t}
-                for g, t in zip(gammas.tolist(), theta.tolist(), strict=True)
-            ]
-        if step == tr.steps:
-            break
-        loss = float(gd_step(net, X, y, tr.lr))
-        if not math.isfinite(loss):
-            raise DivergenceError(
-                f"{label}: training diverged at step {step} (loss {loss}); lower training.lr (now {tr.lr})"
-            )
-        loss_rows.append({"width": width, "seed": seed, "step": step, "loss": loss})
-        progress.advance(label, cost)
-    with torch.no_grad():
-        final = float(0.5 * torch.mean((net(X) - y) ** 2))
-    loss_rows.append({"width": width, "seed": seed, "step": tr.steps, "loss": final})
-    LOG.info("%s: loss %.4g -> %.4g", label, loss_rows[0]["loss"], final)
+    kernel_rows: list[dict] = []
+
+    def record(step: int) -> None:
+        theta = empirical_ntk(net, x0, Xg)[0].double().cpu()
+        if not torch.isfinite(theta).all():
+            raise DivergenceError(f"{label}: non-finite NTK at step {step}; lower training.lr")
+        kernel_rows.extend(
+            {"width": width, "seed": seed, "step": step, "gamma": g, "theta": t}
+            for g, t in zip(gammas.tolist(), theta.tolist(), strict=True)
+        )
+
+    losses = train(
+        net, X, y, lr=tr.lr, steps=tr.steps, label=label, progress=progress, step_cost=cost,
+        record_at=set(tr.recorded), record=record,
+    )  # fmt: skip
+    LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
+    loss_rows = [{"width": width, "seed": seed, "step": s, "loss": v} for s, v in enumerate(losses)]
     return kernel_rows, loss_rows
 
 
@@ -139,9 +110,10 @@ def execute(spec: ConvergenceSpec, run: RunDir, progress: Progress) -> pd.DataFr
     kernels = pd.DataFrame(kernel_rows)
     losses = pd.DataFrame(loss_rows)
     gammas = grid_angles(spec.grid.n_angles)
-    x0 = circle(torch.tensor([spec.grid.x0_angle], dtype=torch.float64))
     net = spec.network
-    _, theta = analytic_kernels(x0, circle(gammas), net.depth, net.nonlinearity, net.beta)
+    _, theta = analytic_kernels(
+        circle([spec.grid.x0_angle]), circle(gammas), net.depth, net.nonlinearity, net.beta
+    )
     theta_inf = pd.Series(theta[0].numpy(), index=gammas.numpy())
     summary = summarize(kernels, theta_inf)
     table = metrics(kernels, summary, losses)
