@@ -99,6 +99,18 @@ def run_experiment(
     out.print(f"run directory: {final}", markup=False, highlight=False, soft_wrap=True)
 
 
+def shortcuts(width: list[int] | None, seeds: int | None, steps: int | None) -> dict[tuple[str, ...], Any]:
+    """Spec overrides from the shortcut flags every experiment has."""
+    overrides: dict[tuple[str, ...], Any] = {}
+    if width:
+        overrides["network", "width"] = list(width)
+    if seeds is not None:
+        overrides["seeds",] = seeds
+    if steps is not None:
+        overrides["training", "steps"] = steps
+    return overrides
+
+
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `ntkrun presets`).")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML spec file (overlays the preset).")
@@ -122,14 +134,27 @@ def convergence(
     quiet: QuietOpt = False,
 ) -> None:
     """NTK convergence with width and during training (paper Figure 1). Default preset: paper."""
-    overrides: dict[tuple[str, ...], Any] = {}
-    if width:
-        overrides["network", "width"] = list(width)
-    if seeds is not None:
-        overrides["seeds",] = seeds
-    if steps is not None:
-        overrides["training", "steps"] = steps
+    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
     run_experiment("convergence", preset, config, set_, overrides, output_root, quiet)
+
+
+@app.command()
+def regression(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
+    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    kernel: Annotated[str | None, typer.Option(help="Limit kernel: analytic or empirical.")] = None,
+    output_root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Trained networks vs the limiting Gaussian process (paper Figure 2). Default preset: paper."""
+    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
+    if kernel is not None:
+        overrides["kernel",] = kernel
+    run_experiment("regression", preset, config, set_, overrides, output_root, quiet)
 
 
 @app.command()

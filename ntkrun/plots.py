@@ -8,9 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from ntkrun.spec import ConvergenceSpec
+from ntkrun.spec import ConvergenceSpec, RegressionSpec
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -65,4 +66,39 @@ def convergence_figure(
         fig.suptitle(
             f"NTK convergence: depth {net.depth}, {net.nonlinearity}, beta {net.beta:g}", fontsize=10
         )
+        _save(fig, stem)
+
+
+def regression_figure(
+    functions: pd.DataFrame, limit: pd.DataFrame, training: pd.DataFrame, spec: RegressionSpec, stem: Path
+) -> None:
+    """Paper Figure 2: f_T on the circle for every seed and width, with the percentile band of
+    the limiting Gaussian at t = inf (shaded, median dashed) and at t = T (dotted)."""
+    widths = sorted(functions["width"].unique())
+    colors = {w: plt.get_cmap("tab10")(i + 2) for i, w in enumerate(widths)}
+    lo, mid, hi = (f"p{p:g}" for p in (min(spec.percentiles), 50, max(spec.percentiles)))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        inf = limit[np.isinf(limit["t"])].sort_values("gamma")
+        finite = limit[~np.isinf(limit["t"])].sort_values("gamma")
+        ax.fill_between(inf["gamma"], inf[lo], inf[hi], color="0.85", lw=0,
+                        label=f"limit {lo[1:]}-{hi[1:]}% band, t = inf")  # fmt: skip
+        if mid in inf:
+            ax.plot(inf["gamma"], inf[mid], "--", color="black", lw=1.2, label="limit median, t = inf")
+        for col in (lo, hi):
+            ax.plot(finite["gamma"], finite[col], ":", color="0.35", lw=1.0,
+                    label=f"limit band, t = T = {finite['t'].iloc[0]:g}" if col == lo else None)  # fmt: skip
+        for (width, _seed), g in functions.groupby(["width", "seed"], sort=True):
+            ax.plot(g["gamma"], g["f_T"], color=colors[width], lw=0.8, alpha=0.8)
+        for w in widths:
+            ax.plot([], [], color=colors[w], label=f"n = {w} ({spec.seeds} seeds)")
+        ax.plot(training["gamma"], training["y"], "o", color="black", ms=5, label="training points")
+        ax.set_xlabel(r"$\gamma$")
+        ax.set_ylabel(r"$f_\theta(\cos\gamma, \sin\gamma)$ after training")
+        ax.set_xlim(-3.1416, 3.1416)
+        net = spec.network
+        ax.set_title(
+            f"depth {net.depth} {net.nonlinearity}, {spec.training.steps} GD steps, {spec.kernel} limit"
+        )
+        ax.legend(frameon=False, fontsize=7, loc="best")
         _save(fig, stem)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -45,8 +46,11 @@ class NetworkSpec(Model):
     beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
 
 
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class TrainingSpec(Model):
-    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    lr: PositiveFloat = 1.0
     steps: NonNegativeInt = 200
     n_train: PositiveInt = 128  # (choice) training points x ~ N(0, I_2), drawn once per seed
     record_steps: list[NonNegativeInt] | None = None  # default [0, steps]
@@ -64,8 +68,11 @@ class TrainingSpec(Model):
         return sorted(set(self.record_steps if self.record_steps is not None else [0, self.steps]))
 
 
-class GridSpec(Model):
+class CircleGridSpec(Model):
     n_angles: PositiveInt = 256  # (choice) gamma on n_angles points of [-pi, pi)
+
+
+class GridSpec(CircleGridSpec):
     x0_angle: Annotated[float, Field(allow_inf_nan=False)] = 0.0  # x0 = (cos, sin) of this angle
 
 
@@ -87,7 +94,63 @@ class ConvergenceSpec(RunSpec):
     grid: GridSpec = GridSpec()
 
 
-EXPERIMENTS: dict[str, type[RunSpec]] = {"convergence": ConvergenceSpec}
+class RegressionTrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 1000
+
+
+class RegressionDataSpec(Model):
+    train_angles: (
+        Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)] | None
+    ) = [
+        -2.5,
+        -0.9,
+        0.6,
+        2.2,
+    ]  # (choice) training inputs on the unit circle; null = n_train random angles
+    n_train: PositiveInt | None = None  # random angles, uniform on [-pi, pi), seeded by data_seed
+    data_seed: NonNegativeInt = 0
+    target: Literal["x1*x2", "sin", "values"] = "x1*x2"  # (choice) f*(x) = x1 x2
+    target_k: PositiveInt = 1  # target sin: f* = sin(k gamma)
+    target_values: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None  # target values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RegressionDataSpec:
+        if (self.train_angles is None) == (self.n_train is None):
+            raise ValueError(
+                "give exactly one of train_angles and n_train (for random angles also set train_angles: null)"
+            )
+        n = len(self.train_angles) if self.train_angles is not None else self.n_train
+        if self.train_angles is not None:
+            wrapped = sorted(round(math.remainder(a, 2 * math.pi), 12) for a in self.train_angles)
+            if len(set(wrapped)) < len(wrapped):
+                raise ValueError(
+                    f"train_angles {self.train_angles} repeat a point of the circle: the kernel matrix "
+                    "would be singular"
+                )
+        if self.target == "values":
+            if self.target_values is None or len(self.target_values) != n:
+                raise ValueError(
+                    f"target 'values' needs target_values with one value per training point ({n})"
+                )
+        elif self.target_values is not None:
+            raise ValueError(f"target_values is only read with target: values (target is {self.target!r})")
+        return self
+
+
+class RegressionSpec(RunSpec):
+    experiment: Literal["regression"] = "regression"
+    network: NetworkSpec = NetworkSpec(width=[50, 1000])
+    training: RegressionTrainingSpec = RegressionTrainingSpec()
+    data: RegressionDataSpec = RegressionDataSpec()
+    kernel: Literal["analytic", "empirical"] = "analytic"  # the limit's Theta and Sigma
+    kernel_width: PositiveInt = 10000  # kernel: empirical, one network of this width at init
+    kernel_seed: NonNegativeInt = 0
+    percentiles: Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=2)] = [10, 50, 90]
+    grid: CircleGridSpec = CircleGridSpec()
+
+
+EXPERIMENTS: dict[str, type[RunSpec]] = {"convergence": ConvergenceSpec, "regression": RegressionSpec}
 
 
 # --------------------------------------------------------------------------- presets

@@ -1,0 +1,159 @@
+"""`ntkrun regression` (SPEC §5.2, paper Figure 2): trained networks vs the limiting Gaussian.
+
+Per (width, seed): train a network by GD on a few points of the unit circle and record f_T on
+the circle. The limit: f_t is Gaussian with the mean and variance of SPEC §4, from the exact
+kernels (`kernel: analytic`) or from one wide network at init (`kernel: empirical`), at t = T
+(the actual training time, discrete GD) and t = infinity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ntkrun import dynamics
+from ntkrun.data import circle, grid_angles, product_target, seeded_generator
+from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
+from ntkrun.network import MLP
+from ntkrun.plots import regression_figure
+from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runs import RunDir
+from ntkrun.spec import RegressionSpec
+
+LOG = logging.getLogger("ntkrun")
+
+
+def training_data(spec: RegressionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(angles (N,), targets (N,)) in float64, from the data section of the spec."""
+    data = spec.data
+    if data.train_angles is not None:
+        angles = torch.tensor(data.train_angles, dtype=torch.float64)
+    else:
+        u = torch.rand(data.n_train, generator=seeded_generator(data.data_seed, 2), dtype=torch.float64)
+        angles = -math.pi + 2 * math.pi * u
+    if data.target == "x1*x2":
+        y = product_target(circle(angles))
+    elif data.target == "sin":
+        y = torch.sin(data.target_k * angles)
+    else:
+        y = torch.tensor(data.target_values, dtype=torch.float64)
+    return angles, y
+
+
+def limit_kernels(
+    spec: RegressionSpec, X: torch.Tensor, Xg: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Theta and Sigma on train x train, grid x train, and Sigma on the grid diagonal (float64, CPU)."""
+    net = spec.network
+    if spec.kernel == "analytic":
+
+        def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            return analytic_kernels(A, B, net.depth, net.nonlinearity, net.beta)
+    else:
+        wide = MLP(2, spec.kernel_width, net.depth, net.nonlinearity, net.beta, seed=spec.kernel_seed,
+                   dtype=resolve_dtype(spec.dtype), device=device)  # fmt: skip
+
+        def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            A, B = A.to(device), None if B is None else B.to(device)
+            return empirical_nngp(wide, A, B), empirical_ntk(wide, A, B)
+
+    sigma, theta = kernels(X)
+    sigma_x, theta_x = kernels(Xg, X)
+    sigma_grid, _ = kernels(Xg)
+    out = {
+        "sigma": sigma,
+        "theta": theta,
+        "sigma_x": sigma_x,
+        "theta_x": theta_x,
+        "sigma_xx": sigma_grid.diag(),
+    }
+    return {name: value.detach().double().cpu() for name, value in out.items()}
+
+
+def limit_table(spec: RegressionSpec, k: dict, y: torch.Tensor, gammas: torch.Tensor) -> pd.DataFrame:
+    """Rows (kernel, t, gamma, mean, std, p..) for t = T (discrete GD) and t = inf."""
+    eig = dynamics.eigen(k["theta"])
+    LOG.info("limit kernel (%s): condition number %.3g", spec.kernel, eig.condition_number)
+    lr, T = spec.training.lr, spec.training.steps * spec.training.lr
+    rows = []
+    for t in (T, math.inf):
+        mean, var = dynamics.gaussian_process(
+            eig, k["theta_x"], y, k["sigma"], k["sigma_x"], k["sigma_xx"], t, lr=None if math.isinf(t) else lr
+        )
+        q = dynamics.percentiles(mean, var, spec.percentiles)
+        frame = pd.DataFrame({"kernel": spec.kernel, "t": t, "gamma": gammas.numpy(),
+                              "mean": mean.numpy(), "std": var.sqrt().numpy()})  # fmt: skip
+        for p, values in zip(spec.percentiles, q, strict=True):
+            frame[f"p{p:g}"] = values.numpy()
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True)
+
+
+def metrics(
+    functions: pd.DataFrame, limit: pd.DataFrame, losses: pd.DataFrame, spec: RegressionSpec
+) -> pd.DataFrame:
+    """Per width: fraction inside the outer percentile band (at t = inf and t = T), final loss,
+    and rms(seed mean - limit mean) / rms(limit std) at t = inf."""
+    lo, hi = f"p{min(spec.percentiles):g}", f"p{max(spec.percentiles):g}"
+    T = spec.training.steps * spec.training.lr
+    rows = []
+    for width, g in functions.groupby("width", sort=True):
+        row: dict = {"width": width}
+        for t, name in ((math.inf, "in_band_inf"), (T, "in_band_T")):
+            band = limit[limit["t"] == t].set_index("gamma")
+            f = g.join(band[[lo, hi]], on="gamma")
+            row[name] = float(((f["f_T"] >= f[lo]) & (f["f_T"] <= f[hi])).mean())
+        row["expected_in_band"] = (max(spec.percentiles) - min(spec.percentiles)) / 100
+        row["train_loss_T"] = float(losses[losses["width"] == width]["loss_T"].mean())
+        band = limit[limit["t"] == math.inf].set_index("gamma")
+        seed_mean = g.groupby("gamma")["f_T"].mean()
+        diff = seed_mean - band["mean"].reindex(seed_mean.index)
+        row["mean_dist_in_std"] = float(np.sqrt((diff**2).mean() / (band["std"] ** 2).mean()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def execute(spec: RegressionSpec, run: RunDir, progress: Progress) -> pd.DataFrame:
+    """Train every (width, seed) unit, compute the limit, write CSVs and the figure; -> metrics."""
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    angles, y = training_data(spec)
+    X = circle(angles)
+    gammas = grid_angles(spec.grid.n_angles)
+    Xg = circle(gammas)
+    kernels = limit_kernels(spec, X, Xg, device)
+    limit = limit_table(spec, kernels, y, gammas)
+
+    widths, seeds = spec.network.width, range(spec.base_seed, spec.base_seed + spec.seeds)
+    step_cost = {w: float(2 * w + (spec.network.depth - 2) * w * w) for w in widths}
+    progress.start(sum(step_cost[w] for w in widths) * spec.training.steps * len(seeds))
+    Xd, yd, Xgd = X.to(device, dtype), y.to(device, dtype), Xg.to(device, dtype)
+    function_rows, loss_rows = [], []
+    net_spec = spec.network
+    for width in widths:
+        for seed in seeds:
+            net = MLP(2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype,
+                      device=device)  # fmt: skip
+            label = f"width {width}, seed {seed}"
+            losses = train(net, Xd, yd, lr=spec.training.lr, steps=spec.training.steps, label=label,
+                           progress=progress, step_cost=step_cost[width])  # fmt: skip
+            with torch.no_grad():
+                f_T = net(Xgd).double().cpu()
+            function_rows.append(pd.DataFrame({"width": width, "seed": seed, "gamma": gammas.numpy(),
+                                               "f_T": f_T.numpy()}))  # fmt: skip
+            loss_rows.append({"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]})
+            LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
+    functions = pd.concat(function_rows, ignore_index=True)
+    losses = pd.DataFrame(loss_rows)
+    table = metrics(functions, limit, losses, spec)
+    training = pd.DataFrame({"gamma": angles.numpy(), "y": y.numpy()})
+    run.write_csv("functions.csv", functions)
+    run.write_csv("limit.csv", limit)
+    run.write_csv("losses.csv", losses)
+    run.write_csv("training.csv", training)
+    run.write_csv("metrics.csv", table)
+    regression_figure(functions, limit, training, spec, run.path / "figure")
+    return table

@@ -1,0 +1,102 @@
+"""`ntkrun regression`: end to end, against the limiting Gaussian, and its bad specs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+from ntkrun.data import circle
+from ntkrun.runners.regression import limit_kernels, limit_table, training_data
+from ntkrun.spec import load_spec
+
+TINY = [
+    "regression", "--preset", "quick", "--set", "network.width=[16, 64]", "--seeds", "2", "--steps", "50",
+    "--set", "grid.n_angles=32", "--quiet",
+]  # fmt: skip
+
+
+def run(args: list[str], root) -> tuple[object, object]:
+    result = CliRunner().invoke(app, [*args, "--output-root", str(root)])
+    folder = root / "regression"
+    runs = [p for p in folder.iterdir() if p.name != "latest"] if folder.exists() else []
+    return result, runs
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+    result, (run_dir,) = run(TINY, tmp_path)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"functions.csv", "limit.csv", "metrics.csv", "losses.csv", "training.csv", "figure.png",
+            "figure.pdf", "spec.yaml", "meta.json", "run.log"} <= names  # fmt: skip
+    functions = pd.read_csv(run_dir / "functions.csv")
+    assert list(functions.columns) == ["width", "seed", "gamma", "f_T"] and len(functions) == 2 * 2 * 32
+    limit = pd.read_csv(run_dir / "limit.csv")
+    assert list(limit.columns) == ["kernel", "t", "gamma", "mean", "std", "p10", "p50", "p90"]
+    assert sorted(limit["t"].unique()) == [50.0, math.inf]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["width"]) == [16, 64]
+    assert metrics[["in_band_inf", "in_band_T"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_empirical_limit_kernel(tmp_path):
+    result, (run_dir,) = run([*TINY, "--kernel", "empirical", "--set", "kernel_width=512"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(run_dir / "limit.csv")["kernel"]) == {"empirical"}
+
+
+def test_band_collapses_onto_the_targets_at_the_training_points():
+    spec = load_spec("regression", sets=["grid.n_angles=8"])
+    angles, y = training_data(spec)
+    limit = limit_table(spec, limit_kernels(spec, circle(angles), circle(angles), "cpu"), y, angles)
+    at_inf = limit[limit["t"] == math.inf]
+    assert at_inf["std"].max() < 1e-5  # var ~ 1e-11: rounding of a singular-free 4 x 4 solve
+    assert (at_inf["mean"] - y.numpy()).abs().max() < 1e-8
+    at_T = limit[limit["t"] == 1000.0]
+    assert at_T["std"].max() < 1e-4  # 1000 steps of GD nearly converged too
+
+
+def test_wide_networks_fall_inside_the_band_at_the_expected_rate(tmp_path):
+    """16 networks of width 2048 (depth 3) trained for 400 steps: the fraction of their values on
+    the circle inside the 10-90% band of the limit must be near 0.8. Each curve's fraction has
+    variance <= 0.16 (Bernoulli bound, for fully correlated points), so the mean over 16 curves
+    has SD <= 0.1: we accept 0.8 +- 2.5 SD, clipped to [0.55, 1]."""
+    args = ["regression", "--width", "2048", "--seeds", "16", "--steps", "400", "--set", "network.depth=3",
+            "--set", "grid.n_angles=64", "--quiet"]  # fmt: skip
+    result, (run_dir,) = run(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert 0.55 <= metrics["in_band_inf"].item() <= 1.0
+    assert metrics["train_loss_T"].item() < 1e-4
+    assert metrics["mean_dist_in_std"].item() < 0.5  # the seed mean is near the limit mean
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--set", "data.train_angles=[0.5, 0.5, 1.0]"], "repeat a point of the circle"),
+        (["--set", f"data.train_angles=[0.5, {0.5 + 2 * math.pi}]"], "repeat a point of the circle"),
+        (["--set", "data.train_angles=[]"], "data.train_angles: List should have at least 1 item"),
+        (["--steps", "0"], "--steps: training.steps: Input should be greater than 0"),
+        (["--kernel", "exact"], "kernel: Input should be 'analytic' or 'empirical'"),
+        (["--set", "percentiles=[10, 100]"], "percentiles.1: Input should be less than 100"),
+        (["--set", "data.target=values"], "needs target_values"),
+    ],
+)
+def test_bad_specs_exit_2(tmp_path, extra, expected):
+    result, runs = run([*TINY, *extra], tmp_path)
+    assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output
+    assert runs == []
+
+
+def test_random_angles_and_other_targets():
+    spec = load_spec("regression", sets=["data.train_angles=null", "data.n_train=6", "data.target=sin",
+                                         "data.target_k=3"])  # fmt: skip
+    angles, y = training_data(spec)
+    assert angles.shape == (6,) and ((angles >= -math.pi) & (angles < math.pi)).all()
+    assert (y - (3 * angles).sin()).abs().max() < 1e-15
+    spec = load_spec("regression", sets=["data.target=values", "data.target_values=[1, 2, 3, 4]"])
+    assert training_data(spec)[1].tolist() == [1.0, 2.0, 3.0, 4.0]
