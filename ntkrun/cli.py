@@ -29,6 +29,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+SUMMARY_TABLES = ("metrics.csv", "fits.csv")  # what `show` and a finished run print
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"ntkrun: error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -95,7 +98,7 @@ def run_experiment(
     except KeyboardInterrupt:
         fail(f"interrupted; partial files kept in {run.path}", code=130)
     if not quiet:
-        out.print(frame_table(metrics, f"{experiment}: metrics.csv"))
+        out.print(frame_table(metrics, f"{experiment} results"))
     out.print(f"run directory: {final}", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -158,6 +161,23 @@ def regression(
 
 
 @app.command()
+def scaling(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    width: Annotated[
+        list[int] | None, typer.Option(help="Width of the grid (repeatable): network.width.")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
+    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    output_root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convergence rates in width: NTK at init, its change in training, distance to the linear model."""
+    run_experiment("scaling", preset, config, set_, shortcuts(width, seeds, steps), output_root, quiet)
+
+
+@app.command()
 def presets() -> None:
     """List the presets of every experiment, one line each."""
     for experiment, found in list_presets().items():
@@ -196,8 +216,9 @@ def show(
         )
     if (run_dir / "spec.yaml").is_file():
         out.print((run_dir / "spec.yaml").read_text().rstrip(), markup=False, highlight=False)
-    if (run_dir / "metrics.csv").is_file():
-        out.print(frame_table(pd.read_csv(run_dir / "metrics.csv"), "metrics.csv"))
+    for name in SUMMARY_TABLES:
+        if (run_dir / name).is_file():
+            out.print(frame_table(pd.read_csv(run_dir / name), name))
     files = ", ".join(sorted(p.name for p in run_dir.iterdir()))
     out.print(f"files: {files}", markup=False, highlight=False, soft_wrap=True)
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ntkrun.spec import ConvergenceSpec, RegressionSpec
+from ntkrun.spec import ConvergenceSpec, RegressionSpec, ScalingSpec
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -101,4 +101,44 @@ def regression_figure(
             f"depth {net.depth} {net.nonlinearity}, {spec.training.steps} GD steps, {spec.kernel} limit"
         )
         ax.legend(frameon=False, fontsize=7, loc="best")
+        _save(fig, stem)
+
+
+SCALING_TITLES = {
+    "dist_init": r"$\|\Theta_n(0) - \Theta_\infty\| / \|\Theta_\infty\|$",
+    "change_T": r"$\|\Theta_n(T) - \Theta_n(0)\| / \|\Theta_n(0)\|$",
+    "func_dist_T": r"$\|f_T - f^{lin}_T\| / \|f^{lin}_T - f_0\|$",
+}
+
+
+def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: ScalingSpec, stem: Path) -> None:
+    """Log-log panels per metric: seed mean +- SE per width and depth, fitted lines, reference slope."""
+    depths = sorted(table["depth"].unique())
+    colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
+    metrics = list(SCALING_TITLES)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.6))
+        for ax, metric in zip(axes, metrics, strict=True):
+            for depth in depths:
+                g = table[table["depth"] == depth].groupby("width")[metric]
+                mean, se = g.mean(), g.std() / np.sqrt(g.count())
+                fit = fits[(fits["depth"] == depth) & (fits["metric"] == metric)].iloc[0]
+                label = f"L = {depth}: slope {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+                ax.errorbar(mean.index, mean, yerr=se, fmt="o", ms=3.5, color=colors[depth], label=label)
+                w = np.array(mean.index, float)
+                ax.plot(w, np.exp(fit["intercept"]) * w ** fit["slope"], "-", color=colors[depth], lw=1)
+            w = np.array(sorted(table["width"].unique()), float)
+            ref = fits[fits["metric"] == metric]["reference_slope"].iloc[0]
+            anchor = table[table["width"] == w[0]][metric].mean()
+            ax.plot(w, anchor * (w / w[0]) ** ref, ":", color="gray", label=f"slope {ref:g} (reference)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("width n")
+            ax.set_title(SCALING_TITLES[metric], fontsize=9)
+            ax.legend(frameon=False, fontsize=7)
+        fig.suptitle(
+            f"{spec.network.nonlinearity}, beta {spec.network.beta:g}, {spec.seeds} seeds, "
+            f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})",
+            fontsize=10,
+        )
         _save(fig, stem)

@@ -150,7 +150,41 @@ class RegressionSpec(RunSpec):
     grid: CircleGridSpec = CircleGridSpec()
 
 
-EXPERIMENTS: dict[str, type[RunSpec]] = {"convergence": ConvergenceSpec, "regression": RegressionSpec}
+class ScalingNetworkSpec(Model):
+    depth: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_as_list)] = [2, 3, 4]
+    width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(_as_list)] = [
+        2**k for k in range(6, 14)
+    ]  # a log grid: the slope needs at least two widths
+    nonlinearity: NonlinearityName = "relu"
+    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+
+
+class ScalingDataSpec(Model):
+    inputs: Literal["circle", "gaussian"] = "circle"  # the fixed set where Theta is compared
+    n_points: PositiveInt = 16  # circle: evenly spaced angles; gaussian: x ~ N(0, I_dim)
+    dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
+
+
+class ScalingSpec(RunSpec):
+    experiment: Literal["scaling"] = "scaling"
+    seeds: Annotated[int, Field(ge=2)] = 8  # a bootstrap over seeds needs at least two
+    network: ScalingNetworkSpec = ScalingNetworkSpec()
+    training: TrainingSpec = TrainingSpec(steps=200, n_train=128)  # the regression task of §5.1
+    data: ScalingDataSpec = ScalingDataSpec()
+    n_boot: PositiveInt = 2000  # bootstrap resamples for the slope intervals
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ScalingSpec:
+        if self.data.inputs == "circle" and self.data.dim != 2:
+            raise ValueError("data.dim applies to gaussian inputs only: circle points are 2-D")
+        return self
+
+
+EXPERIMENTS: dict[str, type[RunSpec]] = {
+    "convergence": ConvergenceSpec,
+    "regression": RegressionSpec,
+    "scaling": ScalingSpec,
+}
 
 
 # --------------------------------------------------------------------------- presets
@@ -299,15 +333,16 @@ def load_spec(
 ) -> RunSpec:
     """Resolve and validate a spec: defaults <- preset <- config file <- --set <- CLI shortcuts.
 
-    With neither preset nor config the `paper` preset is used. Raises SpecError.
+    With neither preset nor config the `paper` preset is used (`default` where an experiment has
+    no paper preset). Raises SpecError.
     """
     if experiment not in EXPERIMENTS:
         raise SpecError(f"unknown experiment {experiment!r} (known: {', '.join(EXPERIMENTS)})")
     model = EXPERIMENTS[experiment]
     layers = Layers()
     if preset is not None or config is None:
-        name = preset or "paper"
         presets = list_presets()[experiment]
+        name = preset or ("paper" if "paper" in presets else "default")
         if name not in presets:
             raise SpecError(f"--preset {name}: unknown preset for {experiment} (known: {', '.join(presets)})")
         layers.merge(read_yaml(presets[name]), f"preset {name} ({presets[name]})")

@@ -98,4 +98,8 @@ def get_runner(experiment: str) -> Runner:
         from ntkrun.runners.regression import execute
 
         return execute  # type: ignore[return-value]
+    if experiment == "scaling":
+        from ntkrun.runners.scaling import execute
+
+        return execute  # type: ignore[return-value]
     raise ValueError(f"no runner for experiment {experiment!r}")

@@ -1,0 +1,50 @@
+"""Power-law fits on log-log scales with bootstrap confidence intervals over seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """value ~ exp(intercept) * width^slope, with a (1 - alpha) bootstrap interval for the slope."""
+
+    slope: float
+    intercept: float
+    ci_low: float
+    ci_high: float
+    n_boot: int
+
+
+def loglog_slope(widths: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """Least-squares line through (log w, log v): widths (W,), values (W,) > 0 -> (slope, intercept)."""
+    slope, intercept = np.polyfit(np.log(widths), np.log(values), 1)
+    return float(slope), float(intercept)
+
+
+def fit_power_law(
+    widths: np.ndarray, samples: np.ndarray, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> PowerLawFit:
+    """Fit log(mean over seeds) against log(width); bootstrap the seeds for a percentile interval.
+
+    widths (W,), samples (W, S): S independent seeds per width, all > 0. Each bootstrap resample
+    draws S seeds with replacement independently for every width (the widths' nets are independent).
+    """
+    widths, samples = np.asarray(widths, float), np.asarray(samples, float)
+    if samples.ndim != 2 or samples.shape[0] != widths.shape[0]:
+        raise ValueError(f"samples must have shape ({widths.shape[0]}, seeds), got {samples.shape}")
+    if len(widths) < 2:
+        raise ValueError("a slope needs at least two widths")
+    if not np.all(np.isfinite(samples)) or np.any(samples <= 0):
+        raise ValueError("samples must be finite and positive for a log-log fit")
+    slope, intercept = loglog_slope(widths, samples.mean(1))
+    rng = np.random.default_rng(seed)
+    n_w, n_s = samples.shape
+    picks = rng.integers(0, n_s, size=(n_boot, n_w, n_s))
+    boot_means = np.take_along_axis(samples[None, :, :].repeat(n_boot, 0), picks, axis=2).mean(2)
+    x = np.log(widths) - np.log(widths).mean()
+    boot_slopes = (np.log(boot_means) - np.log(boot_means).mean(1, keepdims=True)) @ x / (x @ x)
+    lo, hi = np.quantile(boot_slopes, [alpha / 2, 1 - alpha / 2])
+    return PowerLawFit(slope, intercept, float(lo), float(hi), n_boot)

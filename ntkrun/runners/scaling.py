@@ -1,0 +1,128 @@
+"""`ntkrun scaling`: the paper's two theorems as measured rates.
+
+Per (depth, width, seed), on a fixed input set Z:
+- dist_init   = ||Theta_n(0) - Theta_inf|| / ||Theta_inf||           (Theorem 1; theory: n^-1/2)
+- change_T    = ||Theta_n(T) - Theta_n(0)|| / ||Theta_n(0)||          (Theorem 2) after T GD steps
+- func_dist_T = ||f_T - f_lin_T|| / ||f_lin_T - f_0|| on Z, where f_lin_T = f_0 + A_T (y - f_0(X)) is the
+  kernel-regression prediction of SPEC §4 with Theta_inf for the same initial function f_0.
+Then log-log slopes against width per depth, with bootstrap intervals over seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ntkrun import dynamics
+from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
+from ntkrun.fits import fit_power_law
+from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.network import MLP
+from ntkrun.plots import scaling_figure
+from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runs import RunDir
+from ntkrun.spec import ScalingSpec
+
+LOG = logging.getLogger("ntkrun")
+METRICS = {"dist_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}  # reference slopes (see README)
+
+
+def fixed_inputs(spec: ScalingSpec) -> torch.Tensor:
+    """Z (n_points, n0): evenly spaced circle points, or Gaussian points from a fixed stream."""
+    data = spec.data
+    if data.inputs == "circle":
+        return circle(grid_angles(data.n_points))
+    return torch.randn(data.n_points, data.dim, generator=seeded_generator(0, 3), dtype=torch.float64)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius)."""
+    return float((a - b).norm() / b.norm())
+
+
+def unit(
+    spec: ScalingSpec,
+    depth: int,
+    width: int,
+    seed: int,
+    limit: dict,
+    device: torch.device,
+    progress: Progress,
+) -> dict:
+    dtype = resolve_dtype(spec.dtype)
+    net_spec, tr = spec.network, spec.training
+    Z = fixed_inputs(spec).to(device, dtype)
+    X = gaussian_inputs(tr.n_train, Z.shape[1], seed)
+    y = product_target(X)
+    net = MLP(
+        Z.shape[1], width, depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device
+    )
+    theta_0 = empirical_ntk(net, Z).double().cpu()
+    with torch.no_grad():
+        f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
+    label = f"depth {depth}, width {width}, seed {seed}"
+    cost = float(width * (depth - 1) + width * width * max(depth - 2, 0))
+    train(net, X.to(device, dtype), y.to(device, dtype), lr=tr.lr, steps=tr.steps, label=label,
+          progress=progress, step_cost=cost)  # fmt: skip
+    theta_T = empirical_ntk(net, Z).double().cpu()
+    with torch.no_grad():
+        f_T = net(Z).double().cpu()
+    f_lin = dynamics.linearized(limit["eig"], limit["theta_zx"], y, f0_X, f0_Z, tr.steps * tr.lr, lr=tr.lr)
+    return {
+        "depth": depth,
+        "width": width,
+        "seed": seed,
+        "dist_init": rel(theta_0, limit["theta_zz"]),
+        "change_T": rel(theta_T, theta_0),
+        "func_dist_T": float((f_T - f_lin).norm() / (f_lin - f0_Z).norm()),
+    }
+
+
+def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
+    rows = []
+    for depth, g in table.groupby("depth", sort=True):
+        widths = np.array(sorted(g["width"].unique()), float)
+        for metric, reference in METRICS.items():
+            samples = g.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
+            fit = fit_power_law(widths, samples, n_boot=spec.n_boot, seed=spec.base_seed)
+            rows.append(
+                {"depth": depth, "metric": metric, "slope": fit.slope, "ci_low": fit.ci_low,
+                 "ci_high": fit.ci_high, "intercept": fit.intercept, "reference_slope": reference}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def execute(spec: ScalingSpec, run: RunDir, progress: Progress) -> pd.DataFrame:
+    """Every (depth, width, seed) unit, then the fits; writes scaling.csv, fits.csv, the figure."""
+    device = resolve_device(spec.device)
+    net_spec, tr = spec.network, spec.training
+    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    costs = [w * (d - 1) + w * w * max(d - 2, 0) for d in net_spec.depth for w in net_spec.width]
+    progress.start(float(sum(costs)) * tr.steps * len(seeds))
+    Z = fixed_inputs(spec)
+    rows = []
+    for depth in net_spec.depth:
+        args = (depth, net_spec.nonlinearity, net_spec.beta)
+        X_train = [gaussian_inputs(tr.n_train, Z.shape[1], s) for s in seeds]
+        limit_by_seed = {}
+        for seed, X in zip(seeds, X_train, strict=True):
+            _, theta_xx = analytic_kernels(X, None, *args)
+            limit_by_seed[seed] = {
+                "eig": dynamics.eigen(theta_xx),
+                "theta_zx": analytic_kernels(Z, X, *args)[1],
+            }
+        theta_zz = analytic_kernels(Z, None, *args)[1]
+        for width in net_spec.width:
+            for seed in seeds:
+                limit = {**limit_by_seed[seed], "theta_zz": theta_zz}
+                rows.append(unit(spec, depth, width, seed, limit, device, progress))
+                LOG.info("%s", rows[-1])
+    table = pd.DataFrame(rows)
+    fit_table = fits(table, spec)
+    run.write_csv("scaling.csv", table)
+    run.write_csv("fits.csv", fit_table)
+    scaling_figure(table, fit_table, spec, run.path / "figure")
+    return fit_table
