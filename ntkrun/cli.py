@@ -93,7 +93,7 @@ def run_experiment(
             final = run.finalize(str(device))
     except OSError as e:
         fail(f"cannot write the run directory under {root}: {e.strerror or e}")
-    except DivergenceError as e:
+    except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
         fail(f"{e} (partial files kept in {run.path})", code=1)
     except KeyboardInterrupt:
         fail(f"interrupted; partial files kept in {run.path}", code=130)

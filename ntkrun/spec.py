@@ -165,11 +165,17 @@ class ScalingDataSpec(Model):
     dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
 
 
+class ScalingTrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 200
+    n_train: PositiveInt = 128  # training inputs x ~ N(0, I), target x1 x2, drawn once per seed
+
+
 class ScalingSpec(RunSpec):
     experiment: Literal["scaling"] = "scaling"
     seeds: Annotated[int, Field(ge=2)] = 8  # a bootstrap over seeds needs at least two
     network: ScalingNetworkSpec = ScalingNetworkSpec()
-    training: TrainingSpec = TrainingSpec(steps=200, n_train=128)  # the regression task of §5.1
+    training: ScalingTrainingSpec = ScalingTrainingSpec()  # the regression task of §5.1
     data: ScalingDataSpec = ScalingDataSpec()
     n_boot: PositiveInt = 2000  # bootstrap resamples for the slope intervals
 
