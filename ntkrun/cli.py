@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
 from ntkrun.runners import DivergenceError, get_runner, resolve_device
 from ntkrun.runs import is_complete, latest_run, open_run
-from ntkrun.spec import SpecError, list_presets, load_spec, preset_description
+from ntkrun.spec import EXPERIMENTS, SpecError, list_presets, load_spec, preset_description, read_yaml
 
 app = typer.Typer(
     help="Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018).",
@@ -77,18 +78,27 @@ def run_experiment(
     overrides: dict[tuple[str, ...], Any],
     output_root: Path | None,
     quiet: bool,
+    resume: Path | None = None,
 ) -> None:
-    """Validate everything, then run in a fresh run directory and print the metrics."""
+    """Validate everything, then run in a fresh run directory (or `resume` one) and print the metrics."""
     try:
+        if resume is not None:
+            if not (resume / "spec.yaml").is_file():
+                raise SpecError(f"{resume}: not a run directory (no spec.yaml)")
+            if is_complete(resume):
+                raise SpecError(f"{resume}: run is complete, nothing to resume")
+            config, preset, sets, overrides = resume / "spec.yaml", None, [], {}
         spec = load_spec(experiment, preset=preset, config=config, sets=sets or [], overrides=overrides)
         device = resolve_device(spec.device)
     except (SpecError, ValueError) as e:
         fail(str(e))
+    if resume is not None:
+        output_root = resume.parent.parent
     root = output_root if output_root is not None else Path(spec.output)
     runner = get_runner(experiment)
     progress = RichProgress(enabled=not quiet)
     try:
-        with progress.bar, open_run(root, spec) as run:
+        with progress.bar, open_run(root, spec, resume) as run:
             metrics = runner(spec, run, progress)
             final = run.finalize(str(device))
     except OSError as e:
@@ -175,6 +185,89 @@ def scaling(
 ) -> None:
     """Convergence rates in width: NTK at init, its change in training, distance to the linear model."""
     run_experiment("scaling", preset, config, set_, shortcuts(width, seeds, steps), output_root, quiet)
+
+
+@app.command()
+def pca(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Trials per width.")] = None,
+    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of the MNIST IDX files: data.dir.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this interrupted run directory.")] = None,
+    output_root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """MNIST kernel principal components and convergence along them (paper Figure 3)."""
+    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
+    if data_dir is not None:
+        overrides["data", "dir"] = str(data_dir)
+    run_experiment("pca", preset, config, set_, overrides, output_root, quiet, resume=resume)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="An interrupted or failed run directory.")],
+    quiet: QuietOpt = False,
+) -> None:
+    """Finish an interrupted run from its spec.yaml; checkpointed units continue where they stopped."""
+    try:
+        experiment = read_yaml(run_dir / "spec.yaml").get("experiment")
+    except SpecError as e:
+        fail(str(e))
+    if experiment not in EXPERIMENTS:
+        fail(f"{run_dir / 'spec.yaml'}: experiment: unknown experiment {experiment!r}")
+    run_experiment(experiment, None, None, None, {}, None, quiet, resume=run_dir)
+
+
+data_app = typer.Typer(help="Datasets: download and check MNIST.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download(
+    dataset: Annotated[str, typer.Argument(help="Dataset name (mnist).")],
+    mirror: Annotated[
+        list[str] | None, typer.Option(help="Base URL to try (repeatable; default: known mirrors).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Target folder (default: $NTKRUN_DATA_DIR or ~/.cache/ntkrun).")
+    ] = None,
+) -> None:
+    """Download the four MNIST files, verify their published MD5s, write them atomically."""
+    if dataset != "mnist":
+        fail(f"unknown dataset {dataset!r} (known: mnist; Fashion-MNIST: Debian's dataset-fashion-mnist)")
+    folder = resolve_data_dir(data_dir)
+    try:
+        download_mnist(
+            folder, mirror or MNIST_MIRRORS, log=lambda m: err.print(m, markup=False, highlight=False)
+        )
+    except (DataError, OSError) as e:
+        fail(str(e), code=1)
+    out.print(f"MNIST verified in {folder}", markup=False, highlight=False)
+
+
+@data_app.command("check")
+def data_check(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder (default: $NTKRUN_DATA_DIR or ~/.cache/ntkrun).")
+    ] = None,
+) -> None:
+    """Say which MNIST files are present and verified."""
+    folder = resolve_data_dir(data_dir)
+    status = check_mnist(folder)
+    for name, state in status.items():
+        out.print(f"{state:<13} {folder / name}", markup=False, highlight=False)
+    splits = {
+        "train": status["train-images-idx3-ubyte.gz"] == status["train-labels-idx1-ubyte.gz"] == "ok",
+        "test": status["t10k-images-idx3-ubyte.gz"] == status["t10k-labels-idx1-ubyte.gz"] == "ok",
+    }
+    ready = [s for s, ok in splits.items() if ok]
+    out.print(f"usable splits: {', '.join(ready) or 'none'}", markup=False, highlight=False)
+    if not ready:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,9 +1,18 @@
-"""Inputs of the experiments: points on the unit circle and Gaussian training sets."""
+"""Inputs of the experiments: circle points, Gaussian training sets, and IDX datasets (MNIST)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import math
-from collections.abc import Sequence
+import os
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,3 +42,180 @@ def gaussian_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
 def product_target(X: torch.Tensor) -> torch.Tensor:
     """f*(x) = x1 x2: (N, >=2) -> (N,)."""
     return X[:, 0] * X[:, 1]
+
+
+# --------------------------------------------------------------------------- IDX datasets (MNIST)
+
+MNIST_FILES = {  # the published MD5s of the four standard files
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DATA_ENV = "NTKRUN_DATA_DIR"
+
+
+class DataError(ValueError):
+    """Data missing, corrupt or not downloadable; the message says what and how to fix it."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or raw): unsigned-byte data with its dimensions. Checks the
+    magic number and that the payload holds exactly the product of the dimensions."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path}: corrupt gzip data ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX payload has {len(raw) - header} bytes, dimensions {dims} need {expected}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """--data-dir / spec, then $NTKRUN_DATA_DIR, then ~/.cache/ntkrun."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path.home() / ".cache" / "ntkrun"
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (M, rows, cols) uint8, labels (M,) uint8) of one split of an IDX dataset folder."""
+    img_stem, lbl_stem = SPLIT_FILES[split]
+    images, labels = _find(folder, img_stem), _find(folder, lbl_stem)
+    if images is None or labels is None:
+        missing = img_stem if images is None else lbl_stem
+        raise DataError(
+            f"{missing}(.gz) not found in {folder} (looked in --data-dir / spec data.dir, ${DATA_ENV}, "
+            f"~/.cache/ntkrun); get MNIST with: ntkrun data download mnist --data-dir {folder}"
+        )
+    X, y = read_idx(images), read_idx(labels)
+    if X.ndim != 3 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{images}, {labels}: shapes {X.shape} and {y.shape} do not form a labelled image set"
+        )
+    return X, y
+
+
+def choose_points(
+    images: np.ndarray, labels: np.ndarray, n_points: int, seed: int, scaling: str = "unit"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded choice of n_points images, flattened: -> (X (n, rows*cols) float64, labels (n,)).
+
+    scaling 'unit': pixel / 255; 'standardize': each pixel to mean 0 and std 1 over the chosen set
+    (constant pixels stay 0)."""
+    if n_points > images.shape[0]:
+        raise DataError(f"n_points = {n_points} but the split holds only {images.shape[0]} images")
+    idx = np.sort(np.random.default_rng(seed).choice(images.shape[0], size=n_points, replace=False))
+    X = torch.from_numpy(images[idx].reshape(n_points, -1).astype(np.float64) / 255.0)
+    if scaling == "standardize":
+        std = X.std(0)
+        X = (X - X.mean(0)) / torch.where(std > 0, std, 1.0)
+    return X, torch.from_numpy(labels[idx].astype(np.int64))
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_mnist(folder: Path) -> dict[str, str]:
+    """{file: 'ok' | 'missing' | 'MD5 mismatch'} for the four MNIST files in folder."""
+    status = {}
+    for name, md5 in MNIST_FILES.items():
+        path = folder / name
+        status[name] = "missing" if not path.is_file() else "ok" if md5sum(path) == md5 else "MD5 mismatch"
+    return status
+
+
+def download_mnist(
+    folder: Path,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+    retries: int = 3,
+    timeout: float = 30.0,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[Path]:
+    """Download the four MNIST files into folder, checking each published MD5. A file is written
+    under a temporary name and renamed only once verified; files already verified are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name, md5 in MNIST_FILES.items():
+        target = folder / name
+        if target.is_file() and md5sum(target) == md5:
+            log(f"{name}: present, MD5 ok")
+            done.append(target)
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + name
+            for attempt in range(1, retries + 1):
+                try:
+                    _fetch(url, target, md5, timeout)
+                    log(f"{name}: downloaded from {url}, MD5 ok")
+                    break
+                except DataError as err:  # corrupt download: the next mirror, not a retry
+                    errors.append(str(err))
+                    break
+                except (OSError, urllib.error.URLError) as err:
+                    reason = getattr(err, "reason", None) or err
+                    errors.append(f"{url}: {reason} (attempt {attempt}/{retries})")
+                    if isinstance(err, urllib.error.HTTPError) and err.code == 404:
+                        break
+                    time.sleep(min(2.0 ** (attempt - 1), 8.0) * 0.1)
+            if target.is_file():
+                break
+        if not target.is_file():
+            raise DataError(f"could not download {name}: " + "; ".join(errors))
+        done.append(target)
+    return done
+
+
+def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            written = 0
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                written += len(block)
+        if expected is not None and written != int(expected):
+            raise OSError(f"truncated: got {written} of {expected} bytes")
+        got = md5sum(Path(tmp))
+        if got != md5:
+            raise DataError(f"{url}: MD5 mismatch (got {got}, published {md5})")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ntkrun.spec import ConvergenceSpec, RegressionSpec, ScalingSpec
+from ntkrun.spec import ConvergenceSpec, PCASpec, RegressionSpec, ScalingSpec
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -81,13 +81,25 @@ def regression_figure(
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         inf = limit[np.isinf(limit["t"])].sort_values("gamma")
         finite = limit[~np.isinf(limit["t"])].sort_values("gamma")
-        ax.fill_between(inf["gamma"], inf[lo], inf[hi], color="0.85", lw=0,
-                        label=f"limit {lo[1:]}-{hi[1:]}% band, t = inf")  # fmt: skip
+        ax.fill_between(
+            inf["gamma"],
+            inf[lo],
+            inf[hi],
+            color="0.85",
+            lw=0,
+            label=f"limit {lo[1:]}-{hi[1:]}% band, t = inf",
+        )
         if mid in inf:
             ax.plot(inf["gamma"], inf[mid], "--", color="black", lw=1.2, label="limit median, t = inf")
         for col in (lo, hi):
-            ax.plot(finite["gamma"], finite[col], ":", color="0.35", lw=1.0,
-                    label=f"limit band, t = T = {finite['t'].iloc[0]:g}" if col == lo else None)  # fmt: skip
+            ax.plot(
+                finite["gamma"],
+                finite[col],
+                ":",
+                color="0.35",
+                lw=1.0,
+                label=f"limit band, t = T = {finite['t'].iloc[0]:g}" if col == lo else None,
+            )
         for (width, _seed), g in functions.groupby(["width", "seed"], sort=True):
             ax.plot(g["gamma"], g["f_T"], color=colors[width], lw=0.8, alpha=0.8)
         for w in widths:
@@ -141,4 +153,42 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: ScalingSpec, s
             f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})",
             fontsize=10,
         )
+        _save(fig, stem)
+
+
+def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: PCASpec, lam_k: float, stem: Path) -> None:
+    """Paper Figure 3: (a) digits at (f(2), f(3)) by label; (b) ||h_t|| against ||g_t||;
+    (c) ||g_t|| against t with the limit c exp(-lambda_k t)."""
+    widths = sorted(traj["width"].unique())
+    colors = {w: plt.get_cmap("plasma")(i / max(len(widths), 1) * 0.85) for i, w in enumerate(widths)}
+    c, k = spec.target_scale, spec.component
+    with plt.rc_context(STYLE):
+        fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
+        scatter = ax_a.scatter(
+            components["f2"], components["f3"], c=components["label"], cmap="tab10", s=6, vmin=-0.5, vmax=9.5
+        )
+        fig.colorbar(scatter, ax=ax_a, ticks=range(10), label="digit")
+        ax_a.set_xlabel("$f^{(2)}(x_i)$")
+        ax_a.set_ylabel("$f^{(3)}(x_i)$")
+        ax_a.set_title(f"(a) {len(components)} digits, {spec.kernel} kernel")
+        for (width, _seed), g in traj.groupby(["width", "seed"], sort=True):
+            ax_b.plot(g["g_norm"], g["h_norm"], color=colors[width], lw=1)
+            ax_c.plot(g["t"], g["g_norm"], color=colors[width], lw=1)
+        for w in widths:
+            ax_b.plot([], [], color=colors[w], label=f"n = {w}")
+        t = np.linspace(0, traj["t"].max(), 200)
+        ax_c.plot(
+            t, c * np.exp(-lam_k * t), "--", color="black", label=rf"${c:g}\,e^{{-\lambda_{k} t}}$ (limit)"
+        )
+        ax_b.plot([c, 0], [0, 0], "--", color="black", lw=1, label="limit")
+        ax_b.set_xlabel(r"$\|g_t\|$")
+        ax_b.set_ylabel(r"$\|h_t\|$")
+        ax_b.set_title(f"(b) trajectory along / off $f^{{({k})}}$")
+        ax_b.invert_xaxis()
+        ax_c.set_xlabel("t")
+        ax_c.set_ylabel(r"$\|g_t\|$")
+        ax_c.set_yscale("log")
+        ax_c.set_title(rf"(c) decay along $f^{{({k})}}$, $\lambda_{k}$ = {lam_k:.3g}")
+        for ax in (ax_b, ax_c):
+            ax.legend(frameon=False, fontsize=7)
         _save(fig, stem)

@@ -65,6 +65,37 @@ class RunDir:
         self.meta: dict[str, Any] = {}
         self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
 
+    @classmethod
+    def reopen(cls, path: Path, spec: RunSpec) -> RunDir:
+        """Take an interrupted or failed run directory back under a working name, to resume it."""
+        path = Path(path)
+        if is_complete(path):
+            raise ValueError(f"{path}: run is complete, nothing to resume")
+        run = cls.__new__(cls)
+        run.spec, run.parent, run.start = spec, path.parent, time.time()
+        name = path.name.removesuffix(".failed")
+        if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
+            name = name[1:].split(".")[0]
+        run.name = name
+        run.path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=run.parent))
+        os.replace(path, run.path)  # onto the fresh empty directory: atomic on POSIX
+        (run.path / "ERROR").unlink(missing_ok=True)
+        run.meta = {"resumed": True}
+        return run
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        """Write units/<name>.pt atomically (a temporary file renamed over the old one)."""
+        folder = self.path / "units"
+        folder.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, folder / f"{name}.pt")
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        path = self.path / "units" / f"{name}.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
         target.write_text(text)
@@ -126,9 +157,10 @@ class RunDir:
 
 
 @contextmanager
-def open_run(root: Path, spec: RunSpec) -> Iterator[RunDir]:
-    """A run directory with run.log attached to the `ntkrun` logger; failed on any exception."""
-    run = RunDir(root, spec)
+def open_run(root: Path, spec: RunSpec, resume: Path | None = None) -> Iterator[RunDir]:
+    """A run directory (new, or `resume` reopened) with run.log attached to the `ntkrun` logger;
+    marked failed on any exception."""
+    run = RunDir(root, spec) if resume is None else RunDir.reopen(resume, spec)
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)

@@ -186,10 +186,40 @@ class ScalingSpec(RunSpec):
         return self
 
 
+class PCADataSpec(Model):
+    dir: str | None = None  # IDX folder; else --data-dir, $NTKRUN_DATA_DIR, ~/.cache/ntkrun
+    split: Literal["train", "test"] = "train"
+    n_points: PositiveInt = 512
+    seed: NonNegativeInt = 0  # the seeded choice of digits
+    scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255, or per-pixel standardization
+
+
+class PCATrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 2000  # (choice)
+    record_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100  # steps between unit checkpoints (resume restarts there)
+
+
+class PCASpec(RunSpec):
+    experiment: Literal["pca"] = "pca"
+    seeds: PositiveInt = 2  # trials per width
+    network: NetworkSpec = NetworkSpec(width=[100, 1000, 10000])  # depth 4: (choice)
+    training: PCATrainingSpec = PCATrainingSpec()
+    data: PCADataSpec = PCADataSpec()
+    kernel: Literal["analytic", "empirical"] = "empirical"  # reference kernel (paper: empirical)
+    kernel_width: PositiveInt = 10000
+    kernel_seed: NonNegativeInt = 0
+    component: Annotated[int, Field(ge=1, le=3)] = 2  # the target moves along f(component)
+    target_scale: PositiveFloat = 0.5  # f* = f_theta(0) + target_scale * f(component)
+    power_tol: PositiveFloat = 1e-10
+
+
 EXPERIMENTS: dict[str, type[RunSpec]] = {
     "convergence": ConvergenceSpec,
     "regression": RegressionSpec,
     "scaling": ScalingSpec,
+    "pca": PCASpec,
 }
 
 

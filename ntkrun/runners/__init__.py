@@ -59,14 +59,15 @@ def train(
     step_cost: float = 1.0,
     record_at: Collection[int] = (),
     record: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> list[float]:
-    """Full-batch GD for `steps` steps; -> the cost before each step and after the last (steps + 1).
+    """Full-batch GD from step `start` to `steps`; -> the cost before each step and after the last.
 
     `record(step)` is called before the step at each step in `record_at` (and at `steps`).
     Raises DivergenceError naming `label` and the step on a non-finite cost.
     """
     losses = []
-    for step in range(steps + 1):
+    for step in range(start, steps + 1):
         if record is not None and step in record_at:
             record(step)
         if step == steps:
@@ -96,6 +97,10 @@ def get_runner(experiment: str) -> Runner:
         return execute  # type: ignore[return-value]
     if experiment == "regression":
         from ntkrun.runners.regression import execute
+
+        return execute  # type: ignore[return-value]
+    if experiment == "pca":
+        from ntkrun.runners.pca import execute
 
         return execute  # type: ignore[return-value]
     if experiment == "scaling":

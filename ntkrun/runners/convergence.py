@@ -49,9 +49,17 @@ def train_unit(
         )
 
     losses = train(
-        net, X, y, lr=tr.lr, steps=tr.steps, label=label, progress=progress, step_cost=cost,
-        record_at=set(tr.recorded), record=record,
-    )  # fmt: skip
+        net,
+        X,
+        y,
+        lr=tr.lr,
+        steps=tr.steps,
+        label=label,
+        progress=progress,
+        step_cost=cost,
+        record_at=set(tr.recorded),
+        record=record,
+    )
     LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
     loss_rows = [{"width": width, "seed": seed, "step": s, "loss": v} for s, v in enumerate(losses)]
     return kernel_rows, loss_rows

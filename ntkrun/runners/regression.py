@@ -54,8 +54,16 @@ def limit_kernels(
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             return analytic_kernels(A, B, net.depth, net.nonlinearity, net.beta)
     else:
-        wide = MLP(2, spec.kernel_width, net.depth, net.nonlinearity, net.beta, seed=spec.kernel_seed,
-                   dtype=resolve_dtype(spec.dtype), device=device)  # fmt: skip
+        wide = MLP(
+            2,
+            spec.kernel_width,
+            net.depth,
+            net.nonlinearity,
+            net.beta,
+            seed=spec.kernel_seed,
+            dtype=resolve_dtype(spec.dtype),
+            device=device,
+        )
 
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             A, B = A.to(device), None if B is None else B.to(device)
@@ -85,8 +93,15 @@ def limit_table(spec: RegressionSpec, k: dict, y: torch.Tensor, gammas: torch.Te
             eig, k["theta_x"], y, k["sigma"], k["sigma_x"], k["sigma_xx"], t, lr=None if math.isinf(t) else lr
         )
         q = dynamics.percentiles(mean, var, spec.percentiles)
-        frame = pd.DataFrame({"kernel": spec.kernel, "t": t, "gamma": gammas.numpy(),
-                              "mean": mean.numpy(), "std": var.sqrt().numpy()})  # fmt: skip
+        frame = pd.DataFrame(
+            {
+                "kernel": spec.kernel,
+                "t": t,
+                "gamma": gammas.numpy(),
+                "mean": mean.numpy(),
+                "std": var.sqrt().numpy(),
+            }
+        )
         for p, values in zip(spec.percentiles, q, strict=True):
             frame[f"p{p:g}"] = values.numpy()
         rows.append(frame)
@@ -135,15 +150,32 @@ def execute(spec: RegressionSpec, run: RunDir, progress: Progress) -> pd.DataFra
     net_spec = spec.network
     for width in widths:
         for seed in seeds:
-            net = MLP(2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype,
-                      device=device)  # fmt: skip
+            net = MLP(
+                2,
+                width,
+                net_spec.depth,
+                net_spec.nonlinearity,
+                net_spec.beta,
+                seed=seed,
+                dtype=dtype,
+                device=device,
+            )
             label = f"width {width}, seed {seed}"
-            losses = train(net, Xd, yd, lr=spec.training.lr, steps=spec.training.steps, label=label,
-                           progress=progress, step_cost=step_cost[width])  # fmt: skip
+            losses = train(
+                net,
+                Xd,
+                yd,
+                lr=spec.training.lr,
+                steps=spec.training.steps,
+                label=label,
+                progress=progress,
+                step_cost=step_cost[width],
+            )
             with torch.no_grad():
                 f_T = net(Xgd).double().cpu()
-            function_rows.append(pd.DataFrame({"width": width, "seed": seed, "gamma": gammas.numpy(),
-                                               "f_T": f_T.numpy()}))  # fmt: skip
+            function_rows.append(
+                pd.DataFrame({"width": width, "seed": seed, "gamma": gammas.numpy(), "f_T": f_T.numpy()})
+            )
             loss_rows.append({"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]})
             LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
     functions = pd.concat(function_rows, ignore_index=True)

@@ -65,8 +65,16 @@ def unit(
         f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
     label = f"depth {depth}, width {width}, seed {seed}"
     cost = float(width * (depth - 1) + width * width * max(depth - 2, 0))
-    train(net, X.to(device, dtype), y.to(device, dtype), lr=tr.lr, steps=tr.steps, label=label,
-          progress=progress, step_cost=cost)  # fmt: skip
+    train(
+        net,
+        X.to(device, dtype),
+        y.to(device, dtype),
+        lr=tr.lr,
+        steps=tr.steps,
+        label=label,
+        progress=progress,
+        step_cost=cost,
+    )
     theta_T = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
         f_T = net(Z).double().cpu()
@@ -89,9 +97,16 @@ def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
             samples = g.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
             fit = fit_power_law(widths, samples, n_boot=spec.n_boot, seed=spec.base_seed)
             rows.append(
-                {"depth": depth, "metric": metric, "slope": fit.slope, "ci_low": fit.ci_low,
-                 "ci_high": fit.ci_high, "intercept": fit.intercept, "reference_slope": reference}
-            )  # fmt: skip
+                {
+                    "depth": depth,
+                    "metric": metric,
+                    "slope": fit.slope,
+                    "ci_low": fit.ci_low,
+                    "ci_high": fit.ci_high,
+                    "intercept": fit.intercept,
+                    "reference_slope": reference,
+                }
+            )
     return pd.DataFrame(rows)
 
 

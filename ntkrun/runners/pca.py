@@ -1,0 +1,218 @@
+"""`ntkrun pca` (SPEC §5.3, paper Figure 3): convergence along kernel principal components on MNIST.
+
+The reference kernel K on N digits (one wide network at init, or the analytic limit) gives the
+top eigenpairs of K/N (power iteration with deflation, checked against a dense solver). Each
+(width, trial) network is trained by GD towards f* = f_theta(0) + c f(k), and Delta_t = f_t - f*
+is split into g_t = <Delta_t, f(k)>_pin f(k) and h_t = Delta_t - g_t. In the limit h_t = 0 and
+||g_t|| = c exp(-lambda_k t). Units checkpoint every `checkpoint_every` steps; `ntkrun resume`
+continues them from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ntkrun import dynamics
+from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir
+from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.network import MLP
+from ntkrun.plots import pca_figure
+from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runs import RunDir
+from ntkrun.spec import PCASpec
+
+LOG = logging.getLogger("ntkrun")
+
+
+def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """K = Theta(X, X): (N, n0) -> (N, N) float64 on the CPU."""
+    net = spec.network
+    if spec.kernel == "analytic":
+        return analytic_kernels(X, depth=net.depth, nonlinearity=net.nonlinearity, beta=net.beta)[1]
+    wide = MLP(
+        X.shape[1],
+        spec.kernel_width,
+        net.depth,
+        net.nonlinearity,
+        net.beta,
+        seed=spec.kernel_seed,
+        dtype=resolve_dtype(spec.dtype),
+        device=device,
+    )
+    K = empirical_ntk(wide, X.to(device)).double().cpu()
+    return (K + K.T) / 2
+
+
+def principal_components(spec: PCASpec, K: torch.Tensor) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """-> (eigenvalues table, lambda (3,), f (N, 3)) from power iteration, checked against eigh."""
+    lam_d, f_d = dynamics.kernel_pca_dense(K, 3)
+    lam_p, f_p, iters = dynamics.kernel_pca_power(K, 3, tol=spec.power_tol)
+    table = pd.DataFrame(
+        {
+            "index": [1, 2, 3],
+            "lambda_power": lam_p.numpy(),
+            "lambda_dense": lam_d.numpy(),
+            "rel_diff": ((lam_p - lam_d).abs() / lam_d).numpy(),
+            "eigvec_max_abs_diff": (f_p - f_d).abs().max(0).values.numpy(),
+            "power_iterations": iters,
+        }
+    )
+    return table, lam_p, f_p
+
+
+def pin_norm(v: torch.Tensor) -> float:
+    """||v||_pin = sqrt((1/N) sum v_i^2)."""
+    return float(v.pow(2).mean().sqrt())
+
+
+def train_unit(
+    spec: PCASpec,
+    run: RunDir,
+    width: int,
+    seed: int,
+    X: torch.Tensor,
+    f_k: torch.Tensor,
+    device: torch.device,
+    progress: Progress,
+    cost: float,
+) -> list[dict]:
+    """Train one network (continuing from its checkpoint if any); -> trajectory rows."""
+    tr, net_spec = spec.training, spec.network
+    name = f"w{width}_s{seed}"
+    dtype = resolve_dtype(spec.dtype)
+    net = MLP(
+        X.shape[1],
+        width,
+        net_spec.depth,
+        net_spec.nonlinearity,
+        net_spec.beta,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+    )
+    Xd = X.to(device, dtype)
+    with torch.no_grad():
+        f0 = net(Xd).double().cpu()
+    y = f0 + spec.target_scale * f_k
+    rows: list[dict] = []
+    start = 0
+    saved = run.load_checkpoint(name)
+    if saved is not None:
+        net.load_state_dict(saved["state"])
+        rows, start = saved["rows"], saved["step"]
+        progress.advance(f"width {width}, seed {seed} (resumed at step {start})", cost * start)
+        if saved["done"]:
+            return rows
+        LOG.info("%s: resuming at step %d", name, start)
+
+    def record(step: int) -> None:
+        if step % tr.record_every == 0 or step == tr.steps:
+            if not rows or rows[-1]["step"] != step:  # a resumed unit has its start row already
+                with torch.no_grad():
+                    delta = net(Xd).double().cpu() - y
+                coef = float((delta * f_k).mean())
+                h = delta - coef * f_k
+                rows.append(
+                    {
+                        "width": width,
+                        "seed": seed,
+                        "step": step,
+                        "t": step * tr.lr,
+                        "g_norm": abs(coef),
+                        "g_coef": coef,
+                        "h_norm": pin_norm(h),
+                        "loss": 0.5 * float(delta.pow(2).mean()),
+                    }
+                )
+        if step % tr.checkpoint_every == 0 and step != start:
+            run.save_checkpoint(name, {"step": step, "state": net.state_dict(), "rows": rows, "done": False})
+
+    record_at = set(range(0, tr.steps + 1, math.gcd(tr.record_every, tr.checkpoint_every))) | {tr.steps}
+    train(
+        net,
+        Xd,
+        y.to(device, dtype),
+        lr=tr.lr,
+        steps=tr.steps,
+        label=f"width {width}, seed {seed}",
+        progress=progress,
+        step_cost=cost,
+        record_at=record_at,
+        record=record,
+        start=start,
+    )
+    run.save_checkpoint(name, {"step": tr.steps, "state": net.state_dict(), "rows": rows, "done": True})
+    return rows
+
+
+def decay_rate(t: np.ndarray, g: np.ndarray, floor: float) -> float:
+    """Least-squares rate r of g ~ exp(-r t) over the points with g above `floor`."""
+    keep = g > floor
+    if keep.sum() < 2:
+        return float("nan")
+    return float(-np.polyfit(t[keep], np.log(g[keep]), 1)[0])
+
+
+def metrics(traj: pd.DataFrame, spec: PCASpec, lam_k: float) -> pd.DataFrame:
+    rows = []
+    for width, g in traj.groupby("width", sort=True):
+        per_seed = g.groupby("seed")
+        max_h = per_seed["h_norm"].max() / spec.target_scale
+        rates = [
+            decay_rate(s["t"].to_numpy(), s["g_norm"].to_numpy(), 1e-3 * spec.target_scale)
+            for _, s in per_seed
+        ]
+        final = g[g["step"] == g["step"].max()]
+        rows.append(
+            {
+                "width": width,
+                "max_h_over_c": float(max_h.mean()),
+                "g_decay_rate": float(np.mean(rates)),
+                "lambda_k": lam_k,
+                "rate_over_lambda": float(np.mean(rates)) / lam_k,
+                "final_loss": float(final["loss"].mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def execute(spec: PCASpec, run: RunDir, progress: Progress) -> pd.DataFrame:
+    """Reference kernel, its principal components, and every (width, trial) unit; -> metrics."""
+    device = resolve_device(spec.device)
+    images, labels = load_idx_dataset(resolve_data_dir(spec.data.dir), spec.data.split)
+    X, y_labels = choose_points(images, labels, spec.data.n_points, spec.data.seed, spec.data.scaling)
+    K = reference_kernel(spec, X, device)
+    eig_table, lam, f = principal_components(spec, K)
+    LOG.info("lambda_1..3 = %s", lam.tolist())
+    components = pd.DataFrame(
+        {
+            "index": np.arange(len(X)),
+            "label": y_labels.numpy(),
+            "f1": f[:, 0].numpy(),
+            "f2": f[:, 1].numpy(),
+            "f3": f[:, 2].numpy(),
+        }
+    )
+    run.write_csv("eigenvalues.csv", eig_table)
+    run.write_csv("components.csv", components)
+
+    k = spec.component - 1
+    widths, seeds, tr = spec.network.width, range(spec.base_seed, spec.base_seed + spec.seeds), spec.training
+    n0, depth = X.shape[1], spec.network.depth
+    step_cost = {w: float(n0 * w + (depth - 2) * w * w + w) for w in widths}
+    progress.start(sum(step_cost[w] for w in widths) * tr.steps * len(seeds))
+    rows = []
+    for width in widths:
+        for seed in seeds:
+            rows += train_unit(spec, run, width, seed, X, f[:, k], device, progress, step_cost[width])
+    traj = pd.DataFrame(rows)
+    table = metrics(traj, spec, float(lam[k]))
+    run.write_csv("trajectories.csv", traj)
+    run.write_csv("metrics.csv", table)
+    pca_figure(components, traj, spec, float(lam[k]), run.path / "figure")
+    return table
