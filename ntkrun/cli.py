@@ -235,15 +235,19 @@ def data_download(
     data_dir: Annotated[
         Path | None, typer.Option(help="Target folder (default: $NTKRUN_DATA_DIR or ~/.cache/ntkrun).")
     ] = None,
+    split: Annotated[
+        list[str] | None, typer.Option(help="train and/or test (repeatable; default both).")
+    ] = None,
 ) -> None:
-    """Download the four MNIST files, verify their published MD5s, write them atomically."""
+    """Download the MNIST files, verify their published MD5s, write them atomically."""
     if dataset != "mnist":
         fail(f"unknown dataset {dataset!r} (known: mnist; Fashion-MNIST: Debian's dataset-fashion-mnist)")
+    splits = split or ["train", "test"]
+    if any(s not in ("train", "test") for s in splits):
+        fail(f"--split: expected train or test, got {', '.join(splits)}")
     folder = resolve_data_dir(data_dir)
     try:
-        download_mnist(
-            folder, mirror or MNIST_MIRRORS, log=lambda m: err.print(m, markup=False, highlight=False)
-        )
+        download_mnist(folder, mirror or MNIST_MIRRORS, splits, log=lambda m: err.print(m, markup=False))
     except (DataError, OSError) as e:
         fail(str(e), code=1)
     out.print(f"MNIST verified in {folder}", markup=False, highlight=False)

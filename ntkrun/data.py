@@ -162,15 +162,19 @@ def check_mnist(folder: Path) -> dict[str, str]:
 def download_mnist(
     folder: Path,
     mirrors: Sequence[str] = MNIST_MIRRORS,
+    splits: Sequence[str] = ("train", "test"),
     retries: int = 3,
     timeout: float = 30.0,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[Path]:
-    """Download the four MNIST files into folder, checking each published MD5. A file is written
-    under a temporary name and renamed only once verified; files already verified are kept."""
+    """Download the MNIST files of `splits` into folder, checking each published MD5. A file is
+    written under a temporary name and renamed only once verified; files already verified are kept."""
     folder.mkdir(parents=True, exist_ok=True)
     done = []
+    wanted = {f"{stem}.gz" for split in splits for stem in SPLIT_FILES[split]}
     for name, md5 in MNIST_FILES.items():
+        if name not in wanted:
+            continue
         target = folder / name
         if target.is_file() and md5sum(target) == md5:
             log(f"{name}: present, MD5 ok")

@@ -1,0 +1,199 @@
+"""IDX reading, MNIST resolution and the download path, against a local HTTP server."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import shutil
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+from ntkrun.data import (
+    MNIST_FILES,
+    DataError,
+    check_mnist,
+    choose_points,
+    download_mnist,
+    load_idx_dataset,
+    read_idx,
+    resolve_data_dir,
+)
+
+REAL_MNIST = os.environ.get("NTKRUN_TEST_MNIST")  # folder of the verified MNIST test split
+needs_mnist = pytest.mark.skipif(
+    not REAL_MNIST, reason="set NTKRUN_TEST_MNIST to a folder with MNIST (.ci/run does)"
+)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_split(folder: Path, n: int = 50, split: str = "t10k", gz: bool = True) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    for stem, arr in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+        data = idx_bytes(arr)
+        (folder / (stem + ".gz" if gz else stem)).write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_round_trip(tmp_path, gz):
+    write_split(tmp_path, gz=gz)
+    X, y = load_idx_dataset(tmp_path, "test")
+    assert X.shape == (50, 28, 28) and y.shape == (50,) and X.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x00\x00\x09\x01" + struct.pack(">I", 3) + b"abc", "bad magic number"),
+        (
+            b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"abc",
+            r"payload has 3 bytes, dimensions \(5,\) need 5",
+        ),
+        (b"\x00\x00\x08\x03" + b"\x00\x00", "truncated IDX header"),
+        (b"\x1f\x8bnot gzip at all", "corrupt gzip"),
+    ],
+)
+def test_read_idx_rejects_bad_files(tmp_path, payload, message):
+    path = tmp_path / "bad.idx"
+    path.write_bytes(payload)
+    with pytest.raises(DataError, match=message):
+        read_idx(path)
+
+
+def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_idx_dataset(tmp_path, "train")
+    assert str(tmp_path) in str(info.value) and "ntkrun data download mnist" in str(info.value)
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTKRUN_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("NTKRUN_DATA_DIR")
+    assert resolve_data_dir(None) == Path.home() / ".cache" / "ntkrun"
+
+
+def test_choose_points_is_seeded_and_scaled(tmp_path):
+    write_split(tmp_path)
+    images, labels = load_idx_dataset(tmp_path, "test")
+    X, _ = choose_points(images, labels, 20, seed=3)
+    X2, _ = choose_points(images, labels, 20, seed=3)
+    assert X.shape == (20, 784) and 0 <= X.min() and X.max() <= 1 and np.array_equal(X, X2)
+    Xs, _ = choose_points(images, labels, 20, seed=3, scaling="standardize")
+    assert abs(float(Xs.mean())) < 1e-12
+    with pytest.raises(DataError, match="holds only 50"):
+        choose_points(images, labels, 51, seed=0)
+
+
+@needs_mnist
+def test_real_mnist_test_split():
+    folder = Path(REAL_MNIST)
+    status = check_mnist(folder)
+    assert status["t10k-images-idx3-ubyte.gz"] == "ok" and status["t10k-labels-idx1-ubyte.gz"] == "ok"
+    X, y = load_idx_dataset(folder, "test")
+    assert X.shape == (10000, 28, 28) and set(np.unique(y)) == set(range(10))
+    assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the first test digits, as published
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1 serving one folder, with fault injection by name."""
+
+    def __init__(self, folder: Path, truncate: set[str] = frozenset()) -> None:
+        truncated = truncate
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                if name in truncated:
+                    data = (folder / name).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])  # then close: a broken transfer
+                    return
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@needs_mnist
+def test_download_from_a_local_mirror_verifies_md5(tmp_path):
+    with Server(Path(REAL_MNIST)) as server:
+        result = CliRunner().invoke(
+            app,
+            [
+                "data",
+                "download",
+                "mnist",
+                "--mirror",
+                server.url,
+                "--split",
+                "test",
+                "--data-dir",
+                str(tmp_path / "d"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    assert leftovers(tmp_path / "d") == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    check = CliRunner().invoke(app, ["data", "check", "--data-dir", str(tmp_path / "d")])
+    assert check.exit_code == 0 and "usable splits: test" in check.stdout
+
+
+@needs_mnist
+def test_corrupt_truncated_and_missing_files_leave_nothing_behind(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(REAL_MNIST, mirror)
+    labels = mirror / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(labels.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed: MD5 mismatch
+    labels.write_bytes(bytes(data))
+    with Server(mirror) as server:
+        with pytest.raises(DataError, match="MD5 mismatch"):
+            download_mnist(tmp_path / "a", [server.url], ["test"], retries=1)
+    assert leftovers(tmp_path / "a") == ["t10k-images-idx3-ubyte.gz"]  # the good file, only
+    with Server(Path(REAL_MNIST), truncate={"t10k-images-idx3-ubyte.gz"}) as server:
+        with pytest.raises(DataError, match="could not download t10k-images"):
+            download_mnist(tmp_path / "b", [server.url], ["test"], retries=2)
+    assert leftovers(tmp_path / "b") == []
+    with Server(Path(REAL_MNIST)) as server:  # the mirror has no train files: 404
+        with pytest.raises(DataError, match=r"404|Not Found"):
+            download_mnist(tmp_path / "c", [server.url], ["train"], retries=3)
+    assert leftovers(tmp_path / "c") == []
+
+
+def test_published_md5s_cover_the_four_files():
+    assert sorted(MNIST_FILES) == sorted(
+        f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))
+    )
