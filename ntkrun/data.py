@@ -165,6 +165,7 @@ def download_mnist(
     splits: Sequence[str] = ("train", "test"),
     retries: int = 3,
     timeout: float = 30.0,
+    backoff: float = 1.0,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[Path]:
     """Download the MNIST files of `splits` into folder, checking each published MD5. A file is
@@ -191,12 +192,15 @@ def download_mnist(
                 except DataError as err:  # corrupt download: the next mirror, not a retry
                     errors.append(str(err))
                     break
+                except urllib.error.HTTPError as err:
+                    errors.append(f"{url}: HTTP {err.code} {err.reason}")
+                    if err.code == 404:  # not on this mirror: retrying will not help
+                        break
+                    time.sleep(backoff * 2.0 ** (attempt - 1))
                 except (OSError, urllib.error.URLError) as err:
                     reason = getattr(err, "reason", None) or err
                     errors.append(f"{url}: {reason} (attempt {attempt}/{retries})")
-                    if isinstance(err, urllib.error.HTTPError) and err.code == 404:
-                        break
-                    time.sleep(min(2.0 ** (attempt - 1), 8.0) * 0.1)
+                    time.sleep(backoff * 2.0 ** (attempt - 1))
             if target.is_file():
                 break
         if not target.is_file():
