@@ -1,0 +1,115 @@
+"""`ntkrun pca`: end to end on synthetic IDX digits, resume after a real SIGKILL, real MNIST."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_data import REAL_MNIST, needs_mnist, write_split
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+
+OUTPUTS = ["eigenvalues.csv", "components.csv", "trajectories.csv", "metrics.csv"]
+
+
+def tiny(data: Path, root: Path, steps: int = 40) -> list[str]:
+    return ["pca", "--preset", "quick", "--data-dir", str(data), "--set", "data.split=test",
+            "--set", "data.n_points=32", "--width", "48", "--seeds", "1", "--steps", str(steps),
+            "--set", "training.record_every=4", "--set", "training.checkpoint_every=8",
+            "--quiet", "--output-root", str(root)]  # fmt: skip
+
+
+def runs(root: Path) -> list[Path]:
+    folder = root / "pca"
+    return sorted(p for p in folder.iterdir() if p.name != "latest") if folder.exists() else []
+
+
+@pytest.fixture
+def digits(tmp_path) -> Path:
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    write_split(folder, n=80)
+    return folder
+
+
+def test_tiny_run_outputs(digits, tmp_path):
+    result = CliRunner().invoke(app, tiny(digits, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    (run,) = runs(tmp_path / "out")
+    eig = pd.read_csv(run / "eigenvalues.csv")
+    assert (eig["rel_diff"] < 1e-8).all()  # power iteration agrees with the dense solver
+    assert eig["lambda_power"].is_monotonic_decreasing
+    comps = pd.read_csv(run / "components.csv")
+    assert list(comps.columns) == ["index", "label", "f1", "f2", "f3"] and len(comps) == 32
+    assert ((comps[["f1", "f2", "f3"]] ** 2).mean() - 1).abs().max() < 1e-10  # pin-normalized
+    traj = pd.read_csv(run / "trajectories.csv")
+    assert traj["step"].tolist() == list(range(0, 41, 4))
+    first = traj.iloc[0]
+    assert first["g_coef"] == pytest.approx(-0.5, abs=1e-6) and first["h_norm"] < 1e-6  # Delta_0 = -0.5 f(2)
+    assert (run / "figure.png").exists()
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, tiny(tmp_path / "nothing", tmp_path / "out"))
+    assert result.exit_code == 1 and "ntkrun data download mnist" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_killed_run_resumes_to_the_same_csvs(digits, tmp_path):
+    """SIGKILL a real run after its first checkpoint, `ntkrun resume` it, and compare every CSV
+    with an uninterrupted run of the same spec."""
+    args = tiny(digits, tmp_path / "killed", steps=400)
+    proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    checkpoint = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed" / "pca").glob(".*.partial/units/w48_s0.pt"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.05)
+    assert checkpoint is not None, f"no checkpoint appeared: {proc.stderr.read() if proc.stderr else ''}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (partial,) = runs(tmp_path / "killed")
+    assert partial.name.endswith(".partial") and not (partial / "meta.json").exists()
+    assert not (tmp_path / "killed" / "pca" / "latest").exists()
+
+    result = CliRunner().invoke(app, ["resume", str(partial), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (resumed,) = runs(tmp_path / "killed")
+    assert not resumed.name.startswith(".") and (resumed / "meta.json").exists()
+    assert "resuming at step" in (resumed / "run.log").read_text()
+
+    assert CliRunner().invoke(app, tiny(digits, tmp_path / "whole", steps=400)).exit_code == 0
+    (whole,) = runs(tmp_path / "whole")
+    for name in OUTPUTS:
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_resume_refuses_a_complete_run(digits, tmp_path):
+    assert CliRunner().invoke(app, tiny(digits, tmp_path)).exit_code == 0
+    (run,) = runs(tmp_path)
+    result = CliRunner().invoke(app, ["resume", str(run)])
+    assert result.exit_code == 2 and "run is complete" in result.stderr
+
+
+@needs_mnist
+def test_quick_preset_on_real_mnist(tmp_path):
+    args = ["pca", "--preset", "quick", "--data-dir", REAL_MNIST, "--set", "data.split=test", "--steps", "20",
+            "--quiet", "--output-root", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run,) = runs(tmp_path)
+    comps = pd.read_csv(run / "components.csv")
+    assert len(comps) == 128 and set(comps["label"]) <= set(range(10))
+    eig = pd.read_csv(run / "eigenvalues.csv")
+    assert (eig["rel_diff"] < 1e-8).all() and eig["lambda_power"].iloc[0] > 10 * eig["lambda_power"].iloc[1]
