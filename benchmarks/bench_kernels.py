@@ -23,7 +23,7 @@ import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engine import best_time, gd_flops, gram_flops, torch_func_ntk
+from bench_engine import best_time, gd_flops, gemm_rate, gram_flops, torch_func_ntk
 
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.network import MLP, gd_step
