@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import time
 from collections.abc import Callable
 
 import pandas as pd
 import torch
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from ntkrun.kernels import empirical_ntk
 from ntkrun.network import MLP, gd_step
@@ -65,14 +66,24 @@ def gram_flops(sizes: list[int], n: int) -> float:
     return 2 * matmul_flops(sizes, n) - first + grams
 
 
+def per_sample_function(net: MLP) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """f(params, x) for one input x (n0,), written out from SPEC §1 independently of ntkrun's
+    layout-tuned forward pass, for the torch.func references."""
+
+    def f(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        a = x
+        for l in range(net.depth):
+            z = params[f"weights.{l}"] @ a / math.sqrt(net.sizes[l]) + net.beta * params[f"biases.{l}"]
+            a = net.nonlinearity.sigma(z)
+        return z[0]
+
+    return f
+
+
 def torch_func_ntk(net: MLP, X: torch.Tensor) -> torch.Tensor:
     """Reference: contract per-sample Jacobians of every parameter (PyTorch NTK tutorial, method 1)."""
     params = {k: v.detach() for k, v in net.named_parameters()}
-
-    def f(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(net, p, (x[None],))[0]
-
-    jac = vmap(jacrev(f), (None, 0))(params, X)
+    jac = vmap(jacrev(per_sample_function(net)), (None, 0))(params, X)
     return sum(j.reshape(X.shape[0], -1) @ j.reshape(X.shape[0], -1).T for j in jac.values())
 
 

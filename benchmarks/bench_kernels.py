@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engine import best_time, gd_flops, gemm_rate, gram_flops, torch_func_ntk
+from bench_engine import best_time, gd_flops, gemm_rate, gram_flops, per_sample_function, torch_func_ntk
 
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.network import MLP, gd_step
@@ -32,16 +32,14 @@ from ntkrun.network import MLP, gd_step
 def torch_func_ntk_vps(net: MLP, X: torch.Tensor) -> torch.Tensor:
     """Reference: NTK-vector products, vmapped over all pairs (PyTorch NTK tutorial, method 2)."""
     params = {k: v.detach() for k, v in net.named_parameters()}
-
-    def f(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(net, p, (x[None],))
+    f = per_sample_function(net)
 
     def pair(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         out, vjp_fn = vjp(lambda p: f(p, x1), params)
         (cotangent,) = vjp_fn(torch.ones_like(out))
         return jvp(lambda p: f(p, x2), (params,), (cotangent,))[1]
 
-    return vmap(vmap(pair, (None, 0)), (0, None))(X, X).reshape(X.shape[0], X.shape[0])
+    return vmap(vmap(pair, (None, 0)), (0, None))(X, X)
 
 
 def numpy_theta(X: np.ndarray, depth: int, beta: float) -> np.ndarray:

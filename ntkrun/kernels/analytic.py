@@ -33,10 +33,11 @@ def relu_expectations(
     """
     s = torch.sqrt(sxx * syy)
     positive = s > 0
-    rho = torch.where(positive, sxy / torch.where(positive, s, 1.0), 1.0).clamp(-1.0, 1.0)
-    th = torch.arccos(rho)
-    e_ss = s * (torch.sin(th) + (math.pi - th) * torch.cos(th)) / (2 * math.pi)
-    e_dd = torch.where(positive, (math.pi - th) / (2 * math.pi), 0.0)
+    rho = torch.where(positive, sxy / torch.where(positive, s, 1.0), 1.0).clamp_(-1.0, 1.0)
+    pi_minus_th = math.pi - torch.arccos(rho)
+    # sin th = sqrt(1 - rho^2), cos th = rho
+    e_ss = s * (torch.sqrt(1 - rho * rho) + pi_minus_th * rho) / (2 * math.pi)
+    e_dd = torch.where(positive, pi_minus_th / (2 * math.pi), 0.0)
     return e_ss, e_dd
 
 
