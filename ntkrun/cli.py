@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
 from ntkrun.runners import DivergenceError, get_runner, resolve_device
-from ntkrun.runs import is_complete, latest_run, open_run
+from ntkrun.runs import RunDir, is_complete, latest_run, open_run
 from ntkrun.spec import EXPERIMENTS, SpecError, list_presets, load_spec, preset_description, read_yaml
 
 app = typer.Typer(
@@ -97,6 +97,7 @@ def run_experiment(
     root = output_root if output_root is not None else Path(spec.output)
     runner = get_runner(experiment)
     progress = RichProgress(enabled=not quiet)
+    run = None
     try:
         with progress.bar, open_run(root, spec, resume) as run:
             metrics = runner(spec, run, progress)
@@ -104,12 +105,16 @@ def run_experiment(
     except OSError as e:
         fail(f"cannot write the run directory under {root}: {e.strerror or e}")
     except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
-        fail(f"{e} (partial files kept in {run.path})", code=1)
+        fail(f"{e}{kept(run)}", code=1)
     except KeyboardInterrupt:
-        fail(f"interrupted; partial files kept in {run.path}", code=130)
+        fail(f"interrupted{kept(run)}", code=130)
     if not quiet:
         out.print(frame_table(metrics, f"{experiment} results"))
     out.print(f"run directory: {final}", markup=False, highlight=False, soft_wrap=True)
+
+
+def kept(run: RunDir | None) -> str:
+    return f"; partial files kept in {run.path}" if run is not None else ""
 
 
 def shortcuts(width: list[int] | None, seeds: int | None, steps: int | None) -> dict[tuple[str, ...], Any]:
@@ -133,6 +138,9 @@ SetOpt = Annotated[
 ]
 RootOpt = Annotated[Path | None, typer.Option("--output-root", "-o", help="Root of run directories.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+WidthOpt = Annotated[list[int] | None, typer.Option(help="Hidden width, repeatable (network.width).")]
+SeedsOpt = Annotated[int | None, typer.Option(help="Number of seeds (trials per width for pca).")]
+StepsOpt = Annotated[int | None, typer.Option(help="GD steps (training.steps).")]
 
 
 @app.command()
@@ -140,9 +148,9 @@ def convergence(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
-    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    width: WidthOpt = None,
+    seeds: SeedsOpt = None,
+    steps: StepsOpt = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -156,9 +164,9 @@ def regression(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
-    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    width: WidthOpt = None,
+    seeds: SeedsOpt = None,
+    steps: StepsOpt = None,
     kernel: Annotated[str | None, typer.Option(help="Limit kernel: analytic or empirical.")] = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
@@ -175,11 +183,9 @@ def scaling(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    width: Annotated[
-        list[int] | None, typer.Option(help="Width of the grid (repeatable): network.width.")
-    ] = None,
-    seeds: Annotated[int | None, typer.Option(help="Number of seeds.")] = None,
-    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    width: WidthOpt = None,
+    seeds: SeedsOpt = None,
+    steps: StepsOpt = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -192,9 +198,9 @@ def pca(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    width: Annotated[list[int] | None, typer.Option(help="Hidden width (repeatable): network.width.")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Trials per width.")] = None,
-    steps: Annotated[int | None, typer.Option(help="GD steps: training.steps.")] = None,
+    width: WidthOpt = None,
+    seeds: SeedsOpt = None,
+    steps: StepsOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="Folder of the MNIST IDX files: data.dir.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this interrupted run directory.")] = None,
     output_root: RootOpt = None,
