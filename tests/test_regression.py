@@ -62,8 +62,8 @@ def test_band_collapses_onto_the_targets_at_the_training_points():
 def test_wide_networks_fall_inside_the_band_at_the_expected_rate(tmp_path):
     """16 networks of width 2048 (one hidden layer, depth 2) trained for 400 steps: the fraction
     of their values on the circle inside the 10-90% band of the limit must be near 0.8. Each
-    curve's fraction has variance <= 0.16 (Bernoulli bound, for fully correlated points), so the mean over 16 curves
-    has SD <= 0.1: we accept 0.8 +- 2.5 SD, clipped to [0.55, 1]."""
+    curve's fraction has variance <= 0.16 (Bernoulli bound, for fully correlated points), so
+    the mean over 16 curves has SD <= 0.1: we accept 0.8 +- 2.5 SD, clipped to [0.55, 1]."""
     args = ["regression", "--width", "2048", "--seeds", "16", "--steps", "400", "--set", "network.depth=2",
             "--set", "grid.n_angles=64", "--quiet"]  # fmt: skip
     result, (run_dir,) = run(args, tmp_path)
