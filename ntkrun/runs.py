@@ -51,6 +51,16 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+def _workdir(parent: Path, name: str) -> Path:
+    """A fresh hidden working directory .<name>.<random>.partial with the usual umask permissions
+    (mkdtemp's 0700 would hide finished runs from collaborators on a shared filesystem)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
+
+
 class RunDir:
     """One run's directory. Files go into `path`; `finalize` or `fail` ends it."""
 
@@ -61,7 +71,7 @@ class RunDir:
         stamp = datetime.fromtimestamp(self.start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.name = f"{stamp}_{spec_hash(spec)}"
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.parent))
+        self.path = _workdir(self.parent, self.name)
         self.meta: dict[str, Any] = {}
         self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
 
@@ -77,7 +87,7 @@ class RunDir:
         if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
             name = name[1:].split(".")[0]
         run.name = name
-        run.path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=run.parent))
+        run.path = _workdir(run.parent, name)
         os.replace(path, run.path)  # onto the fresh empty directory: atomic on POSIX
         (run.path / "ERROR").unlink(missing_ok=True)
         run.meta = {"resumed": True}
