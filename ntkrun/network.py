@@ -141,9 +141,8 @@ def gd_step(net: MLP, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tens
     buffer is allocated.
     """
     cache = net.forward_cache(X)
-    residual = cache.f - y
-    cost = 0.5 * torch.mean(residual**2)
-    g = net.deltas(cache, residual / X.shape[0])
+    cost = mse_cost(cache.f, y)
+    g = net.deltas(cache, (cache.f - y) / X.shape[0])
     for l, (W, b) in enumerate(zip(net.weights, net.biases, strict=True)):
         W.addmm_(g[l].t(), cache.acts[l], alpha=-lr / math.sqrt(net.sizes[l]))
         b.sub_(g[l].sum(0), alpha=lr * net.beta)
