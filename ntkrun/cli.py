@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
-from ntkrun.runners import DivergenceError, get_runner, resolve_device
+from ntkrun.runners import DivergenceError, get_runner, preflight, resolve_device
 from ntkrun.runs import RunDir, is_complete, latest_run, open_run
 from ntkrun.spec import EXPERIMENTS, SpecError, list_presets, load_spec, preset_description, read_yaml
 
@@ -90,6 +90,7 @@ def run_experiment(
             config, preset, sets, overrides = resume / "spec.yaml", None, [], {}
         spec = load_spec(experiment, preset=preset, config=config, sets=sets or [], overrides=overrides)
         device = resolve_device(spec.device)
+        preflight(experiment, spec)
     except (SpecError, ValueError) as e:
         fail(str(e))
     if resume is not None:

@@ -107,8 +107,8 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (M, rows, cols) uint8, labels (M,) uint8) of one split of an IDX dataset folder."""
+def split_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """The (images, labels) files of a split in folder; DataError saying how to get them if absent."""
     img_stem, lbl_stem = SPLIT_FILES[split]
     images, labels = _find(folder, img_stem), _find(folder, lbl_stem)
     if images is None or labels is None:
@@ -117,6 +117,12 @@ def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{missing}(.gz) not found in {folder} (looked in --data-dir / spec data.dir, ${DATA_ENV}, "
             f"~/.cache/ntkrun); get MNIST with: ntkrun data download mnist --data-dir {folder}"
         )
+    return images, labels
+
+
+def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (M, rows, cols) uint8, labels (M,) uint8) of one split of an IDX dataset folder."""
+    images, labels = split_files(folder, split)
     X, y = read_idx(images), read_idx(labels)
     if X.ndim != 3 or y.ndim != 1 or X.shape[0] != y.shape[0]:
         raise DataError(

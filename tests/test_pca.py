@@ -58,8 +58,8 @@ def test_tiny_run_outputs(digits, tmp_path):
 
 def test_missing_data_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, tiny(tmp_path / "nothing", tmp_path / "out"))
-    assert result.exit_code == 1 and "ntkrun data download mnist" in result.stderr
-    assert "Traceback" not in result.output
+    assert result.exit_code == 2 and "ntkrun data download mnist" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()  # checked before the run
 
 
 def test_killed_run_resumes_to_the_same_csvs(digits, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Collection
 from typing import Protocol
@@ -87,24 +88,19 @@ def train(
 
 
 Runner = Callable[[RunSpec, RunDir, Progress], pd.DataFrame]
+EXPERIMENT_MODULES = {
+    name: f"ntkrun.runners.{name}" for name in ("convergence", "regression", "scaling", "pca")
+}
 
 
 def get_runner(experiment: str) -> Runner:
-    """The `execute(spec, run, progress) -> metrics` function of an experiment."""
-    if experiment == "convergence":
-        from ntkrun.runners.convergence import execute
+    """The `execute(spec, run, progress) -> results table` function of an experiment."""
+    return importlib.import_module(EXPERIMENT_MODULES[experiment]).execute
 
-        return execute  # type: ignore[return-value]
-    if experiment == "regression":
-        from ntkrun.runners.regression import execute
 
-        return execute  # type: ignore[return-value]
-    if experiment == "pca":
-        from ntkrun.runners.pca import execute
-
-        return execute  # type: ignore[return-value]
-    if experiment == "scaling":
-        from ntkrun.runners.scaling import execute
-
-        return execute  # type: ignore[return-value]
-    raise ValueError(f"no runner for experiment {experiment!r}")
+def preflight(experiment: str, spec: RunSpec) -> None:
+    """An experiment's checks that need more than the spec (e.g. data files), run before any
+    run directory exists. Raises ValueError."""
+    check = getattr(importlib.import_module(EXPERIMENT_MODULES[experiment]), "check", None)
+    if check is not None:
+        check(spec)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ntkrun import dynamics
-from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir
+from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir, split_files
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.network import MLP
 from ntkrun.plots import pca_figure
@@ -27,6 +27,11 @@ from ntkrun.runs import RunDir
 from ntkrun.spec import PCASpec
 
 LOG = logging.getLogger("ntkrun")
+
+
+def check(spec: PCASpec) -> None:
+    """Before a run directory is made: the data files must be there (DataError otherwise)."""
+    split_files(resolve_data_dir(spec.data.dir), spec.data.split)
 
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
