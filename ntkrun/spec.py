@@ -31,6 +31,8 @@ def _as_list(value: Any) -> Any:
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Widths = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_as_list)]
 NonlinearityName = Literal[tuple(NONLINEARITIES)]  # type: ignore[valid-type]
 
@@ -43,10 +45,7 @@ class NetworkSpec(Model):
     depth: PositiveInt = 4
     width: Widths = [500, 10000]  # one network per width
     nonlinearity: NonlinearityName = "relu"
-    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
-
-
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    beta: NonNegativeFloat = 0.1
 
 
 class TrainingSpec(Model):
@@ -156,7 +155,7 @@ class ScalingNetworkSpec(Model):
         2**k for k in range(6, 14)
     ]  # a log grid: the slope needs at least two widths
     nonlinearity: NonlinearityName = "relu"
-    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+    beta: NonNegativeFloat = 0.1
 
 
 class ScalingDataSpec(Model):
