@@ -149,7 +149,7 @@ def test_show_and_presets(tmp_path, monkeypatch):
     (run,) = run_dirs(tmp_path / "outputs")
     assert CliRunner().invoke(app, ["show", str(run)]).exit_code == 0
     presets = CliRunner().invoke(app, ["presets"])
-    assert "convergence  paper" in presets.stdout and "convergence  quick" in presets.stdout
+    assert "convergence  paper " in presets.stdout and "convergence  quick " in presets.stdout
 
 
 def test_module_entry_point_runs():
