@@ -286,7 +286,9 @@ def presets() -> None:
     """List the presets of every experiment, one line each."""
     for experiment, found in list_presets().items():
         for name, path in found.items():
-            out.print(f"{experiment:<12} {name:<12} {preset_description(path)}", markup=False, highlight=False)
+            out.print(
+                f"{experiment:<12} {name:<12} {preset_description(path)}", markup=False, highlight=False
+            )
 
 
 @app.command()
