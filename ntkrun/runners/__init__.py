@@ -87,6 +87,17 @@ def train(
     return losses
 
 
+def build_net(
+    spec: RunSpec, n0: int, width: int, seed: int, device: torch.device, depth: int | None = None
+) -> MLP:
+    """The experiment's network of one width and seed: depth (default spec.network.depth),
+    nonlinearity and beta from spec.network, dtype from spec.dtype."""
+    net = spec.network  # type: ignore[attr-defined]
+    depth = net.depth if depth is None else depth
+    dtype = resolve_dtype(spec.dtype)
+    return MLP(n0, width, depth, net.nonlinearity, net.beta, seed=seed, dtype=dtype, device=device)
+
+
 Runner = Callable[[RunSpec, RunDir, Progress], pd.DataFrame]
 EXPERIMENT_MODULES = {
     name: f"ntkrun.runners.{name}" for name in ("convergence", "regression", "scaling", "pca")

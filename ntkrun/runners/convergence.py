@@ -14,9 +14,8 @@ import torch
 
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import MLP
 from ntkrun.plots import convergence_figure
-from ntkrun.runners import DivergenceError, Progress, resolve_device, resolve_dtype, train
+from ntkrun.runners import DivergenceError, Progress, build_net, resolve_device, resolve_dtype, train
 from ntkrun.runs import RunDir
 from ntkrun.spec import ConvergenceSpec
 
@@ -28,14 +27,12 @@ def train_unit(
 ) -> tuple[list[dict], list[dict]]:
     """Train one network, recording Theta(x0, .) on the grid; -> (kernel rows, loss rows)."""
     dtype = resolve_dtype(spec.dtype)
-    net_spec, tr = spec.network, spec.training
+    tr = spec.training
     X = gaussian_inputs(tr.n_train, 2, seed)
     X, y = X.to(device, dtype), product_target(X).to(device, dtype)
     gammas = grid_angles(spec.grid.n_angles)
     Xg, x0 = circle(gammas).to(device, dtype), circle([spec.grid.x0_angle]).to(device, dtype)
-    net = MLP(
-        2, width, net_spec.depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device
-    )
+    net = build_net(spec, 2, width, seed, device)
     label = f"width {width}, seed {seed}"
     kernel_rows: list[dict] = []
 

@@ -20,9 +20,8 @@ import torch
 from ntkrun import dynamics
 from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir, split_files
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import MLP
 from ntkrun.plots import pca_figure
-from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
 from ntkrun.runs import RunDir
 from ntkrun.spec import PCASpec
 
@@ -39,16 +38,7 @@ def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> to
     net = spec.network
     if spec.kernel == "analytic":
         return analytic_kernels(X, depth=net.depth, nonlinearity=net.nonlinearity, beta=net.beta)[1]
-    wide = MLP(
-        X.shape[1],
-        spec.kernel_width,
-        net.depth,
-        net.nonlinearity,
-        net.beta,
-        seed=spec.kernel_seed,
-        dtype=resolve_dtype(spec.dtype),
-        device=device,
-    )
+    wide = build_net(spec, X.shape[1], spec.kernel_width, spec.kernel_seed, device)
     K = empirical_ntk(wide, X.to(device)).double().cpu()
     return (K + K.T) / 2
 
@@ -87,19 +77,10 @@ def train_unit(
     cost: float,
 ) -> list[dict]:
     """Train one network (continuing from its checkpoint if any); -> trajectory rows."""
-    tr, net_spec = spec.training, spec.network
+    tr = spec.training
     name = f"w{width}_s{seed}"
     dtype = resolve_dtype(spec.dtype)
-    net = MLP(
-        X.shape[1],
-        width,
-        net_spec.depth,
-        net_spec.nonlinearity,
-        net_spec.beta,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-    )
+    net = build_net(spec, X.shape[1], width, seed, device)
     Xd = X.to(device, dtype)
     with torch.no_grad():
         f0 = net(Xd).double().cpu()

@@ -18,9 +18,8 @@ import torch
 from ntkrun import dynamics
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
-from ntkrun.network import MLP
 from ntkrun.plots import regression_figure
-from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
 from ntkrun.runs import RunDir
 from ntkrun.spec import RegressionSpec
 
@@ -54,16 +53,7 @@ def limit_kernels(
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             return analytic_kernels(A, B, net.depth, net.nonlinearity, net.beta)
     else:
-        wide = MLP(
-            2,
-            spec.kernel_width,
-            net.depth,
-            net.nonlinearity,
-            net.beta,
-            seed=spec.kernel_seed,
-            dtype=resolve_dtype(spec.dtype),
-            device=device,
-        )
+        wide = build_net(spec, 2, spec.kernel_width, spec.kernel_seed, device)
 
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             A, B = A.to(device), None if B is None else B.to(device)
@@ -147,19 +137,9 @@ def execute(spec: RegressionSpec, run: RunDir, progress: Progress) -> pd.DataFra
     progress.start(sum(step_cost[w] for w in widths) * spec.training.steps * len(seeds))
     Xd, yd, Xgd = X.to(device, dtype), y.to(device, dtype), Xg.to(device, dtype)
     function_rows, loss_rows = [], []
-    net_spec = spec.network
     for width in widths:
         for seed in seeds:
-            net = MLP(
-                2,
-                width,
-                net_spec.depth,
-                net_spec.nonlinearity,
-                net_spec.beta,
-                seed=seed,
-                dtype=dtype,
-                device=device,
-            )
+            net = build_net(spec, 2, width, seed, device)
             label = f"width {width}, seed {seed}"
             losses = train(
                 net,

@@ -20,9 +20,8 @@ from ntkrun import dynamics
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import MLP
 from ntkrun.plots import scaling_figure
-from ntkrun.runners import Progress, resolve_device, resolve_dtype, train
+from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
 from ntkrun.runs import RunDir
 from ntkrun.spec import ScalingSpec
 
@@ -53,13 +52,11 @@ def unit(
     progress: Progress,
 ) -> dict:
     dtype = resolve_dtype(spec.dtype)
-    net_spec, tr = spec.network, spec.training
+    tr = spec.training
     Z = fixed_inputs(spec).to(device, dtype)
     X = gaussian_inputs(tr.n_train, Z.shape[1], seed)
     y = product_target(X)
-    net = MLP(
-        Z.shape[1], width, depth, net_spec.nonlinearity, net_spec.beta, seed=seed, dtype=dtype, device=device
-    )
+    net = build_net(spec, Z.shape[1], width, seed, device, depth=depth)
     theta_0 = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
         f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
