@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -14,10 +15,20 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ntkrun import executors, runners
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
-from ntkrun.runners import DivergenceError, get_runner, preflight, resolve_device
-from ntkrun.runs import RunDir, is_complete, latest_run, open_run
-from ntkrun.spec import EXPERIMENTS, SpecError, list_presets, load_spec, preset_description, read_yaml
+from ntkrun.runners import DivergenceError, Unit, preflight, resolve_device
+from ntkrun.runs import RunDir, UnitSpecMismatchError, is_complete, latest_run, open_run
+from ntkrun.spec import (
+    EXPERIMENTS,
+    RunSpec,
+    SpecError,
+    list_presets,
+    load_run_spec,
+    load_spec,
+    preset_description,
+    read_yaml,
+)
 
 app = typer.Typer(
     help="Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018).",
@@ -70,48 +81,235 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
+@dataclass
+class RunOptions:
+    """The options every experiment command has, beyond its spec shortcuts."""
+
+    preset: str | None = None
+    config: Path | None = None
+    set_: list[str] | None = None
+    output_root: Path | None = None
+    quiet: bool = False
+    executor: str | None = None
+    jobs: int | None = None
+    unit: list[str] | None = None
+    run_dir: Path | None = None
+    wait: bool = False
+    list_units: bool = False
+    slurm_partition: str | None = None
+    slurm_gpus: int | None = None
+    slurm_time: int | None = None
+    slurm_array_parallelism: int | None = None
+
+    @classmethod
+    def take(cls, values: dict[str, Any]) -> RunOptions:
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def overrides(self) -> dict[tuple[str, ...], Any]:
+        """Spec overrides from the executor flags."""
+        found: dict[tuple[str, ...], Any] = {}
+        for path, value in (
+            (("executor", "kind"), self.executor),
+            (("executor", "jobs"), self.jobs),
+            (("executor", "slurm", "partition"), self.slurm_partition),
+            (("executor", "slurm", "gpus"), self.slurm_gpus),
+            (("executor", "slurm", "time"), self.slurm_time),
+            (("executor", "slurm", "array_parallelism"), self.slurm_array_parallelism),
+        ):
+            if value is not None:
+                found[path] = value
+        return found
+
+
 def run_experiment(
     experiment: str,
-    preset: str | None,
-    config: Path | None,
-    sets: list[str] | None,
+    opts: RunOptions,
     overrides: dict[tuple[str, ...], Any],
-    output_root: Path | None,
-    quiet: bool,
     resume: Path | None = None,
 ) -> None:
-    """Validate everything, then run in a fresh run directory (or `resume` one) and print the metrics."""
+    """Validate everything, then run the experiment's units (here, in a pool, or on SLURM) in a
+    fresh run directory, in --run-dir, or in `resume`; aggregate and print the metrics."""
+    overrides = {**overrides, **opts.overrides()}
     try:
         if resume is not None:
-            if not (resume / "spec.yaml").is_file():
-                raise SpecError(f"{resume}: not a run directory (no spec.yaml)")
             if is_complete(resume):
                 raise SpecError(f"{resume}: run is complete, nothing to resume")
-            config, preset, sets, overrides = resume / "spec.yaml", None, [], {}
-        spec = load_spec(experiment, preset=preset, config=config, sets=sets or [], overrides=overrides)
+            if not (resume / "spec.yaml").is_file():
+                raise SpecError(f"{resume}: not a run directory (no spec.yaml)")
+            spec = load_spec(
+                experiment, config=resume / "spec.yaml", sets=opts.set_ or [], overrides=overrides
+            )
+        else:
+            spec = load_spec(
+                experiment, preset=opts.preset, config=opts.config, sets=opts.set_ or [], overrides=overrides
+            )
         device = resolve_device(spec.device)
+        chosen = [runners.find_unit(spec, key) for key in opts.unit or []]
+        if opts.list_units:
+            list_units(spec)
+            return
+        if chosen and opts.run_dir is None:
+            raise SpecError("--unit: needs --run-dir, the directory every unit of the run writes into")
+        if spec.executor.kind == "slurm" and not chosen and not executors.slurm_available():
+            raise SpecError("executor slurm: sbatch and squeue are not on PATH (is this a SLURM login node?)")
         preflight(experiment, spec)
     except (SpecError, ValueError) as e:
         fail(str(e))
-    if resume is not None:
-        output_root = resume.parent.parent
-    root = output_root if output_root is not None else Path(spec.output)
-    runner = get_runner(experiment)
-    progress = RichProgress(enabled=not quiet)
+    root = output_root_of(spec, opts, resume)
+    progress = RichProgress(enabled=not opts.quiet)
+    if chosen:
+        return run_units_here(spec, opts.run_dir, chosen, progress, opts.quiet)  # type: ignore[arg-type]
+    if spec.executor.kind == "slurm":
+        return run_slurm(spec, root, opts, progress, resume)
     run = None
     try:
-        with progress.bar, open_run(root, spec, resume) as run:
-            metrics = runner(spec, run, progress)
-            final = run.finalize(str(device))
+        with progress.bar, open_run(root, spec, resume, at=opts.run_dir) as run:
+            run.meta["executor"] = spec.executor.kind
+            todo = [u for u in runners.units(spec) if run.load_unit(u.name) is None]
+            if spec.executor.kind == "local":
+                executors.run_pool(spec, run, progress, todo, spec.executor.jobs)
+            else:
+                runners.run_inline(spec, run, progress, todo)
+            metrics = executors.finish(spec, run, str(device))
+    except UnitSpecMismatchError as e:
+        fail(str(e))
     except OSError as e:
-        fail(f"cannot write the run directory under {root}: {e.strerror or e}")
+        # an unusable output root is bad input (2); a write failing mid-run (disk full) is not (1)
+        fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", 2 if run is None else 1)
     except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
         fail(f"{e}{kept(run)}", code=1)
     except KeyboardInterrupt:
         fail(f"interrupted{kept(run)}", code=130)
+    report(experiment, metrics, run.path, opts.quiet)
+
+
+def output_root_of(spec: RunSpec, opts: RunOptions, resume: Path | None) -> Path:
+    if resume is not None:
+        return resume.parent.parent
+    return opts.output_root if opts.output_root is not None else Path(spec.output)
+
+
+def report(experiment: str, metrics: pd.DataFrame, path: Path, quiet: bool) -> None:
     if not quiet:
         out.print(frame_table(metrics, f"{experiment} results"))
-    out.print(f"run directory: {final}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"run directory: {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def list_units(spec: RunSpec) -> None:
+    """Index, name and relative cost of every unit (for an sbatch --array range)."""
+    found = runners.units(spec)
+    out.print(f"{len(found)} units (sbatch --array=0-{len(found) - 1}):", markup=False, highlight=False)
+    for index, unit in enumerate(found):
+        stage = " (stage 0: before the others)" if unit.stage == 0 else ""
+        out.print(f"{index:>5}  {unit.name:<24} cost {unit.cost:.3g}{stage}", markup=False, highlight=False)
+
+
+def run_units_here(
+    spec: RunSpec, run_dir: Path, chosen: list[Unit], progress: RichProgress, quiet: bool
+) -> None:
+    """`--unit K --run-dir DIR`: compute those units of the sharded run in DIR, in this process;
+    aggregate if that completes the run."""
+    try:
+        run = RunDir.at(run_dir, spec)
+        with progress.bar:
+            runners.run_inline(spec, run, progress, chosen)
+        aggregated = executors.maybe_finish(spec, run)
+    except UnitSpecMismatchError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir}: {e.strerror or e}", code=1)
+    except (DivergenceError, ValueError) as e:
+        fail(f"{e} (unit results so far are kept in {run_dir})", code=1)
+    except KeyboardInterrupt:
+        fail(f"interrupted (finished units and checkpoints are kept in {run_dir})", code=130)
+    done = runners.done_units(spec, run)
+    total = len(runners.units(spec))
+    names = ", ".join(u.name for u in chosen)
+    state = (
+        "run aggregated: complete"
+        if aggregated or is_complete(run.path)
+        else f"{len(done)}/{total} units done"
+    )
+    out.print(f"unit(s) {names} done in {run_dir}; {state}", markup=False, highlight=False, soft_wrap=True)
+
+
+def run_slurm(
+    spec: RunSpec, root: Path, opts: RunOptions, progress: RichProgress, resume: Path | None
+) -> None:
+    """Submit the units that are neither done nor queued as SLURM arrays; print the job ids; with
+    --wait, block until they end and aggregate."""
+    try:
+        if resume is not None:
+            run = RunDir.reopen(resume, spec)
+        elif opts.run_dir is not None:
+            run = RunDir.at(opts.run_dir, spec)
+        else:
+            run = RunDir(root, spec, visible=True)
+        jobs = executors.recorded_jobs(run)
+        queued = executors.queue_states(jobs.values())
+        todo = [
+            u for u in runners.units(spec)
+            if run.load_unit(u.name) is None and jobs.get(u.name) not in queued
+        ]  # fmt: skip
+        submitted = executors.submit_slurm(spec, run, todo) if todo else []
+    except UnitSpecMismatchError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write the run directory under {root}: {e.strerror or e}", code=1)
+    except Exception as e:  # submitit raises its own errors for a refused sbatch
+        lines = str(e).strip().splitlines()
+        fail(f"SLURM submission failed: {lines[-1] if lines else type(e).__name__}", code=1)
+    arrays = sorted({job.split("_")[0] for _, job in submitted})
+    ids = ", ".join(arrays) or "(none: every unit is done or queued)"
+    out.print(
+        f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}",
+        markup=False,
+        highlight=False,
+    )
+    out.print(f"run directory: {run.path}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"follow with: ntkrun status {run.path}", markup=False, highlight=False, soft_wrap=True)
+    if not opts.wait:
+        return
+    try:
+        with progress.bar:
+            executors.wait_slurm(spec, run, [job for _, job in submitted] + list(queued), progress)
+    except KeyboardInterrupt:
+        fail(f"stopped waiting; the jobs go on (ntkrun status {run.path})", code=130)
+    finish_sharded(spec, run, opts.quiet)
+
+
+def finish_sharded(spec: RunSpec, run: RunDir, quiet: bool) -> None:
+    """Aggregate a sharded run whose units are all done (unless a job already did)."""
+    if not is_complete(run.path):
+        try:
+            metrics = executors.finish(spec, run, str(resolve_device(spec.device)))
+        except runners.IncompleteRunError as e:
+            if not run.fixed:
+                run.fail(str(e))
+            print_status(spec, run)
+            fail(f"{run.path}: {e}; compute them with: ntkrun resume {run.path}", code=1)
+        except (DivergenceError, ValueError, OSError) as e:
+            if not run.fixed:
+                run.fail(str(e))
+            fail(f"{run.path}: aggregation failed: {e}", code=1)
+        (run.path / executors.AGGREGATE_LOCK).unlink(missing_ok=True)
+    else:
+        metrics = pd.read_csv(run.path / summary_table(run.path))
+    report(spec.experiment, metrics, run.path, quiet)
+
+
+def summary_table(path: Path) -> str:
+    return next((name for name in SUMMARY_TABLES if (path / name).is_file()), "metrics.csv")
+
+
+def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
+    table = executors.unit_status(spec, run)
+    out.print(frame_table(table, f"units of {run.path}"))
+    counts = table["state"].value_counts()
+    summary = ", ".join(f"{counts[s]} {s}" for s in counts.index)
+    complete = "complete (aggregated)" if is_complete(run.path) else "not aggregated"
+    out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
+    return table
 
 
 def kept(run: RunDir | None) -> str:
@@ -142,6 +340,25 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 WidthOpt = Annotated[list[int] | None, typer.Option(help="Hidden width, repeatable (network.width).")]
 SeedsOpt = Annotated[int | None, typer.Option(help="Number of seeds (trials per width for pca).")]
 StepsOpt = Annotated[int | None, typer.Option(help="GD steps (training.steps).")]
+ExecutorOpt = Annotated[
+    str | None, typer.Option(help="Where units run: inline (default), local (process pool) or slurm.")
+]
+JobsOpt = Annotated[int | None, typer.Option(help="Worker processes of --executor local.")]
+UnitOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Compute only this unit (index or name, repeatable) into --run-dir; see --list-units."),
+]
+RunDirOpt = Annotated[
+    Path | None, typer.Option(help="Run directory shared by the units of a sharded run (created if absent).")
+]
+WaitOpt = Annotated[bool, typer.Option(help="slurm: block until the jobs end, then aggregate.")]
+ListUnitsOpt = Annotated[
+    bool, typer.Option(help="Print the units of this spec (index, name, cost) and exit.")
+]
+PartitionOpt = Annotated[str | None, typer.Option(help="slurm: partition.")]
+GpusOpt = Annotated[int | None, typer.Option(help="slurm: GPUs per unit.")]
+TimeOpt = Annotated[int | None, typer.Option(help="slurm: time limit per unit, minutes.")]
+ArrayOpt = Annotated[int | None, typer.Option(help="slurm: array tasks running at once.")]
 
 
 @app.command()
@@ -154,10 +371,19 @@ def convergence(
     steps: StepsOpt = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    jobs: JobsOpt = None,
+    unit: UnitOpt = None,
+    run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
+    list_units: ListUnitsOpt = False,
+    slurm_partition: PartitionOpt = None,
+    slurm_gpus: GpusOpt = None,
+    slurm_time: TimeOpt = None,
+    slurm_array_parallelism: ArrayOpt = None,
 ) -> None:
     """NTK convergence with width and during training (paper Figure 1). Default preset: paper."""
-    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
-    run_experiment("convergence", preset, config, set_, overrides, output_root, quiet)
+    run_experiment("convergence", RunOptions.take(locals()), shortcuts(width, seeds, steps))
 
 
 @app.command()
@@ -171,12 +397,22 @@ def regression(
     kernel: Annotated[str | None, typer.Option(help="Limit kernel: analytic or empirical.")] = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    jobs: JobsOpt = None,
+    unit: UnitOpt = None,
+    run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
+    list_units: ListUnitsOpt = False,
+    slurm_partition: PartitionOpt = None,
+    slurm_gpus: GpusOpt = None,
+    slurm_time: TimeOpt = None,
+    slurm_array_parallelism: ArrayOpt = None,
 ) -> None:
     """Trained networks vs the limiting Gaussian process (paper Figure 2). Default preset: paper."""
-    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
+    overrides = shortcuts(width, seeds, steps)
     if kernel is not None:
         overrides["kernel",] = kernel
-    run_experiment("regression", preset, config, set_, overrides, output_root, quiet)
+    run_experiment("regression", RunOptions.take(locals()), overrides)
 
 
 @app.command()
@@ -189,9 +425,19 @@ def scaling(
     steps: StepsOpt = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    jobs: JobsOpt = None,
+    unit: UnitOpt = None,
+    run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
+    list_units: ListUnitsOpt = False,
+    slurm_partition: PartitionOpt = None,
+    slurm_gpus: GpusOpt = None,
+    slurm_time: TimeOpt = None,
+    slurm_array_parallelism: ArrayOpt = None,
 ) -> None:
     """Convergence rates in width: NTK at init, its change in training, distance to the linear model."""
-    run_experiment("scaling", preset, config, set_, shortcuts(width, seeds, steps), output_root, quiet)
+    run_experiment("scaling", RunOptions.take(locals()), shortcuts(width, seeds, steps))
 
 
 @app.command()
@@ -206,27 +452,80 @@ def pca(
     resume: Annotated[Path | None, typer.Option(help="Continue this interrupted run directory.")] = None,
     output_root: RootOpt = None,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    jobs: JobsOpt = None,
+    unit: UnitOpt = None,
+    run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
+    list_units: ListUnitsOpt = False,
+    slurm_partition: PartitionOpt = None,
+    slurm_gpus: GpusOpt = None,
+    slurm_time: TimeOpt = None,
+    slurm_array_parallelism: ArrayOpt = None,
 ) -> None:
     """MNIST kernel principal components and convergence along them (paper Figure 3)."""
-    overrides = shortcuts(width=width, seeds=seeds, steps=steps)
+    overrides = shortcuts(width, seeds, steps)
     if data_dir is not None:
         overrides["data", "dir"] = str(data_dir)
-    run_experiment("pca", preset, config, set_, overrides, output_root, quiet, resume=resume)
+    run_experiment("pca", RunOptions.take(locals()), overrides, resume=resume)
+
+
+def experiment_of(run_dir: Path) -> str:
+    """The experiment named in a run directory's spec.yaml (exit 2 if it is not a run directory)."""
+    path = run_dir / "spec.yaml"
+    if not path.is_file():
+        fail(f"{run_dir}: not a run directory (no spec.yaml)")
+    try:
+        experiment = read_yaml(path).get("experiment")
+    except SpecError as e:
+        fail(str(e))
+    if experiment not in EXPERIMENTS:
+        fail(f"{path}: experiment: unknown experiment {experiment!r}")
+    return experiment
 
 
 @app.command()
 def resume(
-    run_dir: Annotated[Path, typer.Argument(help="An interrupted or failed run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="An interrupted, failed or sharded run directory.")],
+    set_: SetOpt = None,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    jobs: JobsOpt = None,
+    wait: WaitOpt = False,
+    slurm_partition: PartitionOpt = None,
+    slurm_gpus: GpusOpt = None,
+    slurm_time: TimeOpt = None,
+    slurm_array_parallelism: ArrayOpt = None,
 ) -> None:
-    """Finish an interrupted run from its spec.yaml; checkpointed units continue where they stopped."""
+    """Finish a run from its spec.yaml: only units without a result run (or are re-submitted),
+    checkpointed units continue where they stopped. --set executor.* may change where."""
+    run_experiment(experiment_of(run_dir), RunOptions.take(locals()), {}, resume=run_dir)
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Per unit: done / running / pending / failed / not started, with SLURM job ids."""
+    experiment_of(run_dir)
     try:
-        experiment = read_yaml(run_dir / "spec.yaml").get("experiment")
+        spec = load_run_spec(run_dir)
     except SpecError as e:
         fail(str(e))
-    if experiment not in EXPERIMENTS:
-        fail(f"{run_dir / 'spec.yaml'}: experiment: unknown experiment {experiment!r}")
-    run_experiment(experiment, None, None, None, {}, None, quiet, resume=run_dir)
+    print_status(spec, RunDir.at(run_dir, spec))
+
+
+@app.command()
+def aggregate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory whose units are all done.")],
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the CSVs and figures from the finished units and mark the run complete."""
+    experiment_of(run_dir)
+    try:
+        spec = load_run_spec(run_dir)
+        run = RunDir.reopen(run_dir, spec) if not is_complete(run_dir) else RunDir.at(run_dir, spec)
+    except (SpecError, ValueError) as e:
+        fail(str(e))
+    finish_sharded(spec, run, quiet)
 
 
 data_app = typer.Typer(help="Datasets: download and check MNIST.", no_args_is_help=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -17,8 +18,11 @@ STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "
 
 
 def _save(fig: plt.Figure, stem: Path) -> None:
-    fig.savefig(stem.with_suffix(".png"), bbox_inches="tight")
-    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
+    """<stem>.png and <stem>.pdf, each written to a temporary name and renamed into place."""
+    for ext, extra in (("png", {}), ("pdf", {"metadata": {"CreationDate": None}})):
+        tmp = stem.parent / f".{stem.name}.{os.getpid()}.{ext}.tmp"
+        fig.savefig(tmp, format=ext, bbox_inches="tight", **extra)
+        os.replace(tmp, stem.with_suffix(f".{ext}"))
     plt.close(fig)
 
 

@@ -1,8 +1,15 @@
-"""Run directories: built under a hidden name, renamed into place only when complete.
+"""Run directories and the files in them. Every file is written under a temporary name and
+renamed into place, so no file under its final name is ever partial.
 
-<root>/<experiment>/.<stamp>_<hash>.partial   while running
-<root>/<experiment>/<stamp>_<hash>            when complete (and `latest` points at it)
-<root>/<experiment>/<stamp>_<hash>.failed     after an error or Ctrl-C, with an ERROR file
+A run run by this process (executor inline or local) is built under a hidden name:
+<root>/<experiment>/.<stamp>_<hash>.<random>.partial   while running
+<root>/<experiment>/<stamp>_<hash>                     when complete (and `latest` points at it)
+<root>/<experiment>/<stamp>_<hash>.failed              after an error or Ctrl-C, with an ERROR file
+A sharded run (executor slurm, or --run-dir) lives at a fixed visible path from the start,
+which many processes share; it is complete when meta.json is there, written last by aggregation.
+
+units/<unit>.pt        a finished unit's result, with the spec hash it belongs to
+units/<unit>.ckpt.pt   a long unit's latest checkpoint (removed when the unit finishes)
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,29 +58,83 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
+    """write(tmp) into a temporary file beside `target`, then rename it over `target`.
+
+    A failure (a full disk, a signal) leaves `target` as it was and removes the temporary file.
+    """
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide results from collaborators
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+class UnitSpecMismatchError(ValueError):
+    """A unit file belongs to another spec."""
+
+
 def _workdir(parent: Path, name: str) -> Path:
     """A fresh hidden working directory .<name>.<random>.partial with the usual umask permissions
     (mkdtemp's 0700 would hide finished runs from collaborators on a shared filesystem)."""
     path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
+    path.chmod(0o777 & ~_umask())
     return path
 
 
 class RunDir:
     """One run's directory. Files go into `path`; `finalize` or `fail` ends it."""
 
-    def __init__(self, root: Path, spec: RunSpec) -> None:
+    def __init__(self, root: Path, spec: RunSpec, *, visible: bool = False) -> None:
+        """A new run under root/<experiment>: hidden until finalized, or (visible) at its final
+        name from the start, for a sharded run whose units run elsewhere."""
         self.spec = spec
         self.parent = Path(root) / spec.experiment
         self.start = time.time()
         stamp = datetime.fromtimestamp(self.start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.name = f"{stamp}_{spec_hash(spec)}"
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.path = _workdir(self.parent, self.name)
+        self.fixed, self.link_latest = visible, True
+        self.path = self._reserve(self.name) if visible else _workdir(self.parent, self.name)
         self.meta: dict[str, Any] = {}
         self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+
+    @classmethod
+    def at(cls, path: Path, spec: RunSpec) -> RunDir:
+        """The sharded run at `path` (created if absent), shared with other processes; its
+        spec.yaml must be this spec's. Raises UnitSpecMismatchError."""
+        path = Path(path)
+        run = cls.__new__(cls)
+        run.spec, run.parent, run.path, run.name = spec, path.parent, path, path.name
+        run.start, run.meta, run.fixed = time.time(), {}, True
+        run.link_latest = path.parent.name == spec.experiment  # under <root>/<experiment>/
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "units").mkdir(exist_ok=True)
+        if (path / "spec.yaml").is_file():
+            theirs = yaml.safe_load((path / "spec.yaml").read_text())
+            ours = spec_dict(spec)
+            strip = lambda d: {k: v for k, v in d.items() if k != "executor"}  # noqa: E731
+            if not isinstance(theirs, dict) or strip(theirs) != strip(ours):
+                raise UnitSpecMismatchError(
+                    f"{path}: holds a run of another spec (its spec.yaml differs from this one); "
+                    "use another --run-dir, or `ntkrun resume` that run"
+                )
+        else:
+            run.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+        return run
 
     @classmethod
     def reopen(cls, path: Path, spec: RunSpec) -> RunDir:
@@ -81,8 +142,14 @@ class RunDir:
         path = Path(path)
         if is_complete(path):
             raise ValueError(f"{path}: run is complete, nothing to resume")
+        if not (path.name.startswith(".") or path.name.endswith(".failed")):
+            run = cls.at(path, spec)  # a sharded run: resumed in place
+            (run.path / "ERROR").unlink(missing_ok=True)
+            run.meta = {"resumed": True}
+            return run
         run = cls.__new__(cls)
         run.spec, run.parent, run.start = spec, path.parent, time.time()
+        run.fixed, run.link_latest = False, True
         name = path.name.removesuffix(".failed")
         if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
             name = name[1:].split(".")[0]
@@ -93,28 +160,65 @@ class RunDir:
         run.meta = {"resumed": True}
         return run
 
+    # ---------------------------------------------------------------- units
+
+    def unit_file(self, name: str) -> Path:
+        return self.path / "units" / f"{name}.pt"
+
+    def save_unit(self, name: str, result: dict[str, Any], info: dict[str, Any]) -> None:
+        """A finished unit's result (tensors, lists, numbers, strings), tagged with the spec hash."""
+        (self.path / "units").mkdir(exist_ok=True)
+        blob = {"unit": name, "spec_hash": spec_hash(self.spec), "result": result, "info": info}
+        atomic_write(self.unit_file(name), lambda tmp: torch.save(blob, tmp))
+        self.checkpoint_file(name).unlink(missing_ok=True)
+
+    def load_unit(self, name: str) -> dict[str, Any] | None:
+        """The unit's result, or None if it has none yet. A file that cannot be read (corrupt,
+        truncated by hand) is logged and treated as absent, so the unit is computed again; a
+        file of another spec raises UnitSpecMismatchError."""
+        blob = self._load(self.unit_file(name))
+        if blob is None:
+            return None
+        if blob.get("unit") != name or blob.get("spec_hash") != spec_hash(self.spec):
+            raise UnitSpecMismatchError(
+                f"{self.unit_file(name)}: belongs to spec {blob.get('spec_hash')}, not this run's "
+                f"{spec_hash(self.spec)}"
+            )
+        return blob["result"]
+
+    def unit_info(self, name: str) -> dict[str, Any] | None:
+        blob = self._load(self.unit_file(name))
+        return None if blob is None else blob.get("info", {})
+
+    def checkpoint_file(self, name: str) -> Path:
+        return self.path / "units" / f"{name}.ckpt.pt"
+
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
-        """Write units/<name>.pt atomically (a temporary file renamed over the old one)."""
-        folder = self.path / "units"
-        folder.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, folder / f"{name}.pt")
+        """A long unit's state, atomically replacing the previous checkpoint."""
+        (self.path / "units").mkdir(exist_ok=True)
+        atomic_write(self.checkpoint_file(name), lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        path = self.path / "units" / f"{name}.pt"
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        return self._load(self.checkpoint_file(name))
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            blob = torch.load(path, weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, pickle/zip errors, EOFError ...
+            LOG.warning("%s: unreadable (%s); computing it again", path, str(err).splitlines()[0][:200])
+            return None
+        return blob if isinstance(blob, dict) else None
+
+    # ---------------------------------------------------------------- files
 
     def write_text(self, name: str, text: str) -> Path:
-        target = self.path / name
-        target.write_text(text)
-        return target
+        return atomic_write(self.path / name, lambda tmp: tmp.write_text(text))
 
     def write_csv(self, name: str, frame: pd.DataFrame) -> Path:
-        target = self.path / name
-        frame.to_csv(target, index=False)
-        return target
+        return atomic_write(self.path / name, lambda tmp: frame.to_csv(tmp, index=False))
 
     def _meta(self, end: float, device: str) -> dict[str, Any]:
         return {
@@ -135,24 +239,32 @@ class RunDir:
             **self.meta,
         }
 
-    def _rename(self, base: str) -> Path:
-        """Rename the working directory to `base` (or base-2, base-3, ... if taken)."""
+    def _reserve(self, base: str) -> Path:
+        """Create the empty directory `base` (or base-2, base-3, ... if taken), atomically."""
         for k in range(1, 1000):
             target = self.parent / (base if k == 1 else f"{base}-{k}")
             try:
-                target.mkdir()  # reserve the name atomically; rename onto an empty dir replaces it
+                target.mkdir()
             except FileExistsError:
                 continue
-            os.replace(self.path, target)
-            self.path = target
+            target.chmod(0o777 & ~_umask())
             return target
         raise RuntimeError(f"no free run directory name under {self.parent} for {base}")
 
+    def _rename(self, base: str) -> Path:
+        """Rename the working directory to `base` (or base-2, base-3, ... if taken)."""
+        target = self._reserve(base)
+        os.replace(self.path, target)  # onto the reserved empty directory: atomic on POSIX
+        self.path = target
+        return target
+
     def finalize(self, device: str) -> Path:
-        """Write meta.json, move into place and point `latest` at this run."""
+        """Write meta.json (last), move into place and point `latest` at this run."""
         json_text = json.dumps(self._meta(time.time(), device), indent=2) + "\n"
         self.write_text(COMPLETE_MARKER, json_text)
-        final = self._rename(self.name)
+        final = self.path if self.fixed else self._rename(self.name)
+        if not self.link_latest:
+            return final
         link = self.parent / "latest"
         tmp = self.parent / f".latest.{os.getpid()}"
         tmp.unlink(missing_ok=True)
@@ -163,14 +275,19 @@ class RunDir:
     def fail(self, reason: str) -> Path:
         """Keep the partial files, add ERROR with the reason, and mark the directory failed."""
         self.write_text("ERROR", reason.rstrip() + "\n")
-        return self._rename(f"{self.name}.failed")
+        return self.path if self.fixed else self._rename(f"{self.name}.failed")
 
 
 @contextmanager
-def open_run(root: Path, spec: RunSpec, resume: Path | None = None) -> Iterator[RunDir]:
-    """A run directory (new, or `resume` reopened) with run.log attached to the `ntkrun` logger;
-    marked failed on any exception."""
-    run = RunDir(root, spec) if resume is None else RunDir.reopen(resume, spec)
+def open_run(
+    root: Path, spec: RunSpec, resume: Path | None = None, at: Path | None = None
+) -> Iterator[RunDir]:
+    """A run directory (new under root, `resume` reopened, or the sharded run `at`) with run.log
+    attached to the `ntkrun` logger; marked failed on any exception."""
+    if resume is not None:
+        run = RunDir.reopen(resume, spec)
+    else:
+        run = RunDir(root, spec) if at is None else RunDir.at(at, spec)
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)

@@ -75,6 +75,26 @@ class GridSpec(CircleGridSpec):
     x0_angle: Annotated[float, Field(allow_inf_nan=False)] = 0.0  # x0 = (cos, sin) of this angle
 
 
+class SlurmSpec(Model):
+    partition: str | None = None
+    gpus: NonNegativeInt = 0  # GPUs per unit (per array task)
+    cpus: PositiveInt = 2  # CPUs per unit
+    mem_gb: PositiveFloat | None = None
+    time: PositiveInt = 60  # minutes per unit; long units are requeued from their checkpoint
+    array_parallelism: PositiveInt = 64  # array tasks running at once
+    account: str | None = None
+    qos: str | None = None
+    additional: dict[str, str] = {}  # any other sbatch option, e.g. {constraint: a100}
+
+
+class ExecutorSpec(Model):
+    """Where the units run. Not part of the spec hash: it does not change any result."""
+
+    kind: Literal["inline", "local", "slurm"] = "inline"  # this process / a process pool / SLURM
+    jobs: PositiveInt = 2  # local: worker processes
+    slurm: SlurmSpec = SlurmSpec()
+
+
 class RunSpec(Model):
     """Fields every experiment has."""
 
@@ -84,6 +104,7 @@ class RunSpec(Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     output: str = "outputs"  # root directory of run directories
+    executor: ExecutorSpec = ExecutorSpec()
 
 
 class ConvergenceSpec(RunSpec):
@@ -358,6 +379,12 @@ def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> st
     return f"{source}: {key}: {reason}"
 
 
+FLAG_NAMES = {  # CLI flags that set a spec key other than --<last key>
+    ("executor", "kind"): "--executor",
+    **{("executor", "slurm", k): f"--slurm-{k.replace('_', '-')}" for k in SlurmSpec.model_fields},
+}
+
+
 def load_spec(
     experiment: str,
     *,
@@ -387,7 +414,7 @@ def load_spec(
         path, value = parse_set(item)
         layers.merge(_nest(path, value), f"--set {item}")
     for path, value in (overrides or {}).items():
-        layers.merge(_nest(path, value), f"--{path[-1].replace('_', '-')}")
+        layers.merge(_nest(path, value), FLAG_NAMES.get(path, f"--{path[-1].replace('_', '-')}"))
     exp = layers.data.get("experiment", experiment)
     if exp != experiment:
         source = layers.source_of(("experiment",))
@@ -398,12 +425,25 @@ def load_spec(
         raise SpecError(_format_error(err.errors()[0], layers, model)) from None
 
 
+def load_run_spec(run_dir: Path, sets: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """The spec a run directory was made with (its spec.yaml), with optional --set overrides
+    (for the executor block). Raises SpecError."""
+    path = Path(run_dir) / "spec.yaml"
+    if not path.is_file():
+        raise SpecError(f"{run_dir}: not a run directory (no spec.yaml)")
+    experiment = read_yaml(path).get("experiment")
+    if experiment not in EXPERIMENTS:
+        raise SpecError(f"{path}: experiment: unknown experiment {experiment!r}")
+    return load_spec(experiment, config=path, sets=sets)
+
+
 def spec_dict(spec: RunSpec) -> dict[str, Any]:
     """The fully resolved spec as plain data (what spec.yaml holds)."""
     return spec.model_dump(mode="json")
 
 
 def spec_hash(spec: RunSpec) -> str:
-    """8 hex digits identifying the resolved spec."""
-    blob = json.dumps(spec_dict(spec), sort_keys=True).encode()
+    """8 hex digits identifying the resolved spec's results (the executor block is left out)."""
+    data = {k: v for k, v in spec_dict(spec).items() if k != "executor"}
+    blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]

@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_same_csvs(digits, tmp_path):
     deadline = time.time() + 120
     checkpoint = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed" / "pca").glob(".*.partial/units/w48_s0.pt"))
+        found = list((tmp_path / "killed" / "pca").glob(".*.partial/units/w48_s0.ckpt.pt"))
         if found:
             checkpoint = found[0]
             break

@@ -1,11 +1,26 @@
-"""Experiment runners: each turns a validated spec into the files of a run directory."""
+"""Experiment runners. Each experiment is a list of independent units (one per width x seed,
+plus reference kernels) and an aggregation of their results into CSVs and figures:
+
+    units(spec) -> list[Unit]
+    run_unit(spec, unit, run, progress) -> result   (a dict of tensors, lists and numbers)
+    aggregate(spec, run, results: {unit name: result}) -> the summary table
+
+Units run here (`run_inline`), in a process pool or as SLURM jobs (ntkrun.executors); each
+result is saved in the run directory, so a finished unit is never computed again, and the
+aggregate reads only the saved results: however the units ran, the CSVs are the same.
+"""
 
 from __future__ import annotations
 
 import importlib
 import math
+import os
+import socket
+import time
 from collections.abc import Callable, Collection
-from typing import Protocol
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -98,20 +113,136 @@ def build_net(
     return MLP(n0, width, depth, net.nonlinearity, net.beta, seed=seed, dtype=dtype, device=device)
 
 
-Runner = Callable[[RunSpec, RunDir, Progress], pd.DataFrame]
 EXPERIMENT_MODULES = {
     name: f"ntkrun.runners.{name}" for name in ("convergence", "regression", "scaling", "pca")
 }
 
 
-def get_runner(experiment: str) -> Runner:
-    """The `execute(spec, run, progress) -> results table` function of an experiment."""
-    return importlib.import_module(EXPERIMENT_MODULES[experiment]).execute
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of an experiment."""
+
+    name: str  # file name in units/, e.g. w500_s3
+    cost: float  # progress weight: multiply-adds of its GD steps (0 for cheap units)
+    args: dict[str, Any] = field(default_factory=dict)  # what run_unit needs: width, seed, ...
+    stage: int = 1  # stage-0 units (reference kernels) run before the others, which read them
+
+
+class IncompleteRunError(RuntimeError):
+    """Aggregation was asked for while units are missing."""
+
+    def __init__(self, missing: list[str]) -> None:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        super().__init__(f"{len(missing)} unit(s) not done: {shown}")
+        self.missing = missing
+
+
+def experiment_module(experiment: str) -> ModuleType:
+    return importlib.import_module(EXPERIMENT_MODULES[experiment])
 
 
 def preflight(experiment: str, spec: RunSpec) -> None:
     """An experiment's checks that need more than the spec (e.g. data files), run before any
     run directory exists. Raises ValueError."""
-    check = getattr(importlib.import_module(EXPERIMENT_MODULES[experiment]), "check", None)
+    check = getattr(experiment_module(experiment), "check", None)
     if check is not None:
         check(spec)
+
+
+def units(spec: RunSpec) -> list[Unit]:
+    """The spec's units in their canonical order (stage 0 first)."""
+    found = experiment_module(spec.experiment).units(spec)
+    return sorted(found, key=lambda u: u.stage)
+
+
+def find_unit(spec: RunSpec, key: str) -> Unit:
+    """A unit by name or by its index in units(spec). Raises ValueError."""
+    found = units(spec)
+    if key.isdigit() and int(key) < len(found):
+        return found[int(key)]
+    for unit in found:
+        if unit.name == key:
+            return unit
+    raise ValueError(
+        f"--unit {key}: no such unit (this spec has {len(found)}: indices 0-{len(found) - 1}, "
+        f"names {found[0].name} ... {found[-1].name}; list them with --list-units)"
+    )
+
+
+class _UnitProgress:
+    """Forwards a unit's progress and makes up the rest of its cost when it ends."""
+
+    def __init__(self, progress: Progress, unit: Unit) -> None:
+        self.progress, self.unit, self.done = progress, unit, 0.0
+
+    def start(self, total: float) -> None:
+        pass
+
+    def advance(self, description: str, amount: float) -> None:
+        self.done += amount
+        self.progress.advance(description, amount)
+
+    def finish(self) -> None:
+        self.progress.advance(self.unit.name, max(self.unit.cost - self.done, 0.0))
+
+
+def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> dict[str, Any]:
+    """The unit's saved result, or run it now and save it."""
+    result = run.load_unit(unit.name)
+    if result is None:
+        t0 = time.time()
+        result = experiment_module(spec.experiment).run_unit(spec, unit, run, progress)
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(resolve_device(spec.device)),
+            "threads": torch.get_num_threads(),
+            "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "")),
+            "slurm_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
+            "wall_time_s": round(time.time() - t0, 3),
+        }
+        run.save_unit(unit.name, result, info)
+    return result
+
+
+def require(spec: RunSpec, run: RunDir, name: str) -> dict[str, Any]:
+    """Another unit's result (a stage-0 unit): loaded, or computed here if it is not there yet."""
+    return compute_unit(spec, run, find_unit(spec, name), NoProgress())
+
+
+def done_units(spec: RunSpec, run: RunDir) -> set[str]:
+    return {u.name for u in units(spec) if run.load_unit(u.name) is not None}
+
+
+def run_inline(spec: RunSpec, run: RunDir, progress: Progress, only: list[Unit] | None = None) -> None:
+    """Compute the units (all of the spec's, or `only`) that have no result yet, in this process."""
+    todo = units(spec) if only is None else only
+    progress.start(sum(u.cost for u in todo) or float(len(todo)))
+    for unit in todo:
+        tracker = _UnitProgress(progress, unit)
+        compute_unit(spec, run, unit, tracker)
+        tracker.finish()
+
+
+def aggregate(spec: RunSpec, run: RunDir) -> pd.DataFrame:
+    """Build the experiment's CSVs and figures from the saved unit results; -> summary table.
+    Raises IncompleteRunError when a unit has no result."""
+    results = {u.name: run.load_unit(u.name) for u in units(spec)}
+    missing = [name for name, r in results.items() if r is None]
+    if missing:
+        raise IncompleteRunError(missing)
+    return experiment_module(spec.experiment).aggregate(spec, run, results)
+
+
+# ---------------------------------------------------------------- unit results as plain data
+
+
+def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> dict[str, list]:
+    """Rows (or a DataFrame) -> {column: list of Python scalars}, storable by torch.save."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    return {str(c): frame[c].tolist() for c in frame.columns}
+
+
+def unpack(*tables: dict[str, list]) -> pd.DataFrame:
+    """The inverse of pack, concatenating several tables in order."""
+    return pd.concat([pd.DataFrame(t) for t in tables], ignore_index=True)

@@ -15,7 +15,17 @@ import torch
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import convergence_figure
-from ntkrun.runners import DivergenceError, Progress, build_net, resolve_device, resolve_dtype, train
+from ntkrun.runners import (
+    DivergenceError,
+    Progress,
+    Unit,
+    build_net,
+    pack,
+    resolve_device,
+    resolve_dtype,
+    train,
+    unpack,
+)
 from ntkrun.runs import RunDir
 from ntkrun.spec import ConvergenceSpec
 
@@ -98,22 +108,31 @@ def metrics(kernels: pd.DataFrame, summary: pd.DataFrame, losses: pd.DataFrame) 
     return pd.DataFrame(rows)
 
 
-def execute(spec: ConvergenceSpec, run: RunDir, progress: Progress) -> pd.DataFrame:
-    """Run every (width, seed) unit, write the CSVs and the figure into `run`; -> metrics."""
+def step_cost(spec: ConvergenceSpec, width: int) -> float:
+    """Multiply-adds of one GD step per training point (progress weight)."""
+    return float(2 * width + (spec.network.depth - 2) * width * width)
+
+
+def units(spec: ConvergenceSpec) -> list[Unit]:
+    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    return [
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+        for w in spec.network.width
+        for s in seeds
+    ]
+
+
+def run_unit(spec: ConvergenceSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+    width, seed = unit.args["width"], unit.args["seed"]
     device = resolve_device(spec.device)
-    widths, seeds = spec.network.width, range(spec.base_seed, spec.base_seed + spec.seeds)
-    # Progress is weighted by each step's multiply-adds, so the ETA is right across widths.
-    step_cost = {w: float(2 * w + (spec.network.depth - 2) * w * w) for w in widths}
-    progress.start(sum(step_cost[w] * spec.training.steps for w in widths) * len(seeds))
-    kernel_rows: list[dict] = []
-    loss_rows: list[dict] = []
-    for width in widths:
-        for seed in seeds:
-            k, losses = train_unit(spec, width, seed, device, progress, step_cost[width])
-            kernel_rows += k
-            loss_rows += losses
-    kernels = pd.DataFrame(kernel_rows)
-    losses = pd.DataFrame(loss_rows)
+    kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))
+    return {"kernels": pack(kernel_rows), "losses": pack(loss_rows)}
+
+
+def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    """kernels.csv, losses.csv, summary.csv, metrics.csv and Figure 1; -> metrics."""
+    kernels = unpack(*(r["kernels"] for r in results.values()))
+    losses = unpack(*(r["losses"] for r in results.values()))
     gammas = grid_angles(spec.grid.n_angles)
     net = spec.network
     _, theta = analytic_kernels(

@@ -21,7 +21,17 @@ from ntkrun import dynamics
 from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir, split_files
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import pca_figure
-from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
+from ntkrun.runners import (
+    Progress,
+    Unit,
+    build_net,
+    pack,
+    require,
+    resolve_device,
+    resolve_dtype,
+    train,
+    unpack,
+)
 from ntkrun.runs import RunDir
 from ntkrun.spec import PCASpec
 
@@ -92,8 +102,6 @@ def train_unit(
         net.load_state_dict(saved["state"])
         rows, start = saved["rows"], saved["step"]
         progress.advance(f"width {width}, seed {seed} (resumed at step {start})", cost * start)
-        if saved["done"]:
-            return rows
         LOG.info("%s: resuming at step %d", name, start)
 
     def record(step: int) -> None:
@@ -116,7 +124,7 @@ def train_unit(
                     }
                 )
         if step % tr.checkpoint_every == 0 and step != start:
-            run.save_checkpoint(name, {"step": step, "state": net.state_dict(), "rows": rows, "done": False})
+            run.save_checkpoint(name, {"step": step, "state": net.state_dict(), "rows": rows})
 
     record_at = set(range(0, tr.steps + 1, math.gcd(tr.record_every, tr.checkpoint_every))) | {tr.steps}
     train(
@@ -132,7 +140,6 @@ def train_unit(
         record=record,
         start=start,
     )
-    run.save_checkpoint(name, {"step": tr.steps, "rows": rows, "done": True})  # weights no longer needed
     return rows
 
 
@@ -167,37 +174,60 @@ def metrics(traj: pd.DataFrame, spec: PCASpec, lam_k: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def execute(spec: PCASpec, run: RunDir, progress: Progress) -> pd.DataFrame:
-    """Reference kernel, its principal components, and every (width, trial) unit; -> metrics."""
-    device = resolve_device(spec.device)
+def digits(spec: PCASpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded choice of N digits: (N, 784) inputs, (N,) labels."""
     images, labels = load_idx_dataset(resolve_data_dir(spec.data.dir), spec.data.split)
-    X, y_labels = choose_points(images, labels, spec.data.n_points, spec.data.seed, spec.data.scaling)
-    K = reference_kernel(spec, X, device)
-    eig_table, lam, f = principal_components(spec, K)
-    LOG.info("lambda_1..3 = %s", lam.tolist())
+    return choose_points(images, labels, spec.data.n_points, spec.data.seed, spec.data.scaling)
+
+
+def step_cost(spec: PCASpec, width: int, n0: int = 784) -> float:
+    return float(n0 * width + (spec.network.depth - 2) * width * width + width)
+
+
+def units(spec: PCASpec) -> list[Unit]:
+    """`reference` (kernel and its principal components), then one unit per (width, trial)."""
+    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    ref_cost = step_cost(spec, spec.kernel_width) if spec.kernel == "empirical" else 0.0
+    return [Unit("reference", ref_cost, stage=0)] + [
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+        for w in spec.network.width
+        for s in seeds
+    ]
+
+
+def run_unit(spec: PCASpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+    device = resolve_device(spec.device)
+    X, y_labels = digits(spec)
+    if unit.name == "reference":
+        K = reference_kernel(spec, X, device)
+        eig_table, lam, f = principal_components(spec, K)
+        LOG.info("lambda_1..3 = %s", lam.tolist())
+        return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": y_labels.clone()}
+    reference = require(spec, run, "reference")
+    f_k = reference["f"][:, spec.component - 1]
+    width, seed = unit.args["width"], unit.args["seed"]
+    rows = train_unit(spec, run, width, seed, X, f_k, device, progress, step_cost(spec, width, X.shape[1]))
+    return {"trajectory": pack(rows)}
+
+
+def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    """eigenvalues.csv, components.csv, trajectories.csv, metrics.csv and Figure 3; -> metrics."""
+    reference = results["reference"]
+    f, lam = reference["f"], reference["lambda"]
     components = pd.DataFrame(
         {
-            "index": np.arange(len(X)),
-            "label": y_labels.numpy(),
+            "index": np.arange(len(f)),
+            "label": reference["labels"].numpy(),
             "f1": f[:, 0].numpy(),
             "f2": f[:, 1].numpy(),
             "f3": f[:, 2].numpy(),
         }
     )
-    run.write_csv("eigenvalues.csv", eig_table)
-    run.write_csv("components.csv", components)
-
     k = spec.component - 1
-    widths, seeds, tr = spec.network.width, range(spec.base_seed, spec.base_seed + spec.seeds), spec.training
-    n0, depth = X.shape[1], spec.network.depth
-    step_cost = {w: float(n0 * w + (depth - 2) * w * w + w) for w in widths}
-    progress.start(sum(step_cost[w] for w in widths) * tr.steps * len(seeds))
-    rows = []
-    for width in widths:
-        for seed in seeds:
-            rows += train_unit(spec, run, width, seed, X, f[:, k], device, progress, step_cost[width])
-    traj = pd.DataFrame(rows)
+    traj = unpack(*(r["trajectory"] for name, r in results.items() if name != "reference"))
     table = metrics(traj, spec, float(lam[k]))
+    run.write_csv("eigenvalues.csv", unpack(reference["eigenvalues"]))
+    run.write_csv("components.csv", components)
     run.write_csv("trajectories.csv", traj)
     run.write_csv("metrics.csv", table)
     pca_figure(components, traj, spec, float(lam[k]), run.path / "figure")

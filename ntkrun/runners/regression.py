@@ -19,7 +19,16 @@ from ntkrun import dynamics
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
 from ntkrun.plots import regression_figure
-from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
+from ntkrun.runners import (
+    Progress,
+    Unit,
+    build_net,
+    pack,
+    resolve_device,
+    resolve_dtype,
+    train,
+    unpack,
+)
 from ntkrun.runs import RunDir
 from ntkrun.spec import RegressionSpec
 
@@ -122,44 +131,60 @@ def metrics(
     return pd.DataFrame(rows)
 
 
-def execute(spec: RegressionSpec, run: RunDir, progress: Progress) -> pd.DataFrame:
-    """Train every (width, seed) unit, compute the limit, write CSVs and the figure; -> metrics."""
+def step_cost(spec: RegressionSpec, width: int) -> float:
+    return float(2 * width + (spec.network.depth - 2) * width * width)
+
+
+def units(spec: RegressionSpec) -> list[Unit]:
+    """`limit` (the limiting Gaussian; a wide network at init for kernel: empirical), then one
+    unit per (width, seed)."""
+    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    limit_cost = float(spec.kernel_width**2) if spec.kernel == "empirical" else 0.0
+    return [Unit("limit", limit_cost, stage=0)] + [
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+        for w in spec.network.width
+        for s in seeds
+    ]
+
+
+def run_unit(spec: RegressionSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     angles, y = training_data(spec)
-    X = circle(angles)
     gammas = grid_angles(spec.grid.n_angles)
-    Xg = circle(gammas)
-    kernels = limit_kernels(spec, X, Xg, device)
-    limit = limit_table(spec, kernels, y, gammas)
+    X, Xg = circle(angles), circle(gammas)
+    if unit.name == "limit":
+        limit = limit_table(spec, limit_kernels(spec, X, Xg, device), y, gammas)
+        return {"limit": pack(limit)}
+    width, seed = unit.args["width"], unit.args["seed"]
+    net = build_net(spec, 2, width, seed, device)
+    label = f"width {width}, seed {seed}"
+    losses = train(
+        net,
+        X.to(device, dtype),
+        y.to(device, dtype),
+        lr=spec.training.lr,
+        steps=spec.training.steps,
+        label=label,
+        progress=progress,
+        step_cost=step_cost(spec, width),
+    )
+    with torch.no_grad():
+        f_T = net(Xg.to(device, dtype)).double().cpu()
+    LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
+    functions = {"width": width, "seed": seed, "gamma": gammas.tolist(), "f_T": f_T.tolist()}
+    return {
+        "functions": pack(pd.DataFrame(functions)),
+        "losses": pack([{"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]}]),
+    }
 
-    widths, seeds = spec.network.width, range(spec.base_seed, spec.base_seed + spec.seeds)
-    step_cost = {w: float(2 * w + (spec.network.depth - 2) * w * w) for w in widths}
-    progress.start(sum(step_cost[w] for w in widths) * spec.training.steps * len(seeds))
-    Xd, yd, Xgd = X.to(device, dtype), y.to(device, dtype), Xg.to(device, dtype)
-    function_rows, loss_rows = [], []
-    for width in widths:
-        for seed in seeds:
-            net = build_net(spec, 2, width, seed, device)
-            label = f"width {width}, seed {seed}"
-            losses = train(
-                net,
-                Xd,
-                yd,
-                lr=spec.training.lr,
-                steps=spec.training.steps,
-                label=label,
-                progress=progress,
-                step_cost=step_cost[width],
-            )
-            with torch.no_grad():
-                f_T = net(Xgd).double().cpu()
-            function_rows.append(
-                pd.DataFrame({"width": width, "seed": seed, "gamma": gammas.numpy(), "f_T": f_T.numpy()})
-            )
-            loss_rows.append({"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]})
-            LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
-    functions = pd.concat(function_rows, ignore_index=True)
-    losses = pd.DataFrame(loss_rows)
+
+def aggregate(spec: RegressionSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    """functions.csv, limit.csv, losses.csv, training.csv, metrics.csv and Figure 2; -> metrics."""
+    trained = [r for name, r in results.items() if name != "limit"]
+    functions = unpack(*(r["functions"] for r in trained))
+    losses = unpack(*(r["losses"] for r in trained))
+    limit = unpack(results["limit"]["limit"])
+    angles, y = training_data(spec)
     table = metrics(functions, limit, losses, spec)
     training = pd.DataFrame({"gamma": angles.numpy(), "y": y.numpy()})
     run.write_csv("functions.csv", functions)

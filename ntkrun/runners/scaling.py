@@ -21,7 +21,7 @@ from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, se
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import scaling_figure
-from ntkrun.runners import Progress, build_net, resolve_device, resolve_dtype, train
+from ntkrun.runners import Progress, Unit, build_net, pack, resolve_device, resolve_dtype, train, unpack
 from ntkrun.runs import RunDir
 from ntkrun.spec import ScalingSpec
 
@@ -42,26 +42,46 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def unit(
-    spec: ScalingSpec,
-    depth: int,
-    width: int,
-    seed: int,
-    limit: dict,
-    device: torch.device,
-    progress: Progress,
-) -> dict:
-    dtype = resolve_dtype(spec.dtype)
+def step_cost(depth: int, width: int) -> float:
+    return float(width * (depth - 1) + width * width * max(depth - 2, 0))
+
+
+def units(spec: ScalingSpec) -> list[Unit]:
+    net, steps = spec.network, spec.training.steps
+    return [
+        Unit(f"d{d}_w{w}_s{s}", step_cost(d, w) * steps, {"depth": d, "width": w, "seed": s})
+        for d in net.depth
+        for w in net.width
+        for s in range(spec.base_seed, spec.base_seed + spec.seeds)
+    ]
+
+
+def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tensor) -> dict:
+    """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X)."""
+    args = (depth, spec.network.nonlinearity, spec.network.beta)
+    return {
+        "eig": dynamics.eigen(analytic_kernels(X, None, *args)[1]),
+        "theta_zx": analytic_kernels(Z, X, *args)[1],
+        "theta_zz": analytic_kernels(Z, None, *args)[1],
+    }
+
+
+def run_unit(spec: ScalingSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+    """The three distances of one (depth, width, seed) network."""
+    depth, width, seed = unit.args["depth"], unit.args["width"], unit.args["seed"]
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     tr = spec.training
-    Z = fixed_inputs(spec).to(device, dtype)
-    X = gaussian_inputs(tr.n_train, Z.shape[1], seed)
+    Z64 = fixed_inputs(spec)
+    X = gaussian_inputs(tr.n_train, Z64.shape[1], seed)
     y = product_target(X)
+    limit = limit_kernels(spec, depth, Z64, X)
+    Z = Z64.to(device, dtype)
     net = build_net(spec, Z.shape[1], width, seed, device, depth=depth)
     theta_0 = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
         f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
     label = f"depth {depth}, width {width}, seed {seed}"
-    cost = float(width * (depth - 1) + width * width * max(depth - 2, 0))
+    cost = step_cost(depth, width)
     train(
         net,
         X.to(device, dtype),
@@ -76,7 +96,7 @@ def unit(
     with torch.no_grad():
         f_T = net(Z).double().cpu()
     f_lin = dynamics.linearized(limit["eig"], limit["theta_zx"], y, f0_X, f0_Z, tr.steps * tr.lr, lr=tr.lr)
-    return {
+    row = {
         "depth": depth,
         "width": width,
         "seed": seed,
@@ -84,6 +104,8 @@ def unit(
         "change_T": rel(theta_T, theta_0),
         "func_dist_T": float((f_T - f_lin).norm() / (f_lin - f0_Z).norm()),
     }
+    LOG.info("%s", row)
+    return {"rows": pack([row])}
 
 
 def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
@@ -107,32 +129,9 @@ def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def execute(spec: ScalingSpec, run: RunDir, progress: Progress) -> pd.DataFrame:
-    """Every (depth, width, seed) unit, then the fits; writes scaling.csv, fits.csv, the figure."""
-    device = resolve_device(spec.device)
-    net_spec, tr = spec.network, spec.training
-    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
-    costs = [w * (d - 1) + w * w * max(d - 2, 0) for d in net_spec.depth for w in net_spec.width]
-    progress.start(float(sum(costs)) * tr.steps * len(seeds))
-    Z = fixed_inputs(spec)
-    rows = []
-    for depth in net_spec.depth:
-        args = (depth, net_spec.nonlinearity, net_spec.beta)
-        X_train = [gaussian_inputs(tr.n_train, Z.shape[1], s) for s in seeds]
-        limit_by_seed = {}
-        for seed, X in zip(seeds, X_train, strict=True):
-            _, theta_xx = analytic_kernels(X, None, *args)
-            limit_by_seed[seed] = {
-                "eig": dynamics.eigen(theta_xx),
-                "theta_zx": analytic_kernels(Z, X, *args)[1],
-            }
-        theta_zz = analytic_kernels(Z, None, *args)[1]
-        for width in net_spec.width:
-            for seed in seeds:
-                limit = {**limit_by_seed[seed], "theta_zz": theta_zz}
-                rows.append(unit(spec, depth, width, seed, limit, device, progress))
-                LOG.info("%s", rows[-1])
-    table = pd.DataFrame(rows)
+def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    """scaling.csv, fits.csv and the figure; -> fits."""
+    table = unpack(*(r["rows"] for r in results.values()))
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
