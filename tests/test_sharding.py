@@ -1,0 +1,132 @@
+"""Units run anywhere, aggregate the same: process pool, one unit per process (--unit), resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+
+TINY = {
+    "convergence": [
+        "convergence", "--preset", "quick", "--set", "network.width=[8, 32]", "--seeds", "2", "--steps", "6",
+        "--set", "grid.n_angles=16", "--set", "training.n_train=10", "--quiet",
+    ],
+    "regression": [
+        "regression", "--preset", "quick", "--set", "network.width=[16]", "--seeds", "3", "--steps", "20",
+        "--set", "grid.n_angles=24", "--quiet",
+    ],
+    "scaling": [
+        "scaling", "--preset", "quick", "--set", "network.width=[16, 64]", "--set", "network.depth=[2, 3]",
+        "--seeds", "2", "--steps", "5", "--set", "n_boot=50", "--quiet",
+    ],
+}  # fmt: skip
+CSVS = {
+    "convergence": ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"],
+    "regression": ["functions.csv", "limit.csv", "losses.csv", "training.csv", "metrics.csv"],
+    "scaling": ["scaling.csv", "fits.csv"],
+}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def complete_run(root: Path, experiment: str) -> Path:
+    (run,) = [p for p in (root / experiment).iterdir() if p.name != "latest" and not p.name.startswith(".")]
+    assert (run / "meta.json").is_file()
+    return run
+
+
+def assert_same_csvs(a: Path, b: Path, experiment: str) -> None:
+    for name in CSVS[experiment]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def inline_runs(tmp_path_factory) -> dict[str, Path]:
+    """Each experiment's tiny spec run the ordinary way, in one process."""
+    root = tmp_path_factory.mktemp("inline")
+    runs = {}
+    for experiment, args in TINY.items():
+        result = invoke(*args, "--output-root", root)
+        assert result.exit_code == 0, result.output
+        runs[experiment] = complete_run(root, experiment)
+    return runs
+
+
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_one_process_per_unit_aggregates_to_the_same_csvs(experiment, inline_runs, tmp_path):
+    """Every unit in its own invocation (as an sbatch array task would), in a shuffled order; the
+    last one aggregates, and the CSVs equal the one-process run byte for byte."""
+    listing = invoke(*TINY[experiment], "--list-units")
+    assert listing.exit_code == 0, listing.output
+    n = int(listing.stdout.split()[0])
+    assert n >= 2 and f"--array=0-{n - 1}" in listing.stdout
+    shared = tmp_path / "shared-run"
+    order = list(range(n))[::-1]
+    for k, index in enumerate(order):
+        result = invoke(*TINY[experiment], "--unit", str(index), "--run-dir", shared)
+        assert result.exit_code == 0, result.output
+        assert (shared / "meta.json").is_file() == (k == n - 1)  # complete only after the last unit
+    assert "run aggregated: complete" in result.stdout
+    assert_same_csvs(shared, inline_runs[experiment], experiment)
+
+
+def test_local_pool_gives_the_same_csvs(inline_runs, tmp_path):
+    result = invoke(*TINY["convergence"], "--executor", "local", "--jobs", "2", "--output-root", tmp_path)
+    assert result.exit_code == 0, result.output
+    run = complete_run(tmp_path, "convergence")
+    assert_same_csvs(run, inline_runs["convergence"], "convergence")
+    assert sorted(p.name for p in (run / "units").glob("*.pt")) == [
+        "w32_s0.pt", "w32_s1.pt", "w8_s0.pt", "w8_s1.pt"
+    ]  # fmt: skip
+
+
+def test_status_aggregate_and_resume_of_a_sharded_run(inline_runs, tmp_path):
+    shared = tmp_path / "run"
+    assert invoke(*TINY["convergence"], "--unit", "w8_s1", "--run-dir", shared).exit_code == 0
+    status = invoke("status", shared)
+    assert status.exit_code == 0, status.output
+    assert "4 units: 3 not started, 1 done; run not aggregated" in status.stdout
+    early = invoke("aggregate", shared)
+    assert early.exit_code == 1 and "3 unit(s) not done: w8_s0, w32_s0, w32_s1" in early.stderr
+    assert not (shared / "meta.json").exists() and not (shared / "metrics.csv").exists()
+    result = invoke("resume", shared, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert_same_csvs(shared, inline_runs["convergence"], "convergence")
+    assert "4 units: 4 done; run complete" in invoke("status", shared).stdout
+
+
+def test_a_corrupt_or_truncated_unit_file_is_computed_again(inline_runs, tmp_path):
+    shared = tmp_path / "run"
+    for unit in ("0", "1", "2", "3"):
+        assert invoke(*TINY["convergence"], "--unit", unit, "--run-dir", shared).exit_code == 0
+    (shared / "meta.json").unlink()
+    good = (shared / "units" / "w8_s0.pt").read_bytes()
+    before = torch.load(shared / "units" / "w8_s0.pt", weights_only=True)
+    (shared / "units" / "w8_s0.pt").write_bytes(good[: len(good) // 2])  # truncated
+    (shared / "units" / "w32_s1.pt").write_bytes(b"\x00garbage")  # corrupt
+    result = invoke("resume", shared, "--quiet")
+    assert result.exit_code == 0, result.output
+    after = torch.load(shared / "units" / "w8_s0.pt", weights_only=True)  # recomputed: same result
+    assert after["result"] == before["result"] and after["info"]["pid"] == os.getpid()
+    assert_same_csvs(shared, inline_runs["convergence"], "convergence")
+
+
+def test_sharded_run_input_errors(tmp_path):
+    no_dir = invoke(*TINY["convergence"], "--unit", "0")
+    assert no_dir.exit_code == 2 and "--unit: needs --run-dir" in no_dir.stderr
+    bad_unit = invoke(*TINY["convergence"], "--unit", "99", "--run-dir", tmp_path / "r")
+    assert bad_unit.exit_code == 2 and "--unit 99: no such unit (this spec has 4" in bad_unit.stderr
+    assert not (tmp_path / "r").exists()
+    assert invoke(*TINY["convergence"], "--unit", "0", "--run-dir", tmp_path / "r").exit_code == 0
+    other = invoke(*TINY["convergence"], "--steps", "7", "--unit", "1", "--run-dir", tmp_path / "r")
+    assert other.exit_code == 2 and "holds a run of another spec" in other.stderr
+    assert "Traceback" not in no_dir.output + bad_unit.output + other.output
+    missing = invoke("status", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "not a run directory" in missing.stderr
