@@ -175,7 +175,8 @@ def run_experiment(
         fail(str(e))
     except OSError as e:
         # an unusable output root is bad input (2); a write failing mid-run (disk full) is not (1)
-        fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", 2 if run is None else 1)
+        code = 2 if run is None else 1
+        fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", code)
     except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
         fail(f"{e}{kept(run)}", code=1)
     except KeyboardInterrupt:
