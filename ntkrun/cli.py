@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,10 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ntkrun import executors, runners
+from ntkrun import executors, resources, runners
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
 from ntkrun.runners import DivergenceError, Unit, preflight, resolve_device
-from ntkrun.runs import RunDir, UnitSpecMismatchError, is_complete, latest_run, open_run
+from ntkrun.runs import RunDir, Terminated, UnitSpecMismatchError, is_complete, latest_run, open_run
 from ntkrun.spec import (
     EXPERIMENTS,
     RunSpec,
@@ -28,6 +29,7 @@ from ntkrun.spec import (
     load_spec,
     preset_description,
     read_yaml,
+    spec_hash,
 )
 
 app = typer.Typer(
@@ -96,6 +98,8 @@ class RunOptions:
     run_dir: Path | None = None
     wait: bool = False
     list_units: bool = False
+    check: bool = False
+    force: bool = False
     slurm_partition: str | None = None
     slurm_gpus: int | None = None
     slurm_time: int | None = None
@@ -153,8 +157,21 @@ def run_experiment(
         if spec.executor.kind == "slurm" and not chosen and not executors.slurm_available():
             raise SpecError("executor slurm: sbatch and squeue are not on PATH (is this a SLURM login node?)")
         preflight(experiment, spec)
+        parallel = spec.executor.jobs if spec.executor.kind == "local" and not chosen else 1
+        if not opts.force:
+            need, limit = runners.check_memory(spec, chosen or runners.units(spec), parallel)
     except (SpecError, ValueError) as e:
         fail(str(e))
+    if opts.check:
+        found = runners.units(spec)
+        memory = "not checked (--force)" if opts.force else f"about {resources.gib(need)} at peak; {limit}"
+        out.print(
+            f"spec ok: {experiment}, hash {spec_hash(spec)}, {len(found)} units, executor "
+            f"{spec.executor.kind}; memory {memory}",
+            markup=False,
+            highlight=False,
+        )
+        return
     root = output_root_of(spec, opts, resume)
     progress = RichProgress(enabled=not opts.quiet)
     if chosen:
@@ -179,8 +196,9 @@ def run_experiment(
         fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", code)
     except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
         fail(f"{e}{kept(run)}", code=1)
-    except KeyboardInterrupt:
-        fail(f"interrupted{kept(run)}", code=130)
+    except KeyboardInterrupt as e:
+        hint = f"; continue with: ntkrun resume {run.path}" if run is not None else ""
+        fail(f"{stopped(e)}{kept(run)}{hint}", code=signal_code(e))
     report(experiment, metrics, run.path, opts.quiet)
 
 
@@ -221,8 +239,8 @@ def run_units_here(
         fail(f"cannot write the run directory {run_dir}: {e.strerror or e}", code=1)
     except (DivergenceError, ValueError) as e:
         fail(f"{e} (unit results so far are kept in {run_dir})", code=1)
-    except KeyboardInterrupt:
-        fail(f"interrupted (finished units and checkpoints are kept in {run_dir})", code=130)
+    except KeyboardInterrupt as e:
+        fail(f"{stopped(e)} (finished units and checkpoints are kept in {run_dir})", code=signal_code(e))
     done = runners.done_units(spec, run)
     total = len(runners.units(spec))
     names = ", ".join(u.name for u in chosen)
@@ -274,8 +292,8 @@ def run_slurm(
     try:
         with progress.bar:
             executors.wait_slurm(spec, run, [job for _, job in submitted] + list(queued), progress)
-    except KeyboardInterrupt:
-        fail(f"stopped waiting; the jobs go on (ntkrun status {run.path})", code=130)
+    except KeyboardInterrupt as e:
+        fail(f"stopped waiting; the jobs go on (ntkrun status {run.path})", code=signal_code(e))
     finish_sharded(spec, run, opts.quiet)
 
 
@@ -311,6 +329,14 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     complete = "complete (aggregated)" if is_complete(run.path) else "not aggregated"
     out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
     return table
+
+
+def stopped(e: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def signal_code(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def kept(run: RunDir | None) -> str:
@@ -360,6 +386,10 @@ PartitionOpt = Annotated[str | None, typer.Option(help="slurm: partition.")]
 GpusOpt = Annotated[int | None, typer.Option(help="slurm: GPUs per unit.")]
 TimeOpt = Annotated[int | None, typer.Option(help="slurm: time limit per unit, minutes.")]
 ArrayOpt = Annotated[int | None, typer.Option(help="slurm: array tasks running at once.")]
+CheckOpt = Annotated[
+    bool, typer.Option(help="Validate the spec, data and memory estimate, print a summary, run nothing.")
+]
+ForceOpt = Annotated[bool, typer.Option(help="Run even if the memory estimate exceeds what is available.")]
 
 
 @app.command()
@@ -378,6 +408,8 @@ def convergence(
     run_dir: RunDirOpt = None,
     wait: WaitOpt = False,
     list_units: ListUnitsOpt = False,
+    check: CheckOpt = False,
+    force: ForceOpt = False,
     slurm_partition: PartitionOpt = None,
     slurm_gpus: GpusOpt = None,
     slurm_time: TimeOpt = None,
@@ -404,6 +436,8 @@ def regression(
     run_dir: RunDirOpt = None,
     wait: WaitOpt = False,
     list_units: ListUnitsOpt = False,
+    check: CheckOpt = False,
+    force: ForceOpt = False,
     slurm_partition: PartitionOpt = None,
     slurm_gpus: GpusOpt = None,
     slurm_time: TimeOpt = None,
@@ -432,6 +466,8 @@ def scaling(
     run_dir: RunDirOpt = None,
     wait: WaitOpt = False,
     list_units: ListUnitsOpt = False,
+    check: CheckOpt = False,
+    force: ForceOpt = False,
     slurm_partition: PartitionOpt = None,
     slurm_gpus: GpusOpt = None,
     slurm_time: TimeOpt = None,
@@ -459,6 +495,8 @@ def pca(
     run_dir: RunDirOpt = None,
     wait: WaitOpt = False,
     list_units: ListUnitsOpt = False,
+    check: CheckOpt = False,
+    force: ForceOpt = False,
     slurm_partition: PartitionOpt = None,
     slurm_gpus: GpusOpt = None,
     slurm_time: TimeOpt = None,
@@ -493,6 +531,7 @@ def resume(
     executor: ExecutorOpt = None,
     jobs: JobsOpt = None,
     wait: WaitOpt = False,
+    force: ForceOpt = False,
     slurm_partition: PartitionOpt = None,
     slurm_gpus: GpusOpt = None,
     slurm_time: TimeOpt = None,
@@ -629,8 +668,15 @@ def show(
     out.print(f"files: {files}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    """Entry point: SIGTERM (a scheduler, `kill`) is handled like Ctrl-C: the run directory is
+    marked failed with its partial files kept, and `ntkrun resume` continues it."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(signal_code(e))

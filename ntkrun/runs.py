@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,21 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (see ntkrun.cli.main)."""
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (renames that must happen together)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class UnitSpecMismatchError(ValueError):
@@ -261,21 +277,21 @@ class RunDir:
     def finalize(self, device: str) -> Path:
         """Write meta.json (last), move into place and point `latest` at this run."""
         json_text = json.dumps(self._meta(time.time(), device), indent=2) + "\n"
-        self.write_text(COMPLETE_MARKER, json_text)
-        final = self.path if self.fixed else self._rename(self.name)
-        if not self.link_latest:
-            return final
-        link = self.parent / "latest"
-        tmp = self.parent / f".latest.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(final.name)
-        os.replace(tmp, link)
+        with signals_deferred():  # meta.json, the rename and `latest` happen together or not at all
+            self.write_text(COMPLETE_MARKER, json_text)
+            final = self.path if self.fixed else self._rename(self.name)
+            if self.link_latest:
+                tmp = self.parent / f".latest.{os.getpid()}"
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(final.name)
+                os.replace(tmp, self.parent / "latest")  # atomic: readers see the old or the new run
         return final
 
     def fail(self, reason: str) -> Path:
         """Keep the partial files, add ERROR with the reason, and mark the directory failed."""
-        self.write_text("ERROR", reason.rstrip() + "\n")
-        return self.path if self.fixed else self._rename(f"{self.name}.failed")
+        with signals_deferred():
+            self.write_text("ERROR", reason.rstrip() + "\n")
+            return self.path if self.fixed else self._rename(f"{self.name}.failed")
 
 
 @contextmanager
@@ -295,7 +311,12 @@ def open_run(
     try:
         yield run
     except BaseException as err:
-        reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else str(err)
+        if isinstance(err, KeyboardInterrupt):
+            reason = (
+                "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (SIGINT / Ctrl-C)"
+            )
+        else:
+            reason = str(err)
         LOG.error("run failed: %s", reason or type(err).__name__)
         handler.close()
         LOG.removeHandler(handler)
@@ -306,7 +327,10 @@ def open_run(
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE_MARKER).is_file() and not (path / "ERROR").exists()
+    """meta.json is there, no ERROR, and the name is not a working (.partial) name."""
+    path = Path(path)
+    hidden = path.name.startswith(".") or path.name.endswith(".failed")
+    return not hidden and (path / COMPLETE_MARKER).is_file() and not (path / "ERROR").exists()
 
 
 def latest_run(root: Path) -> Path | None:

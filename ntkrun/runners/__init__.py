@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 
+from ntkrun import resources
 from ntkrun.network import MLP, gd_step, mse_cost
 from ntkrun.runs import RunDir
 from ntkrun.spec import RunSpec
@@ -246,3 +247,36 @@ def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> dict[str, list]:
 def unpack(*tables: dict[str, list]) -> pd.DataFrame:
     """The inverse of pack, concatenating several tables in order."""
     return pd.concat([pd.DataFrame(t) for t in tables], ignore_index=True)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def memory_estimate(spec: RunSpec, unit: Unit) -> int:
+    """Estimated peak bytes of one unit (the experiment's `memory`)."""
+    return int(experiment_module(spec.experiment).memory(spec, unit))
+
+
+def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[int, str]:
+    """Refuse (ResourceError) a spec whose largest unit, times the units running at once, would
+    not fit in the memory available to this process's device. -> (estimate, limit description)."""
+    biggest = max(todo, key=lambda u: memory_estimate(spec, u))
+    need = memory_estimate(spec, biggest) * parallel
+    if spec.executor.kind == "slurm":
+        mem_gb = spec.executor.slurm.mem_gb
+        if mem_gb is None:
+            return need, "no limit known (set executor.slurm.mem_gb)"
+        have, where = int(mem_gb * resources.GiB), "executor.slurm.mem_gb"
+    else:
+        found = resources.available_bytes(resolve_device(spec.device))
+        if found is None:
+            return need, "unknown on this machine"
+        have, where = found
+    times = f" x {parallel} units at once" if parallel > 1 else ""
+    if need > have:
+        raise resources.ResourceError(
+            f"memory: unit {biggest.name}{times} needs about {resources.gib(need)} but "
+            f"{resources.gib(have)} is available ({where}); reduce the width or the number of "
+            "points, or pass --force to run anyway"
+        )
+    return need, f"{resources.gib(have)} available ({where})"

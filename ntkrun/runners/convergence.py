@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ntkrun import resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import convergence_figure
@@ -120,6 +121,17 @@ def units(spec: ConvergenceSpec) -> list[Unit]:
         for w in spec.network.width
         for s in seeds
     ]
+
+
+def memory(spec: ConvergenceSpec, unit: Unit) -> int:
+    """Peak bytes of one unit: network, a GD step on the training set, Theta(x0, grid)."""
+    sizes = resources.layer_sizes(2, unit.args["width"], spec.network.depth)
+    b = resources.dtype_bytes(spec.dtype)
+    return (
+        resources.network_bytes(sizes, b)
+        + resources.training_bytes(spec.training.n_train, sizes, b)
+        + resources.empirical_ntk_bytes(1, spec.grid.n_angles, sizes, b)
+    )
 
 
 def run_unit(spec: ConvergenceSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ntkrun import dynamics
+from ntkrun import dynamics, resources
 from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir, split_files
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import pca_figure
@@ -193,6 +193,22 @@ def units(spec: PCASpec) -> list[Unit]:
         for w in spec.network.width
         for s in seeds
     ]
+
+
+def memory(spec: PCASpec, unit: Unit) -> int:
+    """Peak bytes of one unit: the digits, then the reference kernel K (N, N) with its eigen
+    decomposition, or a network with a GD step on the N digits."""
+    n, b, depth = spec.data.n_points, resources.dtype_bytes(spec.dtype), spec.network.depth
+    data = 60000 * 784 + n * 784 * 8  # the split's uint8 images and the chosen float64 digits
+    if unit.name == "reference":
+        if spec.kernel == "analytic":
+            kernel = resources.analytic_bytes(n, n)
+        else:
+            sizes = resources.layer_sizes(784, spec.kernel_width, depth)
+            kernel = resources.network_bytes(sizes, b) + resources.empirical_ntk_bytes(n, n, sizes, b)
+        return data + kernel + resources.eigen_bytes(n) + 2 * n * n * 8  # K/N and the power iteration's copy
+    sizes = resources.layer_sizes(784, unit.args["width"], depth)
+    return data + resources.network_bytes(sizes, b) + resources.training_bytes(n, sizes, b)
 
 
 def run_unit(spec: PCASpec, unit: Unit, run: RunDir, progress: Progress) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ntkrun import dynamics
+from ntkrun import dynamics, resources
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
 from ntkrun.plots import regression_figure
@@ -145,6 +145,26 @@ def units(spec: RegressionSpec) -> list[Unit]:
         for w in spec.network.width
         for s in seeds
     ]
+
+
+def memory(spec: RegressionSpec, unit: Unit) -> int:
+    """Peak bytes of one unit: the limit's kernels (train, grid x train, grid x grid), or a
+    network with a GD step and its outputs on the grid."""
+    b, depth = resources.dtype_bytes(spec.dtype), spec.network.depth
+    n = len(spec.data.train_angles) if spec.data.train_angles is not None else spec.data.n_train or 1
+    g = spec.grid.n_angles
+    if unit.name == "limit":
+        pairs = [(n, n), (g, n), (g, g)]
+        if spec.kernel == "analytic":
+            return sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
+        sizes = resources.layer_sizes(2, spec.kernel_width, depth)
+        return (
+            resources.network_bytes(sizes, b)
+            + sum(resources.empirical_ntk_bytes(*p, sizes, b) for p in pairs)
+            + resources.training_bytes(g, sizes, b)
+        )
+    sizes = resources.layer_sizes(2, unit.args["width"], depth)
+    return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
 
 
 def run_unit(spec: RegressionSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:

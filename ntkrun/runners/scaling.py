@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ntkrun import dynamics
+from ntkrun import dynamics, resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernels, empirical_ntk
@@ -64,6 +64,21 @@ def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tenso
         "theta_zx": analytic_kernels(Z, X, *args)[1],
         "theta_zz": analytic_kernels(Z, None, *args)[1],
     }
+
+
+def memory(spec: ScalingSpec, unit: Unit) -> int:
+    """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z."""
+    dim = 2 if spec.data.inputs == "circle" else spec.data.dim
+    sizes = resources.layer_sizes(dim, unit.args["width"], unit.args["depth"])
+    b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
+    return (
+        resources.network_bytes(sizes, b)
+        + resources.training_bytes(max(n, z), sizes, b)
+        + resources.empirical_ntk_bytes(z, z, sizes, b)
+        + resources.analytic_bytes(n, n)
+        + resources.analytic_bytes(z, n + z)
+        + resources.eigen_bytes(n)
+    )
 
 
 def run_unit(spec: ScalingSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:

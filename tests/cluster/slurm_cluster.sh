@@ -32,7 +32,17 @@ SLURMD_PORT=${SLURM_CLUSTER_SLURMD_PORT:-6818}
 TIMEOUT=${SLURM_CLUSTER_TIMEOUT:-60}
 MEM_MARGIN_MB=${SLURM_CLUSTER_MEM_MARGIN_MB:-1024}
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
+CLEANUP_DIR=""   # set while `start` runs: on failure, stop what it started
+die() {
+    echo "$PROG: error: $*" >&2
+    if [ -n "$CLEANUP_DIR" ]; then
+        local d=$CLEANUP_DIR
+        CLEANUP_DIR=""
+        echo "$PROG: stopping the daemons started in $d" >&2
+        cmd_stop "$d" >&2 || true
+    fi
+    exit 1
+}
 log() { echo "$PROG: $*" >&2; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
@@ -44,7 +54,7 @@ abs_dir() {
 }
 
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
-pid_of() { [ -s "$1" ] && tr -dc '0-9' <"$1" || true; }
+pid_of() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
 
 cmd_install() {
     local missing=0 b
@@ -57,10 +67,18 @@ cmd_install() {
     fi
     need_root
     export DEBIAN_FRONTEND=noninteractive
-    # policy-rc.d / absent systemd: the packages' postinst may fail to start
-    # services; that is harmless, we start the daemons ourselves.
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    # Keep the packages' postinst from starting the system munged/slurmd via
+    # /etc/init.d (no systemd in a container); we start our own daemons.
+    local made_policy=0 rc=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    { apt-get update -qq &&
+        apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; } || rc=$?
+    [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    [ "$rc" = 0 ] || die "apt-get failed (rc=$rc)"
     for b in slurmctld slurmd munged sbatch; do
         command -v "$b" >/dev/null 2>&1 || die "$b still missing after apt-get install"
     done
@@ -207,8 +225,8 @@ start_munged() {
         --seed-file="$d/munge/munged.seed" \
         || { show_logs "$d"; die "munged failed to start"; }
     # munged forks; wait for the socket
-    local i
-    for i in $(seq 50); do
+
+    for _ in $(seq 50); do
         [ -S "$d/run/munge.socket.2" ] && return 0
         sleep 0.1
     done
@@ -218,7 +236,7 @@ start_munged() {
 
 cmd_start() {
     need_root
-    local d host pid i state n b
+    local d host pid state n b
     d=$(abs_dir "${1:-}")
     # unix socket paths (munge socket, slurmstepd sockets in the spool) are
     # limited to 107 bytes
@@ -232,6 +250,14 @@ cmd_start() {
     host=$(hostname -s)
     export SLURM_CONF="$d/slurm.conf"
 
+    # fail early if another cluster holds the ports
+    if ! pid_alive "$(pid_of "$d/run/slurmctld.pid")" && port_in_use "$CTLD_PORT"; then
+        die "port $CTLD_PORT already in use (another slurmctld?); set SLURM_CLUSTER_CTLD_PORT"
+    fi
+    if ! pid_alive "$(pid_of "$d/run/slurmd.pid")" && port_in_use "$SLURMD_PORT"; then
+        die "port $SLURMD_PORT already in use (another slurmd?); set SLURM_CLUSTER_SLURMD_PORT"
+    fi
+    CLEANUP_DIR=$d
     start_munged "$d"
 
     pid=$(pid_of "$d/run/slurmctld.pid")
@@ -253,7 +279,7 @@ cmd_start() {
     fi
 
     state=""
-    for i in $(seq $((TIMEOUT * 2))); do
+    for _ in $(seq $((TIMEOUT * 2))); do
         state=$(sinfo -h -N -n "$host" -o '%T' 2>/dev/null | head -1 || true)
         case "$state" in
             idle|mixed|allocated) break ;;
@@ -274,6 +300,7 @@ cmd_start() {
             die "node $host not idle after ${TIMEOUT}s (state: '${state:-no answer from slurmctld}')"
             ;;
     esac
+    CLEANUP_DIR=""
     write_sacct_shim "$d"
     log "cluster up: node $host $state, partition debug"
     echo "export SLURM_CONF=$d/slurm.conf"
@@ -286,20 +313,20 @@ cmd_start() {
 }
 
 stop_one() {
-    local name=$1 pidfile=$2 pid i
+    local name=$1 pidfile=$2 pid
     pid=$(pid_of "$pidfile")
     if ! pid_alive "$pid"; then
         rm -f "$pidfile"
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 150); do          # up to 15 s
+    for _ in $(seq 150); do          # up to 15 s
         pid_alive "$pid" || { rm -f "$pidfile"; return 0; }
         sleep 0.1
     done
     log "$name (pid $pid) ignored SIGTERM, sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         pid_alive "$pid" || { rm -f "$pidfile"; return 0; }
         sleep 0.1
     done
@@ -315,11 +342,12 @@ cmd_stop() {
     # cancel whatever is still queued/running so no job outlives the cluster
     if pid_alive "$(pid_of "$d/run/slurmctld.pid")"; then
         export SLURM_CONF="$d/slurm.conf"
-        local ids i
+        local ids
         ids=$(squeue -h -o '%A' -t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED 2>/dev/null || true)
         if [ -n "$ids" ]; then
+            # shellcheck disable=SC2086  # one job id per word
             scancel $ids 2>/dev/null || true
-            for i in $(seq 40); do   # up to 20 s (KillWait=5)
+            for _ in $(seq 40); do   # up to 20 s (KillWait=5)
                 [ -z "$(squeue -h -o '%A' 2>/dev/null | head -1)" ] && break
                 sleep 0.5
             done

@@ -1,0 +1,83 @@
+"""Memory estimates of the units of a spec, and the check that refuses what cannot fit.
+
+The estimates count the large tensors each computation holds at its peak (weights, the
+activations and deltas of a forward/backward pass, kernel matrices and their blocks, eigen
+decompositions); tests/robustness compare them with the measured peak of real runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+
+from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET
+
+GiB = 2**30
+ANALYTIC_BUDGET = 2**30  # analytic_kernels' default memory_budget for its row blocks
+
+
+class ResourceError(ValueError):
+    """A spec needs more memory than there is."""
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "float64": 8}[dtype]
+
+
+def layer_sizes(n0: int, width: int, depth: int) -> list[int]:
+    return [n0, *([width] * (depth - 1)), 1]
+
+
+def network_bytes(sizes: Sequence[int], b: int) -> int:
+    """Weights and biases, plus the largest layer drawn in float64 before its cast."""
+    params = sum(m * n + n for m, n in pairwise(sizes))
+    largest = max(m * n for m, n in pairwise(sizes))
+    return params * b + largest * 8
+
+
+def training_bytes(n: int, sizes: Sequence[int], b: int) -> int:
+    """One GD step on n inputs: activations a(l), pre-activations z(l), deltas and their
+    temporaries, about five (n, n_l) tensors per layer."""
+    return 5 * n * sum(sizes) * b
+
+
+def empirical_ntk_bytes(n1: int, n2: int, sizes: Sequence[int], b: int) -> int:
+    """Features of two row blocks (bounded by the engine's memory budget), the output, and the
+    float64 copy the runners make of it."""
+    features = min(2 * (n1 + n2) * sum(sizes) * b, DEFAULT_MEMORY_BUDGET + 2 * sum(sizes) * b)
+    return features + n1 * n2 * (2 * b + 8)
+
+
+def analytic_bytes(n1: int, n2: int) -> int:
+    """Sigma and Theta (float64) and the row-block intermediates (bounded by the budget)."""
+    return 2 * n1 * n2 * 8 + min(12 * 8 * n1 * n2, ANALYTIC_BUDGET)
+
+
+def eigen_bytes(n: int) -> int:
+    """A symmetric eigendecomposition of an (n, n) float64 matrix: input copy, vectors, work."""
+    return 4 * n * n * 8
+
+
+def available_bytes(device: torch.device) -> tuple[int, str] | None:
+    """(free bytes, where that number comes from) for the device, or None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available physical pages"
+    except (ValueError, OSError):
+        return None
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.3g} GiB" if n >= GiB / 10 else f"{n / 2**20:.3g} MiB"
