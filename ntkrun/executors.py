@@ -199,22 +199,31 @@ def recorded_jobs(run: RunDir) -> dict[str, str]:
     return jobs
 
 
-def queue_states(job_ids: Iterable[str]) -> dict[str, str]:
-    """{job id: state} for the given jobs still known to squeue (PENDING, RUNNING, ...)."""
+FINAL_STATES = {
+    "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE",
+}  # fmt: skip
+
+
+def queue_states(job_ids: Iterable[str], active_only: bool = True) -> dict[str, str]:
+    """{job id: SLURM state} of the given jobs as squeue knows them (jobs that ended stay known
+    for the cluster's MinJobAge). active_only: only jobs pending, running or requeued."""
     wanted = set(job_ids)
     if not wanted or not slurm_available():
         return {}
-    arrays = sorted({j.split("_")[0] for j in wanted})
     proc = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)],
+        ["squeue", "--me", "-h", "-r", "-t", "all", "-o", "%i|%T"],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    if proc.returncode != 0:
+        raise RuntimeError(f"squeue failed: {proc.stderr.strip() or proc.returncode}")
     states = {}
     for line in proc.stdout.splitlines():
-        job, _, state = line.partition("|")
-        if job in wanted:
+        job, _, state = line.strip().partition("|")
+        state = state.split()[0] if state else state  # "CANCELLED by 0" -> CANCELLED
+        if job in wanted and not (active_only and state in FINAL_STATES):
             states[job] = state
     return states
 
@@ -237,7 +246,7 @@ def wait_slurm(spec: RunSpec, run: RunDir, job_ids: list[str], progress: Progres
 def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     """Per unit: state (done, running, pending, failed, not started), job id, detail."""
     jobs = recorded_jobs(run)
-    states = queue_states(jobs.values())
+    states = queue_states(jobs.values(), active_only=False)
     rows = []
     for index, unit in enumerate(runners.units(spec)):
         job = jobs.get(unit.name, "")
@@ -246,12 +255,15 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
         detail = ""
         if info is not None:
             state = "done"
-            where = (
-                f"job {info['slurm_job']}_{info['slurm_task']}" if info.get("slurm_task") else info["host"]
-            )
-            detail = f"{info['wall_time_s']:.1f} s on {where}"
-        elif job in states:
-            state = states[job].lower()
+            where = info["host"]
+            if info.get("slurm_job"):
+                task = f"_{info['slurm_task']}" if info.get("slurm_task") else ""
+                where = f"job {info['slurm_job']}{task} on {info['host']}"
+            detail = f"{info['wall_time_s']:.1f} s, {where}"
+        elif job in states and states[job] not in ("COMPLETED",):
+            state = states[job].lower()  # pending, running, cancelled, timeout, failed, ...
+            if states[job] in FINAL_STATES:
+                detail = f"no result; see {_job_log(run, job)}"
         elif job:
             state = "failed"
             detail = f"job ended without a result; see {_job_log(run, job)}"
@@ -264,4 +276,5 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
 
 
 def _job_log(run: RunDir, job_id: str) -> str:
-    return str(run.path / "slurm" / f"{job_id}_0_log.err")
+    """submitit's stderr file of the job, relative to the run directory."""
+    return f"slurm/{job_id}_0_log.err"

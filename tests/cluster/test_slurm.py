@@ -1,0 +1,147 @@
+"""ntkrun on a real SLURM: a single-node cluster (slurmctld + slurmd + munged) started by
+slurm_cluster.sh for this module. Needs root and Debian's slurm-wlm and munge (installed when
+missing); deselect with `-m "not cluster"` where that is impossible."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+
+pytestmark = pytest.mark.cluster
+SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
+TINY = [
+    "convergence", "--preset", "quick", "--set", "network.width=[8, 32]", "--seeds", "2", "--steps", "6",
+    "--set", "grid.n_angles=16", "--set", "training.n_train=10", "--quiet",
+]  # fmt: skip
+SLURM = [
+    "--executor",
+    "slurm",
+    "--slurm-partition",
+    "debug",
+    "--slurm-time",
+    "10",
+    "--set",
+    "executor.slurm.cpus=1",
+]
+CSVS = ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """Start the cluster; -> the environment its clients need (SLURM_CONF, PATH)."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "the SLURM tests start slurmctld/slurmd as root; run as root or deselect -m 'not cluster'"
+        )
+    install = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    folder = tempfile.mkdtemp(prefix="ntks", dir="/tmp")  # short: unix socket paths are limited
+    start = subprocess.run(["bash", str(SCRIPT), "start", folder], capture_output=True, text=True)
+    assert start.returncode == 0, start.stderr[-3000:]
+    env = dict(os.environ)
+    for line in start.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ["PATH"])
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ.update({k: env[k] for k in saved})  # for squeue calls made in this process
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        subprocess.run(["bash", str(SCRIPT), "stop", folder], capture_output=True, text=True)
+
+
+def ntkrun(env: dict[str, str], *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ntkrun", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_dir_of(stdout: str) -> Path:
+    match = re.search(r"run directory: (\S+)", stdout)
+    assert match, stdout
+    return Path(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("local")
+    result = CliRunner().invoke(app, [*TINY, "--output-root", str(root)])
+    assert result.exit_code == 0, result.output
+    return run_dir_of(result.stdout.replace("\n", ""))
+
+
+def test_sweep_through_slurm_equals_a_local_run(cluster, local_run, tmp_path):
+    result = ntkrun(cluster, *TINY, *SLURM, "--wait", "--output-root", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "submitted 4 unit(s) as SLURM job(s)" in result.stdout
+    run = run_dir_of(result.stdout)
+    assert (run / "meta.json").is_file()
+    for name in CSVS:
+        assert (run / name).read_bytes() == (local_run / name).read_bytes(), name
+    status = ntkrun(cluster, "status", run)
+    assert "4 units: 4 done; run complete" in status.stdout, status.stdout
+    assert status.stdout.count("job ") >= 4  # every unit ran as an array task
+
+
+def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
+    # 3000 steps keep the width-32 units busy for a moment after the interpreter starts
+    slow = [*TINY, "--steps", "3000"]
+    reference = CliRunner().invoke(app, [*slow, "--output-root", str(tmp_path / "local")])
+    assert reference.exit_code == 0, reference.output
+    local = run_dir_of(reference.stdout.replace("\n", ""))
+
+    submitted = ntkrun(cluster, *slow, *SLURM, "--output-root", tmp_path / "slurm")
+    assert submitted.returncode == 0, submitted.stderr
+    run = run_dir_of(submitted.stdout)
+    from ntkrun import executors
+    from ntkrun.runs import RunDir
+    from ntkrun.spec import load_run_spec
+
+    spec = load_run_spec(run)
+    jobs = executors.recorded_jobs(RunDir.at(run, spec))
+    victim = jobs["w32_s0"]
+    deadline = time.time() + 120
+    while executors.queue_states([victim]).get(victim) != "RUNNING":
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.1)
+    subprocess.run(["scancel", victim], check=True, env=cluster)
+    while executors.queue_states(jobs.values()):  # the other units finish
+        assert time.time() < deadline + 120
+        time.sleep(0.5)
+
+    status = ntkrun(cluster, "status", run)
+    print(status.stdout)  # shown in the closing note of issue 6
+    assert re.search(r"w32_s0\s+\S*\s*cancelled", status.stdout) or "cancelled" in status.stdout, (
+        status.stdout
+    )
+    assert "4 units: 3 done, 1 cancelled; run not aggregated" in status.stdout
+    assert not (run / "meta.json").exists()
+
+    resumed = ntkrun(cluster, "resume", run, "--wait", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "submitted 1 unit(s)" in resumed.stdout
+    status = ntkrun(cluster, "status", run)
+    print(status.stdout)
+    assert "4 units: 4 done; run complete" in status.stdout
+    for name in CSVS:
+        assert (run / name).read_bytes() == (local / name).read_bytes(), name
