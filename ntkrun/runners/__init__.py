@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from ntkrun import resources
+from ntkrun.kernels import analytic_kernels
 from ntkrun.network import MLP, gd_step, mse_cost
 from ntkrun.runs import RunDir
 from ntkrun.spec import RunSpec
@@ -142,9 +143,42 @@ def experiment_module(experiment: str) -> ModuleType:
     return importlib.import_module(EXPERIMENT_MODULES[experiment])
 
 
+class NumericalRangeError(ValueError):
+    """The network's kernels would underflow or overflow in the spec's dtype."""
+
+
+def check_range(spec: RunSpec, q0: float = 0.1) -> None:
+    """Refuse depth/nonlinearity/beta/dtype combinations whose kernels leave the dtype's range.
+
+    The limiting Sigma(l)(x, x) and Theta(l)(x, x) of an input with |x|^2 / n0 = q0 (0.1: about
+    the smallest input scale of the experiments) tell the size of the activations and of the
+    empirical NTK; e.g. ReLU with beta = 0 halves Sigma at every layer, so a depth-300 network
+    computes an NTK of exactly 0 in float32.
+    """
+    net = spec.network  # type: ignore[attr-defined]
+    depth = max(net.depth) if isinstance(net.depth, list) else net.depth
+    info = torch.finfo(resolve_dtype(spec.dtype))
+    low, high = info.tiny * 1e4, info.max / 1e4
+    x = torch.tensor([[math.sqrt(q0)]], dtype=torch.float64)
+    sigma, theta = analytic_kernels(
+        x, depth=depth, nonlinearity=net.nonlinearity, beta=net.beta, all_layers=True
+    )
+    values = torch.cat([sigma.flatten(), theta.flatten()])
+    smallest, largest = float(values.min()), float(values.max())
+    if smallest < low or largest > high or not math.isfinite(largest):
+        what = "underflow" if smallest < low else "overflow"
+        value = smallest if smallest < low else largest
+        raise NumericalRangeError(
+            f"network: depth {depth} with {net.nonlinearity} and beta {net.beta} drives the kernels to "
+            f"{value:.3g} (Sigma/Theta of the limit): {spec.dtype} would {what} (normal range "
+            f"{info.tiny:.3g} to {info.max:.3g}); use dtype: float64, a smaller depth, or beta > 0"
+        )
+
+
 def preflight(experiment: str, spec: RunSpec) -> None:
-    """An experiment's checks that need more than the spec (e.g. data files), run before any
-    run directory exists. Raises ValueError."""
+    """Checks that need more than the spec's schema, run before any run directory exists: the
+    kernels' numerical range, and the experiment's own (e.g. data files). Raises ValueError."""
+    check_range(spec)
     check = getattr(experiment_module(experiment), "check", None)
     if check is not None:
         check(spec)
