@@ -363,7 +363,8 @@ def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
 
 def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> str:
     loc = tuple(str(p) for p in err["loc"])
-    key = ".".join(loc) or "(top level)"
+    # a key with a newline or other unprintable characters is shown quoted, keeping one line
+    key = ".".join(p if p.isprintable() and p.strip() == p and p else repr(p) for p in loc) or "(top level)"
     source = layers.source_of(tuple(p for p in loc if not p.isdigit()))
     if err["type"] == "extra_forbidden":
         sub: Any = model
