@@ -1,3 +1,3 @@
-from ntkrun.cli import main
+from ntkrun.entry import main
 
 main()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -18,8 +16,9 @@ from rich.table import Table
 
 from ntkrun import executors, resources, runners
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
+from ntkrun.entry import Stop, signal_code, stopped
 from ntkrun.runners import DivergenceError, Unit, preflight, resolve_device
-from ntkrun.runs import RunDir, Terminated, UnitSpecMismatchError, is_complete, latest_run, open_run
+from ntkrun.runs import RunDir, UnitSpecMismatchError, is_complete, latest_run, open_run
 from ntkrun.spec import (
     EXPERIMENTS,
     RunSpec,
@@ -196,7 +195,7 @@ def run_experiment(
         fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", code)
     except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
         fail(f"{e}{kept(run)}", code=1)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Stop) as e:
         hint = f"; continue with: ntkrun resume {run.path}" if run is not None else ""
         fail(f"{stopped(e)}{kept(run)}{hint}", code=signal_code(e))
     report(experiment, metrics, run.path, opts.quiet)
@@ -239,7 +238,7 @@ def run_units_here(
         fail(f"cannot write the run directory {run_dir}: {e.strerror or e}", code=1)
     except (DivergenceError, ValueError) as e:
         fail(f"{e} (unit results so far are kept in {run_dir})", code=1)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Stop) as e:
         fail(f"{stopped(e)} (finished units and checkpoints are kept in {run_dir})", code=signal_code(e))
     done = runners.done_units(spec, run)
     total = len(runners.units(spec))
@@ -292,7 +291,7 @@ def run_slurm(
     try:
         with progress.bar:
             executors.wait_slurm(spec, run, [job for _, job in submitted] + list(queued), progress)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Stop) as e:
         fail(f"stopped waiting; the jobs go on (ntkrun status {run.path})", code=signal_code(e))
     finish_sharded(spec, run, opts.quiet)
 
@@ -329,14 +328,6 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     complete = "complete (aggregated)" if is_complete(run.path) else "not aggregated"
     out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
     return table
-
-
-def stopped(e: KeyboardInterrupt) -> str:
-    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-
-
-def signal_code(e: KeyboardInterrupt) -> int:
-    return 143 if isinstance(e, Terminated) else 130
 
 
 def kept(run: RunDir | None) -> str:
@@ -666,17 +657,3 @@ def show(
             out.print(frame_table(pd.read_csv(run_dir / name), name))
     files = ", ".join(sorted(p.name for p in run_dir.iterdir()))
     out.print(f"files: {files}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def main() -> None:
-    """Entry point: SIGTERM (a scheduler, `kill`) is handled like Ctrl-C: the run directory is
-    marked failed with its partial files kept, and `ntkrun resume` continues it."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app()
-    except KeyboardInterrupt as e:
-        sys.exit(signal_code(e))

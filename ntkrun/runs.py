@@ -35,6 +35,7 @@ import torch
 import yaml
 
 import ntkrun
+from ntkrun.entry import Stop, stopped
 from ntkrun.spec import RunSpec, spec_dict, spec_hash
 
 LOG = logging.getLogger("ntkrun")
@@ -82,10 +83,6 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (see ntkrun.cli.main)."""
 
 
 @contextmanager
@@ -311,12 +308,7 @@ def open_run(
     try:
         yield run
     except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):
-            reason = (
-                "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (SIGINT / Ctrl-C)"
-            )
-        else:
-            reason = str(err)
+        reason = stopped(err) if isinstance(err, (KeyboardInterrupt, Stop)) else str(err)
         LOG.error("run failed: %s", reason or type(err).__name__)
         handler.close()
         LOG.removeHandler(handler)

@@ -226,7 +226,12 @@ def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> 
     result = run.load_unit(unit.name)
     if result is None:
         t0 = time.time()
-        result = experiment_module(spec.experiment).run_unit(spec, unit, run, progress)
+        try:
+            result = experiment_module(spec.experiment).run_unit(spec, unit, run, progress)
+        except DivergenceError:
+            raise  # its message names the network already
+        except ValueError as err:  # numerical trouble: say which unit
+            raise ValueError(f"unit {unit.name}: {err}") from err
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),

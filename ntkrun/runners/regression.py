@@ -173,7 +173,13 @@ def run_unit(spec: RegressionSpec, unit: Unit, run: RunDir, progress: Progress) 
     gammas = grid_angles(spec.grid.n_angles)
     X, Xg = circle(angles), circle(gammas)
     if unit.name == "limit":
-        limit = limit_table(spec, limit_kernels(spec, X, Xg, device), y, gammas)
+        try:
+            limit = limit_table(spec, limit_kernels(spec, X, Xg, device), y, gammas)
+        except ValueError as err:
+            if spec.kernel != "empirical":
+                raise
+            hint = f"here: kernel_width {spec.kernel_width} is too narrow (or use kernel: analytic)"
+            raise ValueError(f"{err}; {hint}") from err
         return {"limit": pack(limit)}
     width, seed = unit.args["width"], unit.args["seed"]
     net = build_net(spec, 2, width, seed, device)

@@ -1,0 +1,52 @@
+"""The `ntkrun` command's entry point. Signal handling is set up before the heavy imports
+(torch takes seconds), so Ctrl-C or SIGTERM at any moment ends the command cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+class Stop(BaseException):
+    """A signal asked the command to stop. Not a KeyboardInterrupt, so that the CLI framework
+    does not swallow it: ntkrun's own handlers mark the run failed, keep its partial files and
+    say how to resume."""
+
+    code = 130
+    reason = "interrupted"
+
+
+class Interrupted(Stop):
+    """SIGINT (Ctrl-C)."""
+
+
+class Terminated(Stop):
+    """SIGTERM (a scheduler, `kill`)."""
+
+    code = 143
+    reason = "terminated (SIGTERM)"
+
+
+def signal_code(e: BaseException) -> int:
+    """The shell's exit status for a command ended by the signal: 128 + signal number."""
+    return e.code if isinstance(e, Stop) else 130
+
+
+def stopped(e: BaseException) -> str:
+    return e.reason if isinstance(e, Stop) else "interrupted"
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Terminated() if signum == signal.SIGTERM else Interrupted()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, _raise)
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        from ntkrun.cli import app
+
+        app()
+    except (Stop, KeyboardInterrupt) as e:  # outside a run (runs report themselves): e.g. start-up
+        sys.stderr.write(f"ntkrun: {stopped(e)}\n")
+        sys.exit(signal_code(e))

@@ -1,0 +1,252 @@
+"""Faults: signals at random points, interrupts inside a file write and inside aggregation, a
+full disk, an unusable output root. Nothing under a final name is ever partial, finished units
+survive, and `ntkrun resume` ends with the CSVs of an uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import ntkrun.plots
+from ntkrun.cli import app
+from ntkrun.entry import Terminated
+
+COUNTS: Counter[str] = Counter()
+# 8 units of ~0.2-0.5 s each: a run lasts a few seconds, so random signals land in start-up,
+# training, unit writes, aggregation and the final rename.
+SPEC = [
+    "convergence", "--preset", "quick", "--set", "network.width=[16, 256]", "--seeds", "4",
+    "--steps", "300", "--set", "grid.n_angles=32", "--set", "training.n_train=16", "--quiet",
+]  # fmt: skip
+CSVS = ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"]
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def check_final_files(root: Path) -> None:
+    """Every file under its final name (not .-hidden, not .tmp) is whole."""
+    for path in root.rglob("*"):
+        if not path.is_file() or path.name.startswith(".") or path.name.endswith(".tmp"):
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".pt":
+            torch.load(path, weights_only=True)
+        elif path.suffix == ".csv":
+            assert len(pd.read_csv(path).columns) > 0, path
+        elif path.suffix == ".json":
+            json.loads(data)
+        elif path.suffix == ".yaml":
+            assert isinstance(yaml.safe_load(data), dict), path
+        elif path.suffix == ".png":
+            assert data.endswith(b"IEND\xaeB`\x82"), path
+        elif path.suffix == ".pdf":
+            assert data.rstrip().endswith(b"%%EOF"), path
+        elif path.name == "ERROR":
+            assert data.strip(), path
+
+
+def unit_results(root: Path) -> dict[str, object]:
+    found = {}
+    for path in root.rglob("units/*.pt"):
+        if not path.name.endswith(".ckpt.pt"):
+            found[path.name] = torch.load(path, weights_only=True)["result"]
+    return found
+
+
+def leftover(root: Path) -> Path | None:
+    """The interrupted run directory to resume (.failed, or .partial after SIGKILL), if any."""
+    folder = root / "convergence"
+    if not folder.exists():
+        return None
+    found = [p for p in folder.iterdir() if p.name.endswith((".failed", ".partial"))]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def complete(root: Path) -> Path | None:
+    folder = root / "convergence"
+    done = [
+        p
+        for p in folder.iterdir()
+        if (p / "meta.json").is_file() and not p.name.endswith((".failed", ".partial"))
+    ]
+    return done[0] if done else None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reference")
+    result = invoke(*SPEC, "--output-root", root)
+    assert result.exit_code == 0, result.output
+    return complete(root)
+
+
+def test_random_signals_never_lose_work(reference, tmp_path):
+    """SIGINT, SIGTERM and SIGKILL at random moments, over and over; after each: no partial file
+    under a final name, every finished unit still there with the same result; resume finishes."""
+    rng = random.Random(1234)
+    root = tmp_path / "out"
+    seen: dict[str, object] = {}
+    kills = 0
+    for attempt in range(40):
+        target = leftover(root)
+        args = ["resume", str(target), "--quiet"] if target else [*SPEC, "--output-root", str(root)]
+        proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+        try:
+            # the window widens with each attempt, so that on a slow machine the run can finish
+            proc.wait(timeout=rng.uniform(0.5, 3.0 + attempt))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+            kills += 1
+            COUNTS[f"random {signal.Signals(sig).name}"] += 1
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        if proc.returncode in (130, 143):
+            assert "continue with: ntkrun resume" in err or "interrupted" in err or "terminated" in err, err
+        check_final_files(root)
+        now = unit_results(root)
+        for name, result in seen.items():
+            assert now.get(name) == result, f"unit {name} lost or changed after a {sig!r}"
+        seen = now
+        if proc.returncode == 0 and complete(root) is not None:
+            break
+        assert proc.returncode in (130, 143, -9), (proc.returncode, err)
+    else:
+        pytest.fail("the run never completed")
+    assert kills >= 3, "too few signals landed inside the run to mean anything"
+    final = complete(root)
+    assert leftover(root) is None and (root / "convergence" / "latest").resolve() == final.resolve()
+    for name in CSVS:
+        assert (final / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def interrupted_write(original, when: dict, exc: BaseException):
+    """Wrap a writer: the `when['n']`-th call writes half its bytes, then raises `exc`."""
+
+    def writer(obj, target, *args, **kwargs):
+        when["calls"] += 1
+        if when["calls"] != when["n"]:
+            return original(obj, target, *args, **kwargs)
+        original(obj, target, *args, **kwargs)
+        data = Path(target).read_bytes()
+        Path(target).write_bytes(data[: len(data) // 2])  # the write got half-way
+        raise exc
+
+    return writer
+
+
+@pytest.mark.parametrize(
+    ("n", "exc", "code"),
+    [
+        (1, KeyboardInterrupt(), 130),
+        (3, KeyboardInterrupt(), 130),
+        (5, Terminated(), 143),
+        (2, OSError(errno.ENOSPC, "No space left on device"), 1),
+        (6, OSError(errno.ENOSPC, "No space left on device"), 1),
+    ],
+)
+def test_fault_inside_a_unit_write(n, exc, code, reference, tmp_path, monkeypatch):
+    """The n-th unit result write is cut half-way by Ctrl-C / SIGTERM / a full disk."""
+    monkeypatch.setattr(torch, "save", interrupted_write(torch.save, {"n": n, "calls": 0}, exc))
+    result = invoke(*SPEC, "--output-root", tmp_path)
+    monkeypatch.undo()
+    COUNTS[f"unit write {type(exc).__name__}"] += 1
+    assert result.exit_code == code, result.output
+    if isinstance(exc, OSError):
+        assert "No space left on device" in result.stderr
+    run = leftover(tmp_path)
+    assert run is not None and run.name.endswith(".failed") and not (run / "meta.json").exists()
+    check_final_files(tmp_path)
+    assert not list(run.rglob("*.tmp")), "temporary file left behind"
+    assert len(unit_results(tmp_path)) == n - 1  # the units before the fault survive
+    resumed = invoke("resume", run, "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    for name in CSVS:
+        assert (complete(tmp_path) / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_fault_during_aggregation(exc, reference, tmp_path, monkeypatch):
+    """The figure (written after the CSVs, before meta.json) fails: the run is not complete."""
+
+    def broken_save(fig, stem):
+        raise exc
+
+    monkeypatch.setattr(ntkrun.plots, "_save", broken_save)
+    result = invoke(*SPEC, "--output-root", tmp_path)
+    monkeypatch.undo()
+    COUNTS[f"aggregation {type(exc).__name__}"] += 1
+    assert result.exit_code in (1, 130), result.output
+    run = leftover(tmp_path)
+    assert run is not None and not (run / "meta.json").exists() and (run / "ERROR").is_file()
+    assert not (tmp_path / "convergence" / "latest").exists()
+    check_final_files(tmp_path)
+    assert len(unit_results(tmp_path)) == 8  # all units survive; only aggregation is redone
+    assert invoke("resume", run, "--quiet").exit_code == 0
+    for name in CSVS:
+        assert (complete(tmp_path) / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_csv_write_hits_a_full_disk(tmp_path, monkeypatch):
+    original = pd.DataFrame.to_csv
+    state = {"n": 2, "calls": 0}
+    monkeypatch.setattr(
+        pd.DataFrame,
+        "to_csv",
+        interrupted_write(original, state, OSError(errno.ENOSPC, "No space left on device")),
+    )
+    result = invoke(*SPEC, "--output-root", tmp_path)
+    monkeypatch.undo()
+    COUNTS["csv write ENOSPC"] += 1
+    assert result.exit_code == 1 and "No space left on device" in result.stderr
+    assert "partial files kept in" in result.stderr and "Traceback" not in result.output
+    check_final_files(tmp_path)
+    run = leftover(tmp_path)
+    assert run is not None and not (run / "meta.json").exists()
+
+
+@pytest.mark.parametrize("root", ["file", "/proc/ntkrun-unwritable"])
+def test_unusable_output_root(root, tmp_path):
+    if root == "file":
+        (tmp_path / "file").write_text("x")
+        root = str(tmp_path / "file")
+    result = invoke(*SPEC, "--output-root", root)
+    assert result.exit_code == 2 and "cannot write the run directory under" in result.stderr
+    assert "Traceback" not in result.output and result.stderr.count("\n") == 1
+
+
+def test_two_processes_in_the_same_second_get_distinct_directories(tmp_path):
+    """Four ntkrun processes with one spec, started together: four complete runs, distinct
+    names, `latest` pointing at one of them (swapped atomically: never dangling)."""
+    tiny = [*SPEC[:3], "--set", "network.width=[8]", "--seeds", "1", "--steps", "2", "--quiet"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "ntkrun", *tiny, "--output-root", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    runs = sorted(p for p in (tmp_path / "convergence").iterdir() if p.name != "latest")
+    assert len(runs) == 4 and all((p / "meta.json").is_file() for p in runs)
+    stamps = {p.name.split("-")[0] for p in runs}
+    assert len(stamps) <= 4
+    assert (tmp_path / "convergence" / "latest").resolve() in {p.resolve() for p in runs}
+    assert not list((tmp_path / "convergence").glob(".latest.*"))
+    COUNTS["concurrent starts"] += 4
