@@ -24,3 +24,14 @@ def jacobian_ntk(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None, per_
         l = int(name.split(".")[1])
         layers[l] += J1[name].reshape(X.shape[0], -1) @ J2[name].reshape(X2.shape[0], -1).T
     return layers if per_layer else layers.sum(0)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Report what the robustness suite tried: the counters its modules keep."""
+    import sys
+
+    for name in ("test_fuzz_spec", "test_faults"):
+        counts = getattr(sys.modules.get(name), "COUNTS", None)
+        if counts:
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+            terminalreporter.write_line(f"{name}: {sum(counts.values())} cases ({detail})")
