@@ -142,6 +142,11 @@ def run_experiment(
             spec = load_spec(
                 experiment, config=resume / "spec.yaml", sets=opts.set_ or [], overrides=overrides
             )
+            if spec_hash(spec) != spec_hash(load_run_spec(resume)):
+                raise SpecError(
+                    f"{resume}: on resume only executor.* may change (the other keys would change the "
+                    "results of the run); start a new run with the changed spec instead"
+                )
         else:
             spec = load_spec(
                 experiment, preset=opts.preset, config=opts.config, sets=opts.set_ or [], overrides=overrides
@@ -186,18 +191,24 @@ def run_experiment(
                 executors.run_pool(spec, run, progress, todo, spec.executor.jobs)
             else:
                 runners.run_inline(spec, run, progress, todo)
-            metrics = executors.finish(spec, run, str(device))
+            if run.fixed:  # a shared directory: other processes may aggregate too
+                metrics = executors.aggregate_once(spec, run)
+            else:
+                metrics = executors.finish(spec, run, str(device))
     except UnitSpecMismatchError as e:
         fail(str(e))
     except OSError as e:
         # an unusable output root is bad input (2); a write failing mid-run (disk full) is not (1)
         code = 2 if run is None else 1
-        fail(f"cannot write the run directory under {root}: {e.strerror or e}{kept(run)}", code)
-    except (DivergenceError, ValueError) as e:  # numerical trouble inside a run: say what and where
+        where = opts.run_dir or f"under {root}"
+        fail(f"cannot write the run directory {where}: {e.strerror or e}{kept(run)}", code)
+    except (DivergenceError, ValueError, executors.ExecutorError) as e:  # trouble inside a run
         fail(f"{e}{kept(run)}", code=1)
     except (KeyboardInterrupt, Stop) as e:
-        hint = f"; continue with: ntkrun resume {run.path}" if run is not None else ""
+        hint = f"; continue with: ntkrun resume {run.path}" if run is not None and not run.finalized else ""
         fail(f"{stopped(e)}{kept(run)}{hint}", code=signal_code(e))
+    if metrics is None:  # completed by another process sharing the directory
+        metrics = pd.read_csv(run.path / summary_table(run.path))
     report(experiment, metrics, run.path, opts.quiet)
 
 
@@ -227,15 +238,16 @@ def run_units_here(
 ) -> None:
     """`--unit K --run-dir DIR`: compute those units of the sharded run in DIR, in this process;
     aggregate if that completes the run."""
+    run = None
     try:
         run = RunDir.at(run_dir, spec)
         with progress.bar:
             runners.run_inline(spec, run, progress, chosen)
-        aggregated = executors.maybe_finish(spec, run)
+        executors.maybe_finish(spec, run)
     except UnitSpecMismatchError as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"cannot write the run directory {run_dir}: {e.strerror or e}", code=1)
+    except OSError as e:  # an unusable --run-dir is bad input (2); a failing write later is not (1)
+        fail(f"cannot write the run directory {run_dir}: {e.strerror or e}", code=2 if run is None else 1)
     except (DivergenceError, ValueError) as e:
         fail(f"{e} (unit results so far are kept in {run_dir})", code=1)
     except (KeyboardInterrupt, Stop) as e:
@@ -243,11 +255,7 @@ def run_units_here(
     done = runners.done_units(spec, run)
     total = len(runners.units(spec))
     names = ", ".join(u.name for u in chosen)
-    state = (
-        "run aggregated: complete"
-        if aggregated or is_complete(run.path)
-        else f"{len(done)}/{total} units done"
-    )
+    state = "run aggregated: complete" if is_complete(run.path) else f"{len(done)}/{total} units done"
     out.print(f"unit(s) {names} done in {run_dir}; {state}", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -255,63 +263,72 @@ def run_slurm(
     spec: RunSpec, root: Path, opts: RunOptions, progress: RichProgress, resume: Path | None
 ) -> None:
     """Submit the units that are neither done nor queued as SLURM arrays; print the job ids; with
-    --wait, block until they end and aggregate."""
+    --wait, block until they end and aggregate. A resume with nothing left to submit aggregates."""
+    run = None
     try:
         if resume is not None:
             run = RunDir.reopen(resume, spec)
+            run.make_visible()  # the jobs need a path that stays put
         elif opts.run_dir is not None:
             run = RunDir.at(opts.run_dir, spec)
         else:
             run = RunDir(root, spec, visible=True)
         jobs = executors.recorded_jobs(run)
         queued = executors.queue_states(jobs.values())
-        todo = [
-            u for u in runners.units(spec)
-            if run.load_unit(u.name) is None and jobs.get(u.name) not in queued
-        ]  # fmt: skip
-        submitted = executors.submit_slurm(spec, run, todo) if todo else []
+        if queued is None:
+            raise executors.ExecutorError("squeue cannot be asked which jobs are still queued; try again")
+        found = runners.units(spec)
+        todo = [u for u in found if run.load_unit(u.name) is None and jobs.get(u.name) not in queued]
+        stage0 = {u.name for u in found if u.stage == 0}
+        after = [job for name, job in jobs.items() if name in stage0 and job in queued]
+        submitted = executors.submit_slurm(spec, run, todo, after) if todo else []
     except UnitSpecMismatchError as e:
         fail(str(e))
     except OSError as e:
-        fail(f"cannot write the run directory under {root}: {e.strerror or e}", code=1)
+        where = opts.run_dir or f"under {root}"
+        fail(f"cannot write the run directory {where}: {e.strerror or e}", code=2 if run is None else 1)
+    except executors.ExecutorError as e:
+        fail(str(e), code=1)
     except Exception as e:  # submitit raises its own errors for a refused sbatch
         lines = str(e).strip().splitlines()
         fail(f"SLURM submission failed: {lines[-1] if lines else type(e).__name__}", code=1)
     arrays = sorted({job.split("_")[0] for _, job in submitted})
     ids = ", ".join(arrays) or "(none: every unit is done or queued)"
-    out.print(
-        f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}",
-        markup=False,
-        highlight=False,
-    )
+    out.print(f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}", markup=False, highlight=False)
     out.print(f"run directory: {run.path}", markup=False, highlight=False, soft_wrap=True)
+    if not submitted and not queued:  # everything is done: aggregate now
+        return finish_sharded(spec, run, opts.quiet)
     out.print(f"follow with: ntkrun status {run.path}", markup=False, highlight=False, soft_wrap=True)
     if not opts.wait:
         return
     try:
         with progress.bar:
             executors.wait_slurm(spec, run, [job for _, job in submitted] + list(queued), progress)
+    except executors.ExecutorError as e:
+        fail(str(e), code=1)
     except (KeyboardInterrupt, Stop) as e:
         fail(f"stopped waiting; the jobs go on (ntkrun status {run.path})", code=signal_code(e))
     finish_sharded(spec, run, opts.quiet)
 
 
 def finish_sharded(spec: RunSpec, run: RunDir, quiet: bool) -> None:
-    """Aggregate a sharded run whose units are all done (unless a job already did)."""
-    if not is_complete(run.path):
-        try:
-            metrics = executors.finish(spec, run, str(resolve_device(spec.device)))
-        except runners.IncompleteRunError as e:
-            if not run.fixed:
-                run.fail(str(e))
-            print_status(spec, run)
-            fail(f"{run.path}: {e}; compute them with: ntkrun resume {run.path}", code=1)
-        except (DivergenceError, ValueError, OSError) as e:
-            if not run.fixed:
-                run.fail(str(e))
-            fail(f"{run.path}: aggregation failed: {e}", code=1)
-        (run.path / executors.AGGREGATE_LOCK).unlink(missing_ok=True)
-    else:
+    """Aggregate a sharded run whose units are all done, once (unless a job already did)."""
+    try:
+        metrics = executors.aggregate_once(spec, run)
+    except runners.IncompleteRunError as e:
+        if not run.fixed:
+            run.fail(str(e))
+        print_status(spec, run)
+        fail(f"{run.path}: {e}; compute them with: ntkrun resume {run.path}", code=1)
+    except (DivergenceError, ValueError, OSError, executors.ExecutorError) as e:
+        if not run.fixed:
+            run.fail(str(e))
+        fail(f"{run.path}: aggregation failed: {e}", code=1)
+    except (KeyboardInterrupt, Stop) as e:
+        if not run.fixed and not run.finalized:
+            run.fail(stopped(e))
+        fail(f"{stopped(e)} while aggregating {run.path}", code=signal_code(e))
+    if metrics is None:
         metrics = pd.read_csv(run.path / summary_table(run.path))
     report(spec.experiment, metrics, run.path, quiet)
 
@@ -325,13 +342,24 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     out.print(frame_table(table, f"units of {run.path}"))
     counts = table["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in counts.index)
-    complete = "complete (aggregated)" if is_complete(run.path) else "not aggregated"
+    holder = None if is_complete(run.path) else executors.lock_holder(run)
+    complete = (
+        "complete (aggregated)"
+        if is_complete(run.path)
+        else f"being aggregated by {holder}"
+        if holder
+        else "not aggregated"
+    )
     out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
     return table
 
 
 def kept(run: RunDir | None) -> str:
-    return f"; partial files kept in {run.path}" if run is not None else ""
+    if run is None:
+        return ""
+    if run.finalized:  # the signal came just after the run completed
+        return f" after the run completed: {run.path}"
+    return f"; partial files kept in {run.path}"
 
 
 def shortcuts(width: list[int] | None, seeds: int | None, steps: int | None) -> dict[tuple[str, ...], Any]:

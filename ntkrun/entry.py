@@ -40,6 +40,19 @@ def _raise(signum: int, frame: object) -> None:
     raise Terminated() if signum == signal.SIGTERM else Interrupted()
 
 
+def signal_in(err: BaseException) -> BaseException | None:
+    """The Stop or KeyboardInterrupt that caused `err`, if any: a signal arriving while a C
+    extension initializes surfaces as, e.g., ImportError("initialization failed") raised from it."""
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        if isinstance(node, (Stop, KeyboardInterrupt)):
+            return node
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return None
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _raise)
     signal.signal(signal.SIGTERM, _raise)
@@ -47,6 +60,11 @@ def main() -> None:
         from ntkrun.cli import app
 
         app()
-    except (Stop, KeyboardInterrupt) as e:  # outside a run (runs report themselves): e.g. start-up
-        sys.stderr.write(f"ntkrun: {stopped(e)}\n")
-        sys.exit(signal_code(e))
+    except SystemExit:
+        raise
+    except BaseException as err:  # outside a run (runs report themselves): e.g. start-up
+        stop = signal_in(err)
+        if stop is None:
+            raise
+        sys.stderr.write(f"ntkrun: {stopped(stop)}\n")
+        sys.exit(signal_code(stop))

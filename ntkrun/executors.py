@@ -15,6 +15,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ntkrun.spec import RunSpec, load_run_spec
 
 LOG = logging.getLogger("ntkrun")
 AGGREGATE_LOCK = "aggregate.lock"
+STALE_LOCK_S = 3600.0  # an aggregation lock older than this is from a killed process
 JOBS_FILE = "slurm/jobs.jsonl"
 
 
@@ -54,32 +57,39 @@ def unit_main(run_dir: str, name: str, threads: int | None = None) -> str:
 
 
 def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
 
 
-def _pool_task(args: tuple[str, str, int]) -> str:
-    return unit_main(*args)
+class ExecutorError(RuntimeError):
+    """Units could not be run: a worker died, the scheduler failed, aggregation is locked."""
 
 
 def run_pool(spec: RunSpec, run: RunDir, progress: Progress, todo: list[Unit], jobs: int) -> None:
     """Compute `todo` in `jobs` worker processes (spawned: no forked BLAS state), stage by stage.
-    Each worker gets an equal share of this machine's torch threads."""
+    Each worker gets an equal share of this machine's torch threads. A unit's error is raised
+    here; a worker that dies (killed, out of memory) is an ExecutorError, not a hang."""
     threads = max(1, torch.get_num_threads() // jobs)
     progress.start(sum(u.cost for u in todo) or float(len(todo)))
-    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_sigint)
     try:
         for stage in sorted({u.stage for u in todo}):
-            batch = [u for u in todo if u.stage == stage]
-            by_name = {u.name: u for u in batch}
-            tasks = [(str(run.path), u.name, threads) for u in batch]
-            for name in pool.imap_unordered(_pool_task, tasks):
-                progress.advance(name, by_name[name].cost or 1.0)
-        pool.close()
+            futures = {
+                pool.submit(unit_main, str(run.path), u.name, threads): u for u in todo if u.stage == stage
+            }
+            for future in as_completed(futures):
+                future.result()
+                progress.advance(futures[future].name, futures[future].cost or 1.0)
+    except BrokenProcessPool as err:
+        raise ExecutorError(
+            f"a worker process died (killed, or out of memory?); finished units are kept in {run.path}"
+        ) from err
     except BaseException:
-        pool.terminate()
+        for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop them
+            process.terminate()
         raise
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- aggregation, once
@@ -94,23 +104,69 @@ def finish(spec: RunSpec, run: RunDir, device: str) -> pd.DataFrame:
     return table
 
 
-def maybe_finish(spec: RunSpec, run: RunDir) -> bool:
-    """After a sharded unit: if every unit is done, aggregate, in one process only (an
-    O_EXCL lock file). -> whether this process aggregated."""
-    if is_complete(run.path) or runners.done_units(spec, run) != {u.name for u in runners.units(spec)}:
-        return False
+def lock_holder(run: RunDir) -> str | None:
+    """Who holds the aggregation lock ("host pid"), or None; a lock whose process is gone (same
+    host) or older than STALE_LOCK_S is removed as stale."""
     lock = run.path / AGGREGATE_LOCK
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+        text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    host, _, pid = text.partition(" ")
+    dead = host == os.uname().nodename and pid.isdigit() and not _alive(int(pid))
+    if dead or age > STALE_LOCK_S:
+        LOG.warning("%s: removing a stale aggregation lock (%s)", lock, text)
+        lock.unlink(missing_ok=True)
+        return None
+    return text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
+
+
+def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
+    """Aggregate under an O_EXCL lock file, so that of the processes sharing a run exactly one
+    does it. -> the summary table, or None if the run was already complete (by another process).
+    Raises ExecutorError while a live process holds the lock, IncompleteRunError if units are
+    missing."""
+    if is_complete(run.path):
+        return None
+    lock = run.path / AGGREGATE_LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(run)
+            if holder is not None:
+                raise ExecutorError(f"{run.path}: another process ({holder}) is aggregating") from None
+    else:
+        raise ExecutorError(f"{run.path}: cannot take the aggregation lock {lock}")
     os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
     os.close(fd)
     try:
-        finish(spec, run, str(runners.resolve_device(spec.device)))
+        if is_complete(run.path):  # finished by another process between our check and the lock
+            return None
+        return finish(spec, run, str(runners.resolve_device(spec.device)))
     finally:
         lock.unlink(missing_ok=True)
-    return True
+
+
+def maybe_finish(spec: RunSpec, run: RunDir) -> bool:
+    """After a sharded unit: if every unit is done, aggregate (once). -> whether this process did."""
+    if is_complete(run.path) or runners.done_units(spec, run) != {u.name for u in runners.units(spec)}:
+        return False
+    try:
+        return aggregate_once(spec, run) is not None
+    except ExecutorError:  # someone else is at it
+        return False
 
 
 # ---------------------------------------------------------------- SLURM
@@ -160,15 +216,19 @@ def slurm_parameters(spec: RunSpec) -> dict[str, Any]:
     return params
 
 
-def submit_slurm(spec: RunSpec, run: RunDir, todo: list[Unit]) -> list[tuple[str, str]]:
-    """Submit `todo` as job arrays (stage-0 units first; the others start after them, and compute
-    a missing stage-0 result themselves). -> [(unit, job id)], also appended to slurm/jobs.jsonl."""
+def submit_slurm(
+    spec: RunSpec, run: RunDir, todo: list[Unit], after: list[str] = ()
+) -> list[tuple[str, str]]:
+    """Submit `todo` as job arrays, stage by stage: stage-1 units start after the stage-0 jobs
+    (those submitted here, or `after`: ids of stage-0 jobs still queued from before) and compute a
+    missing stage-0 result themselves. -> [(unit, job id)], each stage appended to
+    slurm/jobs.jsonl as soon as it is submitted."""
     import submitit
 
     folder = run.path / "slurm"
     folder.mkdir(exist_ok=True)
     submitted: list[tuple[str, str]] = []
-    after: list[str] = []
+    after = sorted({job.split("_")[0] for job in after})
     for stage in sorted({u.stage for u in todo}):
         batch = [u for u in todo if u.stage == stage]
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
@@ -177,11 +237,12 @@ def submit_slurm(spec: RunSpec, run: RunDir, todo: list[Unit]) -> list[tuple[str
             params["slurm_additional_parameters"]["dependency"] = "afterany:" + ":".join(after)
         executor.update_parameters(**params)
         jobs = executor.map_array(SlurmUnit(), [str(run.path)] * len(batch), [u.name for u in batch])
-        submitted += [(u.name, job.job_id) for u, job in zip(batch, jobs, strict=True)]
+        pairs = [(u.name, job.job_id) for u, job in zip(batch, jobs, strict=True)]
+        with open(run.path / JOBS_FILE, "a") as fh:  # only the submitting process writes it
+            for name, job_id in pairs:
+                fh.write(json.dumps({"unit": name, "job_id": job_id, "submitted": time.time()}) + "\n")
+        submitted += pairs
         after = sorted({job.job_id.split("_")[0] for job in jobs})
-    with open(run.path / JOBS_FILE, "a") as fh:  # only the submitting process writes it
-        for name, job_id in submitted:
-            fh.write(json.dumps({"unit": name, "job_id": job_id, "submitted": time.time()}) + "\n")
     return submitted
 
 
@@ -205,20 +266,28 @@ FINAL_STATES = {
 }  # fmt: skip
 
 
-def queue_states(job_ids: Iterable[str], active_only: bool = True) -> dict[str, str]:
+def queue_states(job_ids: Iterable[str], active_only: bool = True) -> dict[str, str] | None:
     """{job id: SLURM state} of the given jobs as squeue knows them (jobs that ended stay known
-    for the cluster's MinJobAge). active_only: only jobs pending, running or requeued."""
+    for the cluster's MinJobAge). active_only: only jobs pending, running or requeued.
+    None when squeue cannot be asked (not installed, controller down, timeout)."""
     wanted = set(job_ids)
-    if not wanted or not slurm_available():
+    if not wanted:
         return {}
-    proc = subprocess.run(
-        ["squeue", "--me", "-h", "-r", "-t", "all", "-o", "%i|%T"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    if not slurm_available():
+        return None
+    try:
+        proc = subprocess.run(
+            ["squeue", "--me", "-h", "-r", "-t", "all", "-o", "%i|%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        LOG.warning("squeue failed: %s", err)
+        return None
     if proc.returncode != 0:
-        raise RuntimeError(f"squeue failed: {proc.stderr.strip() or proc.returncode}")
+        LOG.warning("squeue failed: %s", proc.stderr.strip() or proc.returncode)
+        return None
     states = {}
     for line in proc.stdout.splitlines():
         job, _, state = line.strip().partition("|")
@@ -228,17 +297,24 @@ def queue_states(job_ids: Iterable[str], active_only: bool = True) -> dict[str, 
     return states
 
 
-def wait_slurm(spec: RunSpec, run: RunDir, job_ids: list[str], progress: Progress, poll: float = 5.0) -> None:
-    """Block until none of `job_ids` is queued or running, advancing the bar as units finish."""
+def wait_slurm(
+    spec: RunSpec, run: RunDir, job_ids: list[str], progress: Progress, poll: float = 5.0, patience: int = 60
+) -> None:
+    """Block until none of `job_ids` is queued or running, advancing the bar as units finish.
+    squeue failing `patience` times in a row is an ExecutorError."""
     todo = {u.name: u for u in runners.units(spec)}
     progress.start(sum(u.cost or 1.0 for u in todo.values()))
     seen: set[str] = set()
+    failures = 0
     while True:
         active = queue_states(job_ids)
         for name in runners.done_units(spec, run) - seen:
             seen.add(name)
             progress.advance(name, todo[name].cost or 1.0)
-        if not active:
+        failures = failures + 1 if active is None else 0
+        if failures >= patience:
+            raise ExecutorError(f"squeue kept failing; the jobs may go on (ntkrun status {run.path})")
+        if active == {}:
             return
         time.sleep(poll)
 
@@ -247,6 +323,8 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     """Per unit: state (done, running, pending, failed, not started), job id, detail."""
     jobs = recorded_jobs(run)
     states = queue_states(jobs.values(), active_only=False)
+    unknown = states is None
+    states = states or {}
     rows = []
     for index, unit in enumerate(runners.units(spec)):
         job = jobs.get(unit.name, "")
@@ -264,6 +342,9 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
             state = states[job].lower()  # pending, running, cancelled, timeout, failed, ...
             if states[job] in FINAL_STATES:
                 detail = f"no result; see {_job_log(run, job)}"
+        elif job and unknown:
+            state = "unknown"
+            detail = "squeue could not be asked"
         elif job:
             state = "failed"
             detail = f"job ended without a result; see {_job_log(run, job)}"

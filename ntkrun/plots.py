@@ -21,8 +21,11 @@ def _save(fig: plt.Figure, stem: Path) -> None:
     """<stem>.png and <stem>.pdf, each written to a temporary name and renamed into place."""
     for ext, extra in (("png", {}), ("pdf", {"metadata": {"CreationDate": None}})):
         tmp = stem.parent / f".{stem.name}.{os.getpid()}.{ext}.tmp"
-        fig.savefig(tmp, format=ext, bbox_inches="tight", **extra)
-        os.replace(tmp, stem.with_suffix(f".{ext}"))
+        try:
+            fig.savefig(tmp, format=ext, bbox_inches="tight", **extra)
+            os.replace(tmp, stem.with_suffix(f".{ext}"))
+        finally:
+            tmp.unlink(missing_ok=True)
     plt.close(fig)
 
 

@@ -120,7 +120,7 @@ class RunDir:
         stamp = datetime.fromtimestamp(self.start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.name = f"{stamp}_{spec_hash(spec)}"
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.fixed, self.link_latest = visible, True
+        self.fixed, self.link_latest, self.finalized = visible, True, False
         self.path = self._reserve(self.name) if visible else _workdir(self.parent, self.name)
         self.meta: dict[str, Any] = {}
         self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
@@ -132,7 +132,7 @@ class RunDir:
         path = Path(path)
         run = cls.__new__(cls)
         run.spec, run.parent, run.path, run.name = spec, path.parent, path, path.name
-        run.start, run.meta, run.fixed = time.time(), {}, True
+        run.start, run.meta, run.fixed, run.finalized = time.time(), {}, True, False
         run.link_latest = path.parent.name == spec.experiment  # under <root>/<experiment>/
         path.mkdir(parents=True, exist_ok=True)
         (path / "units").mkdir(exist_ok=True)
@@ -152,7 +152,7 @@ class RunDir:
     @classmethod
     def reopen(cls, path: Path, spec: RunSpec) -> RunDir:
         """Take an interrupted or failed run directory back under a working name, to resume it."""
-        path = Path(path)
+        path = Path(path).resolve()  # `.` has no name to tell a hidden or failed run by
         if is_complete(path):
             raise ValueError(f"{path}: run is complete, nothing to resume")
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
@@ -162,7 +162,7 @@ class RunDir:
             return run
         run = cls.__new__(cls)
         run.spec, run.parent, run.start = spec, path.parent, time.time()
-        run.fixed, run.link_latest = False, True
+        run.fixed, run.link_latest, run.finalized = False, True, False
         name = path.name.removesuffix(".failed")
         if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
             name = name[1:].split(".")[0]
@@ -275,6 +275,7 @@ class RunDir:
         """Write meta.json (last), move into place and point `latest` at this run."""
         json_text = json.dumps(self._meta(time.time(), device), indent=2) + "\n"
         with signals_deferred():  # meta.json, the rename and `latest` happen together or not at all
+            (self.path / "ERROR").unlink(missing_ok=True)  # of an earlier failed attempt
             self.write_text(COMPLETE_MARKER, json_text)
             final = self.path if self.fixed else self._rename(self.name)
             if self.link_latest:
@@ -282,7 +283,15 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
                 tmp.symlink_to(final.name)
                 os.replace(tmp, self.parent / "latest")  # atomic: readers see the old or the new run
+            self.finalized = True  # a signal held until here must not mark the finished run failed
         return final
+
+    def make_visible(self) -> None:
+        """Move a hidden working directory to its final name now (for a sharded run, whose jobs
+        need a path that does not change); it is complete when meta.json appears."""
+        if not self.fixed:
+            self._rename(self.name)
+            self.fixed = True
 
     def fail(self, reason: str) -> Path:
         """Keep the partial files, add ERROR with the reason, and mark the directory failed."""
@@ -308,6 +317,10 @@ def open_run(
     try:
         yield run
     except BaseException as err:
+        if run.finalized:  # e.g. Ctrl-C held during finalize, delivered just after: the run is done
+            handler.close()
+            LOG.removeHandler(handler)
+            raise
         reason = stopped(err) if isinstance(err, (KeyboardInterrupt, Stop)) else str(err)
         LOG.error("run failed: %s", reason or type(err).__name__)
         handler.close()
@@ -320,7 +333,7 @@ def open_run(
 
 def is_complete(path: Path) -> bool:
     """meta.json is there, no ERROR, and the name is not a working (.partial) name."""
-    path = Path(path)
+    path = Path(path).resolve()
     hidden = path.name.startswith(".") or path.name.endswith(".failed")
     return not hidden and (path / COMPLETE_MARKER).is_file() and not (path / "ERROR").exists()
 

@@ -130,3 +130,86 @@ def test_sharded_run_input_errors(tmp_path):
     assert "Traceback" not in no_dir.output + bad_unit.output + other.output
     missing = invoke("status", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "not a run directory" in missing.stderr
+
+
+def test_resume_may_change_only_the_executor(tmp_path):
+    diverging = [*TINY["convergence"], "--set", "training.lr=1e8", "--output-root", tmp_path]
+    assert invoke(*diverging).exit_code == 1
+    (failed,) = (tmp_path / "convergence").iterdir()
+    changed = invoke("resume", failed, "--set", "training.lr=0.5")
+    assert changed.exit_code == 2 and "on resume only executor.* may change" in changed.stderr
+    assert failed.is_dir() and (failed / "spec.yaml").read_text() == (failed / "spec.yaml").read_text()
+    same = invoke("resume", failed, "--executor", "local", "--jobs", "2")
+    assert same.exit_code == 1 and "training diverged" in same.stderr  # the same spec, run elsewhere
+
+
+def test_a_stale_aggregation_lock_does_not_block_the_run(tmp_path):
+    shared = tmp_path / "run"
+    for unit in ("0", "1", "2"):
+        assert invoke(*TINY["convergence"], "--unit", unit, "--run-dir", shared).exit_code == 0
+    (shared / "aggregate.lock").write_text(f"{os.uname().nodename} {2**22 + 12345}\n")  # no such pid
+    result = invoke(*TINY["convergence"], "--unit", "3", "--run-dir", shared)
+    assert result.exit_code == 0 and "run aggregated: complete" in result.stdout
+    assert not (shared / "aggregate.lock").exists() and (shared / "meta.json").is_file()
+
+
+def test_a_live_aggregation_lock_is_respected(tmp_path):
+    shared = tmp_path / "run"
+    for unit in ("0", "1", "2", "3"):
+        assert invoke(*TINY["convergence"], "--unit", unit, "--run-dir", shared).exit_code == 0
+    (shared / "meta.json").unlink()
+    (shared / "aggregate.lock").write_text(f"{os.uname().nodename} {os.getpid()}\n")  # alive: us
+    assert "being aggregated by" in invoke("status", shared).stdout
+    blocked = invoke("aggregate", shared)
+    assert blocked.exit_code == 1 and "is aggregating" in blocked.stderr
+    (shared / "aggregate.lock").unlink()
+    assert invoke("aggregate", shared).exit_code == 0 and (shared / "meta.json").is_file()
+
+
+def test_an_interrupted_shared_run_completes_without_its_old_error(tmp_path, monkeypatch):
+    import ntkrun.runners.convergence as convergence
+
+    shared = tmp_path / "run"
+    original, calls = convergence.run_unit, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(convergence, "run_unit", interrupted)
+    assert invoke(*TINY["convergence"], "--run-dir", shared).exit_code == 130
+    monkeypatch.undo()
+    assert (shared / "ERROR").is_file() and not (shared / "meta.json").exists()
+    for unit in ("1", "2", "3"):
+        result = invoke(*TINY["convergence"], "--unit", unit, "--run-dir", shared)
+        assert result.exit_code == 0, result.output
+    assert "run aggregated: complete" in result.stdout and not (shared / "ERROR").exists()
+    assert "run complete" in invoke("status", shared).stdout
+
+
+def test_a_signal_just_after_completion_leaves_the_run_complete(tmp_path, monkeypatch):
+    from ntkrun.entry import Interrupted
+    from ntkrun.runs import RunDir
+
+    original = RunDir.finalize
+
+    def finalize_then_signal(self, device):
+        original(self, device)
+        raise Interrupted()  # as if Ctrl-C had been held by signals_deferred until here
+
+    monkeypatch.setattr(RunDir, "finalize", finalize_then_signal)
+    result = invoke(*TINY["convergence"], "--output-root", tmp_path)
+    monkeypatch.undo()
+    assert result.exit_code == 130 and "after the run completed" in result.stderr
+    run = complete_run(tmp_path, "convergence")
+    assert not (run / "ERROR").exists() and (tmp_path / "convergence" / "latest").resolve() == run.resolve()
+
+
+def test_resume_of_the_current_directory(tmp_path, monkeypatch):
+    assert invoke(*TINY["convergence"], "--set", "training.lr=1e8", "--output-root", tmp_path).exit_code == 1
+    (failed,) = (tmp_path / "convergence").iterdir()
+    monkeypatch.chdir(failed)
+    result = invoke("resume", ".")
+    assert result.exit_code == 1 and "training diverged" in result.stderr  # resumed, not "complete"

@@ -28,7 +28,7 @@ import torch
 from ntkrun import resources
 from ntkrun.kernels import analytic_kernels
 from ntkrun.network import MLP, gd_step, mse_cost
-from ntkrun.runs import RunDir
+from ntkrun.runs import RunDir, UnitSpecMismatchError
 from ntkrun.spec import RunSpec
 
 
@@ -228,8 +228,8 @@ def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> 
         t0 = time.time()
         try:
             result = experiment_module(spec.experiment).run_unit(spec, unit, run, progress)
-        except DivergenceError:
-            raise  # its message names the network already
+        except (DivergenceError, UnitSpecMismatchError):
+            raise  # the message names the network or the file already
         except ValueError as err:  # numerical trouble: say which unit
             raise ValueError(f"unit {unit.name}: {err}") from err
         info = {

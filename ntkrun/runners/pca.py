@@ -33,7 +33,7 @@ from ntkrun.runners import (
     unpack,
 )
 from ntkrun.runs import RunDir
-from ntkrun.spec import PCASpec
+from ntkrun.spec import PCASpec, spec_hash
 
 LOG = logging.getLogger("ntkrun")
 
@@ -98,6 +98,9 @@ def train_unit(
     rows: list[dict] = []
     start = 0
     saved = run.load_checkpoint(name)
+    if saved is not None and saved.get("spec_hash") != spec_hash(spec):
+        LOG.warning("%s: checkpoint of another spec, ignored", name)
+        saved = None
     if saved is not None:
         net.load_state_dict(saved["state"])
         rows, start = saved["rows"], saved["step"]
@@ -124,7 +127,8 @@ def train_unit(
                     }
                 )
         if step % tr.checkpoint_every == 0 and step != start:
-            run.save_checkpoint(name, {"step": step, "state": net.state_dict(), "rows": rows})
+            state = {"step": step, "state": net.state_dict(), "rows": rows, "spec_hash": spec_hash(spec)}
+            run.save_checkpoint(name, state)
 
     record_at = set(range(0, tr.steps + 1, math.gcd(tr.record_every, tr.checkpoint_every))) | {tr.steps}
     train(

@@ -131,9 +131,8 @@ def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
 
     status = ntkrun(cluster, "status", run)
     print(status.stdout)  # shown in the closing note of issue 6
-    assert re.search(r"w32_s0\s+\S*\s*cancelled", status.stdout) or "cancelled" in status.stdout, (
-        status.stdout
-    )
+    row = re.search(r"w32_s0\W+cancelled\W+" + re.escape(victim) + r"\b", status.stdout)
+    assert row is not None, status.stdout  # the row of the cancelled unit, with its job id
     assert "4 units: 3 done, 1 cancelled; run not aggregated" in status.stdout
     assert not (run / "meta.json").exists()
 

@@ -243,13 +243,17 @@ def test_two_processes_in_the_same_second_get_distinct_directories(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]  # fmt: skip
+    printed = []
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+        printed.append(out.split("run directory:")[-1].strip())
+    assert len(set(printed)) == 4  # each process reports its own directory
     runs = sorted(p for p in (tmp_path / "convergence").iterdir() if p.name != "latest")
     assert len(runs) == 4 and all((p / "meta.json").is_file() for p in runs)
-    stamps = {p.name.split("-")[0] for p in runs}
-    assert len(stamps) <= 4
+    assert {str(p) for p in runs} == set(printed)
     assert (tmp_path / "convergence" / "latest").resolve() in {p.resolve() for p in runs}
     assert not list((tmp_path / "convergence").glob(".latest.*"))
+    same_second = len(runs) - len({p.name.split("-")[0] for p in runs})
     COUNTS["concurrent starts"] += 4
+    COUNTS["same-second name collisions resolved"] += same_second

@@ -5,7 +5,8 @@ and never create a run directory for a rejected spec.
 `--check` validates everything a run validates (schema, data files, numerical range, memory
 estimate) and then stops, so thousands of specs are tried in seconds; the accepted ones are not
 trained (their runtime would be unbounded). The number of cases tried, by outcome, is printed in
-pytest's terminal summary (tests/robustness/conftest.py).
+pytest's terminal summary (tests/conftest.py). Every rejected case is also run without
+`--check`, to see that it is rejected the same way and creates no run directory.
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def invoke_check(experiment: str, args: list[str], root: Path, data: Path) -> No
     if result.exit_code == 2:
         assert text.startswith("ntkrun: error: ") or text.startswith("Usage:"), text
         assert text.startswith("Usage:") or text.count("\n") == 1, text  # one line
-    assert not root.exists() or not any(root.iterdir()), f"{args} created {list(root.rglob('*'))}"
+        # the same arguments without --check: rejected the same way, and no run directory made
+        real = CliRunner().invoke(app, [experiment, *args, *extra, "--output-root", str(root)])
+        assert real.exit_code == 2 and real.output == text, (args, real.output)
+        assert not root.exists() or not any(root.iterdir()), f"{args} created {list(root.rglob('*'))}"
     COUNTS[f"{experiment} exit {result.exit_code}"] += 1
 
 
