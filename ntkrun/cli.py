@@ -18,7 +18,16 @@ from ntkrun import executors, resources, runners
 from ntkrun.data import MNIST_MIRRORS, DataError, check_mnist, download_mnist, resolve_data_dir
 from ntkrun.entry import Stop, signal_code, stopped
 from ntkrun.runners import DivergenceError, Unit, preflight, resolve_device
-from ntkrun.runs import RunDir, UnitSpecMismatchError, is_complete, latest_run, open_run
+from ntkrun.runs import (
+    RUNNING,
+    LockedError,
+    RunDir,
+    UnitSpecMismatchError,
+    is_complete,
+    latest_run,
+    lock_holder,
+    open_run,
+)
 from ntkrun.spec import (
     EXPERIMENTS,
     RunSpec,
@@ -182,6 +191,15 @@ def run_experiment(
         return run_units_here(spec, opts.run_dir, chosen, progress, opts.quiet)  # type: ignore[arg-type]
     if spec.executor.kind == "slurm":
         return run_slurm(spec, root, opts, progress, resume)
+    shared = resume or opts.run_dir
+    if shared is not None:  # its SLURM jobs, if any, must have ended before it runs here
+        active = executors.queue_states(executors.recorded_jobs(shared).values())
+        if active:
+            fail(
+                f"{shared}: {len(active)} unit(s) still queued or running as SLURM jobs "
+                f"({', '.join(sorted(active))}); wait for them (ntkrun status) or scancel them",
+                code=1,
+            )
     run = None
     try:
         with progress.bar, open_run(root, spec, resume, at=opts.run_dir) as run:
@@ -342,7 +360,11 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     out.print(frame_table(table, f"units of {run.path}"))
     counts = table["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in counts.index)
-    holder = None if is_complete(run.path) else executors.lock_holder(run)
+    holder = (
+        None
+        if is_complete(run.path)
+        else lock_holder(run.path / executors.AGGREGATE_LOCK, executors.STALE_LOCK_S)
+    )
     complete = (
         "complete (aggregated)"
         if is_complete(run.path)
@@ -351,6 +373,9 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
         else "not aggregated"
     )
     out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
+    runner = None if is_complete(run.path) else lock_holder(run.path / RUNNING)
+    if runner:
+        out.print(f"being run by {runner}", markup=False, highlight=False)
     return table
 
 
@@ -582,6 +607,8 @@ def aggregate(
     try:
         spec = load_run_spec(run_dir)
         run = RunDir.reopen(run_dir, spec) if not is_complete(run_dir) else RunDir.at(run_dir, spec)
+    except LockedError as e:  # a live process is running it: not bad input, a conflict
+        fail(str(e), code=1)
     except (SpecError, ValueError) as e:
         fail(str(e))
     finish_sharded(spec, run, quiet)

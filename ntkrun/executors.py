@@ -25,7 +25,7 @@ import torch
 
 from ntkrun import runners
 from ntkrun.runners import Progress, Unit
-from ntkrun.runs import RunDir, is_complete
+from ntkrun.runs import LockedError, RunDir, acquire, is_complete
 from ntkrun.spec import RunSpec, load_run_spec
 
 LOG = logging.getLogger("ntkrun")
@@ -104,33 +104,6 @@ def finish(spec: RunSpec, run: RunDir, device: str) -> pd.DataFrame:
     return table
 
 
-def lock_holder(run: RunDir) -> str | None:
-    """Who holds the aggregation lock ("host pid"), or None; a lock whose process is gone (same
-    host) or older than STALE_LOCK_S is removed as stale."""
-    lock = run.path / AGGREGATE_LOCK
-    try:
-        text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    host, _, pid = text.partition(" ")
-    dead = host == os.uname().nodename and pid.isdigit() and not _alive(int(pid))
-    if dead or age > STALE_LOCK_S:
-        LOG.warning("%s: removing a stale aggregation lock (%s)", lock, text)
-        lock.unlink(missing_ok=True)
-        return None
-    return text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
     """Aggregate under an O_EXCL lock file, so that of the processes sharing a run exactly one
     does it. -> the summary table, or None if the run was already complete (by another process).
@@ -139,18 +112,10 @@ def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
     if is_complete(run.path):
         return None
     lock = run.path / AGGREGATE_LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = lock_holder(run)
-            if holder is not None:
-                raise ExecutorError(f"{run.path}: another process ({holder}) is aggregating") from None
-    else:
-        raise ExecutorError(f"{run.path}: cannot take the aggregation lock {lock}")
-    os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
-    os.close(fd)
+    try:
+        acquire(lock, "being aggregated", STALE_LOCK_S)
+    except LockedError as err:
+        raise ExecutorError(str(err)) from None
     try:
         if is_complete(run.path):  # finished by another process between our check and the lock
             return None
@@ -246,10 +211,10 @@ def submit_slurm(
     return submitted
 
 
-def recorded_jobs(run: RunDir) -> dict[str, str]:
-    """{unit: its latest job id} from slurm/jobs.jsonl."""
+def recorded_jobs(run: RunDir | Path) -> dict[str, str]:
+    """{unit: its latest job id} from slurm/jobs.jsonl of a run (or run directory)."""
     jobs: dict[str, str] = {}
-    path = run.path / JOBS_FILE
+    path = (run.path if isinstance(run, RunDir) else Path(run)) / JOBS_FILE
     if path.is_file():
         for line in path.read_text().splitlines():
             try:

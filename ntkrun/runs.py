@@ -40,6 +40,7 @@ from ntkrun.spec import RunSpec, spec_dict, spec_hash
 
 LOG = logging.getLogger("ntkrun")
 COMPLETE_MARKER = "meta.json"  # written last; a complete run has it and no ERROR file
+RUNNING = "RUNNING"  # lock file of the process running a run (inline or local executor)
 
 
 def _git_commit() -> str | None:
@@ -94,6 +95,55 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class LockedError(ValueError):
+    """A lock file is held by a live process."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(lock: Path, stale_after: float | None = None) -> str | None:
+    """Who holds the lock file ("host pid"), or None. A lock of a process that is gone (on this
+    host) or older than `stale_after` seconds is removed as stale; one of a process on another
+    host is trusted (the message names the file, to delete by hand if that process is gone)."""
+    try:
+        text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    host, _, pid = text.partition(" ")
+    dead = host == platform.node() and pid.isdigit() and not _alive(int(pid))
+    if dead or (stale_after is not None and age > stale_after):
+        LOG.warning("%s: removing a stale lock (%s)", lock, text)
+        lock.unlink(missing_ok=True)
+        return None
+    return text or "unknown"
+
+
+def acquire(lock: Path, what: str, stale_after: float | None = None) -> None:
+    """Create `lock` (O_EXCL) holding "host pid"; LockedError if a live process holds it."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock_holder(lock, stale_after)
+            if holder is not None:
+                raise LockedError(
+                    f"{lock.parent}: {what} by {holder} (if that process is gone, delete {lock})"
+                ) from None
+            continue
+        os.write(fd, f"{platform.node()} {os.getpid()}\n".encode())
+        os.close(fd)
+        return
+    raise LockedError(f"{lock}: cannot take the lock")
 
 
 class UnitSpecMismatchError(ValueError):
@@ -155,6 +205,11 @@ class RunDir:
         path = Path(path).resolve()  # `.` has no name to tell a hidden or failed run by
         if is_complete(path):
             raise ValueError(f"{path}: run is complete, nothing to resume")
+        holder = lock_holder(path / RUNNING)
+        if holder is not None:
+            raise LockedError(
+                f"{path}: still being run by {holder} (if that process is gone, delete {path / RUNNING})"
+            )
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
             run = cls.at(path, spec)  # a sharded run: resumed in place
             (run.path / "ERROR").unlink(missing_ok=True)
@@ -276,6 +331,7 @@ class RunDir:
         json_text = json.dumps(self._meta(time.time(), device), indent=2) + "\n"
         with signals_deferred():  # meta.json, the rename and `latest` happen together or not at all
             (self.path / "ERROR").unlink(missing_ok=True)  # of an earlier failed attempt
+            self.release()
             self.write_text(COMPLETE_MARKER, json_text)
             final = self.path if self.fixed else self._rename(self.name)
             if self.link_latest:
@@ -285,6 +341,16 @@ class RunDir:
                 os.replace(tmp, self.parent / "latest")  # atomic: readers see the old or the new run
             self.finalized = True  # a signal held until here must not mark the finished run failed
         return final
+
+    def hold(self) -> None:
+        """Mark this run as being run by this process (refused while another live one does)."""
+        acquire(self.path / RUNNING, "already being run")
+        self.holding = True
+
+    def release(self) -> None:
+        if getattr(self, "holding", False):
+            (self.path / RUNNING).unlink(missing_ok=True)
+            self.holding = False
 
     def make_visible(self) -> None:
         """Move a hidden working directory to its final name now (for a sharded run, whose jobs
@@ -296,6 +362,7 @@ class RunDir:
     def fail(self, reason: str) -> Path:
         """Keep the partial files, add ERROR with the reason, and mark the directory failed."""
         with signals_deferred():
+            self.release()
             self.write_text("ERROR", reason.rstrip() + "\n")
             return self.path if self.fixed else self._rename(f"{self.name}.failed")
 
@@ -310,6 +377,7 @@ def open_run(
         run = RunDir.reopen(resume, spec)
     else:
         run = RunDir(root, spec) if at is None else RunDir.at(at, spec)
+    run.hold()
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
@@ -327,6 +395,8 @@ def open_run(
         LOG.removeHandler(handler)
         run.fail(f"{type(err).__name__}: {reason}")
         raise
+    finally:
+        run.release()
     handler.close()
     LOG.removeHandler(handler)
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import errno
 import json
+import platform
 import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -257,3 +259,28 @@ def test_two_processes_in_the_same_second_get_distinct_directories(tmp_path):
     same_second = len(runs) - len({p.name.split("-")[0] for p in runs})
     COUNTS["concurrent starts"] += 4
     COUNTS["same-second name collisions resolved"] += same_second
+
+
+def test_a_run_still_running_is_not_resumed_from_under_it(reference, tmp_path):
+    """`ntkrun resume` / `aggregate` of a run another live process is running are refused (its
+    RUNNING lock); once that process is killed outright, resume takes the run over."""
+    proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *SPEC, "--output-root", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while leftover(tmp_path) is None or not (leftover(tmp_path) / "RUNNING").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    running = leftover(tmp_path)
+    for command in ("resume", "aggregate"):
+        refused = invoke(command, running, "--quiet")
+        assert refused.exit_code == 1, refused.stderr
+        assert f"still being run by {platform.node()} {proc.pid}" in refused.stderr
+        assert running.exists()  # not moved away from the process
+    assert f"being run by {platform.node()} {proc.pid}" in invoke("status", running).stdout
+    proc.kill()
+    proc.communicate()
+    COUNTS["resume refused while running"] += 2
+    resumed = invoke("resume", leftover(tmp_path), "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    for name in CSVS:
+        assert (complete(tmp_path) / name).read_bytes() == (reference / name).read_bytes(), name
