@@ -338,7 +338,9 @@ def finish_sharded(spec: RunSpec, run: RunDir, quiet: bool) -> None:
             run.fail(str(e))
         print_status(spec, run)
         fail(f"{run.path}: {e}; compute them with: ntkrun resume {run.path}", code=1)
-    except (DivergenceError, ValueError, OSError, executors.ExecutorError) as e:
+    except executors.ExecutorError as e:  # another process is aggregating it
+        fail(str(e), code=1)
+    except (DivergenceError, ValueError, OSError) as e:
         if not run.fixed:
             run.fail(str(e))
         fail(f"{run.path}: aggregation failed: {e}", code=1)

@@ -161,7 +161,10 @@ def test_a_live_aggregation_lock_is_respected(tmp_path):
     (shared / "aggregate.lock").write_text(f"{os.uname().nodename} {os.getpid()}\n")  # alive: us
     assert "being aggregated by" in invoke("status", shared).stdout
     blocked = invoke("aggregate", shared)
-    assert blocked.exit_code == 1 and "is aggregating" in blocked.stderr
+    assert (
+        blocked.exit_code == 1
+        and f"being aggregated by {os.uname().nodename} {os.getpid()}" in blocked.stderr
+    )
     (shared / "aggregate.lock").unlink()
     assert invoke("aggregate", shared).exit_code == 0 and (shared / "meta.json").is_file()
 
