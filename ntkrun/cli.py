@@ -193,7 +193,10 @@ def run_experiment(
         return run_slurm(spec, root, opts, progress, resume)
     shared = resume or opts.run_dir
     if shared is not None:  # its SLURM jobs, if any, must have ended before it runs here
-        active = executors.queue_states(executors.recorded_jobs(shared).values())
+        recorded = executors.recorded_jobs(shared)
+        active = executors.queue_states(recorded.values())
+        if active is None and recorded and executors.slurm_available():
+            fail(f"{shared}: squeue cannot say whether its SLURM jobs have ended; try again", code=1)
         if active:
             fail(
                 f"{shared}: {len(active)} unit(s) still queued or running as SLURM jobs "
@@ -209,8 +212,12 @@ def run_experiment(
                 executors.run_pool(spec, run, progress, todo, spec.executor.jobs)
             else:
                 runners.run_inline(spec, run, progress, todo)
+            locked = None
             if run.fixed:  # a shared directory: other processes may aggregate too
-                metrics = executors.aggregate_once(spec, run)
+                try:
+                    metrics = executors.aggregate_once(spec, run)
+                except executors.ExecutorError as e:  # another process is aggregating: not a failure
+                    locked = e
             else:
                 metrics = executors.finish(spec, run, str(device))
     except UnitSpecMismatchError as e:
@@ -225,6 +232,8 @@ def run_experiment(
     except (KeyboardInterrupt, Stop) as e:
         hint = f"; continue with: ntkrun resume {run.path}" if run is not None and not run.finalized else ""
         fail(f"{stopped(e)}{kept(run)}{hint}", code=signal_code(e))
+    if locked is not None:
+        fail(f"{locked}; its units are all done here", code=1)
     if metrics is None:  # completed by another process sharing the directory
         metrics = pd.read_csv(run.path / summary_table(run.path))
     report(experiment, metrics, run.path, opts.quiet)
@@ -287,7 +296,11 @@ def run_slurm(
         if resume is not None:
             run = RunDir.reopen(resume, spec)
             run.make_visible()  # the jobs need a path that stays put
+            run.release()  # the jobs, not this process, run it from here on
         elif opts.run_dir is not None:
+            holder = lock_holder(opts.run_dir / RUNNING)
+            if holder is not None:
+                raise LockedError(f"{opts.run_dir}: being run by {holder}")
             run = RunDir.at(opts.run_dir, spec)
         else:
             run = RunDir(root, spec, visible=True)
@@ -305,7 +318,7 @@ def run_slurm(
     except OSError as e:
         where = opts.run_dir or f"under {root}"
         fail(f"cannot write the run directory {where}: {e.strerror or e}", code=2 if run is None else 1)
-    except executors.ExecutorError as e:
+    except (executors.ExecutorError, LockedError) as e:
         fail(str(e), code=1)
     except Exception as e:  # submitit raises its own errors for a refused sbatch
         lines = str(e).strip().splitlines()
@@ -375,7 +388,7 @@ def print_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
         else "not aggregated"
     )
     out.print(f"{len(table)} units: {summary}; run {complete}", markup=False, highlight=False)
-    runner = None if is_complete(run.path) else lock_holder(run.path / RUNNING)
+    runner = None if is_complete(run.path) else lock_holder(run.path / RUNNING, remove=False)
     if runner:
         out.print(f"being run by {runner}", markup=False, highlight=False)
     return table

@@ -25,7 +25,7 @@ import torch
 
 from ntkrun import runners
 from ntkrun.runners import Progress, Unit
-from ntkrun.runs import LockedError, RunDir, acquire, is_complete
+from ntkrun.runs import LockedError, RunDir, acquire, is_complete, release
 from ntkrun.spec import RunSpec, load_run_spec
 
 LOG = logging.getLogger("ntkrun")
@@ -121,7 +121,7 @@ def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
             return None
         return finish(spec, run, str(runners.resolve_device(spec.device)))
     finally:
-        lock.unlink(missing_ok=True)
+        release(run.path / AGGREGATE_LOCK)  # run.path: finish may have renamed the directory
 
 
 def maybe_finish(spec: RunSpec, run: RunDir) -> bool:

@@ -101,49 +101,103 @@ class LockedError(ValueError):
     """A lock file is held by a live process."""
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), so that a
+    reused pid is not taken for the lock's holder; "" where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not start or _start_time(pid) in ("", start)
 
 
-def lock_holder(lock: Path, stale_after: float | None = None) -> str | None:
-    """Who holds the lock file ("host pid"), or None. A lock of a process that is gone (on this
-    host) or older than `stale_after` seconds is removed as stale; one of a process on another
-    host is trusted (the message names the file, to delete by hand if that process is gone)."""
+def my_lock_text() -> str:
+    pid = os.getpid()
+    return f"{platform.node()} {pid} {_start_time(pid)}".strip()
+
+
+def lock_holder(lock: Path, stale_after: float | None = None, remove: bool = True) -> str | None:
+    """Who holds the lock file ("host pid"), or None if nobody does. On this host a lock is
+    stale when its process is gone (pid and start time); from another host, when older than
+    `stale_after` seconds (None: never, the message names the file to delete by hand). A stale
+    lock is removed (unless remove=False, for read-only commands)."""
     try:
         text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
     except (FileNotFoundError, NotADirectoryError):
         return None
-    host, _, pid = text.partition(" ")
-    dead = host == platform.node() and pid.isdigit() and not _alive(int(pid))
-    if dead or (stale_after is not None and age > stale_after):
-        LOG.warning("%s: removing a stale lock (%s)", lock, text)
-        lock.unlink(missing_ok=True)
-        return None
-    return text or "unknown"
+    host, pid, start = ([*text.split(), "", "", ""])[:3]
+    if host == platform.node() and pid.isdigit():
+        stale = not _alive(int(pid), start)
+    else:
+        stale = stale_after is not None and age > stale_after
+    if not stale:
+        return f"{host} {pid}".strip() or "unknown"
+    if remove:
+        _remove_stale(lock, text)
+    return None
+
+
+def _remove_stale(lock: Path, text: str) -> None:
+    """Remove `lock` if it still holds `text`: moved aside first, so that a fresh lock another
+    process took meanwhile is put back, never deleted."""
+    aside = lock.with_name(f".{lock.name}.stale.{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    if aside.read_text().strip() == text:
+        LOG.warning("%s: removed a stale lock (%s)", lock, text)
+    else:
+        try:
+            os.link(aside, lock)  # not ours to remove: back under its name unless taken again
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
 
 
 def acquire(lock: Path, what: str, stale_after: float | None = None) -> None:
-    """Create `lock` (O_EXCL) holding "host pid"; LockedError if a live process holds it."""
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock_holder(lock, stale_after)
-            if holder is not None:
-                raise LockedError(
-                    f"{lock.parent}: {what} by {holder} (if that process is gone, delete {lock})"
-                ) from None
-            continue
-        os.write(fd, f"{platform.node()} {os.getpid()}\n".encode())
+    """Create `lock` holding "host pid start" atomically (written to a temporary file, then
+    hard-linked to the lock's name: the lock is never empty); LockedError if it is held."""
+    text = my_lock_text()
+    tmp = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, f"{text}\n".encode())
+    finally:
         os.close(fd)
-        return
-    raise LockedError(f"{lock}: cannot take the lock")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)
+                return
+            except FileExistsError:
+                holder = lock_holder(lock, stale_after)
+                if holder is not None:
+                    raise LockedError(
+                        f"{lock.parent}: {what} by {holder} (if that process is gone, delete {lock})"
+                    ) from None
+        raise LockedError(f"{lock}: cannot take the lock")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def release(lock: Path) -> None:
+    """Remove `lock` if this process holds it (never another process's)."""
+    try:
+        if lock.read_text().strip() == my_lock_text():
+            lock.unlink(missing_ok=True)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
 
 
 class UnitSpecMismatchError(ValueError):
@@ -205,11 +259,7 @@ class RunDir:
         path = Path(path).resolve()  # `.` has no name to tell a hidden or failed run by
         if is_complete(path):
             raise ValueError(f"{path}: run is complete, nothing to resume")
-        holder = lock_holder(path / RUNNING)
-        if holder is not None:
-            raise LockedError(
-                f"{path}: still being run by {holder} (if that process is gone, delete {path / RUNNING})"
-            )
+
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
             run = cls.at(path, spec)  # a sharded run: resumed in place
             (run.path / "ERROR").unlink(missing_ok=True)
@@ -222,8 +272,14 @@ class RunDir:
         if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
             name = name[1:].split(".")[0]
         run.name = name
-        run.path = _workdir(run.parent, name)
-        os.replace(path, run.path)  # onto the fresh empty directory: atomic on POSIX
+        acquire(path / RUNNING, "still being run")  # taken here, so the move below is ours to make
+        try:
+            run.path = _workdir(run.parent, name)
+            os.replace(path, run.path)  # onto the fresh empty directory: atomic on POSIX
+        except BaseException:
+            release(path / RUNNING)
+            raise
+        run.holding = True  # the lock moved with the directory
         (run.path / "ERROR").unlink(missing_ok=True)
         run.meta = {"resumed": True}
         return run
@@ -344,12 +400,13 @@ class RunDir:
 
     def hold(self) -> None:
         """Mark this run as being run by this process (refused while another live one does)."""
-        acquire(self.path / RUNNING, "already being run")
-        self.holding = True
+        if not getattr(self, "holding", False):
+            acquire(self.path / RUNNING, "already being run")
+            self.holding = True
 
     def release(self) -> None:
         if getattr(self, "holding", False):
-            (self.path / RUNNING).unlink(missing_ok=True)
+            release(self.path / RUNNING)
             self.holding = False
 
     def make_visible(self) -> None:
@@ -377,11 +434,16 @@ def open_run(
         run = RunDir.reopen(resume, spec)
     else:
         run = RunDir(root, spec) if at is None else RunDir.at(at, spec)
-    run.hold()
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
+    try:
+        run.hold()  # refused while another live process runs it: then nothing here is ours to mark
+    except BaseException:
+        handler.close()
+        LOG.removeHandler(handler)
+        raise
     try:
         yield run
     except BaseException as err:

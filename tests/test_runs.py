@@ -37,3 +37,34 @@ def test_same_second_same_spec_gets_a_second_name(tmp_path):
     b.start, b.name = a.start, a.name  # force the collision
     fa, fb = a.finalize("cpu"), b.finalize("cpu")
     assert fa != fb and fb.name == f"{fa.name}-2"
+
+
+def test_locks_are_exclusive_and_only_their_holder_releases_them(tmp_path):
+    from ntkrun.runs import LockedError, acquire, lock_holder, my_lock_text, release
+
+    lock = tmp_path / "lock"
+    acquire(lock, "busy")
+    assert lock.read_text().strip() == my_lock_text()  # written before it has its name: never empty
+    with pytest.raises(LockedError, match="busy by"):
+        acquire(lock, "busy")
+    lock.write_text("otherhost 123 456\n")  # another host's lock: trusted (no age limit given)
+    release(lock)
+    assert lock.exists() and lock_holder(lock) == "otherhost 123"
+    assert lock_holder(lock, stale_after=0.0) is None and not lock.exists()  # too old: stale
+
+
+def test_a_stale_lock_is_recognised_by_pid_and_start_time(tmp_path):
+    import platform
+
+    from ntkrun.runs import _remove_stale, lock_holder, my_lock_text
+
+    lock = tmp_path / "lock"
+    host, pid, start = my_lock_text().split()
+    lock.write_text(f"{host} {pid} {int(start) + 1}\n")  # our pid, another start: a reused pid
+    assert lock_holder(lock, remove=False) is None and lock.exists()  # read-only: left in place
+    assert lock_holder(lock) is None and not lock.exists()
+    lock.write_text(f"{platform.node()} {pid} {start}\n")
+    assert lock_holder(lock) == f"{host} {pid}"  # alive: this process
+    lock.write_text("fresh lock of another process\n")
+    _remove_stale(lock, "the stale text read a moment ago")  # changed meanwhile: put back
+    assert lock.read_text() == "fresh lock of another process\n"

@@ -81,6 +81,8 @@ def leftover(root: Path) -> Path | None:
 
 def complete(root: Path) -> Path | None:
     folder = root / "convergence"
+    if not folder.exists():
+        return None
     done = [
         p
         for p in folder.iterdir()
@@ -128,7 +130,8 @@ def test_random_signals_never_lose_work(reference, tmp_path):
             for name, result in seen.items():
                 assert now.get(name) == result, f"unit {name} lost or changed after a {sig!r}"
             seen = now
-            if proc.returncode == 0 and complete(root) is not None:
+            if complete(root) is not None:  # done (a signal may have come just after completion)
+                assert proc.returncode == 0 or "after the run completed" in err, err
                 break
             # -2/-15: the signal came before the interpreter ran ntkrun's code (default action)
             assert proc.returncode in (130, 143, -9, -2, -15), (proc.returncode, err)
