@@ -1,5 +1,6 @@
 """The `ntkrun` command's entry point. Signal handling is set up before the heavy imports
-(torch takes seconds), so Ctrl-C or SIGTERM at any moment ends the command cleanly."""
+(torch takes seconds), and signals are held during them, so Ctrl-C or SIGTERM at any moment ends
+the command cleanly."""
 
 from __future__ import annotations
 
@@ -57,8 +58,14 @@ def main() -> None:
     signal.signal(signal.SIGINT, _raise)
     signal.signal(signal.SIGTERM, _raise)
     try:
-        from ntkrun.cli import app
-
+        # Signals are held while torch & co. load: an exception raised inside their C++ import
+        # code aborts the interpreter (pybind11 -> std::terminate, seen in tests). A signal that
+        # came meanwhile is delivered when the mask is restored, here, as a clean Stop.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            from ntkrun.cli import app
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         app()
     except SystemExit:
         raise
