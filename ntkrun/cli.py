@@ -604,7 +604,6 @@ def resume(
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Per unit: done / running / pending / failed / not started, with SLURM job ids."""
-    experiment_of(run_dir)
     try:
         spec = load_run_spec(run_dir)
     except SpecError as e:
@@ -618,7 +617,6 @@ def aggregate(
     quiet: QuietOpt = False,
 ) -> None:
     """Build the CSVs and figures from the finished units and mark the run complete."""
-    experiment_of(run_dir)
     try:
         spec = load_run_spec(run_dir)
         run = RunDir.reopen(run_dir, spec) if not is_complete(run_dir) else RunDir.at(run_dir, spec)

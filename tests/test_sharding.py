@@ -136,9 +136,10 @@ def test_resume_may_change_only_the_executor(tmp_path):
     diverging = [*TINY["convergence"], "--set", "training.lr=1e8", "--output-root", tmp_path]
     assert invoke(*diverging).exit_code == 1
     (failed,) = (tmp_path / "convergence").iterdir()
+    before = (failed / "spec.yaml").read_text()
     changed = invoke("resume", failed, "--set", "training.lr=0.5")
     assert changed.exit_code == 2 and "on resume only executor.* may change" in changed.stderr
-    assert failed.is_dir() and (failed / "spec.yaml").read_text() == (failed / "spec.yaml").read_text()
+    assert failed.is_dir() and (failed / "spec.yaml").read_text() == before  # untouched, not moved
     same = invoke("resume", failed, "--executor", "local", "--jobs", "2")
     assert same.exit_code == 1 and "training diverged" in same.stderr  # the same spec, run elsewhere
 
