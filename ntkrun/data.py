@@ -12,10 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ntkrun.errors import DataError, DownloadError
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -63,10 +66,6 @@ SPLIT_FILES = {
 DATA_ENV = "NTKRUN_DATA_DIR"
 
 
-class DataError(ValueError):
-    """Data missing, corrupt or not downloadable; the message says what and how to fix it."""
-
-
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or raw): unsigned-byte data with its dimensions. Checks the
     magic number and that the payload holds exactly the product of the dimensions."""
@@ -89,6 +88,74 @@ def read_idx(path: Path) -> np.ndarray:
             f"{path}: IDX payload has {len(raw) - header} bytes, dimensions {dims} need {expected}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions in an IDX file's header (gzipped or raw), reading only the header; checks
+    the magic number and the payload's size. Raises DataError."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rb") as fh:
+            magic = fh.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+                raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number {magic.hex()})")
+            raw = fh.read(4 * magic[3])
+            if len(raw) < 4 * magic[3]:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{magic[3]}I", raw)
+            payload = 0
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                payload += len(block)
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: corrupt gzip data ({err})") from None
+    if payload != int(np.prod(dims)):
+        need = int(np.prod(dims))
+        raise DataError(f"{path}: IDX payload has {payload} bytes, dimensions {dims} need {need}")
+    return dims
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of an IDX image dataset, from its headers: `count` images of rows x cols."""
+
+    images: Path
+    labels: Path
+    count: int
+    rows: int
+    cols: int
+
+    @property
+    def pixels(self) -> int:
+        return self.rows * self.cols
+
+
+def split_info(folder: Path, split: str) -> Split:
+    """The split's files and sizes, read from the IDX headers only. Raises DataError when a file
+    is missing or invalid, the images are not 2-D, or the label count differs from the image count."""
+    images, labels = split_files(folder, split)
+    dims, label_dims = idx_dims(images), idx_dims(labels)
+    if len(dims) != 3:
+        raise DataError(f"{images}: expected images (count, rows, cols), the header says {dims}")
+    if len(label_dims) != 1 or label_dims[0] != dims[0]:
+        raise DataError(f"{labels}: holds {label_dims} labels but {images.name} holds {dims[0]} images")
+    return Split(images, labels, dims[0], dims[1], dims[2])
+
+
+def check_request(info: Split, split: str, n_points: int, key: str, n0: int | None = None) -> None:
+    """Refuse a request the split cannot satisfy: `key` asks for more points than it holds, or a
+    network input dimension n0 that is not its image size. Raises DataError."""
+    if n_points > info.count:
+        raise DataError(
+            f"{key}: {n_points} points asked for, but the {split} split ({info.images}) holds {info.count}"
+        )
+    if n0 is not None and n0 != info.pixels:
+        raise DataError(
+            f"{key}: the network takes {n0} inputs, but the {split} split holds {info.rows}x{info.cols} "
+            f"= {info.pixels}-pixel images ({info.images})"
+        )
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -156,13 +223,39 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_mnist(folder: Path) -> dict[str, str]:
-    """{file: 'ok' | 'missing' | 'MD5 mismatch'} for the four MNIST files in folder."""
-    status = {}
-    for name, md5 in MNIST_FILES.items():
-        path = folder / name
-        status[name] = "missing" if not path.is_file() else "ok" if md5sum(path) == md5 else "MD5 mismatch"
-    return status
+def check_files(folder: Path) -> tuple[dict[str, str], list[str]]:
+    """({file: state}, usable splits) for the four standard files of an IDX dataset in folder.
+
+    A state is "ok (published MNIST, MD5 verified)", "valid IDX <dims>, not the published MNIST
+    file" (e.g. Fashion-MNIST), "missing" or "invalid: <reason>". A split is usable when both its
+    files are valid IDX and their counts agree."""
+    states: dict[str, str] = {}
+    for stems in SPLIT_FILES.values():
+        for stem in stems:
+            path = _find(folder, stem)
+            name = path.name if path is not None else f"{stem}.gz"
+            if path is None:
+                states[name] = "missing"
+                continue
+            try:
+                dims = idx_dims(path)
+            except DataError as err:
+                states[name] = f"invalid: {str(err).removeprefix(f'{path}: ')}"
+                continue
+            shape = "x".join(str(d) for d in dims)
+            published = MNIST_FILES.get(name)
+            if published is not None and md5sum(path) == published:
+                states[name] = f"ok: published MNIST, MD5 verified ({shape})"
+            else:
+                states[name] = f"valid IDX ({shape}), not the published MNIST file"
+    usable = []
+    for split in SPLIT_FILES:
+        try:
+            split_info(folder, split)
+            usable.append(split)
+        except DataError:
+            pass
+    return states, usable
 
 
 def download_mnist(
@@ -210,7 +303,7 @@ def download_mnist(
             if target.is_file():
                 break
         if not target.is_file():
-            raise DataError(f"could not download {name}: " + "; ".join(errors))
+            raise DownloadError(f"could not download {name}: " + "; ".join(errors))
         done.append(target)
     return done
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ntkrun.errors import NumericalError
+
 
 @dataclass(frozen=True)
 class KernelEigen:
@@ -44,7 +46,7 @@ def eigen(K: torch.Tensor, ridge: float = 0.0) -> KernelEigen:
     if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] == 0:
         raise ValueError(f"kernel must be a non-empty square matrix, got shape {tuple(K.shape)}")
     if not torch.isfinite(K).all():
-        raise ValueError("kernel contains NaN or inf")
+        raise NumericalError("kernel contains NaN or inf")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     K = K.to(torch.float64)
@@ -73,18 +75,18 @@ def gain(eig: KernelEigen, t: float, lr: float | None = None) -> torch.Tensor:
     """(N,) g_t(lambda) = (1 - d_t(lambda)) / lambda, the spectrum of K^-1 (I - D_t).
 
     Finite t is well defined for any lambda (g -> t/N as lambda -> 0). t = inf needs K to be
-    positive definite: raises ValueError naming the condition number and the ridge remedy.
+    positive definite: raises NumericalError naming the condition number and the ridge remedy.
     """
     lam = eig.values
     if lr is not None and (lr * lam / eig.n).max() >= 2:
-        raise ValueError(
+        raise NumericalError(
             f"GD with lr = {lr} diverges on this kernel: lr * lambda_max / N = "
             f"{(lr * lam.max() / eig.n).item():.3g} >= 2"
         )
     if math.isinf(t):
         floor = 1e3 * torch.finfo(lam.dtype).eps * lam.abs().max().item()
         if lam.min() <= floor:
-            raise ValueError(
+            raise NumericalError(
                 f"kernel matrix is singular (condition number {eig.condition_number:.3g}, e.g. duplicate "
                 "training points): the t = inf limit is undefined; use a ridge or a finite t"
             )
@@ -178,7 +180,7 @@ def kernel_pca_power(
     """Top-k eigenpairs of K/N by power iteration with deflation (as in the paper).
 
     -> (lambda (k,), f (N, k) pin-normalized, iterations used per eigenpair). Converged when the
-    eigenvector moves less than `tol` in norm; raises RuntimeError if max_iter is reached.
+    eigenvector moves less than `tol` in norm; raises NumericalError if max_iter is reached.
     """
     n = K.shape[0]
     if not 1 <= k <= n:
@@ -202,7 +204,9 @@ def kernel_pca_power(
                 iters.append(step)
                 break
         else:
-            raise RuntimeError(f"power iteration for eigenpair {i + 1} did not converge in {max_iter} steps")
+            raise NumericalError(
+                f"power iteration for eigenpair {i + 1} did not converge in {max_iter} steps"
+            )
         values.append((v @ (M @ v)).item())
         vectors.append(v)
     return torch.tensor(values, dtype=torch.float64), _pin_normalize(torch.stack(vectors, 1)), iters

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ntkrun.spec import ConvergenceSpec, PCASpec, RegressionSpec, ScalingSpec
+from ntkrun.spec import RunSpec
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -34,9 +34,7 @@ def _step_styles(steps: list[int]) -> dict[int, str]:
     return {s: "-" if i == 0 else "--" if i == len(steps) - 1 else ":" for i, s in enumerate(steps)}
 
 
-def convergence_figure(
-    summary: pd.DataFrame, kernels: pd.DataFrame, spec: ConvergenceSpec, stem: Path
-) -> None:
+def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: RunSpec, stem: Path) -> None:
     """Paper Figure 1 with the analytic limit: Theta(x0, x) against gamma.
 
     Left: every seed (colour per width, solid t = first step, dashed t = last step).
@@ -77,7 +75,7 @@ def convergence_figure(
 
 
 def regression_figure(
-    functions: pd.DataFrame, limit: pd.DataFrame, training: pd.DataFrame, spec: RegressionSpec, stem: Path
+    functions: pd.DataFrame, limit: pd.DataFrame, training: pd.DataFrame, spec: RunSpec, stem: Path
 ) -> None:
     """Paper Figure 2: f_T on the circle for every seed and width, with the percentile band of
     the limiting Gaussian at t = inf (shaded, median dashed) and at t = T (dotted)."""
@@ -130,7 +128,7 @@ SCALING_TITLES = {
 }
 
 
-def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: ScalingSpec, stem: Path) -> None:
+def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: RunSpec, stem: Path) -> None:
     """Log-log panels per metric: seed mean +- SE per width and depth, fitted lines, reference slope."""
     depths = sorted(table["depth"].unique())
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
@@ -163,7 +161,7 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: ScalingSpec, s
         _save(fig, stem)
 
 
-def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: PCASpec, lam_k: float, stem: Path) -> None:
+def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: RunSpec, lam_k: float, stem: Path) -> None:
     """Paper Figure 3: (a) digits at (f(2), f(3)) by label; (b) ||h_t|| against ||g_t||;
     (c) ||g_t|| against t with the limit c exp(-lambda_k t)."""
     widths = sorted(traj["width"].unique())

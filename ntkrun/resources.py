@@ -19,10 +19,6 @@ GiB = 2**30
 ANALYTIC_BUDGET = 2**30  # analytic_kernels' default memory_budget for its row blocks
 
 
-class ResourceError(ValueError):
-    """A spec needs more memory than there is."""
-
-
 def dtype_bytes(dtype: str) -> int:
     return {"float32": 4, "float64": 8}[dtype]
 

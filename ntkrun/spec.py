@@ -1,4 +1,7 @@
-"""Experiment specs: models with defaults from SPEC.md, YAML loading, `--set` overrides, validation.
+"""Experiment specs: the shared models, YAML loading, `--set` overrides, validation.
+
+Each experiment's own model (a RunSpec subclass) lives in its runner module; the defaults are
+the paper's settings (docs/science.md).
 
 A spec is built in layers: the model defaults, then a preset file (configs/<experiment>/<name>.yaml)
 or a config file, then `--set key.path=value` overrides, then CLI shortcuts. Every leaf
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -18,14 +20,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from ntkrun.errors import SpecError
 from ntkrun.nonlinearities import NONLINEARITIES
 
 
-class SpecError(ValueError):
-    """A spec could not be read or is invalid; the message is one line naming source, key and reason."""
-
-
-def _as_list(value: Any) -> Any:
+def as_list(value: Any) -> Any:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
@@ -33,7 +32,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Widths = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_as_list)]
+Widths = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)]
 NonlinearityName = Literal[tuple(NONLINEARITIES)]  # type: ignore[valid-type]
 
 
@@ -107,142 +106,6 @@ class RunSpec(Model):
     executor: ExecutorSpec = ExecutorSpec()
 
 
-class ConvergenceSpec(RunSpec):
-    experiment: Literal["convergence"] = "convergence"
-    network: NetworkSpec = NetworkSpec()
-    training: TrainingSpec = TrainingSpec()
-    grid: GridSpec = GridSpec()
-
-
-class RegressionTrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: PositiveInt = 1000
-
-
-class RegressionDataSpec(Model):
-    train_angles: (
-        Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)] | None
-    ) = [
-        -2.5,
-        -0.9,
-        0.6,
-        2.2,
-    ]  # (choice) training inputs on the unit circle; null = n_train random angles
-    n_train: PositiveInt | None = None  # random angles, uniform on [-pi, pi), seeded by data_seed
-    data_seed: NonNegativeInt = 0
-    target: Literal["x1*x2", "sin", "values"] = "x1*x2"  # (choice) f*(x) = x1 x2
-    target_k: PositiveInt = 1  # target sin: f* = sin(k gamma)
-    target_values: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None  # target values
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RegressionDataSpec:
-        if (self.train_angles is None) == (self.n_train is None):
-            raise ValueError(
-                "give exactly one of train_angles and n_train (for random angles also set train_angles: null)"
-            )
-        n = len(self.train_angles) if self.train_angles is not None else self.n_train
-        if self.train_angles is not None:
-            wrapped = sorted(round(math.remainder(a, 2 * math.pi), 12) for a in self.train_angles)
-            if len(set(wrapped)) < len(wrapped):
-                raise ValueError(
-                    f"train_angles {self.train_angles} repeat a point of the circle: the kernel matrix "
-                    "would be singular"
-                )
-        if self.target == "values":
-            if self.target_values is None or len(self.target_values) != n:
-                raise ValueError(
-                    f"target 'values' needs target_values with one value per training point ({n})"
-                )
-        elif self.target_values is not None:
-            raise ValueError(f"target_values is only read with target: values (target is {self.target!r})")
-        return self
-
-
-class RegressionSpec(RunSpec):
-    experiment: Literal["regression"] = "regression"
-    network: NetworkSpec = NetworkSpec(width=[50, 1000])
-    training: RegressionTrainingSpec = RegressionTrainingSpec()
-    data: RegressionDataSpec = RegressionDataSpec()
-    kernel: Literal["analytic", "empirical"] = "analytic"  # the limit's Theta and Sigma
-    kernel_width: PositiveInt = 10000  # kernel: empirical, one network of this width at init
-    kernel_seed: NonNegativeInt = 0
-    percentiles: Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=2)] = [10, 50, 90]
-    grid: CircleGridSpec = CircleGridSpec()
-
-
-class ScalingNetworkSpec(Model):
-    depth: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_as_list)] = [2, 3, 4]
-    width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(_as_list)] = [
-        2**k for k in range(6, 14)
-    ]  # a log grid: the slope needs at least two widths
-    nonlinearity: NonlinearityName = "relu"
-    beta: NonNegativeFloat = 0.1
-
-
-class ScalingDataSpec(Model):
-    inputs: Literal["circle", "gaussian"] = "circle"  # the fixed set where Theta is compared
-    n_points: PositiveInt = 16  # circle: evenly spaced angles; gaussian: x ~ N(0, I_dim)
-    dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
-
-
-class ScalingTrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: PositiveInt = 200
-    n_train: PositiveInt = 128  # training inputs x ~ N(0, I), target x1 x2, drawn once per seed
-
-
-class ScalingSpec(RunSpec):
-    experiment: Literal["scaling"] = "scaling"
-    seeds: Annotated[int, Field(ge=2)] = 8  # a bootstrap over seeds needs at least two
-    network: ScalingNetworkSpec = ScalingNetworkSpec()
-    training: ScalingTrainingSpec = ScalingTrainingSpec()  # the regression task of §5.1
-    data: ScalingDataSpec = ScalingDataSpec()
-    n_boot: PositiveInt = 2000  # bootstrap resamples for the slope intervals
-
-    @model_validator(mode="after")
-    def _inputs(self) -> ScalingSpec:
-        if self.data.inputs == "circle" and self.data.dim != 2:
-            raise ValueError("data.dim applies to gaussian inputs only: circle points are 2-D")
-        return self
-
-
-class PCADataSpec(Model):
-    dir: str | None = None  # IDX folder; else --data-dir, $NTKRUN_DATA_DIR, ~/.cache/ntkrun
-    split: Literal["train", "test"] = "train"
-    n_points: PositiveInt = 512
-    seed: NonNegativeInt = 0  # the seeded choice of digits
-    scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255, or per-pixel standardization
-
-
-class PCATrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: PositiveInt = 2000  # (choice)
-    record_every: PositiveInt = 10
-    checkpoint_every: PositiveInt = 100  # steps between unit checkpoints (resume restarts there)
-
-
-class PCASpec(RunSpec):
-    experiment: Literal["pca"] = "pca"
-    seeds: PositiveInt = 2  # trials per width
-    network: NetworkSpec = NetworkSpec(width=[100, 1000, 10000])  # depth 4: (choice)
-    training: PCATrainingSpec = PCATrainingSpec()
-    data: PCADataSpec = PCADataSpec()
-    kernel: Literal["analytic", "empirical"] = "empirical"  # reference kernel (paper: empirical)
-    kernel_width: PositiveInt = 10000
-    kernel_seed: NonNegativeInt = 0
-    component: Annotated[int, Field(ge=1, le=3)] = 2  # the target moves along f(component)
-    target_scale: PositiveFloat = 0.5  # f* = f_theta(0) + target_scale * f(component)
-    power_tol: PositiveFloat = 1e-10
-
-
-EXPERIMENTS: dict[str, type[RunSpec]] = {
-    "convergence": ConvergenceSpec,
-    "regression": RegressionSpec,
-    "scaling": ScalingSpec,
-    "pca": PCASpec,
-}
-
-
 # --------------------------------------------------------------------------- presets
 
 
@@ -250,13 +113,10 @@ def presets_root() -> Path:
     return Path(str(resources.files("ntkrun"))) / "configs"
 
 
-def list_presets() -> dict[str, dict[str, Path]]:
-    """{experiment: {preset name: path}} for every experiment with preset files."""
-    out: dict[str, dict[str, Path]] = {}
-    for exp in EXPERIMENTS:
-        folder = presets_root() / exp
-        out[exp] = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
-    return out
+def presets_of(experiment: str) -> dict[str, Path]:
+    """{preset name: path} of an experiment's preset files (configs/<experiment>/*.yaml)."""
+    folder = presets_root() / experiment
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
 def preset_description(path: Path) -> str:
@@ -380,31 +240,26 @@ def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> st
     return f"{source}: {key}: {reason}"
 
 
-FLAG_NAMES = {  # CLI flags that set a spec key other than --<last key>
-    ("executor", "kind"): "--executor",
-    **{("executor", "slurm", k): f"--slurm-{k.replace('_', '-')}" for k in SlurmSpec.model_fields},
-}
+Override = tuple[tuple[str, ...], Any, str]  # (key path, value, the flag that set it)
 
 
 def load_spec(
-    experiment: str,
+    model: type[RunSpec],
     *,
     preset: str | None = None,
     config: Path | None = None,
     sets: list[str] | tuple[str, ...] = (),
-    overrides: dict[tuple[str, ...], Any] | None = None,
+    overrides: list[Override] | tuple[Override, ...] = (),
 ) -> RunSpec:
-    """Resolve and validate a spec: defaults <- preset <- config file <- --set <- CLI shortcuts.
+    """Resolve and validate a spec of `model`: defaults <- preset <- config <- --set <- flags.
 
     With neither preset nor config the `paper` preset is used (`default` where an experiment has
     no paper preset). Raises SpecError.
     """
-    if experiment not in EXPERIMENTS:
-        raise SpecError(f"unknown experiment {experiment!r} (known: {', '.join(EXPERIMENTS)})")
-    model = EXPERIMENTS[experiment]
+    experiment = model.model_fields["experiment"].default
     layers = Layers()
     if preset is not None or config is None:
-        presets = list_presets()[experiment]
+        presets = presets_of(experiment)
         name = preset or ("paper" if "paper" in presets else "default")
         if name not in presets:
             raise SpecError(f"--preset {name}: unknown preset for {experiment} (known: {', '.join(presets)})")
@@ -414,8 +269,8 @@ def load_spec(
     for item in sets:
         path, value = parse_set(item)
         layers.merge(_nest(path, value), f"--set {item}")
-    for path, value in (overrides or {}).items():
-        layers.merge(_nest(path, value), FLAG_NAMES.get(path, f"--{path[-1].replace('_', '-')}"))
+    for path, value, flag in overrides:
+        layers.merge(_nest(path, value), flag)
     exp = layers.data.get("experiment", experiment)
     if exp != experiment:
         source = layers.source_of(("experiment",))
@@ -424,18 +279,6 @@ def load_spec(
         return model.model_validate(layers.data)
     except ValidationError as err:
         raise SpecError(_format_error(err.errors()[0], layers, model)) from None
-
-
-def load_run_spec(run_dir: Path, sets: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    """The spec a run directory was made with (its spec.yaml), with optional --set overrides
-    (for the executor block). Raises SpecError."""
-    path = Path(run_dir) / "spec.yaml"
-    if not path.is_file():
-        raise SpecError(f"{run_dir}: not a run directory (no spec.yaml)")
-    experiment = read_yaml(path).get("experiment")
-    if experiment not in EXPERIMENTS:
-        raise SpecError(f"{path}: experiment: unknown experiment {experiment!r}")
-    return load_spec(experiment, config=path, sets=sets)
 
 
 def spec_dict(spec: RunSpec) -> dict[str, Any]:

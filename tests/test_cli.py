@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import ntkrun.runners as runners
+import ntkrun.runners.common as runners
 from ntkrun.cli import app
 
 TINY = [

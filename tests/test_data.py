@@ -17,14 +17,16 @@ from typer.testing import CliRunner
 from ntkrun.cli import app
 from ntkrun.data import (
     MNIST_FILES,
-    DataError,
-    check_mnist,
+    check_files,
+    check_request,
     choose_points,
     download_mnist,
     load_idx_dataset,
     read_idx,
     resolve_data_dir,
+    split_info,
 )
+from ntkrun.errors import DataError, DownloadError
 
 REAL_MNIST = os.environ.get("NTKRUN_TEST_MNIST")  # folder of the verified MNIST test split
 needs_mnist = pytest.mark.skipif(
@@ -100,8 +102,10 @@ def test_choose_points_is_seeded_and_scaled(tmp_path):
 @needs_mnist
 def test_real_mnist_test_split():
     folder = Path(REAL_MNIST)
-    status = check_mnist(folder)
-    assert status["t10k-images-idx3-ubyte.gz"] == "ok" and status["t10k-labels-idx1-ubyte.gz"] == "ok"
+    status, usable = check_files(folder)
+    assert status["t10k-images-idx3-ubyte.gz"] == "ok: published MNIST, MD5 verified (10000x28x28)"
+    assert status["t10k-labels-idx1-ubyte.gz"] == "ok: published MNIST, MD5 verified (10000)"
+    assert usable == ["test"] and split_info(folder, "test").count == 10000
     X, y = load_idx_dataset(folder, "test")
     assert X.shape == (10000, 28, 28) and set(np.unique(y)) == set(range(10))
     assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the first test digits, as published
@@ -180,15 +184,15 @@ def test_corrupt_truncated_and_missing_files_leave_nothing_behind(tmp_path):
     data[len(data) // 2] ^= 0xFF  # one byte changed: MD5 mismatch
     labels.write_bytes(bytes(data))
     with Server(mirror) as server:
-        with pytest.raises(DataError, match="MD5 mismatch"):
+        with pytest.raises(DownloadError, match="MD5 mismatch"):
             download_mnist(tmp_path / "a", [server.url], ["test"], retries=1)
     assert leftovers(tmp_path / "a") == ["t10k-images-idx3-ubyte.gz"]  # the good file, only
     with Server(Path(REAL_MNIST), truncate={"t10k-images-idx3-ubyte.gz"}) as server:
-        with pytest.raises(DataError, match="could not download t10k-images"):
+        with pytest.raises(DownloadError, match="could not download t10k-images"):
             download_mnist(tmp_path / "b", [server.url], ["test"], retries=2, backoff=0.01)
     assert leftovers(tmp_path / "b") == []
     with Server(Path(REAL_MNIST)) as server:  # the mirror has no train files: 404
-        with pytest.raises(DataError, match="HTTP 404"):
+        with pytest.raises(DownloadError, match="HTTP 404"):
             download_mnist(tmp_path / "c", [server.url], ["train"], retries=3)
     assert leftovers(tmp_path / "c") == []
 
@@ -197,3 +201,42 @@ def test_published_md5s_cover_the_four_files():
     assert sorted(MNIST_FILES) == sorted(
         f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))
     )
+
+
+def test_check_names_valid_idx_files_that_are_not_the_published_mnist(tmp_path):
+    """Fashion-MNIST or any IDX set: valid, usable, but not MNIST's published files."""
+    write_split(tmp_path, n=50, split="t10k")
+    write_split(tmp_path, n=30, split="train", gz=False)
+    status, usable = check_files(tmp_path)
+    assert status["t10k-images-idx3-ubyte.gz"] == "valid IDX (50x28x28), not the published MNIST file"
+    assert status["train-labels-idx1-ubyte"] == "valid IDX (30), not the published MNIST file"
+    assert usable == ["train", "test"]
+    result = CliRunner().invoke(app, ["data", "check", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "usable splits: train, test" in result.stdout
+    assert "MD5 mismatch" not in result.stdout
+
+
+def test_check_reports_invalid_and_mismatched_files(tmp_path):
+    write_split(tmp_path, n=50, split="t10k")
+    labels = np.zeros(40, dtype=np.uint8)  # 40 labels for 50 images
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip, not idx")
+    status, usable = check_files(tmp_path)
+    assert status["train-images-idx3-ubyte.gz"].startswith("invalid: not an unsigned-byte IDX file")
+    assert status["train-labels-idx1-ubyte.gz"] == "missing"
+    assert usable == []
+    with pytest.raises(DataError, match=r"holds \(40,\) labels but t10k-images-idx3-ubyte.gz holds 50"):
+        split_info(tmp_path, "test")
+    result = CliRunner().invoke(app, ["data", "check", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "usable splits: none" in result.stdout
+
+
+def test_a_request_the_split_cannot_satisfy_is_refused(tmp_path):
+    write_split(tmp_path, n=50, split="t10k")
+    info = split_info(tmp_path, "test")
+    assert (info.count, info.rows, info.cols, info.pixels) == (50, 28, 28, 784)
+    check_request(info, "test", 50, "data.n_points", n0=784)  # exactly what it holds: fine
+    with pytest.raises(DataError, match=r"data.n_points: 51 points asked for, but the test split .* 50"):
+        check_request(info, "test", 51, "data.n_points")
+    with pytest.raises(DataError, match=r"takes 100 inputs, but the test split holds 28x28 = 784-pixel"):
+        check_request(info, "test", 10, "data.n_points", n0=100)

@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 from ntkrun import dynamics
+from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.network import MLP, gd_step
 
@@ -108,7 +109,7 @@ def test_singular_kernel_needs_a_ridge_for_the_infinite_time_limit():
     _, K = analytic_kernels(X, depth=3)
     eig = dynamics.eigen(K)
     assert eig.condition_number > 1e12
-    with pytest.raises(ValueError, match="singular"):
+    with pytest.raises(NumericalError, match="singular"):
         dynamics.gain(eig, math.inf)
     assert torch.isfinite(dynamics.gain(eig, 100.0)).all()  # finite t is fine
     ridged = dynamics.eigen(K, ridge=1e-6)
@@ -117,7 +118,7 @@ def test_singular_kernel_needs_a_ridge_for_the_infinite_time_limit():
 
 def test_gd_step_too_large_is_reported():
     eig = dynamics.eigen(torch.eye(3) * 30)
-    with pytest.raises(ValueError, match="diverges"):
+    with pytest.raises(NumericalError, match="diverges"):
         dynamics.gain(eig, 10.0, lr=1.0)  # lr * lambda / N = 10
     with pytest.raises(ValueError, match="whole number"):
         dynamics.decay(dynamics.eigen(torch.eye(3)), 1.5, lr=1.0)
@@ -138,5 +139,5 @@ def test_kernel_pca_power_iteration_agrees_with_the_dense_solver():
 def test_eigen_rejects_bad_kernels():
     with pytest.raises(ValueError, match="square"):
         dynamics.eigen(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NumericalError, match="NaN"):
         dynamics.eigen(torch.tensor([[float("nan")]]))

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from ntkrun.cli import app
 from ntkrun.data import circle
+from ntkrun.experiments import spec_of
 from ntkrun.runners.regression import limit_kernels, limit_table, training_data
-from ntkrun.spec import load_spec
 
 TINY = [
     "regression", "--preset", "quick", "--set", "network.width=[16, 64]", "--seeds", "2", "--steps", "50",
@@ -49,7 +49,7 @@ def test_empirical_limit_kernel(tmp_path):
 
 
 def test_band_collapses_onto_the_targets_at_the_training_points():
-    spec = load_spec("regression", sets=["grid.n_angles=8"])
+    spec = spec_of("regression", sets=["grid.n_angles=8"])
     angles, y = training_data(spec)
     limit = limit_table(spec, limit_kernels(spec, circle(angles), circle(angles), "cpu"), y, angles)
     at_inf = limit[limit["t"] == math.inf]
@@ -93,10 +93,10 @@ def test_bad_specs_exit_2(tmp_path, extra, expected):
 
 
 def test_random_angles_and_other_targets():
-    spec = load_spec("regression", sets=["data.train_angles=null", "data.n_train=6", "data.target=sin",
+    spec = spec_of("regression", sets=["data.train_angles=null", "data.n_train=6", "data.target=sin",
                                          "data.target_k=3"])  # fmt: skip
     angles, y = training_data(spec)
     assert angles.shape == (6,) and ((angles >= -math.pi) & (angles < math.pi)).all()
     assert (y - (3 * angles).sin()).abs().max() < 1e-15
-    spec = load_spec("regression", sets=["data.target=values", "data.target_values=[1, 2, 3, 4]"])
+    spec = spec_of("regression", sets=["data.target=values", "data.target_values=[1, 2, 3, 4]"])
     assert training_data(spec)[1].tolist() == [1.0, 2.0, 3.0, 4.0]

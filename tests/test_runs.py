@@ -5,13 +5,13 @@ import json
 import pandas as pd
 import pytest
 
-from ntkrun.runs import RunDir, is_complete, latest_run, open_run
-from ntkrun.spec import ConvergenceSpec
+from ntkrun.rundir import RunDir, is_complete, latest_run, open_run
+from ntkrun.runners.convergence import ConvergenceSpec
 
 
 def test_a_run_is_hidden_until_finalized(tmp_path):
     spec = ConvergenceSpec()
-    run = RunDir(tmp_path, spec)
+    run = RunDir.create(tmp_path, spec)
     assert run.path.name.startswith(".") and run.path.name.endswith(".partial")
     run.write_csv("x.csv", pd.DataFrame({"a": [1]}))
     assert latest_run(tmp_path) is None
@@ -33,14 +33,15 @@ def test_failure_is_recorded_and_reraised(tmp_path):
 
 
 def test_same_second_same_spec_gets_a_second_name(tmp_path):
-    a, b = RunDir(tmp_path, ConvergenceSpec()), RunDir(tmp_path, ConvergenceSpec())
+    a, b = RunDir.create(tmp_path, ConvergenceSpec()), RunDir.create(tmp_path, ConvergenceSpec())
     b.start, b.name = a.start, a.name  # force the collision
     fa, fb = a.finalize("cpu"), b.finalize("cpu")
     assert fa != fb and fb.name == f"{fa.name}-2"
 
 
 def test_locks_are_exclusive_and_only_their_holder_releases_them(tmp_path):
-    from ntkrun.runs import LockedError, acquire, lock_holder, my_lock_text, release
+    from ntkrun.errors import LockedError
+    from ntkrun.locks import acquire, lock_holder, my_lock_text, release
 
     lock = tmp_path / "lock"
     acquire(lock, "busy")
@@ -56,7 +57,7 @@ def test_locks_are_exclusive_and_only_their_holder_releases_them(tmp_path):
 def test_a_stale_lock_is_recognised_by_pid_and_start_time(tmp_path):
     import platform
 
-    from ntkrun.runs import _remove_stale, lock_holder, my_lock_text
+    from ntkrun.locks import _remove_stale, lock_holder, my_lock_text
 
     lock = tmp_path / "lock"
     host, pid, start = my_lock_text().split()

@@ -194,8 +194,8 @@ def test_an_interrupted_shared_run_completes_without_its_old_error(tmp_path, mon
 
 
 def test_a_signal_just_after_completion_leaves_the_run_complete(tmp_path, monkeypatch):
-    from ntkrun.entry import Interrupted
-    from ntkrun.runs import RunDir
+    from ntkrun.errors import Interrupted
+    from ntkrun.rundir import RunDir
 
     original = RunDir.finalize
 

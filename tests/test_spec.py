@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from ntkrun.spec import ConvergenceSpec, SpecError, list_presets, load_spec, parse_set, spec_hash
+from ntkrun.errors import SpecError
+from ntkrun.experiments import EXPERIMENTS, spec_of
+from ntkrun.runners.convergence import ConvergenceSpec
+from ntkrun.spec import parse_set, spec_hash
 
 
 def test_defaults_are_the_paper_settings_of_spec_5_1():
@@ -11,18 +14,18 @@ def test_defaults_are_the_paper_settings_of_spec_5_1():
     assert spec.network.nonlinearity == "relu" and spec.network.beta == 0.1
     assert spec.training.lr == 1.0 and spec.training.steps == 200 and spec.training.n_train == 128
     assert spec.training.recorded == [0, 200] and spec.grid.n_angles == 256 and spec.seeds == 10
-    assert load_spec("convergence") == spec  # the paper preset restates the defaults
+    assert spec_of("convergence") == spec  # the paper preset restates the defaults
 
 
 def test_layers_apply_in_order(tmp_path):
     config = tmp_path / "my.yaml"
     config.write_text("training:\n  lr: 0.5\n  steps: 30\nseeds: 2\n")
-    spec = load_spec(
+    spec = spec_of(
         "convergence",
         preset="quick",
         config=config,
         sets=["training.lr=0.25", "network.width=[3, 4]"],
-        overrides={("seeds",): 5},
+        overrides=[(("seeds",), 5, "--seeds")],
     )
     assert spec.training.lr == 0.25 and spec.training.steps == 30  # --set beats the file
     assert spec.seeds == 5 and spec.network.width == [3, 4]
@@ -30,15 +33,15 @@ def test_layers_apply_in_order(tmp_path):
 
 
 def test_single_width_becomes_a_list_and_record_steps_default_to_ends():
-    spec = load_spec("convergence", sets=["network.width=7", "training.steps=12"])
+    spec = spec_of("convergence", sets=["network.width=7", "training.steps=12"])
     assert spec.network.width == [7]
     assert spec.training.recorded == [0, 12]
-    assert load_spec("convergence", sets=["training.record_steps=[5, 0, 5]"]).training.recorded == [0, 5]
+    assert spec_of("convergence", sets=["training.record_steps=[5, 0, 5]"]).training.recorded == [0, 5]
 
 
 def test_hash_depends_on_the_resolved_spec_only():
-    assert spec_hash(load_spec("convergence")) == spec_hash(ConvergenceSpec())
-    assert spec_hash(load_spec("convergence", sets=["seeds=3"])) != spec_hash(ConvergenceSpec())
+    assert spec_hash(spec_of("convergence")) == spec_hash(ConvergenceSpec())
+    assert spec_hash(spec_of("convergence", sets=["seeds=3"])) != spec_hash(ConvergenceSpec())
 
 
 @pytest.mark.parametrize(
@@ -63,7 +66,7 @@ def test_hash_depends_on_the_resolved_spec_only():
 )
 def test_bad_overrides_name_the_flag_key_and_reason(sets, expected):
     with pytest.raises(SpecError) as info:
-        load_spec("convergence", sets=sets)
+        spec_of("convergence", sets=sets)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -82,22 +85,22 @@ def test_bad_files_name_the_file(tmp_path, text, expected):
     path = tmp_path / "spec.yaml"
     path.write_text(text)
     with pytest.raises(SpecError) as info:
-        load_spec("convergence", config=path)
+        spec_of("convergence", config=path)
     assert str(info.value).startswith(str(path)) and expected in str(info.value)
 
 
 def test_unreadable_sources(tmp_path):
     with pytest.raises(SpecError, match="cannot read: No such file"):
-        load_spec("convergence", config=tmp_path / "missing.yaml")
+        spec_of("convergence", config=tmp_path / "missing.yaml")
     with pytest.raises(SpecError, match="is a directory"):
-        load_spec("convergence", config=tmp_path)
+        spec_of("convergence", config=tmp_path)
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(SpecError, match=r"bin\.yaml: cannot read"):
-        load_spec("convergence", config=tmp_path / "bin.yaml")
+        spec_of("convergence", config=tmp_path / "bin.yaml")
     with pytest.raises(SpecError, match="unknown preset"):
-        load_spec("convergence", preset="huge")
+        spec_of("convergence", preset="huge")
     with pytest.raises(SpecError, match="unknown experiment"):
-        load_spec("nope")
+        spec_of("nope")
 
 
 def test_parse_set_reads_yaml_values():
@@ -107,14 +110,14 @@ def test_parse_set_reads_yaml_values():
 
 
 def test_every_preset_file_is_valid():
-    for experiment, presets in list_presets().items():
+    for experiment, presets in ((e, r.presets) for e, r in EXPERIMENTS.items()):
         assert presets, f"no presets for {experiment}"
         for name in presets:
-            load_spec(experiment, preset=name)
+            spec_of(experiment, preset=name)
 
 
 def test_exponent_floats_are_numbers(tmp_path):
     assert parse_set("training.lr=1e-3") == (("training", "lr"), 0.001)
     path = tmp_path / "s.yaml"
     path.write_text("training:\n  lr: 2E-1\n")
-    assert load_spec("convergence", config=path).training.lr == 0.2
+    assert spec_of("convergence", config=path).training.lr == 0.2

@@ -7,6 +7,7 @@ each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic l
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -14,23 +15,35 @@ import torch
 
 from ntkrun import resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
+from ntkrun.errors import DivergenceError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import convergence_figure
-from ntkrun.runners import (
-    DivergenceError,
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import (
     Progress,
     Unit,
+    UnitContext,
     build_net,
+    gd_flops,
     pack,
     resolve_device,
     resolve_dtype,
     train,
     unpack,
 )
-from ntkrun.runs import RunDir
-from ntkrun.spec import ConvergenceSpec
+from ntkrun.spec import GridSpec, NetworkSpec, RunSpec, TrainingSpec
 
 LOG = logging.getLogger("ntkrun")
+
+
+class ConvergenceSpec(RunSpec):
+    experiment: Literal["convergence"] = "convergence"
+    network: NetworkSpec = NetworkSpec()
+    training: TrainingSpec = TrainingSpec()
+    grid: GridSpec = GridSpec()
+
+
+Spec = ConvergenceSpec
 
 
 def train_unit(
@@ -110,8 +123,8 @@ def metrics(kernels: pd.DataFrame, summary: pd.DataFrame, losses: pd.DataFrame) 
 
 
 def step_cost(spec: ConvergenceSpec, width: int) -> float:
-    """Multiply-adds of one GD step per training point (progress weight)."""
-    return float(2 * width + (spec.network.depth - 2) * width * width)
+    """FLOPs of one GD step on the training set."""
+    return gd_flops(spec.training.n_train, 2, width, spec.network.depth)
 
 
 def units(spec: ConvergenceSpec) -> list[Unit]:
@@ -134,7 +147,7 @@ def memory(spec: ConvergenceSpec, unit: Unit) -> int:
     )
 
 
-def run_unit(spec: ConvergenceSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     width, seed = unit.args["width"], unit.args["seed"]
     device = resolve_device(spec.device)
     kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))

@@ -12,35 +12,83 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from ntkrun import dynamics, resources
-from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir, split_files
+from ntkrun.data import check_request, choose_points, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import pca_figure
-from ntkrun.runners import (
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import (
     Progress,
     Unit,
+    UnitContext,
+    analytic_flops,
     build_net,
+    eigen_flops,
+    gd_flops,
+    ntk_flops,
     pack,
-    require,
     resolve_device,
     resolve_dtype,
     train,
     unpack,
 )
-from ntkrun.runs import RunDir
-from ntkrun.spec import PCASpec, spec_hash
+from ntkrun.spec import (
+    Model,
+    NetworkSpec,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RunSpec,
+    spec_hash,
+)
 
 LOG = logging.getLogger("ntkrun")
 
 
+class PCADataSpec(Model):
+    dir: str | None = None  # IDX folder; else --data-dir, $NTKRUN_DATA_DIR, ~/.cache/ntkrun
+    split: Literal["train", "test"] = "train"
+    n_points: PositiveInt = 512
+    seed: NonNegativeInt = 0  # the seeded choice of digits
+    scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255, or per-pixel standardization
+
+
+class PCATrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 2000  # (choice)
+    record_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100  # steps between unit checkpoints (resume restarts there)
+
+
+class PCASpec(RunSpec):
+    experiment: Literal["pca"] = "pca"
+    seeds: PositiveInt = 2  # trials per width
+    network: NetworkSpec = NetworkSpec(width=[100, 1000, 10000])  # depth 4: (choice)
+    training: PCATrainingSpec = PCATrainingSpec()
+    data: PCADataSpec = PCADataSpec()
+    kernel: Literal["analytic", "empirical"] = "empirical"  # reference kernel (paper: empirical)
+    kernel_width: PositiveInt = 10000
+    kernel_seed: NonNegativeInt = 0
+    component: Annotated[int, Field(ge=1, le=3)] = 2  # the target moves along f(component)
+    target_scale: PositiveFloat = 0.5  # f* = f_theta(0) + target_scale * f(component)
+    power_tol: PositiveFloat = 1e-10
+
+
+Spec = PCASpec
+
+
 def check(spec: PCASpec) -> None:
-    """Before a run directory is made: the data files must be there (DataError otherwise)."""
-    split_files(resolve_data_dir(spec.data.dir), spec.data.split)
+    """Before a run directory is made: the split's files must be there, valid, and hold the
+    digits asked for (DataError otherwise). Reads the IDX headers only."""
+    info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
+    check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
 
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -77,7 +125,7 @@ def pin_norm(v: torch.Tensor) -> float:
 
 def train_unit(
     spec: PCASpec,
-    run: RunDir,
+    ctx: UnitContext,
     width: int,
     seed: int,
     X: torch.Tensor,
@@ -97,7 +145,7 @@ def train_unit(
     y = f0 + spec.target_scale * f_k
     rows: list[dict] = []
     start = 0
-    saved = run.load_checkpoint(name)
+    saved = ctx.load_checkpoint(name)
     if saved is not None and saved.get("spec_hash") != spec_hash(spec):
         LOG.warning("%s: checkpoint of another spec, ignored", name)
         saved = None
@@ -128,7 +176,7 @@ def train_unit(
                 )
         if step % tr.checkpoint_every == 0 and step != start:
             state = {"step": step, "state": net.state_dict(), "rows": rows, "spec_hash": spec_hash(spec)}
-            run.save_checkpoint(name, state)
+            ctx.save_checkpoint(name, state)
 
     record_at = set(range(0, tr.steps + 1, math.gcd(tr.record_every, tr.checkpoint_every))) | {tr.steps}
     train(
@@ -185,13 +233,18 @@ def digits(spec: PCASpec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_cost(spec: PCASpec, width: int, n0: int = 784) -> float:
-    return float(n0 * width + (spec.network.depth - 2) * width * width + width)
+    """FLOPs of one GD step on the N digits."""
+    return gd_flops(spec.data.n_points, n0, width, spec.network.depth)
 
 
 def units(spec: PCASpec) -> list[Unit]:
     """`reference` (kernel and its principal components), then one unit per (width, trial)."""
     seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
-    ref_cost = step_cost(spec, spec.kernel_width) if spec.kernel == "empirical" else 0.0
+    n, depth = spec.data.n_points, spec.network.depth
+    if spec.kernel == "empirical":
+        ref_cost = ntk_flops(n, n, 784, spec.kernel_width, depth) + 2 * eigen_flops(n)
+    else:
+        ref_cost = analytic_flops(n, n, 784, depth) + 2 * eigen_flops(n)
     return [Unit("reference", ref_cost, stage=0)] + [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
         for w in spec.network.width
@@ -215,7 +268,7 @@ def memory(spec: PCASpec, unit: Unit) -> int:
     return data + resources.network_bytes(sizes, b) + resources.training_bytes(n, sizes, b)
 
 
-def run_unit(spec: PCASpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     device = resolve_device(spec.device)
     X, y_labels = digits(spec)
     if unit.name == "reference":
@@ -223,10 +276,10 @@ def run_unit(spec: PCASpec, unit: Unit, run: RunDir, progress: Progress) -> dict
         eig_table, lam, f = principal_components(spec, K)
         LOG.info("lambda_1..3 = %s", lam.tolist())
         return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": y_labels.clone()}
-    reference = require(spec, run, "reference")
+    reference = ctx.require("reference")
     f_k = reference["f"][:, spec.component - 1]
     width, seed = unit.args["width"], unit.args["seed"]
-    rows = train_unit(spec, run, width, seed, X, f_k, device, progress, step_cost(spec, width, X.shape[1]))
+    rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width, X.shape[1]))
     return {"trajectory": pack(rows)}
 
 

@@ -10,29 +10,103 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
+from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
 from ntkrun.plots import regression_figure
-from ntkrun.runners import (
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import (
     Progress,
     Unit,
+    UnitContext,
+    analytic_flops,
     build_net,
+    gd_flops,
+    ntk_flops,
     pack,
     resolve_device,
     resolve_dtype,
     train,
     unpack,
 )
-from ntkrun.runs import RunDir
-from ntkrun.spec import RegressionSpec
+from ntkrun.spec import (
+    CircleGridSpec,
+    Model,
+    NetworkSpec,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RunSpec,
+)
 
 LOG = logging.getLogger("ntkrun")
+
+
+class RegressionTrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 1000
+
+
+class RegressionDataSpec(Model):
+    train_angles: (
+        Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)] | None
+    ) = [
+        -2.5,
+        -0.9,
+        0.6,
+        2.2,
+    ]  # (choice) training inputs on the unit circle; null = n_train random angles
+    n_train: PositiveInt | None = None  # random angles, uniform on [-pi, pi), seeded by data_seed
+    data_seed: NonNegativeInt = 0
+    target: Literal["x1*x2", "sin", "values"] = "x1*x2"  # (choice) f*(x) = x1 x2
+    target_k: PositiveInt = 1  # target sin: f* = sin(k gamma)
+    target_values: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None  # target values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RegressionDataSpec:
+        if (self.train_angles is None) == (self.n_train is None):
+            raise ValueError(
+                "give exactly one of train_angles and n_train (for random angles also set train_angles: null)"
+            )
+        n = len(self.train_angles) if self.train_angles is not None else self.n_train
+        if self.train_angles is not None:
+            wrapped = sorted(round(math.remainder(a, 2 * math.pi), 12) for a in self.train_angles)
+            if len(set(wrapped)) < len(wrapped):
+                raise ValueError(
+                    f"train_angles {self.train_angles} repeat a point of the circle: the kernel matrix "
+                    "would be singular"
+                )
+        if self.target == "values":
+            if self.target_values is None or len(self.target_values) != n:
+                raise ValueError(
+                    f"target 'values' needs target_values with one value per training point ({n})"
+                )
+        elif self.target_values is not None:
+            raise ValueError(f"target_values is only read with target: values (target is {self.target!r})")
+        return self
+
+
+class RegressionSpec(RunSpec):
+    experiment: Literal["regression"] = "regression"
+    network: NetworkSpec = NetworkSpec(width=[50, 1000])
+    training: RegressionTrainingSpec = RegressionTrainingSpec()
+    data: RegressionDataSpec = RegressionDataSpec()
+    kernel: Literal["analytic", "empirical"] = "analytic"  # the limit's Theta and Sigma
+    kernel_width: PositiveInt = 10000  # kernel: empirical, one network of this width at init
+    kernel_seed: NonNegativeInt = 0
+    percentiles: Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=2)] = [10, 50, 90]
+    grid: CircleGridSpec = CircleGridSpec()
+
+
+Spec = RegressionSpec
 
 
 def training_data(spec: RegressionSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,15 +205,26 @@ def metrics(
     return pd.DataFrame(rows)
 
 
+def n_train(spec: RegressionSpec) -> int:
+    data = spec.data
+    return len(data.train_angles) if data.train_angles is not None else data.n_train or 1
+
+
 def step_cost(spec: RegressionSpec, width: int) -> float:
-    return float(2 * width + (spec.network.depth - 2) * width * width)
+    """FLOPs of one GD step on the training points."""
+    return gd_flops(n_train(spec), 2, width, spec.network.depth)
 
 
 def units(spec: RegressionSpec) -> list[Unit]:
     """`limit` (the limiting Gaussian; a wide network at init for kernel: empirical), then one
     unit per (width, seed)."""
     seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
-    limit_cost = float(spec.kernel_width**2) if spec.kernel == "empirical" else 0.0
+    n, g, depth = n_train(spec), spec.grid.n_angles, spec.network.depth
+    pairs = [(n, n), (g, n), (g, g)]
+    if spec.kernel == "empirical":
+        limit_cost = sum(ntk_flops(*p, 2, spec.kernel_width, depth) for p in pairs)
+    else:
+        limit_cost = sum(analytic_flops(*p, 2, depth) for p in pairs)
     return [Unit("limit", limit_cost, stage=0)] + [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
         for w in spec.network.width
@@ -151,7 +236,7 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     """Peak bytes of one unit: the limit's kernels (train, grid x train, grid x grid), or a
     network with a GD step and its outputs on the grid."""
     b, depth = resources.dtype_bytes(spec.dtype), spec.network.depth
-    n = len(spec.data.train_angles) if spec.data.train_angles is not None else spec.data.n_train or 1
+    n = n_train(spec)
     g = spec.grid.n_angles
     if unit.name == "limit":
         pairs = [(n, n), (g, n), (g, g)]
@@ -167,7 +252,7 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
 
 
-def run_unit(spec: RegressionSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     angles, y = training_data(spec)
     gammas = grid_angles(spec.grid.n_angles)
@@ -175,11 +260,11 @@ def run_unit(spec: RegressionSpec, unit: Unit, run: RunDir, progress: Progress) 
     if unit.name == "limit":
         try:
             limit = limit_table(spec, limit_kernels(spec, X, Xg, device), y, gammas)
-        except ValueError as err:
+        except NumericalError as err:
             if spec.kernel != "empirical":
                 raise
             hint = f"here: kernel_width {spec.kernel_width} is too narrow (or use kernel: analytic)"
-            raise ValueError(f"{err}; {hint}") from err
+            raise NumericalError(f"{err}; {hint}") from err
         return {"limit": pack(limit)}
     width, seed = unit.args["width"], unit.args["seed"]
     net = build_net(spec, 2, width, seed, device)

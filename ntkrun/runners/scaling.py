@@ -11,21 +11,84 @@ Then log-log slopes against width per depth, with bootstrap intervals over seeds
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import scaling_figure
-from ntkrun.runners import Progress, Unit, build_net, pack, resolve_device, resolve_dtype, train, unpack
-from ntkrun.runs import RunDir
-from ntkrun.spec import ScalingSpec
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import (
+    Progress,
+    Unit,
+    UnitContext,
+    analytic_flops,
+    build_net,
+    eigen_flops,
+    gd_flops,
+    ntk_flops,
+    pack,
+    resolve_device,
+    resolve_dtype,
+    train,
+    unpack,
+)
+from ntkrun.spec import (
+    Model,
+    NonlinearityName,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    RunSpec,
+    as_list,
+)
 
 LOG = logging.getLogger("ntkrun")
+
+
+class ScalingNetworkSpec(Model):
+    depth: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [2, 3, 4]
+    width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(as_list)] = [
+        2**k for k in range(6, 14)
+    ]  # a log grid: the slope needs at least two widths
+    nonlinearity: NonlinearityName = "relu"
+    beta: NonNegativeFloat = 0.1
+
+
+class ScalingDataSpec(Model):
+    inputs: Literal["circle", "gaussian"] = "circle"  # the fixed set where Theta is compared
+    n_points: PositiveInt = 16  # circle: evenly spaced angles; gaussian: x ~ N(0, I_dim)
+    dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
+
+
+class ScalingTrainingSpec(Model):
+    lr: PositiveFloat = 1.0
+    steps: PositiveInt = 200
+    n_train: PositiveInt = 128  # training inputs x ~ N(0, I), target x1 x2, drawn once per seed
+
+
+class ScalingSpec(RunSpec):
+    experiment: Literal["scaling"] = "scaling"
+    seeds: Annotated[int, Field(ge=2)] = 8  # a bootstrap over seeds needs at least two
+    network: ScalingNetworkSpec = ScalingNetworkSpec()
+    training: ScalingTrainingSpec = ScalingTrainingSpec()  # the regression task of §5.1
+    data: ScalingDataSpec = ScalingDataSpec()
+    n_boot: PositiveInt = 2000  # bootstrap resamples for the slope intervals
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ScalingSpec:
+        if self.data.inputs == "circle" and self.data.dim != 2:
+            raise ValueError("data.dim applies to gaussian inputs only: circle points are 2-D")
+        return self
+
+
+Spec = ScalingSpec
 METRICS = {"dist_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}  # reference slopes (see README)
 
 
@@ -42,14 +105,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def step_cost(depth: int, width: int) -> float:
-    return float(width * (depth - 1) + width * width * max(depth - 2, 0))
+def input_dim(spec: ScalingSpec) -> int:
+    return 2 if spec.data.inputs == "circle" else spec.data.dim
+
+
+def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
+    """FLOPs of one GD step on the training set."""
+    return gd_flops(spec.training.n_train, input_dim(spec), width, depth)
+
+
+def unit_cost(spec: ScalingSpec, depth: int, width: int) -> float:
+    """FLOPs of one unit: its GD steps, Theta on Z twice, and the limit on X and Z."""
+    n, z, dim = spec.training.n_train, spec.data.n_points, input_dim(spec)
+    limit = analytic_flops(n + z, n + z, dim, depth) + eigen_flops(n)
+    kernels = 2 * ntk_flops(z, z, dim, width, depth)
+    return step_cost(spec, depth, width) * spec.training.steps + kernels + limit
 
 
 def units(spec: ScalingSpec) -> list[Unit]:
-    net, steps = spec.network, spec.training.steps
+    net = spec.network
     return [
-        Unit(f"d{d}_w{w}_s{s}", step_cost(d, w) * steps, {"depth": d, "width": w, "seed": s})
+        Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), {"depth": d, "width": w, "seed": s})
         for d in net.depth
         for w in net.width
         for s in range(spec.base_seed, spec.base_seed + spec.seeds)
@@ -68,7 +144,7 @@ def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tenso
 
 def memory(spec: ScalingSpec, unit: Unit) -> int:
     """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z."""
-    dim = 2 if spec.data.inputs == "circle" else spec.data.dim
+    dim = input_dim(spec)
     sizes = resources.layer_sizes(dim, unit.args["width"], unit.args["depth"])
     b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
     return (
@@ -81,7 +157,7 @@ def memory(spec: ScalingSpec, unit: Unit) -> int:
     )
 
 
-def run_unit(spec: ScalingSpec, unit: Unit, run: RunDir, progress: Progress) -> dict:
+def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     """The three distances of one (depth, width, seed) network."""
     depth, width, seed = unit.args["depth"], unit.args["width"], unit.args["seed"]
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
@@ -96,7 +172,7 @@ def run_unit(spec: ScalingSpec, unit: Unit, run: RunDir, progress: Progress) -> 
     with torch.no_grad():
         f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
     label = f"depth {depth}, width {width}, seed {seed}"
-    cost = step_cost(depth, width)
+    cost = step_cost(spec, depth, width)
     train(
         net,
         X.to(device, dtype),

@@ -113,12 +113,12 @@ def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
     submitted = ntkrun(cluster, *slow, *SLURM, "--output-root", tmp_path / "slurm")
     assert submitted.returncode == 0, submitted.stderr
     run = run_dir_of(submitted.stdout)
-    from ntkrun import executors
-    from ntkrun.runs import RunDir
-    from ntkrun.spec import load_run_spec
+    from ntkrun.executors import slurm as executors
+    from ntkrun.experiments import load_run_spec
+    from ntkrun.rundir import RunDir
 
     spec = load_run_spec(run)
-    jobs = executors.recorded_jobs(RunDir.at(run, spec))
+    jobs = executors.recorded_jobs(RunDir.shared(run, spec))
     victim = jobs["w32_s0"]
     deadline = time.time() + 120
     while executors.queue_states([victim]).get(victim) != "RUNNING":

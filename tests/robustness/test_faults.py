@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import ntkrun.plots
 from ntkrun.cli import app
-from ntkrun.entry import Terminated
+from ntkrun.errors import Terminated
 
 COUNTS: Counter[str] = Counter()
 # 8 units of ~0.2-0.5 s each: a run lasts a few seconds, so random signals land in start-up,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from ntkrun.cli import app
-from ntkrun.spec import EXPERIMENTS
+from ntkrun.experiments import EXPERIMENTS
 
 COUNTS: Counter[str] = Counter()
 SETTINGS = settings(

@@ -16,9 +16,10 @@ from ntkrun.cli import app
 PEAK = textwrap.dedent(
     """
     import json, os, sys, tempfile, threading, time
-    from ntkrun import runners
-    from ntkrun.runs import RunDir
-    from ntkrun.spec import load_spec
+    from ntkrun import units
+    from ntkrun.rundir import RunDir
+    from ntkrun.experiments import spec_of
+    from ntkrun.runners.common import NoProgress
 
     PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -27,9 +28,9 @@ PEAK = textwrap.dedent(
             return int(fh.read().split()[1]) * PAGE
 
     experiment, unit_name, *sets = sys.argv[1:]
-    spec = load_spec(experiment, preset="quick", sets=sets)
-    unit = runners.find_unit(spec, unit_name)
-    run = RunDir(tempfile.mkdtemp(), spec)
+    spec = spec_of(experiment, preset="quick", sets=sets)
+    unit = units.find_unit(spec, unit_name)
+    run = RunDir.create(tempfile.mkdtemp(), spec)
     base, peak, done = rss(), [0], threading.Event()
 
     def sample():  # the resident set, every millisecond, while the unit runs
@@ -39,10 +40,10 @@ PEAK = textwrap.dedent(
 
     thread = threading.Thread(target=sample)
     thread.start()
-    runners.compute_unit(spec, run, unit, runners.NoProgress())
+    units.compute_unit(spec, run, unit, NoProgress())
     done.set()
     thread.join()
-    print(json.dumps({"estimate": runners.memory_estimate(spec, unit), "measured": peak[0] - base}))
+    print(json.dumps({"estimate": units.memory_estimate(spec, unit), "measured": peak[0] - base}))
     """
 )
 

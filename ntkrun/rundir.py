@@ -5,8 +5,8 @@ A run run by this process (executor inline or local) is built under a hidden nam
 <root>/<experiment>/.<stamp>_<hash>.<random>.partial   while running
 <root>/<experiment>/<stamp>_<hash>                     when complete (and `latest` points at it)
 <root>/<experiment>/<stamp>_<hash>.failed              after an error or Ctrl-C, with an ERROR file
-A sharded run (executor slurm, or --run-dir) lives at a fixed visible path from the start,
-which many processes share; it is complete when meta.json is there, written last by aggregation.
+A shared run (executor slurm, or --run-dir) lives at a fixed visible path from the start, which
+many processes share; it is complete when meta.json is there, written last by aggregation.
 
 units/<unit>.pt        a finished unit's result, with the spec hash it belongs to
 units/<unit>.ckpt.pt   a long unit's latest checkpoint (removed when the unit finishes)
@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,20 +34,21 @@ import pandas as pd
 import torch
 import yaml
 
-import ntkrun
-from ntkrun.entry import Stop, stopped
+from ntkrun import signals
+from ntkrun.errors import RunError, SpecError, Stop, UnitSpecMismatchError, stopped
+from ntkrun.locks import RUNNING, acquire, release
 from ntkrun.spec import RunSpec, spec_dict, spec_hash
+from ntkrun.version import __version__
 
 LOG = logging.getLogger("ntkrun")
 COMPLETE_MARKER = "meta.json"  # written last; a complete run has it and no ERROR file
-RUNNING = "RUNNING"  # lock file of the process running a run (inline or local executor)
 
 
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=Path(ntkrun.__file__).parent,
+            cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
             timeout=5,
@@ -86,124 +87,6 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
     return target
 
 
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (renames that must happen together)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class LockedError(ValueError):
-    """A lock file is held by a live process."""
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), so that a
-    reused pid is not taken for the lock's holder; "" where /proc is not there."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not start or _start_time(pid) in ("", start)
-
-
-def my_lock_text() -> str:
-    pid = os.getpid()
-    return f"{platform.node()} {pid} {_start_time(pid)}".strip()
-
-
-def lock_holder(lock: Path, stale_after: float | None = None, remove: bool = True) -> str | None:
-    """Who holds the lock file ("host pid"), or None if nobody does. On this host a lock is
-    stale when its process is gone (pid and start time); from another host, when older than
-    `stale_after` seconds (None: never, the message names the file to delete by hand). A stale
-    lock is removed (unless remove=False, for read-only commands)."""
-    try:
-        text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    host, pid, start = ([*text.split(), "", "", ""])[:3]
-    if host == platform.node() and pid.isdigit():
-        stale = not _alive(int(pid), start)
-    else:
-        stale = stale_after is not None and age > stale_after
-    if not stale:
-        return f"{host} {pid}".strip() or "unknown"
-    if remove:
-        _remove_stale(lock, text)
-    return None
-
-
-def _remove_stale(lock: Path, text: str) -> None:
-    """Remove `lock` if it still holds `text`: moved aside first, so that a fresh lock another
-    process took meanwhile is put back, never deleted."""
-    aside = lock.with_name(f".{lock.name}.stale.{os.getpid()}")
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return
-    if aside.read_text().strip() == text:
-        LOG.warning("%s: removed a stale lock (%s)", lock, text)
-    else:
-        try:
-            os.link(aside, lock)  # not ours to remove: back under its name unless taken again
-        except FileExistsError:
-            pass
-    aside.unlink(missing_ok=True)
-
-
-def acquire(lock: Path, what: str, stale_after: float | None = None) -> None:
-    """Create `lock` holding "host pid start" atomically (written to a temporary file, then
-    hard-linked to the lock's name: the lock is never empty); LockedError if it is held."""
-    text = my_lock_text()
-    tmp = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, f"{text}\n".encode())
-    finally:
-        os.close(fd)
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, lock)
-                return
-            except FileExistsError:
-                holder = lock_holder(lock, stale_after)
-                if holder is not None:
-                    raise LockedError(
-                        f"{lock.parent}: {what} by {holder} (if that process is gone, delete {lock})"
-                    ) from None
-        raise LockedError(f"{lock}: cannot take the lock")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def release(lock: Path) -> None:
-    """Remove `lock` if this process holds it (never another process's)."""
-    try:
-        if lock.read_text().strip() == my_lock_text():
-            lock.unlink(missing_ok=True)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-
-
-class UnitSpecMismatchError(ValueError):
-    """A unit file belongs to another spec."""
-
-
 def _workdir(parent: Path, name: str) -> Path:
     """A fresh hidden working directory .<name>.<random>.partial with the usual umask permissions
     (mkdtemp's 0700 would hide finished runs from collaborators on a shared filesystem)."""
@@ -212,39 +95,71 @@ def _workdir(parent: Path, name: str) -> Path:
     return path
 
 
-class RunDir:
-    """One run's directory. Files go into `path`; `finalize` or `fail` ends it."""
+def _stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    def __init__(self, root: Path, spec: RunSpec, *, visible: bool = False) -> None:
-        """A new run under root/<experiment>: hidden until finalized, or (visible) at its final
-        name from the start, for a sharded run whose units run elsewhere."""
-        self.spec = spec
-        self.parent = Path(root) / spec.experiment
+
+def _reserve(parent: Path, base: str) -> Path:
+    """Create the empty directory parent/base (or base-2, base-3, ... if taken), atomically."""
+    for k in range(1, 1000):
+        target = parent / (base if k == 1 else f"{base}-{k}")
+        try:
+            target.mkdir()
+        except FileExistsError:
+            continue
+        target.chmod(0o777 & ~_umask())
+        return target
+    raise RunError(f"no free run directory name under {parent} for {base}")
+
+
+def _same_spec(path: Path, spec: RunSpec) -> bool:
+    """Whether the spec.yaml in path is `spec` (up to the executor block, which changes no result)."""
+    theirs = yaml.safe_load((path / "spec.yaml").read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k != "executor"}  # noqa: E731
+    return isinstance(theirs, dict) and strip(theirs) == strip(spec_dict(spec))
+
+
+class RunDir:
+    """One run's directory. Files go into `path`; `finalize` or `fail` ends it.
+
+    Made by one of the named constructors: `create` (a new run), `shared` (a run directory many
+    processes write into) or `reopen` (an interrupted or failed run, to resume it).
+    """
+
+    def __init__(self, path: Path, spec: RunSpec, *, name: str, fixed: bool, link_latest: bool) -> None:
+        self.spec, self.path, self.name = spec, Path(path), name
+        self.parent = self.path.parent
+        self.fixed = fixed  # at its final name already (shared): never renamed
+        self.link_latest = link_latest  # point <parent>/latest at it when complete
         self.start = time.time()
-        stamp = datetime.fromtimestamp(self.start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.name = f"{stamp}_{spec_hash(spec)}"
-        self.parent.mkdir(parents=True, exist_ok=True)
-        self.fixed, self.link_latest, self.finalized = visible, True, False
-        self.path = self._reserve(self.name) if visible else _workdir(self.parent, self.name)
         self.meta: dict[str, Any] = {}
-        self.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+        self.finalized = False
+        self.holding = False  # this process holds its RUNNING lock
 
     @classmethod
-    def at(cls, path: Path, spec: RunSpec) -> RunDir:
-        """The sharded run at `path` (created if absent), shared with other processes; its
-        spec.yaml must be this spec's. Raises UnitSpecMismatchError."""
+    def create(cls, root: Path, spec: RunSpec, *, visible: bool = False) -> RunDir:
+        """A new run under root/<experiment>: hidden until finalized, or (visible) at its final
+        name from the start, for a run whose units run elsewhere."""
+        parent = Path(root) / spec.experiment
+        start = time.time()
+        name = f"{_stamp(start)}_{spec_hash(spec)}"
+        parent.mkdir(parents=True, exist_ok=True)
+        path = _reserve(parent, name) if visible else _workdir(parent, name)
+        run = cls(path, spec, name=name, fixed=visible, link_latest=True)
+        run.start = start
+        run.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+        return run
+
+    @classmethod
+    def shared(cls, path: Path, spec: RunSpec) -> RunDir:
+        """The shared run at `path` (created if absent); its spec.yaml must be this spec's.
+        Raises UnitSpecMismatchError."""
         path = Path(path)
-        run = cls.__new__(cls)
-        run.spec, run.parent, run.path, run.name = spec, path.parent, path, path.name
-        run.start, run.meta, run.fixed, run.finalized = time.time(), {}, True, False
-        run.link_latest = path.parent.name == spec.experiment  # under <root>/<experiment>/
+        run = cls(path, spec, name=path.name, fixed=True, link_latest=path.parent.name == spec.experiment)
         path.mkdir(parents=True, exist_ok=True)
         (path / "units").mkdir(exist_ok=True)
         if (path / "spec.yaml").is_file():
-            theirs = yaml.safe_load((path / "spec.yaml").read_text())
-            ours = spec_dict(spec)
-            strip = lambda d: {k: v for k, v in d.items() if k != "executor"}  # noqa: E731
-            if not isinstance(theirs, dict) or strip(theirs) != strip(ours):
+            if not _same_spec(path, spec):
                 raise UnitSpecMismatchError(
                     f"{path}: holds a run of another spec (its spec.yaml differs from this one); "
                     "use another --run-dir, or `ntkrun resume` that run"
@@ -255,31 +170,26 @@ class RunDir:
 
     @classmethod
     def reopen(cls, path: Path, spec: RunSpec) -> RunDir:
-        """Take an interrupted or failed run directory back under a working name, to resume it."""
+        """An interrupted or failed run, to resume: a hidden or failed one is taken back under a
+        working name (with its RUNNING lock), a shared one is resumed in place."""
         path = Path(path).resolve()  # `.` has no name to tell a hidden or failed run by
         if is_complete(path):
-            raise ValueError(f"{path}: run is complete, nothing to resume")
-
+            raise SpecError(f"{path}: run is complete, nothing to resume")
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
-            run = cls.at(path, spec)  # a sharded run: resumed in place
-            (run.path / "ERROR").unlink(missing_ok=True)
-            run.meta = {"resumed": True}
-            return run
-        run = cls.__new__(cls)
-        run.spec, run.parent, run.start = spec, path.parent, time.time()
-        run.fixed, run.link_latest, run.finalized = False, True, False
-        name = path.name.removesuffix(".failed")
-        if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
-            name = name[1:].split(".")[0]
-        run.name = name
-        acquire(path / RUNNING, "still being run")  # taken here, so the move below is ours to make
-        try:
-            run.path = _workdir(run.parent, name)
-            os.replace(path, run.path)  # onto the fresh empty directory: atomic on POSIX
-        except BaseException:
-            release(path / RUNNING)
-            raise
-        run.holding = True  # the lock moved with the directory
+            run = cls.shared(path, spec)
+        else:
+            name = path.name.removesuffix(".failed")
+            if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
+                name = name[1:].split(".")[0]
+            acquire(path / RUNNING, "still being run")  # taken here, so the move below is ours
+            try:
+                work = _workdir(path.parent, name)
+                os.replace(path, work)  # onto the fresh empty directory: atomic on POSIX
+            except BaseException:
+                release(path / RUNNING)
+                raise
+            run = cls(work, spec, name=name, fixed=False, link_latest=True)
+            run.holding = True  # the lock moved with the directory
         (run.path / "ERROR").unlink(missing_ok=True)
         run.meta = {"resumed": True}
         return run
@@ -346,7 +256,7 @@ class RunDir:
 
     def _meta(self, end: float, device: str) -> dict[str, Any]:
         return {
-            "ntkrun_version": ntkrun.__version__,
+            "ntkrun_version": __version__,
             "git_commit": _git_commit(),
             "experiment": self.spec.experiment,
             "spec_hash": spec_hash(self.spec),
@@ -363,21 +273,9 @@ class RunDir:
             **self.meta,
         }
 
-    def _reserve(self, base: str) -> Path:
-        """Create the empty directory `base` (or base-2, base-3, ... if taken), atomically."""
-        for k in range(1, 1000):
-            target = self.parent / (base if k == 1 else f"{base}-{k}")
-            try:
-                target.mkdir()
-            except FileExistsError:
-                continue
-            target.chmod(0o777 & ~_umask())
-            return target
-        raise RuntimeError(f"no free run directory name under {self.parent} for {base}")
-
     def _rename(self, base: str) -> Path:
         """Rename the working directory to `base` (or base-2, base-3, ... if taken)."""
-        target = self._reserve(base)
+        target = _reserve(self.parent, base)
         os.replace(self.path, target)  # onto the reserved empty directory: atomic on POSIX
         self.path = target
         return target
@@ -385,7 +283,7 @@ class RunDir:
     def finalize(self, device: str) -> Path:
         """Write meta.json (last), move into place and point `latest` at this run."""
         json_text = json.dumps(self._meta(time.time(), device), indent=2) + "\n"
-        with signals_deferred():  # meta.json, the rename and `latest` happen together or not at all
+        with signals.deferred():  # meta.json, the rename and `latest` happen together or not at all
             (self.path / "ERROR").unlink(missing_ok=True)  # of an earlier failed attempt
             self.release()
             self.write_text(COMPLETE_MARKER, json_text)
@@ -400,25 +298,25 @@ class RunDir:
 
     def hold(self) -> None:
         """Mark this run as being run by this process (refused while another live one does)."""
-        if not getattr(self, "holding", False):
+        if not self.holding:
             acquire(self.path / RUNNING, "already being run")
             self.holding = True
 
     def release(self) -> None:
-        if getattr(self, "holding", False):
+        if self.holding:
             release(self.path / RUNNING)
             self.holding = False
 
     def make_visible(self) -> None:
-        """Move a hidden working directory to its final name now (for a sharded run, whose jobs
-        need a path that does not change); it is complete when meta.json appears."""
+        """Move a hidden working directory to its final name now (for a run whose jobs need a
+        path that does not change); it is complete when meta.json appears."""
         if not self.fixed:
             self._rename(self.name)
             self.fixed = True
 
     def fail(self, reason: str) -> Path:
         """Keep the partial files, add ERROR with the reason, and mark the directory failed."""
-        with signals_deferred():
+        with signals.deferred():
             self.release()
             self.write_text("ERROR", reason.rstrip() + "\n")
             return self.path if self.fixed else self._rename(f"{self.name}.failed")
@@ -433,7 +331,7 @@ def open_run(
     if resume is not None:
         run = RunDir.reopen(resume, spec)
     else:
-        run = RunDir(root, spec) if at is None else RunDir.at(at, spec)
+        run = RunDir.create(root, spec) if at is None else RunDir.shared(at, spec)
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
@@ -474,3 +372,31 @@ def latest_run(root: Path) -> Path | None:
     """The most recently finished complete run under root, of any experiment."""
     runs = [p.resolve() for p in Path(root).glob("*/latest") if is_complete(p)]
     return max(runs, key=lambda p: (p / COMPLETE_MARKER).stat().st_mtime, default=None)
+
+
+@dataclass
+class Run:
+    """A run directory read back: its spec, its meta.json and each CSV as a DataFrame."""
+
+    path: Path
+    spec: dict[str, Any]
+    meta: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+    complete: bool
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        """run["metrics"] or run["metrics.csv"]: one of its tables."""
+        return self.tables[name.removesuffix(".csv")]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory (a path, or <root>/<experiment>/latest) for analysis in a notebook:
+    run.spec, run.meta, run["metrics"]. Raises SpecError if it is not a run directory."""
+    path = Path(path).resolve()
+    if not (path / "spec.yaml").is_file():
+        raise SpecError(f"{path}: not a run directory (no spec.yaml)")
+    spec = yaml.safe_load((path / "spec.yaml").read_text())
+    meta_file = path / COMPLETE_MARKER
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    tables = {p.stem: pd.read_csv(p) for p in sorted(path.glob("*.csv"))}
+    return Run(path, spec, meta, tables, is_complete(path))

@@ -1,140 +1,69 @@
-"""Where units run: this process, a local process pool, or SLURM job arrays through submitit.
+"""Units as SLURM job arrays through submitit; job states from squeue (no accounting database).
 
-Every executor ends the same way: each unit's result is saved in the shared run directory
-(ntkrun.runs), and `finish` aggregates them once all are there.
+Each array task computes one unit into the shared run directory; the last one to finish
+aggregates. On preemption or timeout submitit requeues the task, which continues from the
+unit's own checkpoint. Job ids are appended to slurm/jobs.jsonl as each stage is submitted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from ntkrun import runners
-from ntkrun.runners import Progress, Unit
-from ntkrun.runs import LockedError, RunDir, acquire, is_complete, release
-from ntkrun.spec import RunSpec, load_run_spec
+from ntkrun.errors import ExecutorError
+from ntkrun.executors.base import Dispatch, Executor
+from ntkrun.experiments import load_run_spec
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import Progress, Unit
+from ntkrun.spec import RunSpec
+from ntkrun.units import done_units, maybe_finish, unit_main, units
 
 LOG = logging.getLogger("ntkrun")
-AGGREGATE_LOCK = "aggregate.lock"
-STALE_LOCK_S = 3600.0  # an aggregation lock older than this is from a killed process
 JOBS_FILE = "slurm/jobs.jsonl"
 
 
-# ---------------------------------------------------------------- a unit in another process
+class SlurmExecutor(Executor):
+    """Submits the units that are neither done nor queued; with `wait`, blocks until the jobs end."""
 
+    shared = True
 
-def unit_main(run_dir: str, name: str, threads: int | None = None) -> str:
-    """Compute one unit of the run at run_dir (entry point of pool workers and SLURM jobs)."""
-    if threads:
-        torch.set_num_threads(threads)
-    path = Path(run_dir)
-    spec = load_run_spec(path)
-    run = RunDir.at(path, spec)
-    handler = logging.FileHandler(path / "units" / f"{name}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    LOG.addHandler(handler)
-    LOG.setLevel(logging.INFO)
-    try:
-        runners.compute_unit(spec, run, runners.find_unit(spec, name), runners.NoProgress())
-    finally:
-        handler.close()
-        LOG.removeHandler(handler)
-    return name
+    def __init__(self, wait: bool = False, notify: Callable[[str], None] = lambda _: None) -> None:
+        self.wait, self.notify = wait, notify
 
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-
-
-class ExecutorError(RuntimeError):
-    """Units could not be run: a worker died, the scheduler failed, aggregation is locked."""
-
-
-def run_pool(spec: RunSpec, run: RunDir, progress: Progress, todo: list[Unit], jobs: int) -> None:
-    """Compute `todo` in `jobs` worker processes (spawned: no forked BLAS state), stage by stage.
-    Each worker gets an equal share of this machine's torch threads. A unit's error is raised
-    here; a worker that dies (killed, out of memory) is an ExecutorError, not a hang."""
-    threads = max(1, torch.get_num_threads() // jobs)
-    progress.start(sum(u.cost for u in todo) or float(len(todo)))
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_sigint)
-    try:
-        for stage in sorted({u.stage for u in todo}):
-            futures = {
-                pool.submit(unit_main, str(run.path), u.name, threads): u for u in todo if u.stage == stage
-            }
-            for future in as_completed(futures):
-                future.result()
-                progress.advance(futures[future].name, futures[future].cost or 1.0)
-    except BrokenProcessPool as err:
-        raise ExecutorError(
-            f"a worker process died (killed, or out of memory?); finished units are kept in {run.path}"
-        ) from err
-    except BaseException:
-        for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop them
-            process.terminate()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ---------------------------------------------------------------- aggregation, once
-
-
-def finish(spec: RunSpec, run: RunDir, device: str) -> pd.DataFrame:
-    """Aggregate the units into CSVs and figures and mark the run complete (meta.json last)."""
-    table = runners.aggregate(spec, run)
-    run.meta.setdefault("units", len(runners.units(spec)))
-    run.meta.setdefault("executor", spec.executor.kind)
-    run.finalize(device)
-    return table
-
-
-def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
-    """Aggregate under an O_EXCL lock file, so that of the processes sharing a run exactly one
-    does it. -> the summary table, or None if the run was already complete (by another process).
-    Raises ExecutorError while a live process holds the lock, IncompleteRunError if units are
-    missing."""
-    if is_complete(run.path):
-        return None
-    lock = run.path / AGGREGATE_LOCK
-    try:
-        acquire(lock, "being aggregated", STALE_LOCK_S)
-    except LockedError as err:
-        raise ExecutorError(str(err)) from None
-    try:
-        if is_complete(run.path):  # finished by another process between our check and the lock
-            return None
-        return finish(spec, run, str(runners.resolve_device(spec.device)))
-    finally:
-        release(run.path / AGGREGATE_LOCK)  # run.path: finish may have renamed the directory
-
-
-def maybe_finish(spec: RunSpec, run: RunDir) -> bool:
-    """After a sharded unit: if every unit is done, aggregate (once). -> whether this process did."""
-    if is_complete(run.path) or runners.done_units(spec, run) != {u.name for u in runners.units(spec)}:
-        return False
-    try:
-        return aggregate_once(spec, run) is not None
-    except ExecutorError:  # someone else is at it
-        return False
-
-
-# ---------------------------------------------------------------- SLURM
+    def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
+        jobs = recorded_jobs(run)
+        queued = queue_states(jobs.values())
+        if queued is None:
+            raise ExecutorError("squeue cannot be asked which jobs are still queued; try again")
+        stage0 = {u.name for u in units(spec) if u.stage == 0}
+        after = [job for name, job in jobs.items() if name in stage0 and job in queued]
+        todo = [u for u in todo if jobs.get(u.name) not in queued]
+        try:
+            submitted = submit_slurm(spec, run, todo, after) if todo else []
+        except Exception as e:  # submitit raises its own errors for a refused sbatch
+            lines = str(e).strip().splitlines()
+            raise ExecutorError(f"SLURM submission failed: {lines[-1] if lines else type(e).__name__}") from e
+        arrays = sorted({job.split("_")[0] for _, job in submitted})
+        ids = ", ".join(arrays) or "(none: every unit is done or queued)"
+        self.notify(f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}")
+        self.notify(f"run directory: {run.path}")
+        dispatch = Dispatch(finished=not submitted and not queued, submitted=submitted, queued=list(queued))
+        if dispatch.finished:
+            return dispatch
+        self.notify(f"follow with: ntkrun status {run.path}")
+        if self.wait:
+            wait_slurm(spec, run, [job for _, job in submitted] + list(queued), progress)
+            dispatch.finished = True
+        return dispatch
 
 
 def slurm_available() -> bool:
@@ -153,7 +82,7 @@ class SlurmUnit:
         unit_main(run_dir, name, threads)
         path = Path(run_dir)
         spec = load_run_spec(path)
-        maybe_finish(spec, RunDir.at(path, spec))
+        maybe_finish(spec, RunDir.shared(path, spec))
         return name
 
     def checkpoint(self, run_dir: str, name: str) -> Any:
@@ -267,13 +196,13 @@ def wait_slurm(
 ) -> None:
     """Block until none of `job_ids` is queued or running, advancing the bar as units finish.
     squeue failing `patience` times in a row is an ExecutorError."""
-    todo = {u.name: u for u in runners.units(spec)}
+    todo = {u.name: u for u in units(spec)}
     progress.start(sum(u.cost or 1.0 for u in todo.values()))
     seen: set[str] = set()
     failures = 0
     while True:
         active = queue_states(job_ids)
-        for name in runners.done_units(spec, run) - seen:
+        for name in done_units(spec, run) - seen:
             seen.add(name)
             progress.advance(name, todo[name].cost or 1.0)
         failures = failures + 1 if active is None else 0
@@ -291,7 +220,7 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     unknown = states is None
     states = states or {}
     rows = []
-    for index, unit in enumerate(runners.units(spec)):
+    for index, unit in enumerate(units(spec)):
         job = jobs.get(unit.name, "")
         info = run.unit_info(unit.name)
         ckpt = run.load_checkpoint(unit.name) if info is None else None

@@ -1,0 +1,29 @@
+"""The one interface every executor implements: run the given units of a run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import Progress, Unit
+from ntkrun.spec import RunSpec
+
+
+@dataclass
+class Dispatch:
+    """What an executor did with the units it was given."""
+
+    finished: bool  # every unit given has a result in the run directory now
+    submitted: list[tuple[str, str]] = field(default_factory=list)  # (unit, job id) handed to a scheduler
+    queued: list[str] = field(default_factory=list)  # job ids of units queued before this call
+
+
+class Executor(ABC):
+    """Runs units of a run; their results land in the run directory (units/<name>.pt)."""
+
+    shared = False  # the run directory must be at its final name from the start (jobs elsewhere)
+
+    @abstractmethod
+    def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
+        """Compute (or submit) `todo`, units with no result yet, stage-0 units first."""

@@ -1,0 +1,133 @@
+"""One record per experiment: everything the rest of ntkrun needs to know about it.
+
+Adding an experiment = a runner module under ntkrun/runners/ (its spec model `Spec`, `units`,
+`run_unit`, `aggregate`, `memory`, optionally `check`), its presets under configs/<name>/, and one
+record below. The CLI command, its flags, `resume`, `status` and `show` are made from the record.
+Runner modules are imported only when a spec is resolved, so `ntkrun --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ntkrun.errors import SpecError
+from ntkrun.spec import RunSpec, load_spec, presets_of, read_yaml
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one spec key."""
+
+    name: str  # --width
+    path: tuple[str, ...]  # the spec key it sets: ("network", "width")
+    type: Any  # its Python type for the CLI, e.g. list[int]
+    help: str
+    on_resume: bool = False  # may be given to `ntkrun resume` (only executor.* may change there)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    runner: str  # module with Spec, units, run_unit, aggregate, memory (and optionally check)
+    help: str
+    summary_tables: tuple[str, ...] = ("metrics.csv",)  # printed after a run and by `show`
+    flags: tuple[Flag, ...] = ()  # flags of this experiment only, besides SHORTCUTS
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.runner)
+
+    @property
+    def model(self) -> type[RunSpec]:
+        return self.module.Spec
+
+    @property
+    def presets(self) -> dict[str, Path]:
+        return presets_of(self.name)
+
+    @property
+    def all_flags(self) -> tuple[Flag, ...]:
+        return (*SHORTCUTS, *self.flags, *EXECUTOR_FLAGS)
+
+
+SHORTCUTS = (
+    Flag("--width", ("network", "width"), list[int], "Hidden width, repeatable (network.width)."),
+    Flag("--seeds", ("seeds",), int, "Number of seeds (trials per width for pca)."),
+    Flag("--steps", ("training", "steps"), int, "GD steps (training.steps)."),
+)
+EXECUTOR_FLAGS = (
+    Flag("--executor", ("executor", "kind"), str, "Where units run: inline (default), local or slurm.", True),
+    Flag("--jobs", ("executor", "jobs"), int, "Worker processes of --executor local.", True),
+    Flag("--slurm-partition", ("executor", "slurm", "partition"), str, "slurm: partition.", True),
+    Flag("--slurm-gpus", ("executor", "slurm", "gpus"), int, "slurm: GPUs per unit.", True),
+    Flag("--slurm-time", ("executor", "slurm", "time"), int, "slurm: time limit per unit, minutes.", True),
+    Flag(
+        "--slurm-array-parallelism",
+        ("executor", "slurm", "array_parallelism"),
+        int,
+        "slurm: array tasks running at once.",
+        True,
+    ),
+)
+
+EXPERIMENTS = {
+    record.name: record
+    for record in (
+        Experiment(
+            "convergence",
+            "ntkrun.runners.convergence",
+            "NTK convergence with width and during training (paper Figure 1). Default preset: paper.",
+        ),
+        Experiment(
+            "regression",
+            "ntkrun.runners.regression",
+            "Trained networks vs the limiting Gaussian process (paper Figure 2). Default preset: paper.",
+            flags=(Flag("--kernel", ("kernel",), str, "Limit kernel: analytic or empirical."),),
+        ),
+        Experiment(
+            "scaling",
+            "ntkrun.runners.scaling",
+            "Convergence rates in width: NTK at init, its change in training, distance to the linear model.",
+            summary_tables=("fits.csv",),
+        ),
+        Experiment(
+            "pca",
+            "ntkrun.runners.pca",
+            "MNIST kernel principal components and convergence along them (paper Figure 3).",
+            flags=(Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files: data.dir."),),
+        ),
+    )
+}
+
+
+def get(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise SpecError(f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")
+    return EXPERIMENTS[name]
+
+
+def experiment_of(run_dir: Path) -> Experiment:
+    """The record of the experiment named in a run directory's spec.yaml. Raises SpecError."""
+    path = Path(run_dir) / "spec.yaml"
+    if not path.is_file():
+        raise SpecError(f"{run_dir}: not a run directory (no spec.yaml)")
+    name = read_yaml(path).get("experiment")
+    if name not in EXPERIMENTS:
+        raise SpecError(f"{path}: experiment: unknown experiment {name!r}")
+    return EXPERIMENTS[name]
+
+
+def load_run_spec(run_dir: Path, sets: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """The spec a run directory was made with (its spec.yaml), with optional --set overrides
+    (for the executor block). Raises SpecError."""
+    return load_spec(experiment_of(run_dir).model, config=Path(run_dir) / "spec.yaml", sets=sets)
+
+
+def spec_of(name: str, **sources: Any) -> RunSpec:
+    """The validated spec of experiment `name` from preset / config / sets / overrides (see
+    ntkrun.spec.load_spec). Raises SpecError."""
+    return load_spec(get(name).model, **sources)

@@ -1,0 +1,192 @@
+"""What every runner uses: units, progress, the experiment's networks and their training, the
+numerical-range check, and unit results as plain data. Pure of CLI, executor and file concerns."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+
+from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
+from ntkrun.kernels import analytic_kernels
+from ntkrun.network import MLP, gd_step, mse_cost
+from ntkrun.spec import RunSpec
+
+
+class Progress(Protocol):
+    """What a runner reports to: total work up front, then advances with a description."""
+
+    def start(self, total: float) -> None: ...
+
+    def advance(self, description: str, amount: float) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: float) -> None:
+        pass
+
+    def advance(self, description: str, amount: float) -> None:
+        pass
+
+
+class UnitContext(Protocol):
+    """What a running unit may ask of its run: another unit's result (computed first if it is
+    not there yet) and its own checkpoints."""
+
+    def require(self, name: str) -> dict[str, Any]: ...
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None: ...
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of an experiment."""
+
+    name: str  # file name in units/, e.g. w500_s3
+    cost: float  # estimated floating-point operations (also the progress weight)
+    args: dict[str, Any] = field(default_factory=dict)  # what run_unit needs: width, seed, ...
+    stage: int = 1  # stage-0 units (reference kernels) run before the others, which read them
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device: 'cuda' requested but no CUDA device is available (use device=auto or cpu)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def train(
+    net: MLP,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    steps: int,
+    label: str,
+    progress: Progress,
+    step_cost: float = 1.0,
+    record_at: Collection[int] = (),
+    record: Callable[[int], None] | None = None,
+    start: int = 0,
+) -> list[float]:
+    """Full-batch GD from step `start` to `steps`; -> the cost before each step and after the last.
+
+    `record(step)` is called before the step at each step in `record_at` (and at `steps`).
+    Raises DivergenceError naming `label` and the step on a non-finite cost.
+    """
+    losses = []
+    for step in range(start, steps + 1):
+        if record is not None and step in record_at:
+            record(step)
+        if step == steps:
+            break
+        loss = float(gd_step(net, X, y, lr))
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"{label}: training diverged at step {step} (loss {loss}); lower training.lr (now {lr})"
+            )
+        losses.append(loss)
+        progress.advance(label, step_cost)
+    with torch.no_grad():
+        losses.append(float(mse_cost(net(X), y)))
+    if not math.isfinite(losses[-1]):
+        raise DivergenceError(f"{label}: training diverged at step {steps}; lower training.lr (now {lr})")
+    return losses
+
+
+def build_net(
+    spec: RunSpec, n0: int, width: int, seed: int, device: torch.device, depth: int | None = None
+) -> MLP:
+    """The experiment's network of one width and seed: depth (default spec.network.depth),
+    nonlinearity and beta from spec.network, dtype from spec.dtype."""
+    net = spec.network  # type: ignore[attr-defined]
+    depth = net.depth if depth is None else depth
+    dtype = resolve_dtype(spec.dtype)
+    return MLP(n0, width, depth, net.nonlinearity, net.beta, seed=seed, dtype=dtype, device=device)
+
+
+def check_range(spec: RunSpec, q0: float = 0.1) -> None:
+    """Refuse depth/nonlinearity/beta/dtype combinations whose kernels leave the dtype's range.
+
+    The limiting Sigma(l)(x, x) and Theta(l)(x, x) of an input with |x|^2 / n0 = q0 (0.1: about
+    the smallest input scale of the experiments) tell the size of the activations and of the
+    empirical NTK; e.g. ReLU with beta = 0 halves Sigma at every layer, so a depth-300 network
+    computes an NTK of exactly 0 in float32.
+    """
+    net = spec.network  # type: ignore[attr-defined]
+    depth = max(net.depth) if isinstance(net.depth, list) else net.depth
+    info = torch.finfo(resolve_dtype(spec.dtype))
+    low, high = info.tiny * 1e4, info.max / 1e4
+    x = torch.tensor([[math.sqrt(q0)]], dtype=torch.float64)
+    sigma, theta = analytic_kernels(
+        x, depth=depth, nonlinearity=net.nonlinearity, beta=net.beta, all_layers=True
+    )
+    values = torch.cat([sigma.flatten(), theta.flatten()])
+    smallest, largest = float(values.min()), float(values.max())
+    if smallest < low or largest > high or not math.isfinite(largest):
+        what = "underflow" if smallest < low else "overflow"
+        value = smallest if smallest < low else largest
+        raise NumericalRangeError(
+            f"network: depth {depth} with {net.nonlinearity} and beta {net.beta} drives the kernels to "
+            f"{value:.3g} (Sigma/Theta of the limit): {spec.dtype} would {what} (normal range "
+            f"{info.tiny:.3g} to {info.max:.3g}); use dtype: float64, a smaller depth, or beta > 0"
+        )
+
+
+# ---------------------------------------------------------------- unit results as plain data
+
+
+def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> dict[str, list]:
+    """Rows (or a DataFrame) -> {column: list of Python scalars}, storable by torch.save."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    return {str(c): frame[c].tolist() for c in frame.columns}
+
+
+def unpack(*tables: dict[str, list]) -> pd.DataFrame:
+    """The inverse of pack, concatenating several tables in order."""
+    return pd.concat([pd.DataFrame(t) for t in tables], ignore_index=True)
+
+
+# ---------------------------------------------------------------- cost in floating-point operations
+
+
+def mlp_macs(n0: int, width: int, depth: int) -> float:
+    """Multiply-adds of one input's forward pass through the scalar-output MLP."""
+    sizes = [n0, *([width] * (depth - 1)), 1]
+    return float(sum(a * b for a, b in pairwise(sizes)))
+
+
+def gd_flops(n: int, n0: int, width: int, depth: int) -> float:
+    """One full-batch GD step on n inputs: forward (2 FLOPs a multiply-add), then the deltas and
+    the weight update (4)."""
+    return 6.0 * n * mlp_macs(n0, width, depth)
+
+
+def ntk_flops(n1: int, n2: int, n0: int, width: int, depth: int) -> float:
+    """An empirical NTK Gram (n1, n2): forward and delta passes of both sets, then per layer the
+    two (n1, n_l) x (n_l, n2) products of the factorization."""
+    return 4.0 * (n1 + n2) * mlp_macs(n0, width, depth) + 4.0 * n1 * n2 * (n0 + (depth - 1) * width)
+
+
+def analytic_flops(n1: int, n2: int, n0: int, depth: int) -> float:
+    """Sigma and Theta of the limit on (n1, n2) pairs: the input Gram, then about 50 FLOPs per
+    entry and layer (arccos, square roots, the recursion)."""
+    return 2.0 * n1 * n2 * n0 + 50.0 * depth * n1 * n2
+
+
+def eigen_flops(n: int) -> float:
+    """A dense symmetric eigendecomposition of an (n, n) matrix, about 9 n^3."""
+    return 9.0 * n**3

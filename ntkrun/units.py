@@ -1,0 +1,233 @@
+"""The units of a run: listing them, computing one into its run directory, checking what a spec
+needs before it runs (preflight and memory), and aggregating the saved results once.
+
+Every experiment is a list of independent units (ntkrun.runners.common.Unit). However they ran
+(here, in a pool, as SLURM jobs, in any order), each result is saved in the run directory and the
+aggregate reads only the saved results, so the CSVs are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ntkrun import experiments, resources
+from ntkrun.errors import (
+    ExecutorError,
+    IncompleteRunError,
+    LockedError,
+    NumericalError,
+    ResourceError,
+    SpecError,
+)
+from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
+from ntkrun.rundir import RunDir, is_complete
+from ntkrun.runners.common import NoProgress, Progress, Unit, check_range, resolve_device
+from ntkrun.spec import RunSpec
+
+LOG = logging.getLogger("ntkrun")
+
+
+def runner(spec: RunSpec) -> Any:
+    return experiments.get(spec.experiment).module
+
+
+def units(spec: RunSpec) -> list[Unit]:
+    """The spec's units in their canonical order (stage 0 first)."""
+    return sorted(runner(spec).units(spec), key=lambda u: u.stage)
+
+
+def find_unit(spec: RunSpec, key: str) -> Unit:
+    """A unit by name or by its index in units(spec). Raises SpecError."""
+    found = units(spec)
+    if key.isdigit() and int(key) < len(found):
+        return found[int(key)]
+    for unit in found:
+        if unit.name == key:
+            return unit
+    raise SpecError(
+        f"--unit {key}: no such unit (this spec has {len(found)}: indices 0-{len(found) - 1}, "
+        f"names {found[0].name} ... {found[-1].name}; list them with --list-units)"
+    )
+
+
+# ---------------------------------------------------------------- before anything runs
+
+
+def preflight(spec: RunSpec) -> None:
+    """Checks that need more than the spec's schema, run before any run directory exists: the
+    kernels' numerical range, and the experiment's own (e.g. its data files against the spec)."""
+    check_range(spec)
+    check = getattr(runner(spec), "check", None)
+    if check is not None:
+        check(spec)
+
+
+def memory_estimate(spec: RunSpec, unit: Unit) -> int:
+    """Estimated peak bytes of one unit (the experiment's `memory`)."""
+    return int(runner(spec).memory(spec, unit))
+
+
+def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[int, str]:
+    """Refuse (ResourceError) a spec whose largest unit, times the units running at once, would
+    not fit in the memory available to this process's device. -> (estimate, limit description)."""
+    biggest = max(todo, key=lambda u: memory_estimate(spec, u))
+    need = memory_estimate(spec, biggest) * parallel
+    if spec.executor.kind == "slurm":
+        mem_gb = spec.executor.slurm.mem_gb
+        if mem_gb is None:
+            return need, "no limit known (set executor.slurm.mem_gb)"
+        have, where = int(mem_gb * resources.GiB), "executor.slurm.mem_gb"
+    else:
+        found = resources.available_bytes(resolve_device(spec.device))
+        if found is None:
+            return need, "unknown on this machine"
+        have, where = found
+    times = f" x {parallel} units at once" if parallel > 1 else ""
+    if need > have:
+        raise ResourceError(
+            f"memory: unit {biggest.name}{times} needs about {resources.gib(need)} but "
+            f"{resources.gib(have)} is available ({where}); reduce the width or the number of "
+            "points, or pass --force to run anyway"
+        )
+    return need, f"{resources.gib(have)} available ({where})"
+
+
+# ---------------------------------------------------------------- computing units
+
+
+class _Context:
+    """What a running unit may ask of its run (ntkrun.runners.common.UnitContext)."""
+
+    def __init__(self, spec: RunSpec, run: RunDir) -> None:
+        self.spec, self.run = spec, run
+        self.load_checkpoint, self.save_checkpoint = run.load_checkpoint, run.save_checkpoint
+
+    def require(self, name: str) -> dict[str, Any]:
+        return compute_unit(self.spec, self.run, find_unit(self.spec, name), NoProgress())
+
+
+class _UnitProgress:
+    """Forwards a unit's progress and makes up the rest of its cost when it ends."""
+
+    def __init__(self, progress: Progress, unit: Unit) -> None:
+        self.progress, self.unit, self.done = progress, unit, 0.0
+
+    def start(self, total: float) -> None:
+        pass
+
+    def advance(self, description: str, amount: float) -> None:
+        self.done += amount
+        self.progress.advance(description, amount)
+
+    def finish(self) -> None:
+        self.progress.advance(self.unit.name, max(self.unit.cost - self.done, 0.0))
+
+
+def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> dict[str, Any]:
+    """The unit's saved result, or run it now and save it."""
+    result = run.load_unit(unit.name)
+    if result is None:
+        t0 = time.time()
+        tracker = _UnitProgress(progress, unit)
+        try:
+            result = runner(spec).run_unit(spec, unit, _Context(spec, run), tracker)
+        except NumericalError as err:
+            raise NumericalError(f"unit {unit.name}: {err}") from err
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(resolve_device(spec.device)),
+            "threads": torch.get_num_threads(),
+            "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "")),
+            "slurm_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
+            "wall_time_s": round(time.time() - t0, 3),
+        }
+        run.save_unit(unit.name, result, info)
+        tracker.finish()
+    else:
+        progress.advance(unit.name, unit.cost)
+    return result
+
+
+def done_units(spec: RunSpec, run: RunDir) -> set[str]:
+    return {u.name for u in units(spec) if run.load_unit(u.name) is not None}
+
+
+def unit_main(run_dir: str, name: str, threads: int | None = None) -> str:
+    """Compute one unit of the shared run at run_dir (entry point of pool workers and SLURM jobs),
+    logging to units/<name>.log."""
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(run_dir)
+    spec = experiments.load_run_spec(path)
+    run = RunDir.shared(path, spec)
+    handler = logging.FileHandler(path / "units" / f"{name}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    try:
+        compute_unit(spec, run, find_unit(spec, name), NoProgress())
+    finally:
+        handler.close()
+        LOG.removeHandler(handler)
+    return name
+
+
+# ---------------------------------------------------------------- aggregation, once
+
+
+def aggregate(spec: RunSpec, run: RunDir) -> pd.DataFrame:
+    """Build the experiment's CSVs and figures from the saved unit results; -> summary table.
+    Raises IncompleteRunError when a unit has no result."""
+    results = {u.name: run.load_unit(u.name) for u in units(spec)}
+    missing = [name for name, r in results.items() if r is None]
+    if missing:
+        raise IncompleteRunError(missing)
+    return runner(spec).aggregate(spec, run, results)
+
+
+def finish(spec: RunSpec, run: RunDir) -> pd.DataFrame:
+    """Aggregate the units into CSVs and figures and mark the run complete (meta.json last)."""
+    table = aggregate(spec, run)
+    run.meta.setdefault("units", len(units(spec)))
+    run.meta.setdefault("executor", spec.executor.kind)
+    run.finalize(str(resolve_device(spec.device)))
+    return table
+
+
+def aggregate_once(spec: RunSpec, run: RunDir) -> pd.DataFrame | None:
+    """Aggregate a shared run under an O_EXCL lock file, so that of the processes sharing it
+    exactly one does. -> the summary table, or None if the run was already complete (by another
+    process). Raises ExecutorError while a live process holds the lock, IncompleteRunError if
+    units are missing."""
+    if is_complete(run.path):
+        return None
+    lock = run.path / AGGREGATE_LOCK
+    try:
+        acquire(lock, "being aggregated", STALE_LOCK_S)
+    except LockedError as err:
+        raise ExecutorError(str(err)) from None
+    try:
+        if is_complete(run.path):  # finished by another process between our check and the lock
+            return None
+        return finish(spec, run)
+    finally:
+        release(run.path / AGGREGATE_LOCK)  # run.path: finish may have renamed the directory
+
+
+def maybe_finish(spec: RunSpec, run: RunDir) -> bool:
+    """After a shared unit: if every unit is done, aggregate (once). -> whether this process did."""
+    if is_complete(run.path) or done_units(spec, run) != {u.name for u in units(spec)}:
+        return False
+    try:
+        return aggregate_once(spec, run) is not None
+    except ExecutorError:  # someone else is at it
+        return False
