@@ -67,7 +67,7 @@ def gram_flops(sizes: list[int], n: int) -> float:
 
 
 def per_sample_function(net: MLP) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
-    """f(params, x) for one input x (n0,), written out from SPEC §1 independently of ntkrun's
+    """f(params, x) for one input x (n0,), written out from docs/science.md §1 independently of ntkrun's
     layout-tuned forward pass, for the torch.func references."""
 
     def f(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def torch_func_ntk_vps(net: MLP, X: torch.Tensor) -> torch.Tensor:
 
 
 def numpy_theta(X: np.ndarray, depth: int, beta: float) -> np.ndarray:
-    """Reference: SPEC §3 for ReLU, float64 numpy, one layer at a time."""
+    """Reference: docs/science.md §3 for ReLU, float64 numpy, one layer at a time."""
     sigma = X @ X.T / X.shape[1] + beta**2
     theta = sigma.copy()
     for _ in range(depth - 1):

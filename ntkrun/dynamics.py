@@ -1,4 +1,4 @@
-"""Least-squares dynamics in function space (SPEC §4) and kernel principal components.
+"""Least-squares dynamics in function space (docs/science.md §4) and kernel principal components.
 
 With K = Theta(X, X) (N, N), k(x) = Theta(x, X) and the decay operator
 D_t = exp(-t K / N) (gradient flow) or (I - eta K / N)^(t / eta) (GD with step eta),

@@ -1,4 +1,4 @@
-"""The fully connected network in NTK parametrization (SPEC §1) and full-batch gradient descent.
+"""The fully connected network in NTK parametrization (docs/science.md §1) and full-batch gradient descent.
 
     z(l+1) = W(l) a(l) / sqrt(n_l) + beta * b(l),   a(l) = sigma(z(l)),   f(x) = z(L)
 

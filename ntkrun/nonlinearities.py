@@ -1,4 +1,4 @@
-"""Pointwise nonlinearities sigma and their derivatives sigma_dot (SPEC §1, §3)."""
+"""Pointwise nonlinearities sigma and their derivatives sigma_dot (docs/science.md §1, §3)."""
 
 from __future__ import annotations
 

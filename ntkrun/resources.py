@@ -1,4 +1,4 @@
-"""Memory estimates of the units of a spec, and the check that refuses what cannot fit.
+"""Memory estimates of the units of a spec (the check against what the machine has is in ntkrun.units).
 
 The estimates count the large tensors each computation holds at its peak (weights, the
 activations and deltas of a forward/backward pass, kernel matrices and their blocks, eigen
@@ -7,11 +7,8 @@ decompositions); tests/robustness compare them with the measured peak of real ru
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from itertools import pairwise
-
-import torch
 
 from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET
 
@@ -55,24 +52,6 @@ def analytic_bytes(n1: int, n2: int) -> int:
 def eigen_bytes(n: int) -> int:
     """A symmetric eigendecomposition of an (n, n) float64 matrix: input copy, vectors, work."""
     return 4 * n * n * 8
-
-
-def available_bytes(device: torch.device) -> tuple[int, str] | None:
-    """(free bytes, where that number comes from) for the device, or None if unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"free memory of {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available physical pages"
-    except (ValueError, OSError):
-        return None
 
 
 def gib(n: float) -> str:

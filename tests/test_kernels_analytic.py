@@ -56,7 +56,7 @@ def test_erf_closed_form_matches_quadrature(cov):
 
 
 def test_layer_recursion_matches_a_scalar_reference_loop():
-    """SPEC §3 written out for one pair of inputs with scipy expectations, depth 4."""
+    """docs/science.md §3 written out for one pair of inputs with scipy expectations, depth 4."""
     x, xp, beta, depth = np.array([0.3, -1.2, 0.8]), np.array([1.0, 0.4, -0.5]), 0.1, 4
     sxx, sxy, syy = x @ x / 3 + beta**2, x @ xp / 3 + beta**2, xp @ xp / 3 + beta**2
     theta = sxy

@@ -22,8 +22,6 @@ class Dispatch:
 class Executor(ABC):
     """Runs units of a run; their results land in the run directory (units/<name>.pt)."""
 
-    shared = False  # the run directory must be at its final name from the start (jobs elsewhere)
-
     @abstractmethod
     def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
         """Compute (or submit) `todo`, units with no result yet, stage-0 units first."""

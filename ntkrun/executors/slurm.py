@@ -34,8 +34,6 @@ JOBS_FILE = "slurm/jobs.jsonl"
 class SlurmExecutor(Executor):
     """Submits the units that are neither done nor queued; with `wait`, blocks until the jobs end."""
 
-    shared = True
-
     def __init__(self, wait: bool = False, notify: Callable[[str], None] = lambda _: None) -> None:
         self.wait, self.notify = wait, notify
 

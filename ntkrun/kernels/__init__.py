@@ -1,4 +1,4 @@
-"""Kernel engine: empirical NTK (SPEC §2) and the infinite-width limits (SPEC §3)."""
+"""Kernel engine: empirical NTK (docs/science.md §2) and the infinite-width limits (docs/science.md §3)."""
 
 from ntkrun.kernels.analytic import analytic_kernels
 from ntkrun.kernels.empirical import empirical_nngp, empirical_ntk

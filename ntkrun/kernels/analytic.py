@@ -1,4 +1,4 @@
-"""Infinite-width kernels Sigma(L) and Theta(L) (SPEC §3).
+"""Infinite-width kernels Sigma(L) and Theta(L) (docs/science.md §3).
 
     Sigma(1) = x.x'/n0 + beta^2,   Sigma(l+1) = E[sigma(u) sigma(v)] + beta^2,
     Sdot(l+1) = E[sigma_dot(u) sigma_dot(v)],   Theta(1) = Sigma(1),

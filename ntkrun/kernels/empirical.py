@@ -1,4 +1,4 @@
-"""Empirical (finite-width) NTK by the layerwise factorization of SPEC §2.
+"""Empirical (finite-width) NTK by the layerwise factorization of docs/science.md §2.
 
     Theta(x, x') = sum_{l=0}^{L-1} [a(l)(x).a(l)(x') / n_l + beta^2] * [delta(l+1)(x).delta(l+1)(x')]
 

@@ -1,4 +1,4 @@
-"""`ntkrun convergence` (SPEC §5.1, paper Figure 1): the NTK converges and stays put as width grows.
+"""`ntkrun convergence` (docs/science.md §5.1, Figure 1): the NTK converges and stays put as width grows.
 
 Per (width, seed): draw the training set and the network, record Theta(x0, x) on the circle at
 each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic limit Theta(L).

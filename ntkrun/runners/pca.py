@@ -1,4 +1,4 @@
-"""`ntkrun pca` (SPEC §5.3, paper Figure 3): convergence along kernel principal components on MNIST.
+"""`ntkrun pca` (docs/science.md §5.3, Figure 3): convergence along kernel principal components on MNIST.
 
 The reference kernel K on N digits (one wide network at init, or the analytic limit) gives the
 top eigenpairs of K/N (power iteration with deflation, checked against a dense solver). Each
@@ -70,7 +70,7 @@ class PCATrainingSpec(Model):
 class PCASpec(RunSpec):
     experiment: Literal["pca"] = "pca"
     seeds: PositiveInt = 2  # trials per width
-    network: NetworkSpec = NetworkSpec(width=[100, 1000, 10000])  # depth 4: (choice)
+    network: NetworkSpec = NetworkSpec(depth=5, width=[100, 1000, 10000])  # depth 5: docs/science.md §5.3
     training: PCATrainingSpec = PCATrainingSpec()
     data: PCADataSpec = PCADataSpec()
     kernel: Literal["analytic", "empirical"] = "empirical"  # reference kernel (paper: empirical)

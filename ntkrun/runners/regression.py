@@ -1,7 +1,7 @@
-"""`ntkrun regression` (SPEC §5.2, paper Figure 2): trained networks vs the limiting Gaussian.
+"""`ntkrun regression` (docs/science.md §5.2, paper Figure 2): trained networks vs the limiting Gaussian.
 
 Per (width, seed): train a network by GD on a few points of the unit circle and record f_T on
-the circle. The limit: f_t is Gaussian with the mean and variance of SPEC §4, from the exact
+the circle. The limit: f_t is Gaussian with the mean and variance of docs/science.md §4, from the exact
 kernels (`kernel: analytic`) or from one wide network at init (`kernel: empirical`), at t = T
 (the actual training time, discrete GD) and t = infinity.
 """

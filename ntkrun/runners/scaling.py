@@ -4,7 +4,7 @@ Per (depth, width, seed), on a fixed input set Z:
 - dist_init   = ||Theta_n(0) - Theta_inf|| / ||Theta_inf||           (Theorem 1; theory: n^-1/2)
 - change_T    = ||Theta_n(T) - Theta_n(0)|| / ||Theta_n(0)||          (Theorem 2) after T GD steps
 - func_dist_T = ||f_T - f_lin_T|| / ||f_lin_T - f_0|| on Z, where f_lin_T = f_0 + A_T (y - f_0(X)) is the
-  kernel-regression prediction of SPEC §4 with Theta_inf for the same initial function f_0.
+  kernel-regression prediction of docs/science.md §4 with Theta_inf for the same initial function f_0.
 Then log-log slopes against width per depth, with bootstrap intervals over seeds.
 """
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import platform
-import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +22,9 @@ from typer.testing import CliRunner
 import ntkrun.plots
 from ntkrun.cli import app
 from ntkrun.errors import Terminated
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from faults import launch
 
 COUNTS: Counter[str] = Counter()
 # 8 units of ~0.2-0.5 s each: a run lasts a few seconds, so random signals land in start-up,
@@ -99,48 +100,63 @@ def reference(tmp_path_factory) -> Path:
     return complete(root)
 
 
-def test_random_signals_never_lose_work(reference, tmp_path):
-    """SIGINT, SIGTERM and SIGKILL at random moments, over and over, in several runs; after each
-    signal: no partial file under a final name, every finished unit still there with the same
-    result; `ntkrun resume` finishes each run with the CSVs of an uninterrupted one."""
-    rng = random.Random(1234)
-    kills = 0
-    for round_ in range(2):
-        root = tmp_path / f"run{round_}"
-        seen: dict[str, object] = {}
-        for attempt in range(40):
-            target = leftover(root)
-            args = ["resume", str(target), "--quiet"] if target else [*SPEC, "--output-root", str(root)]
-            proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *args], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
-            sig = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-            try:
-                # the window widens with each attempt, so that on a slow machine the run can finish
-                proc.wait(timeout=rng.uniform(0.5, 3.0 + attempt))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(sig)
-                kills += 1
-                COUNTS[f"random {signal.Signals(sig).name}"] += 1
-            _, err = proc.communicate(timeout=120)
-            assert "Traceback" not in err, err
-            if proc.returncode in (130, 143):
-                assert "interrupted" in err or "terminated" in err, err
-            check_final_files(root)
-            now = unit_results(root)
-            for name, result in seen.items():
-                assert now.get(name) == result, f"unit {name} lost or changed after a {sig!r}"
-            seen = now
-            if complete(root) is not None:  # done; a signal may still have come after completion,
-                break  # even during interpreter shutdown (rc -2): the checks above hold either way
-            # -2/-15: the signal came before the interpreter ran ntkrun's code (default action)
-            assert proc.returncode in (130, 143, -9, -2, -15), (proc.returncode, err)
+# (point, n, action): in this order, each on the run the previous one left (see tests/faults.py).
+# Together they stop a run at start-up, in training, inside and after unit writes, in aggregation
+# and after completion; the number of faults is fixed, whatever the machine's speed.
+EVENTS = [
+    ("import", 1, "SIGINT"),  # before any run directory exists
+    ("gd-step", 10, "SIGINT"),  # training the first unit
+    ("unit-write", 1, "SIGTERM"),  # a unit's temporary file written, not yet renamed
+    ("unit-saved", 2, "SIGKILL"),  # two units done, then killed outright: a .partial stays
+    ("gd-step", 400, "SIGTERM"),  # in the second unit of this attempt
+    ("unit-write", 2, "SIGKILL"),  # a temporary unit file left behind by a kill
+    ("aggregate", 1, "SIGINT"),  # CSVs written, the figure not: no meta.json
+    ("finalize", 1, "SIGTERM"),  # meta.json written: held until the run is complete
+]
+EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}
+REASON = {"SIGINT": "interrupted", "SIGTERM": "terminated (SIGTERM)"}
+
+
+def test_signals_at_chosen_points_never_lose_work(reference, tmp_path):
+    """SIGINT, SIGTERM and SIGKILL delivered at chosen points of a run and of its resumes: after
+    each, no partial file under a final name, every finished unit still there with the same
+    result, the exit code of the signal and an ERROR naming it; the last resume completes with
+    the CSVs of an uninterrupted run."""
+    root = tmp_path / "runs"
+    seen: dict[str, object] = {}
+    for k, (point, n, action) in enumerate(EVENTS):
+        target = leftover(root)
+        args = ["resume", str(target), "--quiet"] if target else [*SPEC, "--output-root", str(root)]
+        marker = tmp_path / f"fault{k}"
+        proc = launch(point, n, action, marker, args)
+        _, err = proc.communicate(timeout=300)
+        assert marker.exists(), f"fault {k} ({point} {n}) never happened: {err}"
+        COUNTS[f"{point} {action}"] += 1
+        assert proc.returncode == EXIT[action], (point, proc.returncode, err)
+        assert "Traceback" not in err, err
+        check_final_files(root)
+        now = unit_results(root)
+        for name, result in seen.items():
+            assert now.get(name) == result, f"unit {name} lost or changed by {point} {action}"
+        seen = now
+        if action != "SIGKILL":
+            assert REASON[action] in err, err
+        if point == "import":
+            assert not root.exists()  # stopped before anything was written
+        elif point == "finalize":
+            assert complete(root) is not None and leftover(root) is None
+            assert "after the run completed" in err
+        elif action == "SIGKILL":
+            assert leftover(root).name.endswith(".partial")
         else:
-            pytest.fail("the run never completed")
-        final = complete(root)
-        assert leftover(root) is None and (root / "convergence" / "latest").resolve() == final.resolve()
-        for name in CSVS:
-            assert (final / name).read_bytes() == (reference / name).read_bytes(), name
-    assert kills >= 5, "too few signals landed inside the runs to mean anything"
+            assert leftover(root).name.endswith(".failed") and complete(root) is None
+            assert REASON[action] in (leftover(root) / "ERROR").read_text()
+            assert f"ntkrun resume {leftover(root)}" in err
+    final = complete(root)
+    assert final is not None and (root / "convergence" / "latest").resolve() == final.resolve()
+    assert len(seen) == 8
+    for name in CSVS:
+        assert (final / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def interrupted_write(original, when: dict, exc: BaseException):
@@ -265,20 +281,22 @@ def test_two_processes_in_the_same_second_get_distinct_directories(tmp_path):
 
 def test_a_run_still_running_is_not_resumed_from_under_it(reference, tmp_path):
     """`ntkrun resume` / `aggregate` of a run another live process is running are refused (its
-    RUNNING lock); once that process is killed outright, resume takes the run over."""
-    proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *SPEC, "--output-root", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 120
-    while leftover(tmp_path) is None or not (leftover(tmp_path) / "RUNNING").exists():
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    RUNNING lock); once that process is killed outright, resume takes the run over. The process
+    is held inside its 5th GD step until the test has tried everything."""
+    marker = tmp_path / "held"
+    proc = launch("gd-step", 5, "HOLD", marker, [*SPEC, "--output-root", str(tmp_path)])
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
     running = leftover(tmp_path)
+    assert (running / "RUNNING").exists()
     for command in ("resume", "aggregate"):
         refused = invoke(command, running, "--quiet")
         assert refused.exit_code == 1, refused.stderr
         assert f"still being run by {platform.node()} {proc.pid}" in refused.stderr
         assert running.exists()  # not moved away from the process
     assert f"being run by {platform.node()} {proc.pid}" in invoke("status", running).stdout
+    assert proc.poll() is None  # still held: every refusal above was against a live run
     proc.kill()
     proc.communicate()
     COUNTS["resume refused while running"] += 2

@@ -1,0 +1,177 @@
+"""The house rules: imports flow one way, math modules stay pure, errors map in one place, the
+library face is lazy, and each experiment is one record."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import ntkrun
+import ntkrun.runners.common
+from ntkrun import experiments
+from ntkrun.cli import app
+
+PACKAGE = Path(ntkrun.__file__).parent
+REPO = PACKAGE.parent
+MATH = ("kernels", "dynamics", "network", "nonlinearities", "fits", "resources")
+TINY = [
+    "convergence", "--preset", "quick", "--set", "network.width=[8]", "--seeds", "1", "--steps", "2",
+    "--set", "grid.n_angles=8", "--set", "training.n_train=4", "--quiet",
+]  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """ntkrun modules `path` imports, at module level or inside functions (not TYPE_CHECKING)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("ntkrun")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ntkrun"):
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found |= submodules or {node.module}  # `from pkg import module` imports the module
+    return found & modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: imports_of(path, set(files)) for name, path in files.items()}
+    # the imports made by name at run time: the library face and the experiment records
+    graph["ntkrun"] |= {module for module in ntkrun._FACE.values()}
+    graph["ntkrun.experiments"] |= {record.runner for record in experiments.EXPERIMENTS.values()}
+    return graph
+
+
+def test_no_import_cycle_in_ntkrun():
+    graph = import_graph()
+    assert "ntkrun.units" in graph["ntkrun.orchestrate"]  # the graph sees real edges
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_math_modules_never_print_touch_files_or_climb_up():
+    upper = {"ntkrun.cli", "ntkrun.orchestrate", "ntkrun.rundir", "ntkrun.executors", "ntkrun.units"}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if not any(name == f"ntkrun.{m}" or name.startswith(f"ntkrun.{m}.") for m in MATH):
+            continue
+        tree = ast.parse(path.read_text())
+        calls = {
+            n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
+        assert not calls & {"print", "open"}, name
+        climbed = {m for m in imports_of(path, set(import_graph())) if any(m.startswith(u) for u in upper)}
+        assert not climbed, (name, climbed)
+
+
+def test_files_and_cli_functions_stay_small():
+    for path in PACKAGE.rglob("*.py"):
+        assert len(path.read_text().splitlines()) <= 450, path
+    for path in (PACKAGE / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 80, (path, node.name)
+
+
+def test_the_repository_does_not_point_outside_itself():
+    for path in [REPO / "README.md", *REPO.joinpath("docs").glob("*.md"), *PACKAGE.rglob("*.py")]:
+        text = path.read_text()
+        assert "../shared" not in text and "SPEC.md" not in text, path
+
+
+def test_one_record_per_experiment_makes_its_command():
+    for name, record in experiments.EXPERIMENTS.items():
+        assert record.model.model_fields["experiment"].default == name
+        assert set(record.presets) >= {"quick"}
+        help_text = CliRunner().invoke(app, [name, "--help"]).stdout
+        for flag in record.all_flags:
+            assert flag.name in help_text, (name, flag.name)
+    resume_help = CliRunner().invoke(app, ["resume", "--help"]).stdout
+    assert "--executor" in resume_help and "--width" not in resume_help
+
+
+def test_import_ntkrun_is_light_and_its_face_loads_on_use():
+    code = (
+        "import sys, ntkrun; light = 'torch' not in sys.modules; "
+        "net = ntkrun.MLP(2, 8, 3, 'relu', 0.1, seed=0); "
+        "print(light, type(net).__name__, callable(ntkrun.empirical_ntk), callable(ntkrun.load_run))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "MLP", "True", "True"]
+    with pytest.raises(AttributeError):
+        ntkrun.not_a_name  # noqa: B018
+
+
+def test_load_run_reads_spec_meta_and_tables(tmp_path):
+    assert CliRunner().invoke(app, [*TINY, "--output-root", str(tmp_path)]).exit_code == 0
+    run = ntkrun.load_run(tmp_path / "convergence" / "latest")
+    assert run.complete and run.spec["experiment"] == run.meta["experiment"] == "convergence"
+    assert set(run.tables) == {"kernels", "losses", "summary", "metrics"}
+    pd.testing.assert_frame_equal(run["metrics.csv"], pd.read_csv(run.path / "metrics.csv"))
+
+
+def test_a_bug_is_reported_as_one_and_its_traceback_kept(tmp_path, monkeypatch):
+    """An unexpected exception (here a ValueError from deep inside training) is not dressed up as
+    a spec error: exit 1, its type and message, and where the full traceback was written."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom inside numpy")
+
+    monkeypatch.setattr(ntkrun.runners.common, "gd_step", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("NTKRUN_DEBUG", raising=False)
+    result = CliRunner().invoke(app, [*TINY, "--output-root", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "internal error" in line and "ValueError: boom inside numpy" in line
+    kept = Path(line.split("traceback in ")[1].split(";")[0])
+    assert kept.parent == tmp_path and "Traceback (most recent call last)" in kept.read_text()
+    (failed,) = (tmp_path / "out" / "convergence").glob("*.failed")  # the run is marked failed
+    assert "boom inside numpy" in (failed / "ERROR").read_text()
+    monkeypatch.setenv("NTKRUN_DEBUG", "1")
+    debug = CliRunner().invoke(app, [*TINY, "--output-root", str(tmp_path / "out2")])
+    assert debug.exit_code == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_list_units_gives_gflop_and_time(tmp_path):
+    result = CliRunner().invoke(app, ["scaling", "--preset", "quick", "--list-units"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "GFLOP/s" in lines[0] and lines[-1].startswith("total: ")
+    first = lines[1].split()
+    assert first[0] == "0" and first[3] == "GFLOP" and first[4].startswith("~")
+    assert float(first[2]) > 0
+
+
+def test_entry_point_runs_as_a_program(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ntkrun", *TINY, "--output-root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "run directory:" in out.stdout, out.stderr
