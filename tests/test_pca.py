@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import gzip
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from test_data import REAL_MNIST, needs_mnist, write_split
+from faults import launch
+from test_data import REAL_MNIST, idx_bytes, needs_mnist, write_split
 from typer.testing import CliRunner
 
 from ntkrun.cli import app
@@ -63,22 +62,13 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_csvs(digits, tmp_path):
-    """SIGKILL a real run after its first checkpoint, `ntkrun resume` it, and compare every CSV
-    with an uninterrupted run of the same spec."""
+    """SIGKILL a real run right after its first checkpoint is saved, `ntkrun resume` it, and
+    compare every CSV with an uninterrupted run of the same spec."""
     args = tiny(digits, tmp_path / "killed", steps=400)
-    proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.time() + 120
-    checkpoint = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed" / "pca").glob(".*.partial/units/w48_s0.ckpt.pt"))
-        if found:
-            checkpoint = found[0]
-            break
-        time.sleep(0.05)
-    assert checkpoint is not None, f"no checkpoint appeared: {proc.stderr.read() if proc.stderr else ''}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = launch("checkpoint", 1, "SIGKILL", tmp_path / "killed.marker", args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    assert list((tmp_path / "killed" / "pca").glob(".*.partial/units/w48_s0.ckpt.pt"))
     (partial,) = runs(tmp_path / "killed")
     assert partial.name.endswith(".partial") and not (partial / "meta.json").exists()
     assert not (tmp_path / "killed" / "pca" / "latest").exists()
@@ -113,3 +103,25 @@ def test_quick_preset_on_real_mnist(tmp_path):
     assert len(comps) == 128 and set(comps["label"]) <= set(range(10))
     eig = pd.read_csv(run / "eigenvalues.csv")
     assert (eig["rel_diff"] < 1e-8).all() and eig["lambda_power"].iloc[0] > 10 * eig["lambda_power"].iloc[1]
+
+
+def test_a_request_the_data_cannot_satisfy_is_refused_before_anything_is_written(digits, tmp_path):
+    """More digits than the split holds (also when the memory estimate would refuse it first), and
+    a label file that disagrees with its images: one line naming the key or file and both numbers,
+    exit 2, from --check as from a run, and no run directory."""
+    out = tmp_path / "out"
+    for n in ("81", "100000"):
+        args = [*tiny(digits, out), "--set", f"data.n_points={n}", "--set", "kernel=analytic"]
+        for extra in (["--check"], []):
+            result = CliRunner().invoke(app, [*args, *extra])
+            assert result.exit_code == 2, result.output
+            assert f"data.n_points: {n} points asked for, but the test split" in result.stderr
+            assert "holds 80" in result.stderr and result.stderr.count("\n") == 1
+            assert "memory" not in result.stderr
+    labels = digits / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(idx_bytes(np.zeros(79, dtype=np.uint8))))
+    result = CliRunner().invoke(app, [*tiny(digits, out), "--check"])
+    assert (
+        result.exit_code == 2 and "holds (79,) labels but t10k-images-idx3-ubyte.gz holds 80" in result.stderr
+    )
+    assert not out.exists()
