@@ -165,7 +165,21 @@ class Layers:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 and 1E6 as floats (YAML 1.2), as a user means them."""
+    """SafeLoader that also reads 1e-3 and 1E6 as floats (YAML 1.2), as a user means them, and
+    refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are refused by the base class
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -5,7 +5,8 @@ itself (or pauses) at a chosen point of the run, so a test knows exactly which f
 
 At the N-th time the run reaches POINT, the child writes MARKER (so the test can tell the fault
 happened), then does ACTION: SIGINT / SIGTERM / SIGKILL sent to itself, or HOLD: wait until the
-file MARKER.release exists. Points:
+file MARKER.release exists; NONE: nothing (with $FAULT_STAMP set, run directories are named as if
+every run started at that UTC time, forcing same-second name collisions). Points:
 
     import        inside the start-up block that holds signals while torch loads
     gd-step       before a GD step of any network
@@ -26,17 +27,22 @@ import time
 from pathlib import Path
 
 POINTS = ("import", "gd-step", "unit-write", "unit-saved", "checkpoint", "aggregate", "finalize")
-ACTIONS = ("SIGINT", "SIGTERM", "SIGKILL", "HOLD")
+ACTIONS = ("SIGINT", "SIGTERM", "SIGKILL", "HOLD", "NONE")
 
 
-def launch(point: str, n: int, action: str, marker: Path, args: list[str]) -> subprocess.Popen:
-    """Start `ntkrun ARGS` with the fault armed."""
+def launch(
+    point: str, n: int, action: str, marker: Path, args: list[str], stamp: str | None = None
+) -> subprocess.Popen:
+    """Start `ntkrun ARGS` with the fault armed (and run directories stamped `stamp`)."""
     assert point in POINTS and action in ACTIONS, (point, action)
     command = [sys.executable, __file__, point, str(n), action, str(marker), "--", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, **({"FAULT_STAMP": stamp} if stamp else {})}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _fire(action: str, marker: Path) -> None:
+    if action == "NONE":
+        return
     marker.write_text(f"{action}\n")
     if action == "HOLD":
         release = marker.with_name(marker.name + ".release")
@@ -124,6 +130,10 @@ if __name__ == "__main__":
         ntkrun.signals.deferred = Deferred
     else:
         _arm(point, n, action, marker)
+    if os.environ.get("FAULT_STAMP"):
+        import ntkrun.rundir
+
+        ntkrun.rundir._stamp = lambda t: os.environ["FAULT_STAMP"]
     sys.argv = ["ntkrun", *args]
     from ntkrun.entry import main
 

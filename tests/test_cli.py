@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import ntkrun.rundir
 import ntkrun.runners.common as runners
 from ntkrun.cli import app
 
@@ -60,12 +61,13 @@ def test_same_spec_same_seed_gives_byte_identical_csvs(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_two_runs_of_one_spec_get_distinct_directories(tmp_path):
+def test_two_runs_of_one_spec_in_one_second_get_distinct_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(ntkrun.rundir, "_stamp", lambda t: "20260101T000000Z")  # the same second
     assert invoke(TINY, tmp_path).exit_code == 0
     assert invoke(TINY, tmp_path).exit_code == 0
-    runs = run_dirs(tmp_path)
-    assert len(runs) == 2
-    assert (tmp_path / "convergence" / "latest").resolve() == max(runs, key=lambda p: p.stat().st_mtime)
+    first, second = run_dirs(tmp_path)
+    assert second.name == f"{first.name}-2" and first.name.startswith("20260101T000000Z_")
+    assert (tmp_path / "convergence" / "latest").resolve() == second.resolve()  # the newest
 
 
 @pytest.mark.parametrize(

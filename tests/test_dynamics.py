@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import linalg, stats
 
 from ntkrun import dynamics
 from ntkrun.errors import NumericalError
@@ -141,3 +142,36 @@ def test_eigen_rejects_bad_kernels():
         dynamics.eigen(torch.zeros(2, 3))
     with pytest.raises(NumericalError, match="NaN"):
         dynamics.eigen(torch.tensor([[float("nan")]]))
+
+
+@pytest.mark.parametrize(("t", "lr"), [(7.0, None), (50.0, 1.0), (math.inf, None)])
+def test_gaussian_process_matches_an_independent_evaluation(t, lr):
+    """Mean and variance of f_t from the formulas of docs/science.md §4 evaluated directly in
+    float64 numpy (matrix exponential or matrix power, then a linear solve) against ntkrun's one
+    eigendecomposition. K here has condition number ~1e2, so both agree to ~1e-14: 1e-10 leaves
+    room for summation order and nothing else. A variance with the cross term counted once
+    instead of twice (a plausible slip) is off by far more, so this test would catch it."""
+    X, x_test = circle([-2.5, -0.9, 0.6, 2.2]), circle([-3.0, -1.7, 0.0, 1.4, 2.8])
+    y = (X[:, 0] * X[:, 1]).numpy()
+    sigma, theta = analytic_kernels(X, depth=3)
+    sigma_x, theta_x = analytic_kernels(x_test, X, depth=3)
+    sigma_xx = analytic_kernels(x_test, depth=3)[0].diag()
+    K, k, S, Sx, Sxx = (a.numpy() for a in (theta, theta_x, sigma, sigma_x, sigma_xx))
+    n, eye = len(K), np.eye(len(K))
+    assert np.linalg.cond(K) < 1e3
+    if math.isinf(t):
+        decay = np.zeros_like(K)
+    elif lr is None:
+        decay = linalg.expm(-t * K / n)
+    else:
+        decay = np.linalg.matrix_power(eye - lr * K / n, round(t / lr))
+    A = k @ np.linalg.solve(K, eye - decay)
+    mean_ref = A @ y
+    var_ref = Sxx - 2 * (A * Sx).sum(1) + ((A @ S) * A).sum(1)
+    mean, var = dynamics.gaussian_process(dynamics.eigen(theta), theta_x, torch.from_numpy(y), sigma,
+                                          sigma_x, sigma_xx, t, lr=lr)  # fmt: skip
+    scale = Sxx.max()
+    np.testing.assert_allclose(mean.numpy(), mean_ref, rtol=0, atol=1e-10 * np.abs(y).max())
+    np.testing.assert_allclose(var.numpy(), var_ref, rtol=0, atol=1e-10 * scale)
+    wrong = Sxx - (A * Sx).sum(1) + ((A @ S) * A).sum(1)
+    assert np.abs(wrong - var_ref).max() > 1e-3 * scale

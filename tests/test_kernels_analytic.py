@@ -55,6 +55,36 @@ def test_erf_closed_form_matches_quadrature(cov):
         assert c.item() == pytest.approx(q.item(), abs=1e-8)
 
 
+def scipy_gauss_expectation(f, cov: tuple[float, float, float]) -> float:
+    """E[f(u, v)] for (u, v) ~ N(0, [[sxx, sxy], [sxy, syy]]) by adaptive quadrature on the
+    standard normal z with (u, v) = L z (L the Cholesky factor; 1-D when the covariance is
+    singular). Independent of ntkrun's Gauss-Hermite rule."""
+    sxx, sxy, syy = cov
+    a = math.sqrt(sxx)
+    c = sxy / a if a > 0 else 0.0
+    d2 = syy - c * c
+    phi = stats.norm.pdf
+    if d2 < 1e-12:
+        return integrate.quad(lambda z: f(a * z, c * z) * phi(z), -12, 12, epsabs=1e-13, limit=200)[0]
+    d = math.sqrt(d2)
+    value, _ = integrate.dblquad(
+        lambda z2, z1: f(a * z1, c * z1 + d * z2) * phi(z1) * phi(z2), -12, 12, -12, 12, epsabs=1e-12
+    )
+    return value
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_erf_closed_form_matches_scipy_integration(cov):
+    """The erf closed forms against scipy's adaptive quadrature of the defining integrals
+    (a reference independent of ntkrun's quadrature): 1e-8, what dblquad reaches here."""
+    erf_dot = lambda z: 2 / math.sqrt(math.pi) * math.exp(-z * z)  # noqa: E731
+    e_ss, e_dd = erf_expectations(*(torch.tensor(c, dtype=torch.float64) for c in cov))
+    ref_ss = scipy_gauss_expectation(lambda u, v: math.erf(u) * math.erf(v), cov)
+    ref_dd = scipy_gauss_expectation(lambda u, v: erf_dot(u) * erf_dot(v), cov)
+    assert e_ss.item() == pytest.approx(ref_ss, abs=1e-8)
+    assert e_dd.item() == pytest.approx(ref_dd, abs=1e-8)
+
+
 def test_layer_recursion_matches_a_scalar_reference_loop():
     """docs/science.md §3 written out for one pair of inputs with scipy expectations, depth 4."""
     x, xp, beta, depth = np.array([0.3, -1.2, 0.8]), np.array([1.0, 0.4, -0.5]), 0.1, 4

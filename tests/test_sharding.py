@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -194,16 +195,19 @@ def test_an_interrupted_shared_run_completes_without_its_old_error(tmp_path, mon
 
 
 def test_a_signal_just_after_completion_leaves_the_run_complete(tmp_path, monkeypatch):
-    from ntkrun.errors import Interrupted
-    from ntkrun.rundir import RunDir
+    """A real SIGINT sent to this process while finalize writes meta.json (signals held until the
+    rename and `latest` are done): the run completes, then the interrupt is reported."""
+    from ntkrun.rundir import COMPLETE_MARKER, RunDir
 
-    original = RunDir.finalize
+    original = RunDir.write_text
 
-    def finalize_then_signal(self, device):
-        original(self, device)
-        raise Interrupted()  # as if Ctrl-C had been held by signals_deferred until here
+    def write_then_signal(self, name, text):
+        path = original(self, name, text)
+        if name == COMPLETE_MARKER:
+            os.kill(os.getpid(), signal.SIGINT)
+        return path
 
-    monkeypatch.setattr(RunDir, "finalize", finalize_then_signal)
+    monkeypatch.setattr(RunDir, "write_text", write_then_signal)
     result = invoke(*TINY["convergence"], "--output-root", tmp_path)
     monkeypatch.undo()
     assert result.exit_code == 130 and "after the run completed" in result.stderr

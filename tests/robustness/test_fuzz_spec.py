@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from ntkrun.cli import app
@@ -64,8 +66,9 @@ def key_path() -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=10).filter(lambda s: "=" not in s))
 
 
-def invoke_check(experiment: str, args: list[str], root: Path, data: Path) -> None:
-    """Run `ntkrun <experiment> ... --check`; assert the contract; count the outcome."""
+def invoke_check(experiment: str, args: list[str], root: Path, data: Path, expect: int | None = None) -> str:
+    """Run `ntkrun <experiment> ... --check`; assert the contract (and the exit code `expect`);
+    count the outcome; -> what it printed."""
     extra = ["--data-dir", str(data)] if experiment == "pca" else []
     result = CliRunner().invoke(app, [experiment, *args, *extra, "--check", "--output-root", str(root)])
     text = result.output
@@ -83,6 +86,8 @@ def invoke_check(experiment: str, args: list[str], root: Path, data: Path) -> No
         assert real.exit_code == 2 and real.output == text, (args, real.output)
         assert not root.exists() or not any(root.iterdir()), f"{args} created {list(root.rglob('*'))}"
     COUNTS[f"{experiment} exit {result.exit_code}"] += 1
+    assert expect is None or result.exit_code == expect, (args, text)
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +113,7 @@ def test_random_yaml_documents(experiment, document, tmp_path_factory, digits):
         node[last] = value
     folder = tmp_path_factory.mktemp("yaml")
     path = folder / "spec.yaml"
-    try:
-        path.write_text(yaml.safe_dump(nested, allow_unicode=True))
-    except yaml.YAMLError:
-        return
+    path.write_text(yaml.safe_dump(nested, allow_unicode=True))  # any failure here fails the test
     invoke_check(experiment, ["--config", str(path), *base(experiment)], folder / "out", digits)
 
 
@@ -156,7 +158,7 @@ HOSTILE = {
     "zero seeds": "seeds: 0\n",
     "python tag": "seeds: !!python/object/apply:os.system ['true']\n",
     "tab indent": "network:\n\tdepth: 3\n",
-    "duplicate key": "seeds: 1\nseeds: 2\n",
+    "duplicate key": "seeds: 1\nseeds: 2\n",  # YAML would keep the last one silently
     "bool as int": "seeds: true\n",
     "string as int": "seeds: '3'\n",
     "wrong experiment": "experiment: nope\n",
@@ -167,9 +169,64 @@ HOSTILE = {
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_files(experiment, case, tmp_path, digits):
+    """Every hostile file is refused (exit 2, one line), none is taken for a spec."""
     path = tmp_path / "spec.yaml"
     path.write_text(HOSTILE[case], encoding="utf-8")
-    invoke_check(experiment, ["--config", str(path)], tmp_path / "out", digits)
+    invoke_check(experiment, ["--config", str(path)], tmp_path / "out", digits, expect=2)
+
+
+def _constraint_negatives(model: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(key, a value just outside the constraint) for every constrained field of a spec model:
+    gt/ge/le bounds, choices, minimum lengths, and the same inside nested models and lists."""
+    found: list[tuple[str, str]] = []
+    for name, field in model.model_fields.items():
+        key = ".".join((*prefix, name))
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            found += _constraint_negatives(kind, (*prefix, name))
+            continue
+        if get_origin(kind) is Literal and name != "experiment":
+            found.append((key, "not-a-choice"))
+        for rule in field.metadata:
+            for attr, bad in (("gt", lambda b: b), ("ge", lambda b: b - 1), ("le", lambda b: b + 1),
+                              ("lt", lambda b: b)):  # fmt: skip
+                if getattr(rule, attr, None) is not None:
+                    found.append((key, str(bad(getattr(rule, attr)))))
+            if getattr(rule, "min_length", None):
+                found.append((key, "[]"))
+        listed = get_origin(kind) is list  # list[PositiveInt]: a list with one bad item
+        for item in get_args(kind):  # ... or Optional[PositiveInt]: a bad scalar
+            for rule in getattr(item, "__metadata__", ()):
+                for sub in getattr(rule, "metadata", [rule]):
+                    for attr in ("gt", "lt"):
+                        if getattr(sub, attr, None) is not None:
+                            bad = getattr(sub, attr)
+                            found.append((key, f"[{bad}, {bad}]" if listed else str(bad)))
+    return found
+
+
+MODEL_NEGATIVES = {  # what the model validators refuse, beyond single-field constraints
+    "convergence": [("training.record_steps", "[0, 9999]")],
+    "regression": [("data.train_angles", "[0.5, 0.5]"), ("data.train_angles", "null"),
+                   ("data.target", "values"), ("data.target_values", "[1, 2, 3, 4]")],
+    "scaling": [("data.dim", "3")],
+    "pca": [],
+}  # fmt: skip
+NEGATIVES = [
+    (experiment, key, value)
+    for experiment, record in EXPERIMENTS.items()
+    for key, value in _constraint_negatives(record.model) + MODEL_NEGATIVES[experiment]
+]
+
+
+@pytest.mark.parametrize(("experiment", "key", "value"), NEGATIVES)
+def test_every_validator_refuses_its_negative(experiment, key, value, tmp_path, digits):
+    """Each constraint of each spec model, and each model validator, given a value it must refuse
+    on an otherwise valid quick preset: exit 2 with one line naming the key. Removing any one
+    validator makes its case exit 0 here."""
+    args = ["--preset", "quick", *base(experiment), "--set", f"{key}={value}"]
+    text = invoke_check(experiment, args, tmp_path / "out", digits, expect=2)
+    assert key.split(".")[-1] in text or key.split(".")[0] in text, text
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
