@@ -266,13 +266,16 @@ def download_mnist(
     timeout: float = 30.0,
     backoff: float = 1.0,
     log: Callable[[str], None] = lambda _: None,
+    checksums: dict[str, str] = MNIST_FILES,
 ) -> list[Path]:
-    """Download the MNIST files of `splits` into folder, checking each published MD5. A file is
-    written under a temporary name and renamed only once verified; files already verified are kept."""
+    """Download the files of `splits` into folder, checking each against its MD5 in `checksums`
+    (MNIST's published ones). A file is written under a temporary name and renamed only once
+    verified; files already verified are kept. Per mirror, a failed transfer is retried with
+    exponential backoff; a 404 or a corrupt file moves on to the next mirror."""
     folder.mkdir(parents=True, exist_ok=True)
     done = []
     wanted = {f"{stem}.gz" for split in splits for stem in SPLIT_FILES[split]}
-    for name, md5 in MNIST_FILES.items():
+    for name, md5 in checksums.items():
         if name not in wanted:
             continue
         target = folder / name
@@ -280,13 +283,15 @@ def download_mnist(
             log(f"{name}: present, MD5 ok")
             done.append(target)
             continue
-        errors = []
+        errors: list[str] = []
+        fetched = False  # a file already there with another MD5 is replaced, never taken as done
         for mirror in mirrors:
             url = mirror.rstrip("/") + "/" + name
             for attempt in range(1, retries + 1):
                 try:
                     _fetch(url, target, md5, timeout)
                     log(f"{name}: downloaded from {url}, MD5 ok")
+                    fetched = True
                     break
                 except DataError as err:  # corrupt download: the next mirror, not a retry
                     errors.append(str(err))
@@ -300,9 +305,9 @@ def download_mnist(
                     reason = getattr(err, "reason", None) or err
                     errors.append(f"{url}: {reason} (attempt {attempt}/{retries})")
                     time.sleep(backoff * 2.0 ** (attempt - 1))
-            if target.is_file():
+            if fetched:
                 break
-        if not target.is_file():
+        if not fetched:
             raise DownloadError(f"could not download {name}: " + "; ".join(errors))
         done.append(target)
     return done

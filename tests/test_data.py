@@ -22,6 +22,7 @@ from ntkrun.data import (
     choose_points,
     download_mnist,
     load_idx_dataset,
+    md5sum,
     read_idx,
     resolve_data_dir,
     split_info,
@@ -114,8 +115,14 @@ def test_real_mnist_test_split():
 class Server:
     """A threaded HTTP server on 127.0.0.1 serving one folder, with fault injection by name."""
 
-    def __init__(self, folder: Path, truncate: set[str] = frozenset()) -> None:
-        truncated = truncate
+    def __init__(
+        self, folder: Path, truncate: set[str] = frozenset(), fail_first: dict | None = None
+    ) -> None:
+        """truncate: names sent half-way, then the connection closes; fail_first: {name: k}, the
+        first k requests of that name get HTTP 503. `requests` counts requests by name."""
+        truncated, failing = truncate, dict(fail_first or {})
+        requests: dict[str, int] = {}
+        self.requests = requests
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def __init__(self, *args, **kwargs):
@@ -126,6 +133,10 @@ class Server:
 
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
+                requests[name] = requests.get(name, 0) + 1
+                if requests[name] <= failing.get(name, 0):
+                    self.send_error(503, "try again")
+                    return
                 if name in truncated:
                     data = (folder / name).read_bytes()
                     self.send_response(200)
@@ -240,3 +251,59 @@ def test_a_request_the_split_cannot_satisfy_is_refused(tmp_path):
         check_request(info, "test", 51, "data.n_points")
     with pytest.raises(DataError, match=r"takes 100 inputs, but the test split holds 28x28 = 784-pixel"):
         check_request(info, "test", 10, "data.n_points", n0=100)
+
+
+def synthetic_mirror(folder: Path) -> dict[str, str]:
+    """A mirror folder with a synthetic test split; -> the checksums to verify it against."""
+    folder.mkdir(parents=True)
+    write_split(folder, n=60, split="t10k")
+    return {p.name: md5sum(p) for p in sorted(folder.iterdir())}
+
+
+def test_download_retries_then_falls_back_across_mirrors(tmp_path):
+    """Mirror A has nothing (404: not retried, next mirror); mirror B answers 503 twice for the
+    images (retried with backoff, then served). Both files arrive verified, nothing else is left."""
+    sums = synthetic_mirror(tmp_path / "b")
+    (tmp_path / "a").mkdir()
+    images, labels = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+    with Server(tmp_path / "a") as a, Server(tmp_path / "b", fail_first={images: 2}) as b:
+        got = download_mnist(
+            tmp_path / "d", [a.url, b.url], ["test"], retries=3, backoff=0.001, checksums=sums
+        )
+    assert [p.name for p in got] == [images, labels]
+    assert a.requests == {images: 1, labels: 1} and b.requests == {images: 3, labels: 1}
+    assert leftovers(tmp_path / "d") == [images, labels]
+    assert {p.name: md5sum(p) for p in got} == sums
+
+
+def test_download_faults_leave_nothing_behind(tmp_path):
+    """A corrupt file (MD5 mismatch: the next mirror, not a retry), a transfer cut half-way
+    (retried, then given up), a file on no mirror (404), and a wrong file already in place that
+    no mirror can replace: each is an error naming the file, and no temporary file stays."""
+    sums = synthetic_mirror(tmp_path / "m")
+    images, labels = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "m", bad)
+    data = bytearray((bad / labels).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / labels).write_bytes(bytes(data))
+    with Server(bad) as server:
+        with pytest.raises(DownloadError, match="MD5 mismatch"):
+            download_mnist(tmp_path / "a", [server.url], ["test"], retries=3, checksums=sums)
+        assert server.requests[labels] == 1
+    assert leftovers(tmp_path / "a") == [images]  # the good file only
+    with Server(tmp_path / "m", truncate={images}) as server:
+        with pytest.raises(DownloadError, match=f"could not download {images}: .*truncated"):
+            download_mnist(tmp_path / "b", [server.url], ["test"], retries=2, backoff=0.001, checksums=sums)
+        assert server.requests[images] == 2
+    assert leftovers(tmp_path / "b") == []
+    with Server(tmp_path / "m") as server:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            download_mnist(tmp_path / "c", [server.url], ["train"], retries=3, checksums=MNIST_FILES)
+    assert leftovers(tmp_path / "c") == []
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / images).write_bytes(b"an old, wrong file")
+    (tmp_path / "empty").mkdir()
+    with Server(tmp_path / "empty") as server:  # 404 for everything
+        with pytest.raises(DownloadError, match=f"could not download {images}"):
+            download_mnist(tmp_path / "e", [server.url], ["test"], retries=1, checksums=sums)
