@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
-from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET
+from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET, FEATURE_COPIES
 
 GiB = 2**30
 ANALYTIC_BUDGET = 2**30  # analytic_kernels' default memory_budget for its row blocks
@@ -39,10 +39,11 @@ def training_bytes(n: int, sizes: Sequence[int], b: int) -> int:
 
 
 def empirical_ntk_bytes(n1: int, n2: int, sizes: Sequence[int], b: int) -> int:
-    """Features of two row blocks (bounded by the engine's memory budget), the output, and the
-    float64 copy the runners make of it."""
-    features = min(2 * (n1 + n2) * sum(sizes) * b, DEFAULT_MEMORY_BUDGET + 2 * sum(sizes) * b)
-    return features + n1 * n2 * (2 * b + 8)
+    """The live features (all inputs', or two row blocks' within the engine's memory budget;
+    10% above the count for the allocator, as measured), the output, and the float64 copy the
+    runners make of it."""
+    features = min(FEATURE_COPIES * (n1 + n2) * sum(sizes) * b, DEFAULT_MEMORY_BUDGET)
+    return int(1.1 * features) + n1 * n2 * (2 * b + 8)
 
 
 def analytic_bytes(n1: int, n2: int) -> int:

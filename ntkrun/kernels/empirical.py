@@ -52,9 +52,22 @@ def _block_gram(
     return torch.stack(layers) if per_layer else total
 
 
-def block_size_for(net: MLP, memory_budget: int, dtype: torch.dtype) -> int:
-    """Inputs per block such that two blocks of features (a and delta of every layer) fit."""
-    per_input = 2 * sum(net.sizes) * torch.empty((), dtype=dtype).element_size()
+FEATURE_COPIES = 6  # per input and layer width: a, z, delta, and the temporaries of the passes
+
+
+def feature_bytes(net: MLP, dtype: torch.dtype) -> int:
+    """Bytes held per input while its features are live: a and delta of every layer plus what
+    the forward and backward passes hold meanwhile (z, sigma'(z)), about FEATURE_COPIES numbers
+    per unit of width (measured in tests/robustness/test_resources.py)."""
+    return FEATURE_COPIES * sum(net.sizes) * torch.empty((), dtype=dtype).element_size()
+
+
+def block_size_for(net: MLP, n1: int, n2: int, memory_budget: int, dtype: torch.dtype) -> int:
+    """Inputs per block: all of them when the features of both input sets fit in `memory_budget`
+    bytes at once (n2 = 0 for the symmetric Gram), else as many as let two blocks fit."""
+    per_input = feature_bytes(net, dtype)
+    if (n1 + n2) * per_input <= memory_budget:
+        return max(n1, n2)
     return max(1, memory_budget // (2 * per_input))
 
 
@@ -90,7 +103,9 @@ def empirical_ntk(
     X = _prepare(net, X)
     symmetric = X2 is None
     X2 = X if symmetric else _prepare(net, X2)
-    bs = block_size or block_size_for(net, memory_budget, X.dtype)
+    bs = block_size or block_size_for(
+        net, X.shape[0], 0 if symmetric else X2.shape[0], memory_budget, X.dtype
+    )
     rows = list(torch.split(X, bs))
     cols = rows if symmetric else list(torch.split(X2, bs))
     shape = (net.depth, X.shape[0], X2.shape[0]) if per_layer else (X.shape[0], X2.shape[0])
