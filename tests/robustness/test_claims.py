@@ -1,0 +1,128 @@
+"""README claims about failures, each made to happen: a pool worker that dies, squeue that
+cannot be asked, an interrupted `--unit` process, and the permissions of what ntkrun writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ntkrun.executors.local
+import ntkrun.runners.convergence
+from ntkrun.cli import app
+from ntkrun.errors import ExecutorError
+from ntkrun.executors.slurm import wait_slurm
+from ntkrun.experiments import load_run_spec
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import NoProgress
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from faults import unit_main_or_die
+
+TINY = [
+    "convergence", "--preset", "quick", "--set", "network.width=[8, 32]", "--seeds", "2", "--steps", "6",
+    "--set", "grid.n_angles=16", "--set", "training.n_train=10", "--quiet",
+]  # fmt: skip
+CSVS = ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"]
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_dying_pool_worker_stops_the_run_without_losing_work(tmp_path, monkeypatch):
+    """A worker of --executor local killed outright (SIGKILL) while computing unit w32_s1: the run
+    stops with exit 1 naming the cause (no hang), is marked failed with the finished units kept,
+    and `ntkrun resume` completes it with the CSVs of a run that never failed."""
+    assert invoke(*TINY, "--output-root", tmp_path / "whole").exit_code == 0
+    monkeypatch.setenv("FAULT_DIE_UNIT", "w32_s1")
+    monkeypatch.setattr(ntkrun.executors.local, "unit_main", unit_main_or_die)
+    result = invoke(*TINY, "--executor", "local", "--jobs", "2", "--output-root", tmp_path / "runs")
+    assert result.exit_code == 1, result.output
+    assert "a worker process died" in result.stderr and result.stderr.count("\n") == 1
+    (failed,) = (tmp_path / "runs" / "convergence").glob("*.failed")
+    assert "worker process died" in (failed / "ERROR").read_text()
+    assert not (failed / "units" / "w32_s1.pt").exists()
+    monkeypatch.undo()
+    assert invoke("resume", failed, "--quiet").exit_code == 0
+    done = tmp_path / "runs" / "convergence" / "latest"
+    for name in CSVS:
+        assert (done / name).read_bytes() == (
+            tmp_path / "whole" / "convergence" / "latest" / name
+        ).read_bytes()
+
+
+@pytest.fixture
+def failing_squeue(tmp_path, monkeypatch) -> Path:
+    """sbatch and squeue on PATH, squeue failing as when the controller is down."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    down = "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1"
+    for name, body in (("squeue", down), ("sbatch", "exit 1")):
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+def test_squeue_that_cannot_be_asked(failing_squeue, tmp_path):
+    """A shared run whose other units were submitted as SLURM jobs, while squeue fails: `status`
+    shows those units as unknown, a local resume refuses (it cannot tell whether the jobs ended),
+    and waiting gives up after its retries with exit 1, the jobs left alone."""
+    shared = tmp_path / "run"
+    assert invoke(*TINY, "--unit", "0", "--run-dir", shared).exit_code == 0
+    (shared / "slurm").mkdir()
+    with open(shared / "slurm" / "jobs.jsonl", "w") as fh:
+        for k, unit in enumerate(["w8_s1", "w32_s0", "w32_s1"]):
+            fh.write(json.dumps({"unit": unit, "job_id": f"77_{k}", "submitted": 0}) + "\n")
+    status = invoke("status", shared)
+    assert status.exit_code == 0, status.output
+    assert "3 unknown" in status.stdout and "1 done" in status.stdout
+    assert "squeue could not be asked" in status.stdout
+    refused = invoke("resume", shared, "--quiet")
+    assert refused.exit_code == 1 and "squeue cannot say whether its SLURM jobs have ended" in refused.stderr
+    spec = load_run_spec(shared)
+    with pytest.raises(ExecutorError, match="squeue kept failing; the jobs may go on"):
+        wait_slurm(spec, RunDir.shared(shared, spec), ["77_1"], NoProgress(), poll=0, patience=3)
+
+
+def test_an_interrupted_unit_process_keeps_only_finished_units(tmp_path, monkeypatch):
+    """`--unit 0 --unit 1 --run-dir DIR` stopped by Ctrl-C in its second unit: exit 130, the first
+    unit's result kept, and nothing else written: no ERROR, no meta.json (the directory is shared
+    with other processes, which go on)."""
+    original, calls = ntkrun.runners.convergence.run_unit, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ntkrun.runners.convergence, "run_unit", interrupted)
+    shared = tmp_path / "run"
+    result = invoke(*TINY, "--unit", "0", "--unit", "1", "--run-dir", shared)
+    assert result.exit_code == 130, result.output
+    assert "finished units and checkpoints are kept in" in result.stderr
+    assert sorted(p.name for p in (shared / "units").iterdir()) == ["w8_s0.pt"]
+    assert not (shared / "ERROR").exists() and not (shared / "meta.json").exists()
+
+
+def test_files_get_the_users_umask(tmp_path):
+    """Run directories and files are created with the umask's permissions (not mkstemp's 0600 or
+    mkdtemp's 0700), so a group can read each other's runs on a shared filesystem."""
+    old = os.umask(0o027)
+    try:
+        assert invoke(*TINY, "--output-root", tmp_path).exit_code == 0
+    finally:
+        os.umask(old)
+    run = (tmp_path / "convergence" / "latest").resolve()
+    modes = {p.relative_to(run): stat.S_IMODE(p.stat().st_mode) for p in [run, *run.rglob("*")]}
+    assert modes[Path(".")] == 0o750
+    for path, mode in modes.items():
+        assert mode == (0o750 if (run / path).is_dir() else 0o640), (path, oct(mode))
