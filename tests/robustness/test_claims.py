@@ -126,3 +126,23 @@ def test_files_get_the_users_umask(tmp_path):
     assert modes[Path(".")] == 0o750
     for path, mode in modes.items():
         assert mode == (0o750 if (run / path).is_dir() else 0o640), (path, oct(mode))
+
+
+def test_a_local_resume_is_refused_while_slurm_jobs_run(tmp_path, monkeypatch):
+    """A shared run with a unit still RUNNING as a SLURM job (as squeue says): a local resume is
+    refused, exit 1, naming the job, and computes nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", "echo '77_1|RUNNING'"), ("sbatch", "exit 1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    shared = tmp_path / "run"
+    assert invoke(*TINY, "--unit", "0", "--run-dir", shared).exit_code == 0
+    (shared / "slurm").mkdir()
+    (shared / "slurm" / "jobs.jsonl").write_text(json.dumps({"unit": "w8_s1", "job_id": "77_1"}) + "\n")
+    refused = invoke("resume", shared, "--quiet")
+    assert (
+        refused.exit_code == 1 and "1 unit(s) still queued or running as SLURM jobs (77_1)" in refused.stderr
+    )
+    assert sorted(p.name for p in (shared / "units").glob("*.pt")) == ["w8_s0.pt"]
