@@ -150,3 +150,52 @@ def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
     assert "4 units: 4 done; run complete" in status.stdout
     for name in CSVS:
         assert (run / name).read_bytes() == (local_run / name).read_bytes(), name
+
+
+def test_a_requeued_job_continues_from_its_checkpoint(cluster, tmp_path):
+    """Preemption: a pca training unit is held right after its first checkpoint (step 8), then
+    `scontrol requeue`d. The job starts again from its beginning; the unit continues from the
+    checkpoint (its log says so), the last job aggregates, and the CSVs are byte for byte those
+    of the same spec run through SLURM without interruption."""
+    from test_data import write_split
+
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    write_split(digits, n=80)
+    args = ["pca", "--preset", "quick", "--data-dir", digits, "--set", "data.split=test", "--set",
+            "data.n_points=32", "--width", "48", "--seeds", "1", "--steps", "400", "--set",
+            "training.record_every=4", "--set", "training.checkpoint_every=8", "--quiet"]  # fmt: skip
+    plain = ntkrun(cluster, *args, *SLURM, "--wait", "--output-root", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    whole = run_dir_of(plain.stdout)
+    marker = tmp_path / "held"
+    fault = {"FAULT_TASK": "any", "FAULT_POINT": "checkpoint", "FAULT_N": "1", "FAULT_ACTION": "HOLD"}
+    held = {
+        **cluster,
+        **fault,
+        "PYTHONPATH": str(SCRIPT.with_name("fault_site")),
+        "FAULT_MARKER": str(marker),
+    }
+    submitted = ntkrun(held, *args, *SLURM, "--output-root", tmp_path / "slurm")
+    assert submitted.returncode == 0, submitted.stderr
+    run = run_dir_of(submitted.stdout)
+    from ntkrun.executors import slurm as executors
+
+    victim = executors.recorded_jobs(run)["w48_s0"]
+    deadline = time.time() + 300  # only against a hang
+    while not marker.exists():
+        assert time.time() < deadline, "the unit never saved its first checkpoint"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "requeue", victim], check=True, env=cluster)
+    while executors.queue_states([victim]).get(victim) != "PENDING":  # killed, back in the queue
+        assert time.time() < deadline
+        time.sleep(0.2)
+    # a requeued job is held back by a BeginTime about two minutes ahead: the test moves it to now
+    subprocess.run(["scontrol", "update", f"jobid={victim}", "StartTime=now"], env=cluster, check=True)
+    while executors.queue_states([victim]):
+        assert time.time() < deadline, "the requeued job never ended"
+        time.sleep(0.5)
+    assert "resuming at step 8" in (run / "units" / "w48_s0.log").read_text()
+    assert "4 units" not in (status := ntkrun(cluster, "status", run).stdout) and "run complete" in status
+    for name in ["eigenvalues.csv", "components.csv", "trajectories.csv", "metrics.csv"]:
+        assert (run / name).read_bytes() == (whole / name).read_bytes(), name
