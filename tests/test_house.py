@@ -175,3 +175,20 @@ def test_entry_point_runs_as_a_program(tmp_path):
         text=True,
     )
     assert out.returncode == 0 and "run directory:" in out.stdout, out.stderr
+
+
+def test_the_spec_names_every_registered_nonlinearity():
+    from ntkrun.nonlinearities import NONLINEARITIES
+    from ntkrun.spec import NONLINEARITY_NAMES
+
+    assert tuple(NONLINEARITIES) == NONLINEARITY_NAMES
+
+
+def test_help_does_not_load_torch():
+    """`ntkrun --help` and a command's --help answer without importing torch (seconds saved)."""
+    code = (
+        "import sys; from typer.testing import CliRunner; from ntkrun.cli import app; "
+        "r = CliRunner().invoke(app, ['convergence', '--help']); print(r.exit_code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]

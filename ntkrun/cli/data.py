@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ntkrun.cli.report import err, reported, say
-from ntkrun.data import MNIST_MIRRORS, check_files, download_mnist, resolve_data_dir
+from ntkrun.cli.report import err, heavy, reported, say
 from ntkrun.errors import DownloadError, SpecError
 
 data_app = typer.Typer(help="Datasets: download MNIST, check a folder of IDX files.", no_args_is_help=True)
@@ -34,12 +33,15 @@ def download(
         raise SpecError(
             f"unknown dataset {dataset!r} (known: mnist; Fashion-MNIST: Debian's dataset-fashion-mnist)"
         )
+    data = heavy("ntkrun.data")
     splits = split or ["train", "test"]
     if any(s not in ("train", "test") for s in splits):
         raise SpecError(f"--split: expected train or test, got {', '.join(splits)}")
-    folder = resolve_data_dir(data_dir)
+    folder = data.resolve_data_dir(data_dir)
     try:
-        download_mnist(folder, mirror or MNIST_MIRRORS, splits, log=lambda m: err.print(m, markup=False))
+        data.download_mnist(
+            folder, mirror or data.MNIST_MIRRORS, splits, log=lambda m: err.print(m, markup=False)
+        )
     except OSError as e:
         raise DownloadError(f"cannot write {folder}: {e.strerror or e}") from e
     say(f"MNIST verified in {folder}")
@@ -50,8 +52,9 @@ def download(
 def check(data_dir: FolderOpt = None) -> None:
     """Say which IDX files are present and valid (and which are the published MNIST files), and
     which splits are usable."""
-    folder = resolve_data_dir(data_dir)
-    states, usable = check_files(folder)
+    data = heavy("ntkrun.data")
+    folder = data.resolve_data_dir(data_dir)
+    states, usable = data.check_files(folder)
     for name, state in states.items():
         say(f"{folder / name}: {state}")
     say(f"usable splits: {', '.join(usable) or 'none'}")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ntkrun import experiments, orchestrate
-from ntkrun.cli.report import RichProgress, frame_table, out, reported, say
+from ntkrun import experiments
+from ntkrun.cli.report import RichProgress, frame_table, heavy, out, reported, say
 from ntkrun.experiments import EXPERIMENTS, Experiment, Flag
 from ntkrun.spec import Override, spec_hash
+
+if TYPE_CHECKING:
+    from ntkrun import orchestrate
 
 # (parameter, type, option names, help, default) of the options that are not spec keys
 SPEC_SOURCES = [
@@ -84,7 +87,7 @@ def run_command(record: Experiment) -> Any:
     parameters += [_parameter(*o) for o in RUN_OPTIONS]
 
     def body(values: dict[str, Any]) -> None:
-        request = orchestrate.Request(
+        request = heavy("ntkrun.orchestrate").Request(
             record.name,
             preset=values["preset"],
             config=values["config"],
@@ -113,7 +116,7 @@ def resume_command() -> Any:
 
     def body(values: dict[str, Any]) -> None:
         run_dir = values["run_dir"]
-        request = orchestrate.Request(
+        request = heavy("ntkrun.orchestrate").Request(
             experiments.experiment_of(run_dir).name,
             sets=values["set_"] or [],
             overrides=_overrides(flags, values),
@@ -132,6 +135,7 @@ def resume_command() -> Any:
 
 def run(request: orchestrate.Request, quiet: bool, list_units: bool = False, check: bool = False) -> None:
     """Plan the request, then list its units, report the checks, or run it and report."""
+    orchestrate = heavy("ntkrun.orchestrate")
     plan = orchestrate.plan(request, checks=not list_units)
     if list_units:
         return print_units(plan)
@@ -159,7 +163,7 @@ def report(experiment: str, outcome: orchestrate.Outcome, quiet: bool) -> None:
 
 def print_units(plan: orchestrate.Plan) -> None:
     """Index, name, stage and cost of every unit (for an sbatch --array range)."""
-    table = orchestrate.unit_table(plan)
+    table = heavy("ntkrun.orchestrate").unit_table(plan)
     say(
         f"{len(table)} units (sbatch --array=0-{len(table) - 1}); cost in GFLOP, time estimated at this "
         f"machine's float32 matmul rate ({table.attrs['gflops']:.0f} GFLOP/s; small widths run slower):"

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import tempfile
 import traceback
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NoReturn, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ntkrun import signals
 from ntkrun.errors import NtkrunError, Stop, signal_code, stopped
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 DEBUG_ENV = "NTKRUN_DEBUG"  # =1: an unexpected exception shows its traceback
+
+
+def heavy(module: str) -> ModuleType:
+    """Import a module that loads torch & co. when a command first needs it (so `ntkrun --help`
+    stays fast), with SIGINT/SIGTERM held meanwhile: a signal raised inside C++ import code
+    aborts the interpreter."""
+    with signals.deferred():
+        return importlib.import_module(module)
 
 
 def say(text: str) -> None:

@@ -6,15 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
-from ntkrun import orchestrate
 from ntkrun.cli.experiments import report
-from ntkrun.cli.report import frame_table, out, reported, say
+from ntkrun.cli.report import frame_table, heavy, out, reported, say
 from ntkrun.errors import IncompleteRunError, NtkrunError, SpecError
 from ntkrun.experiments import EXPERIMENTS, experiment_of
-from ntkrun.rundir import is_complete, latest_run
 from ntkrun.spec import preset_description
 
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory.")]
@@ -27,7 +24,7 @@ def status(run_dir: RunDirArg) -> None:
 
 
 def print_status(run_dir: Path) -> None:
-    found = orchestrate.status(run_dir)
+    found = heavy("ntkrun.orchestrate").status(run_dir)
     out.print(frame_table(found.table, f"units of {run_dir}"))
     counts = found.table["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in counts.index)
@@ -49,6 +46,7 @@ def aggregate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.")] = False,
 ) -> None:
     """Build the CSVs and figures from the finished units and mark the run complete."""
+    orchestrate = heavy("ntkrun.orchestrate")
     spec, run = orchestrate.open_for_aggregation(run_dir)
     try:
         outcome = orchestrate.aggregate_run(spec, run)
@@ -74,9 +72,10 @@ def show(
     ] = None,
 ) -> None:
     """Summarize a run directory (default: the latest complete run)."""
+    rundir, pd = heavy("ntkrun.rundir"), heavy("pandas")
     if run_dir is None:
         root = output_root or Path("outputs")
-        run_dir = latest_run(root)
+        run_dir = rundir.latest_run(root)
         if run_dir is None:
             raise SpecError(
                 f"no complete run under {root}/ (run an experiment first, or name a run directory)"
@@ -84,7 +83,7 @@ def show(
     if not run_dir.is_dir():
         raise SpecError(f"{run_dir}: not a run directory")
     error = run_dir / "ERROR"
-    state = "complete" if is_complete(run_dir) else "FAILED" if error.exists() else "incomplete"
+    state = "complete" if rundir.is_complete(run_dir) else "FAILED" if error.exists() else "incomplete"
     say(f"run:    {run_dir.resolve()}")
     say(f"status: {state}")
     if error.exists():

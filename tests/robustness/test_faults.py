@@ -106,7 +106,8 @@ def reference(tmp_path_factory) -> Path:
 # Together they stop a run at start-up, in training, inside and after unit writes, in aggregation
 # and after completion; the number of faults is fixed, whatever the machine's speed.
 EVENTS = [
-    ("import", 1, "SIGINT"),  # before any run directory exists
+    ("import", 1, "SIGINT"),  # while the CLI loads, before any run directory exists
+    ("import", 2, "SIGTERM"),  # while torch loads for the command (held: C++ import code)
     ("gd-step", 10, "SIGINT"),  # training the first unit
     ("unit-write", 1, "SIGTERM"),  # a unit's temporary file written, not yet renamed
     ("unit-saved", 2, "SIGKILL"),  # two units done, then killed outright: a .partial stays
