@@ -285,7 +285,7 @@ def aggregate_run(spec: RunSpec, run: RunDir) -> Outcome:
     except IncompleteRunError as e:
         if not run.fixed:
             run.fail(str(e))
-        raise IncompleteRunError(e.missing) from None
+        raise
     except ExecutorError:  # another process is aggregating it
         raise
     except (NtkrunError, OSError) as e:

@@ -16,7 +16,6 @@ class Dispatch:
 
     finished: bool  # every unit given has a result in the run directory now
     submitted: list[tuple[str, str]] = field(default_factory=list)  # (unit, job id) handed to a scheduler
-    queued: list[str] = field(default_factory=list)  # job ids of units queued before this call
 
 
 class Executor(ABC):

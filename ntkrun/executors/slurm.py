@@ -54,7 +54,7 @@ class SlurmExecutor(Executor):
         ids = ", ".join(arrays) or "(none: every unit is done or queued)"
         self.notify(f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}")
         self.notify(f"run directory: {run.path}")
-        dispatch = Dispatch(finished=not submitted and not queued, submitted=submitted, queued=list(queued))
+        dispatch = Dispatch(finished=not submitted and not queued, submitted=submitted)
         if dispatch.finished:
             return dispatch
         self.notify(f"follow with: ntkrun status {run.path}")

@@ -66,6 +66,14 @@ def cluster() -> Iterator[dict[str, str]]:
         subprocess.run(["bash", str(SCRIPT), "stop", folder], capture_output=True, text=True)
 
 
+def holding(cluster: dict[str, str], task: str, point: str, marker: Path) -> dict[str, str]:
+    """The cluster's environment plus a fault that holds array task `task` (or "any" job) at the
+    first `point` of tests/faults.py until it is cancelled or requeued (fault_site/)."""
+    fault = {"FAULT_TASK": task, "FAULT_POINT": point, "FAULT_N": "1", "FAULT_ACTION": "HOLD"}
+    site = {"PYTHONPATH": str(SCRIPT.with_name("fault_site")), "FAULT_MARKER": str(marker)}
+    return {**cluster, **fault, **site}
+
+
 def ntkrun(env: dict[str, str], *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ntkrun", *map(str, args)],
@@ -108,13 +116,7 @@ def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
     task only through fault_site/sitecustomize.py) until the test has cancelled it: whatever the
     machine's speed, the job is cancelled while it runs, never after it finished."""
     marker = tmp_path / "held"
-    fault = {"FAULT_TASK": "2", "FAULT_POINT": "gd-step", "FAULT_N": "1", "FAULT_ACTION": "HOLD"}
-    held = {
-        **cluster,
-        **fault,
-        "PYTHONPATH": str(SCRIPT.with_name("fault_site")),
-        "FAULT_MARKER": str(marker),
-    }
+    held = holding(cluster, "2", "gd-step", marker)
     submitted = ntkrun(held, *TINY, *SLURM, "--output-root", tmp_path / "slurm")
     assert submitted.returncode == 0, submitted.stderr
     run = run_dir_of(submitted.stdout)
@@ -169,13 +171,7 @@ def test_a_requeued_job_continues_from_its_checkpoint(cluster, tmp_path):
     assert plain.returncode == 0, plain.stderr
     whole = run_dir_of(plain.stdout)
     marker = tmp_path / "held"
-    fault = {"FAULT_TASK": "any", "FAULT_POINT": "checkpoint", "FAULT_N": "1", "FAULT_ACTION": "HOLD"}
-    held = {
-        **cluster,
-        **fault,
-        "PYTHONPATH": str(SCRIPT.with_name("fault_site")),
-        "FAULT_MARKER": str(marker),
-    }
+    held = holding(cluster, "any", "checkpoint", marker)
     submitted = ntkrun(held, *args, *SLURM, "--output-root", tmp_path / "slurm")
     assert submitted.returncode == 0, submitted.stderr
     run = run_dir_of(submitted.stdout)
