@@ -208,7 +208,13 @@ def test_a_signal_just_after_completion_leaves_the_run_complete(tmp_path, monkey
         return path
 
     monkeypatch.setattr(RunDir, "write_text", write_then_signal)
-    result = invoke(*TINY["convergence"], "--output-root", tmp_path)
+    # Ctrl-C raises KeyboardInterrupt here whatever this process inherited: a test runner started
+    # in the background (as CI may be) has SIGINT ignored, and then the signal would do nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = invoke(*TINY["convergence"], "--output-root", tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert result.exit_code == 130 and "after the run completed" in result.stderr
     run = complete_run(tmp_path, "convergence")
