@@ -175,6 +175,8 @@ def print_units(plan: orchestrate.Plan) -> None:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 0.01:
+        return "<0.01 s"
     if seconds < 60:
         return f"{seconds:.2g} s"
     if seconds < 3600:
