@@ -212,3 +212,21 @@ def test_mean_nngp_estimate_matches_sigma():
 def test_bad_inputs_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         analytic_kernels(**kwargs)
+
+
+def test_the_diagonal_is_exact_and_the_matrix_symmetric():
+    """On the diagonal the correlation is exactly 1 (theta = 0): Sigma(l+1)(x, x) = Sigma(l)(x, x)/2
+    + beta^2 and Theta(l+1) = Theta(l)/2 + Sigma(l+1) for ReLU. Computed through arccos of a rho
+    rounded to 1 - 1e-16, the diagonal would be off by ~1e-8 relative (arccos' slope at 1)."""
+    X = torch.rand(300, 784, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sigma, theta = analytic_kernels(X, depth=5, beta=0.1)
+    s = (X * X).sum(1) / 784 + 0.01
+    t = s.clone()
+    for _ in range(4):
+        s = s / 2 + 0.01
+        t = t / 2 + s
+    assert torch.allclose(sigma.diag(), s, rtol=1e-14, atol=0)  # a few ulps per layer
+    assert torch.allclose(theta.diag(), t, rtol=1e-14, atol=0)
+    assert torch.equal(sigma, sigma.T) and torch.equal(theta, theta.T)
+    off = analytic_kernels(X[:40], X[:40].clone() + 0.0, depth=5, beta=0.1)[1]  # the general path
+    assert torch.allclose(off, theta[:40, :40], rtol=1e-7, atol=0)  # the same up to arccos near 1
