@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+from ntkrun.kernels.analytic import MIRROR_BLOCK, block_rows_for
 from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET, FEATURE_COPIES
 
 GiB = 2**30
-ANALYTIC_BUDGET = 2**30  # analytic_kernels' default memory_budget for its row blocks
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -46,9 +46,11 @@ def empirical_ntk_bytes(n1: int, n2: int, sizes: Sequence[int], b: int) -> int:
     return int(1.1 * features) + n1 * n2 * (2 * b + 8)
 
 
-def analytic_bytes(n1: int, n2: int) -> int:
-    """Sigma and Theta (float64) and the row-block intermediates (bounded by the budget)."""
-    return 2 * n1 * n2 * 8 + min(12 * 8 * n1 * n2, ANALYTIC_BUDGET)
+def analytic_bytes(n1: int, n2: int, depth: int = 4) -> int:
+    """Sigma and Theta (float64), one row block's ~16 (rows, N2) float64 intermediates, and the
+    temporaries of mirroring a symmetric Gram's upper triangle (three blocks)."""
+    rows = min(n1, block_rows_for(n2, depth))
+    return 2 * n1 * n2 * 8 + 16 * 8 * rows * n2 + 3 * 8 * min(n1, MIRROR_BLOCK) ** 2
 
 
 def eigen_bytes(n: int) -> int:

@@ -101,6 +101,17 @@ def _as_float64(X: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return X
 
 
+MIRROR_BLOCK = 1024  # block edge of the copy of a symmetric Gram's upper triangle onto the lower
+
+
+def block_rows_for(n2: int, depth: int, all_layers: bool = False, memory_budget: int = 2**30) -> int:
+    """Rows per block: as many as keep each (rows, N2) float64 intermediate near the cache (2 MB;
+    64 rows at N2 = 4096, measured 0.67 s there against 0.91-3.3 s for blocks of 16 rows or of
+    1 GiB), and never more than `memory_budget` for the ~16 of them (more with all_layers)."""
+    per_row = 8 * n2 * (16 + (2 * depth if all_layers else 0))
+    return max(1, min(memory_budget // per_row, max(8, 2**18 // n2)))
+
+
 def analytic_kernels(
     X: torch.Tensor | np.ndarray,
     X2: torch.Tensor | np.ndarray | None = None,
@@ -149,11 +160,7 @@ def analytic_kernels(
     d1, t1 = diagonals(X)
     d2 = d1 if symmetric else diagonals(X2)[0]
     n1, n2 = X.shape[0], X2.shape[0]
-    # Row blocks whose (rows, N2) float64 intermediates stay near the cache (2 MB each, 64 rows at
-    # N2 = 4096: measured 0.67 s against 0.91-3.3 s for blocks of 16 rows or of 1 GiB), and never
-    # more than `memory_budget` for the ~16 of them.
-    per_row = 8 * n2 * (16 + (2 * depth if all_layers else 0))
-    rows = block_rows or max(1, min(memory_budget // per_row, max(8, 2**18 // n2)))
+    rows = block_rows or block_rows_for(n2, depth, all_layers, memory_budget)
     shape = (depth, n1, n2) if all_layers else (n1, n2)
     sigma_out, theta_out = X.new_empty(shape), X.new_empty(shape)
     nblocks = math.ceil(n1 / rows)
@@ -187,7 +194,7 @@ def analytic_kernels(
     return sigma_out, theta_out
 
 
-def _mirror_upper_(K: torch.Tensor, block: int = 1024) -> None:
+def _mirror_upper_(K: torch.Tensor, block: int = MIRROR_BLOCK) -> None:
     """Copy the upper triangle of K (over its last two dims) onto the lower one, in place."""
     n = K.shape[-1]
     for i in range(0, n, block):
