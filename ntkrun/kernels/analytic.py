@@ -130,8 +130,9 @@ def analytic_kernels(
 
     With all_layers=True returns (L, N1, N2) stacks of Sigma(1..L) and Theta(1..L). float64.
     `closed_form=False` forces quadrature (used to check the closed forms). Rows are processed
-    in blocks of `block_rows` (default: as many as keep the intermediates of one block within
-    `memory_budget` bytes, besides the output); `progress(done, total)` is called per block.
+    in blocks of `block_rows` (default: `block_rows_for`, cache-sized and within `memory_budget`
+    bytes besides the output); `progress(done, total)` is called per block. With X2 = None only
+    the upper triangle is computed (the result is exactly symmetric) and the diagonal is exact.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
