@@ -30,7 +30,7 @@ from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available,
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
 from ntkrun.rundir import RunDir, is_complete, open_run
 from ntkrun.runners.common import Progress, Unit, resolve_device
-from ntkrun.spec import Override, RunSpec, load_spec, spec_hash
+from ntkrun.spec import Override, RunSpec, spec_hash
 from ntkrun.units import (
     aggregate_once,
     check_memory,
@@ -82,13 +82,16 @@ class Outcome:
 def resolve(req: Request) -> RunSpec:
     """The validated spec of the request. For a resume, the run's spec.yaml, where only the
     executor block may change. Raises SpecError."""
-    model = experiments.get(req.experiment).model
     if req.resume is None:
-        return load_spec(model, preset=req.preset, config=req.config, sets=req.sets, overrides=req.overrides)
+        return experiments.spec_of(
+            req.experiment, preset=req.preset, config=req.config, sets=req.sets, overrides=req.overrides
+        )
     if is_complete(req.resume):
         raise SpecError(f"{req.resume}: run is complete, nothing to resume")
     saved = experiments.load_run_spec(req.resume)
-    spec = load_spec(model, config=req.resume / "spec.yaml", sets=req.sets, overrides=req.overrides)
+    spec = experiments.spec_of(
+        req.experiment, config=req.resume / "spec.yaml", sets=req.sets, overrides=req.overrides
+    )
     if spec_hash(spec) != spec_hash(saved):
         raise SpecError(
             f"{req.resume}: on resume only executor.* may change (the other keys would change the "
