@@ -21,6 +21,7 @@ _FACE = {
     "empirical_ntk": "ntkrun.kernels",
     "empirical_nngp": "ntkrun.kernels",
     "analytic_kernels": "ntkrun.kernels",
+    "analytic_kernel": "ntkrun.kernels",
     "eigen": "ntkrun.dynamics",
     "predictor": "ntkrun.dynamics",
     "gaussian_process": "ntkrun.dynamics",

@@ -1,8 +1,14 @@
-"""The fully connected network in NTK parametrization (docs/science.md §1) and full-batch gradient descent.
+"""The fully connected network (docs/science.md §1, §7) and full-batch gradient descent.
 
-    z(l+1) = W(l) a(l) / sqrt(n_l) + beta * b(l),   a(l) = sigma(z(l)),   f(x) = z(L)
+NTK parametrization (the paper's, the default) and standard parametrization:
 
-All entries of W(l) and b(l) are iid N(0, 1). Layers are stored as `weights[l]` with shape
+    ntk:       z(l+1) = W(l) a(l) / sqrt(n_l) + beta * b(l),   W, b iid N(0, 1)
+    standard:  z(l+1) = W(l) a(l) + b(l),   W ~ N(0, 1 / n_l), b ~ N(0, beta^2)
+    a(l) = sigma(z(l)),   f(x) = z(L) in R^k (k = n_out outputs)
+
+The standard parameters are drawn as W_ntk / sqrt(n_l) and beta * b_ntk from the same random
+numbers, so one seed gives the same function at initialization in both; their gradients (and so
+the NTK and the GD trajectory) differ. Layers are stored as `weights[l]` with shape
 (n_{l+1}, n_l) and `biases[l]` with shape (n_{l+1},), l = 0 .. L-1.
 """
 
@@ -17,13 +23,15 @@ from torch import nn
 
 from ntkrun.nonlinearities import Nonlinearity, get_nonlinearity
 
+PARAMETRIZATIONS = ("ntk", "standard")
+
 
 @dataclass
 class ForwardCache:
     """Everything the NTK and the gradient need from one forward pass on N inputs.
 
     acts[l] = a(l) with shape (N, n_l) for l = 0 .. L-1 (acts[0] is the input x);
-    zs[l] = z(l+1) with shape (N, n_{l+1}) for l = 0 .. L-1 (zs[-1] is the output f, (N, 1)).
+    zs[l] = z(l+1) with shape (N, n_{l+1}) for l = 0 .. L-1 (zs[-1] is the output f, (N, k)).
     """
 
     acts: list[torch.Tensor]
@@ -31,8 +39,9 @@ class ForwardCache:
 
     @property
     def f(self) -> torch.Tensor:
-        """(N,) network outputs."""
-        return self.zs[-1][:, 0]
+        """Network outputs: (N,) for one output, (N, k) for k > 1."""
+        out = self.zs[-1]
+        return out[:, 0] if out.shape[1] == 1 else out
 
 
 def hidden_widths(width: int | Sequence[int], depth: int) -> list[int]:
@@ -51,11 +60,12 @@ def hidden_widths(width: int | Sequence[int], depth: int) -> list[int]:
 
 
 class MLP(nn.Module):
-    """NTK-parametrized MLP with scalar output: (N, n0) -> (N,).
+    """Fully connected network: (N, n0) -> (N,) for n_out = 1, (N, k) for n_out = k > 1.
 
     `depth` is the number of weight matrices L; `width` is the hidden width (or a list of the
-    L - 1 hidden widths). Parameters are drawn in float64 on the CPU from `seed`, then cast, so
-    a seed gives the same network (up to rounding) on every device and in every dtype.
+    L - 1 hidden widths); `parametrization` is "ntk" (default) or "standard". Parameters are
+    drawn in float64 on the CPU from `seed`, then cast, so a seed gives the same network (up to
+    rounding) on every device, in every dtype and in both parametrizations.
     """
 
     def __init__(
@@ -68,13 +78,22 @@ class MLP(nn.Module):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        *,
+        n_out: int = 1,
+        parametrization: str = "ntk",
     ) -> None:
         super().__init__()
         if n0 < 1:
             raise ValueError(f"input dimension n0 must be >= 1, got {n0}")
-        self.sizes = [n0, *hidden_widths(width, depth), 1]
+        if n_out < 1:
+            raise ValueError(f"n_out must be >= 1, got {n_out}")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+        self.sizes = [n0, *hidden_widths(width, depth), n_out]
         self.depth = depth
         self.beta = float(beta)
+        self.parametrization = parametrization
+        self.standard = parametrization == "standard"
         self.nonlinearity = get_nonlinearity(nonlinearity)
         gen = torch.Generator().manual_seed(seed)
         self.weights = nn.ParameterList()
@@ -82,12 +101,18 @@ class MLP(nn.Module):
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
             w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
             b = torch.randn(n_out, generator=gen, dtype=torch.float64)
+            if self.standard:
+                w, b = w / math.sqrt(n_in), self.beta * b
             self.weights.append(nn.Parameter(w.to(device=device, dtype=dtype)))
             self.biases.append(nn.Parameter(b.to(device=device, dtype=dtype)))
 
     @property
     def n0(self) -> int:
         return self.sizes[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.sizes[-1]
 
     def forward_cache(self, X: torch.Tensor) -> ForwardCache:
         """One forward pass keeping a(l) and z(l+1) for every layer. X: (N, n0)."""
@@ -99,7 +124,10 @@ class MLP(nn.Module):
         for l, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             # z^T = W a^T: computed as (n_{l+1}, N) and used through its transpose, the layout in
             # which CPU BLAS runs these tall-skinny products fastest (measured in benchmarks/).
-            z = torch.addmm(b[:, None], W, a.t(), beta=self.beta, alpha=1.0 / math.sqrt(self.sizes[l])).t()
+            if self.standard:
+                z = torch.addmm(b[:, None], W, a.t()).t()
+            else:
+                z = torch.addmm(b[:, None], W, a.t(), beta=self.beta, alpha=1.0 / math.sqrt(self.sizes[l])).t()
             zs.append(z)
             if l < self.depth - 1:
                 a = sigma(z)
@@ -107,43 +135,63 @@ class MLP(nn.Module):
         return ForwardCache(acts, zs)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """(N, n0) -> (N,) outputs f(x)."""
+        """(N, n0) -> (N,) outputs f(x), or (N, k) for k = n_out > 1."""
         return self.forward_cache(X).f
 
     def deltas(self, cache: ForwardCache, top: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Backpropagated delta(l+1) = top * df/dz(l+1), shape (N, n_{l+1}), for l = 0 .. L-1.
+        """Backpropagated delta(l+1) = sum_a top_a * df_a/dz(l+1), shape (N, n_{l+1}), l = 0 .. L-1.
 
-        delta(L) = top (default 1), delta(l) = (delta(l+1) W(l) / sqrt(n_l)) * sigma_dot(z(l)).
+        top: (N,) or (N, k), default all ones for one output. delta(L) = top,
+        delta(l) = (delta(l+1) W(l) / sqrt(n_l)) * sigma_dot(z(l)) (ntk; no 1/sqrt(n_l) in the
+        standard parametrization, whose W already carries it).
         """
         n = cache.zs[-1].shape[0]
-        d = top.reshape(n, 1) if top is not None else cache.zs[-1].new_ones(n, 1)
+        d = top.reshape(n, -1) if top is not None else cache.zs[-1].new_ones(n, 1)
+        if d.shape[1] != self.n_out:
+            raise ValueError(f"top must have {self.n_out} output columns, got shape {tuple(top.shape)}")
         out = [d]
         sigma_dot = self.nonlinearity.sigma_dot
         for l in range(self.depth - 1, 0, -1):
-            d = torch.mm(self.weights[l].t(), d.t()).t() * (
-                sigma_dot(cache.zs[l - 1]) / math.sqrt(self.sizes[l])
-            )
+            scale = sigma_dot(cache.zs[l - 1])
+            if not self.standard:
+                scale = scale / math.sqrt(self.sizes[l])
+            d = torch.mm(self.weights[l].t(), d.t()).t() * scale
             out.append(d)
         return out[::-1]
 
+    def output_deltas(self, cache: ForwardCache) -> list[torch.Tensor]:
+        """delta(l+1) of each output a (backpropagated from e_a): (k, N, n_{l+1}) for l = 0 .. L-1."""
+        n, k = cache.zs[-1].shape
+        eye = torch.eye(k, dtype=cache.zs[-1].dtype, device=cache.zs[-1].device)
+        per_output = [self.deltas(cache, eye[a].expand(n, k)) for a in range(k)]
+        return [torch.stack(layer) for layer in zip(*per_output, strict=True)]
+
 
 def mse_cost(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """C = 1/(2N) sum_i (f_i - y_i)^2 for f, y of shape (N,)."""
-    return 0.5 * torch.mean((f - y) ** 2)
+    """C = 1/(2N) sum_i |f_i - y_i|^2 for f, y of shape (N,) or (N, k)."""
+    if f.shape != y.shape:
+        raise ValueError(f"targets must have the outputs' shape {tuple(f.shape)}, got {tuple(y.shape)}")
+    if f.dim() == 1:
+        return 0.5 * torch.mean((f - y) ** 2)
+    return 0.5 * ((f - y) ** 2).sum() / f.shape[0]
 
 
 @torch.no_grad()
 def gd_step(net: MLP, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
     """One full-batch gradient-descent step on C = 1/(2N) sum (f - y)^2; returns C before the step.
 
-    X: (N, n0), y: (N,). The gradient of W(l) is g(l+1)^T a(l) / sqrt(n_l) with
-    g = delta * (f - y) / N; it is written straight into W(l) by one fused addmm, so no gradient
-    buffer is allocated.
+    X: (N, n0), y: (N,) or (N, k). The gradient of W(l) is g(l+1)^T a(l) / sqrt(n_l) (ntk;
+    g(l+1)^T a(l) in the standard parametrization) with g = delta from top (f - y) / N; it is
+    written straight into W(l) by one fused addmm, so no gradient buffer is allocated.
     """
     cache = net.forward_cache(X)
     cost = mse_cost(cache.f, y)
     g = net.deltas(cache, (cache.f - y) / X.shape[0])
     for l, (W, b) in enumerate(zip(net.weights, net.biases, strict=True)):
-        W.addmm_(g[l].t(), cache.acts[l], alpha=-lr / math.sqrt(net.sizes[l]))
-        b.sub_(g[l].sum(0), alpha=lr * net.beta)
+        if net.standard:
+            W.addmm_(g[l].t(), cache.acts[l], alpha=-lr)
+            b.sub_(g[l].sum(0), alpha=lr)
+        else:
+            W.addmm_(g[l].t(), cache.acts[l], alpha=-lr / math.sqrt(net.sizes[l]))
+            b.sub_(g[l].sum(0), alpha=lr * net.beta)
     return cost

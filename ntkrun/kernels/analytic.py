@@ -13,7 +13,7 @@ the two diagonals.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -112,6 +112,90 @@ def block_rows_for(n2: int, depth: int, all_layers: bool = False, memory_budget:
     return max(1, min(memory_budget // per_row, max(8, 2**18 // n2)))
 
 
+PARAMETRIZATIONS = ("ntk", "standard")
+KINDS = ("nngp", "ntk")  # Sigma(L) and Theta(L)
+OUT_DTYPES = (torch.float32, torch.float64)
+
+
+def _widths(parametrization: str, widths: int | Sequence[int] | None, depth: int) -> list[int]:
+    """The hidden widths n_1 .. n_{L-1} the standard parametrization's kernel depends on."""
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+    if parametrization == "ntk":
+        return []
+    if widths is None:
+        raise ValueError("widths: the standard parametrization's NTK grows with the width; give the hidden widths")
+    ws = [int(widths)] * (depth - 1) if isinstance(widths, int) else [int(w) for w in widths]
+    if len(ws) != depth - 1 or any(w < 1 for w in ws):
+        raise ValueError(f"widths: depth {depth} needs {depth - 1} hidden widths >= 1, got {widths}")
+    return ws
+
+
+class _Recursion:
+    """The layer recursion of docs/science.md §3 (and §7.2 for the standard parametrization) on
+    one (rows, cols) block: Sigma and Theta of every layer from the input Gram."""
+
+    def __init__(self, expect: Expectations, depth: int, beta: float, n0: int, widths: list[int]) -> None:
+        self.expect, self.depth, self.beta2, self.n0, self.widths = expect, depth, beta**2, n0, widths
+
+    def first(self, dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x.x' -> (Sigma(1), Theta(1))."""
+        sigma = dot / self.n0 + self.beta2
+        return sigma, (dot + 1 if self.widths else sigma.clone())
+
+    def next(
+        self, l: int, sxx: torch.Tensor, sigma: torch.Tensor, syy: torch.Tensor, theta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer l -> l + 1 (l = 1 .. L-1). Standard: Theta(l+1) = Theta(l) Sdot + n_l E[ss] + 1,
+        i.e. the NTK parametrization's layer term [a.a'/n_l + beta^2] becomes [a.a' + 1]."""
+        e_ss, e_dd = self.expect(sxx, sigma, syy)
+        sigma = e_ss + self.beta2
+        theta = theta * e_dd + (self.widths[l - 1] * e_ss + 1 if self.widths else sigma)
+        return sigma, theta
+
+    def diagonals(self, Z: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sigma(l)(x, x) and Theta(l)(x, x), l = 1 .. L, with the correlation exactly 1 (passing
+        sxy = sqrt(sxx * syy), the very value the expectations divide by)."""
+        sigma, theta = self.first((Z * Z).sum(1))
+        d, t = [sigma], [theta]
+        for l in range(1, self.depth):
+            sigma, theta = self.next(l, d[-1], torch.sqrt(d[-1] * d[-1]), d[-1], theta)
+            d.append(sigma)
+            t.append(theta)
+        return d, t
+
+
+def _setup(
+    X: torch.Tensor | np.ndarray,
+    X2: torch.Tensor | np.ndarray | None,
+    depth: int,
+    nonlinearity: str | Nonlinearity,
+    beta: float,
+    parametrization: str,
+    widths: int | Sequence[int] | None,
+    quadrature_order: int,
+    closed_form: bool,
+) -> tuple[torch.Tensor, torch.Tensor, _Recursion]:
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    ws = _widths(parametrization, widths, depth)
+    nl = get_nonlinearity(nonlinearity)
+    X = _as_float64(X, "X")
+    X2 = X if X2 is None else _as_float64(X2, "X2")
+    if X2.shape[1] != X.shape[1]:
+        raise ValueError(f"X has {X.shape[1]} input dimensions but X2 has {X2.shape[1]}")
+    registered = NONLINEARITIES.get(nl.name) is nl  # a user's own Nonlinearity gets quadrature
+    expect = CLOSED_FORMS.get(nl.name) if closed_form and registered else None
+    expect = expect or quadrature_expectations(nl, quadrature_order)
+    return X, X2, _Recursion(expect, depth, beta, X.shape[1], ws)
+
+
+def _out_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
+    return out_dtype
+
+
 def analytic_kernels(
     X: torch.Tensor | np.ndarray,
     X2: torch.Tensor | np.ndarray | None = None,
@@ -119,6 +203,9 @@ def analytic_kernels(
     nonlinearity: str | Nonlinearity = "relu",
     beta: float = 0.1,
     *,
+    parametrization: str = "ntk",
+    widths: int | Sequence[int] | None = None,
+    out_dtype: torch.dtype = torch.float64,
     quadrature_order: int = 64,
     closed_form: bool = True,
     all_layers: bool = False,
@@ -128,54 +215,33 @@ def analytic_kernels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Limiting kernels: X (N1, n0), X2 (N2, n0) or None (= X) -> (Sigma(L), Theta(L)), (N1, N2).
 
-    With all_layers=True returns (L, N1, N2) stacks of Sigma(1..L) and Theta(1..L). float64.
-    `closed_form=False` forces quadrature (used to check the closed forms). Rows are processed
-    in blocks of `block_rows` (default: `block_rows_for`, cache-sized and within `memory_budget`
-    bytes besides the output); `progress(done, total)` is called per block. With X2 = None only
-    the upper triangle is computed (the result is exactly symmetric) and the diagonal is exact.
+    With all_layers=True returns (L, N1, N2) stacks of Sigma(1..L) and Theta(1..L). Computed in
+    float64, stored in `out_dtype` (float32 halves the memory of a large Gram). For k outputs the
+    limit is Theta(L) (x) I_k: each output is an independent copy (docs/science.md §7.1).
+    parametrization="standard" gives the kernel of a standard-parametrized network of the given
+    hidden `widths` (it grows with them; Sigma is the same in both). `closed_form=False` forces
+    quadrature (used to check the closed forms). Rows are processed in blocks of `block_rows`
+    (default: `block_rows_for`, cache-sized and within `memory_budget` bytes besides the output);
+    `progress(done, total)` is called per block. With X2 = None only the upper triangle is
+    computed (the result is exactly symmetric) and the diagonal is exact.
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    nl = get_nonlinearity(nonlinearity)
-    X = _as_float64(X, "X")
-    X2 = X if X2 is None else _as_float64(X2, "X2")
-    if X2.shape[1] != X.shape[1]:
-        raise ValueError(f"X has {X.shape[1]} input dimensions but X2 has {X2.shape[1]}")
-    registered = NONLINEARITIES.get(nl.name) is nl  # a user's own Nonlinearity gets quadrature
-    expect = CLOSED_FORMS.get(nl.name) if closed_form and registered else None
-    expect = expect or quadrature_expectations(nl, quadrature_order)
-    n0, beta2 = X.shape[1], beta**2
-
-    # Sigma(l)(x, x) and Theta(l)(x, x) for every layer, for both input sets, with the correlation
-    # exactly 1 (passing sxy = sqrt(sxx * syy), the very value the expectations divide by).
-    def diagonals(Z: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        d = [(Z * Z).sum(1) / n0 + beta2]
-        t = [d[0]]
-        for _ in range(depth - 1):
-            e_ss, e_dd = expect(d[-1], torch.sqrt(d[-1] * d[-1]), d[-1])
-            d.append(e_ss + beta2)
-            t.append(t[-1] * e_dd + d[-1])
-        return d, t
-
+    X, X2, rec = _setup(X, X2, depth, nonlinearity, beta, parametrization, widths, quadrature_order, closed_form)
     symmetric = X2 is X
-    d1, t1 = diagonals(X)
-    d2 = d1 if symmetric else diagonals(X2)[0]
+    d1, t1 = rec.diagonals(X)
+    d2 = d1 if symmetric else rec.diagonals(X2)[0]
     n1, n2 = X.shape[0], X2.shape[0]
     rows = block_rows or block_rows_for(n2, depth, all_layers, memory_budget)
     shape = (depth, n1, n2) if all_layers else (n1, n2)
-    sigma_out, theta_out = X.new_empty(shape), X.new_empty(shape)
+    dtype = _out_dtype(out_dtype)
+    sigma_out, theta_out = X.new_empty(shape, dtype=dtype), X.new_empty(shape, dtype=dtype)
     nblocks = math.ceil(n1 / rows)
     for k, r0 in enumerate(range(0, n1, rows), start=1):
         r = slice(r0, min(r0 + rows, n1))
         c = slice(r0 if symmetric else 0, n2)  # symmetric: the upper triangle only, mirrored below
-        sigma = X[r] @ X2[c].t() / n0 + beta2
-        theta = sigma.clone()
+        sigma, theta = rec.first(X[r] @ X2[c].t())
         layers = [(sigma, theta)]
         for l in range(1, depth):
-            sxx, syy = d1[l - 1][r, None], d2[l - 1][None, c]
-            e_ss, e_dd = expect(sxx, sigma, syy)
-            sigma = e_ss + beta2
-            theta = theta * e_dd + sigma
+            sigma, theta = rec.next(l, d1[l - 1][r, None], sigma, d2[l - 1][None, c], theta)
             layers.append((sigma, theta))
         if all_layers:
             sigma_out[:, r, c] = torch.stack([s for s, _ in layers])
@@ -186,16 +252,70 @@ def analytic_kernels(
             progress(k, nblocks)
     if symmetric:
         for out, diag in ((sigma_out, d1), (theta_out, t1)):
-            _mirror_upper_(out)
+            mirror_upper_(out)
             index = torch.arange(n1)
-            if all_layers:
-                out[:, index, index] = torch.stack(diag)
-            else:
-                out[index, index] = diag[-1]
+            out[..., index, index] = (torch.stack(diag) if all_layers else diag[-1]).to(dtype)
     return sigma_out, theta_out
 
 
-def _mirror_upper_(K: torch.Tensor, block: int = MIRROR_BLOCK) -> None:
+def analytic_kernel(
+    X: torch.Tensor | np.ndarray,
+    X2: torch.Tensor | np.ndarray | None = None,
+    depth: int = 4,
+    nonlinearity: str | Nonlinearity = "relu",
+    beta: float = 0.1,
+    *,
+    kind: str = "ntk",
+    parametrization: str = "ntk",
+    widths: int | Sequence[int] | None = None,
+    out_dtype: torch.dtype = torch.float64,
+    out: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
+    block_rows: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """One limiting kernel, Theta(L) (kind "ntk") or Sigma(L) ("nngp"): -> (N1, N2) in out_dtype.
+
+    For Grams too large to hold twice (60000 points: 14.4 GB in float32). Fills `out` (N1, N2)
+    if given, else a new tensor. `rows=(r0, r1)` computes those rows only, so a caller can
+    checkpoint the Gram block by block; with X2 = None only their upper-triangle part (columns
+    >= row) and their exact diagonal are written, and `mirror_upper_(out)` completes the matrix
+    once every row is done.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    X, X2, rec = _setup(X, X2, depth, nonlinearity, beta, parametrization, widths, 64, True)
+    symmetric = X2 is X
+    n1, n2 = X.shape[0], X2.shape[0]
+    r0, r1 = rows if rows is not None else (0, n1)
+    if not 0 <= r0 <= r1 <= n1:
+        raise ValueError(f"rows must satisfy 0 <= r0 <= r1 <= {n1}, got {rows}")
+    dtype = _out_dtype(out_dtype)
+    if out is None:
+        out = X.new_empty((n1, n2), dtype=dtype)
+    elif out.shape != (n1, n2) or out.dtype != dtype:
+        raise ValueError(f"out must be a ({n1}, {n2}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    d1, t1 = rec.diagonals(X[r0:r1])
+    d2 = rec.diagonals(X2)[0]
+    step = block_rows or block_rows_for(n2, depth)
+    nblocks = math.ceil((r1 - r0) / step)
+    for k, b0 in enumerate(range(r0, r1, step), start=1):
+        r = slice(b0, min(b0 + step, r1))
+        c = slice(b0 if symmetric else 0, n2)
+        local = slice(r.start - r0, r.stop - r0)
+        sigma, theta = rec.first(X[r] @ X2[c].t())
+        for l in range(1, depth):
+            sigma, theta = rec.next(l, d1[l - 1][local, None], sigma, d2[l - 1][None, c], theta)
+        out[r, c] = theta if kind == "ntk" else sigma
+        if progress is not None:
+            progress(k, nblocks)
+    if symmetric:
+        index = torch.arange(r0, r1)
+        out[index, index] = (t1[-1] if kind == "ntk" else d1[-1]).to(dtype)
+    return out
+
+
+def mirror_upper_(K: torch.Tensor, block: int = MIRROR_BLOCK) -> None:
     """Copy the upper triangle of K (over its last two dims) onto the lower one, in place."""
     n = K.shape[-1]
     for i in range(0, n, block):
