@@ -88,7 +88,8 @@ class MLP(nn.Module):
         if n_out < 1:
             raise ValueError(f"n_out must be >= 1, got {n_out}")
         if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+            names = ", ".join(PARAMETRIZATIONS)
+            raise ValueError(f"parametrization must be one of {names}, got {parametrization!r}")
         self.sizes = [n0, *hidden_widths(width, depth), n_out]
         self.depth = depth
         self.beta = float(beta)
@@ -127,7 +128,8 @@ class MLP(nn.Module):
             if self.standard:
                 z = torch.addmm(b[:, None], W, a.t()).t()
             else:
-                z = torch.addmm(b[:, None], W, a.t(), beta=self.beta, alpha=1.0 / math.sqrt(self.sizes[l])).t()
+                alpha = 1.0 / math.sqrt(self.sizes[l])
+                z = torch.addmm(b[:, None], W, a.t(), beta=self.beta, alpha=alpha).t()
             zs.append(z)
             if l < self.depth - 1:
                 a = sigma(z)

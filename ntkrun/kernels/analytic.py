@@ -120,11 +120,14 @@ OUT_DTYPES = (torch.float32, torch.float64)
 def _widths(parametrization: str, widths: int | Sequence[int] | None, depth: int) -> list[int]:
     """The hidden widths n_1 .. n_{L-1} the standard parametrization's kernel depends on."""
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+        names = ", ".join(PARAMETRIZATIONS)
+        raise ValueError(f"parametrization must be one of {names}, got {parametrization!r}")
     if parametrization == "ntk":
         return []
     if widths is None:
-        raise ValueError("widths: the standard parametrization's NTK grows with the width; give the hidden widths")
+        raise ValueError(
+            "widths: the standard parametrization's NTK grows with the width; give the hidden widths"
+        )
     ws = [int(widths)] * (depth - 1) if isinstance(widths, int) else [int(w) for w in widths]
     if len(ws) != depth - 1 or any(w < 1 for w in ws):
         raise ValueError(f"widths: depth {depth} needs {depth - 1} hidden widths >= 1, got {widths}")
@@ -225,7 +228,9 @@ def analytic_kernels(
     `progress(done, total)` is called per block. With X2 = None only the upper triangle is
     computed (the result is exactly symmetric) and the diagonal is exact.
     """
-    X, X2, rec = _setup(X, X2, depth, nonlinearity, beta, parametrization, widths, quadrature_order, closed_form)
+    X, X2, rec = _setup(
+        X, X2, depth, nonlinearity, beta, parametrization, widths, quadrature_order, closed_form
+    )
     symmetric = X2 is X
     d1, t1 = rec.diagonals(X)
     d2 = d1 if symmetric else rec.diagonals(X2)[0]
