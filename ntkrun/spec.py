@@ -47,6 +47,7 @@ class NetworkSpec(Model):
     width: Widths = [500, 10000]  # one network per width
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
+    parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
 
 
 class TrainingSpec(Model):
@@ -302,8 +303,16 @@ def spec_dict(spec: RunSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
+# Fields added after runs were made, left out of the hash at their default, so that those runs
+# keep their hash (and can be resumed): (block, key, default).
+_NEWER_FIELDS = [("network", "parametrization", "ntk")]
+
+
 def spec_hash(spec: RunSpec) -> str:
     """8 hex digits identifying the resolved spec's results (the executor block is left out)."""
     data = {k: v for k, v in spec_dict(spec).items() if k != "executor"}
+    for block, key, default in _NEWER_FIELDS:
+        if isinstance(data.get(block), dict) and data[block].get(key) == default:
+            data[block] = {k: v for k, v in data[block].items() if k != key}
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]

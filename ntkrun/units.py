@@ -65,6 +65,14 @@ def preflight(spec: RunSpec) -> None:
     """Checks that need more than the spec's schema, run before any run directory exists: the
     kernels' numerical range, and the experiment's own (e.g. its data files against the spec)."""
     check_range(spec)
+    supported = getattr(runner(spec), "PARAMETRIZATIONS", ("ntk",))
+    chosen = spec.network.parametrization  # type: ignore[attr-defined]
+    if chosen not in supported:
+        raise SpecError(
+            f"network.parametrization: {chosen!r} is not supported by {spec.experiment}, which compares "
+            "networks of several widths with one width-independent limit, while the standard "
+            "parametrization's NTK grows with the width (docs/science.md §7.2); use ntk"
+        )
     check = getattr(runner(spec), "check", None)
     if check is not None:
         check(spec)

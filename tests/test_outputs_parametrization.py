@@ -45,7 +45,8 @@ def jacobian_ntk_k(net: MLP, X: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("parametrization", ["ntk", "standard"])
 @pytest.mark.parametrize("block_size", [None, 3])
 def test_vector_output_ntk_matches_per_sample_jacobians(parametrization, block_size):
-    net = MLP(3, [7, 12, 5], 4, beta=0.3, seed=2, dtype=torch.float64, n_out=4, parametrization=parametrization)
+    f64 = torch.float64
+    net = MLP(3, [7, 12, 5], 4, beta=0.3, seed=2, dtype=f64, n_out=4, parametrization=parametrization)
     X, X2 = torch.randn(8, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     for A, B in ((X, None), (X, X2)):
         ours = empirical_ntk(net, A, B, block_size=block_size)
@@ -88,9 +89,11 @@ def test_one_seed_gives_the_same_function_in_both_parametrizations():
 @pytest.mark.parametrize("n_out", [1, 3])
 def test_gd_step_is_gradient_descent_on_the_cost(parametrization, n_out):
     """The fused update equals p - lr * dC/dp from autograd, C = 1/(2N) sum_i |f(x_i) - y_i|^2."""
-    net = MLP(3, [8, 5], 3, beta=0.4, seed=3, dtype=torch.float64, n_out=n_out, parametrization=parametrization)
-    X = torch.randn(10, 3, dtype=torch.float64)
-    y = torch.randn(10, n_out, dtype=torch.float64).squeeze(1) if n_out == 1 else torch.randn(10, n_out).double()
+    f64 = torch.float64
+    net = MLP(3, [8, 5], 3, beta=0.4, seed=3, dtype=f64, n_out=n_out, parametrization=parametrization)
+    X = torch.randn(10, 3, dtype=f64)
+    y = torch.randn(10, n_out, dtype=f64)
+    y = y[:, 0] if n_out == 1 else y
     cost = mse_cost(net(X), y)
     if n_out > 1:
         assert cost.item() == pytest.approx(0.5 * ((net(X) - y) ** 2).sum().item() / 10, rel=1e-14)
@@ -138,7 +141,7 @@ def test_standard_parametrization_limit_at_finite_width():
     width = 2048
     emp = torch.stack(
         [
-            empirical_ntk(MLP(3, width, 3, beta=0.1, seed=s, dtype=torch.float64, parametrization="standard"), X)
+            empirical_ntk(MLP(3, width, 3, seed=s, dtype=torch.float64, parametrization="standard"), X)
             for s in range(8)
         ]
     ).mean(0)
@@ -161,7 +164,8 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
     for kind, ref in (("ntk", theta), ("nngp", sigma)):
         out = torch.full((70, 70), math.nan, dtype=torch.float32)
         for r0 in range(0, 70, 25):
-            analytic_kernel(X, depth=4, kind=kind, out_dtype=torch.float32, out=out, rows=(r0, min(r0 + 25, 70)))
+            rows = (r0, min(r0 + 25, 70))
+            analytic_kernel(X, depth=4, kind=kind, out_dtype=torch.float32, out=out, rows=rows)
         mirror_upper_(out)
         assert torch.equal(out, ref.float())
     cross = analytic_kernel(X[:9], X, depth=4, kind="ntk", block_rows=4)
@@ -174,7 +178,7 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
         (lambda: MLP(3, 4, 2, n_out=0), "n_out"),
         (lambda: MLP(3, 4, 2, parametrization="mup"), "parametrization"),
         (lambda: analytic_kernels(torch.ones(2, 2), parametrization="standard"), "widths"),
-        (lambda: analytic_kernels(torch.ones(2, 2), depth=3, parametrization="standard", widths=[4]), "widths"),
+        (lambda: analytic_kernels(torch.ones(2, 2), 3, parametrization="standard", widths=[4]), "widths"),
         (lambda: analytic_kernels(torch.ones(2, 2), parametrization="mup"), "parametrization"),
         (lambda: analytic_kernels(torch.ones(2, 2), out_dtype=torch.float16), "out_dtype"),
         (lambda: analytic_kernel(torch.ones(2, 2), kind="gp"), "kind"),

@@ -108,14 +108,31 @@ def train(
 
 
 def build_net(
-    spec: RunSpec, n0: int, width: int, seed: int, device: torch.device, depth: int | None = None
+    spec: RunSpec,
+    n0: int,
+    width: int,
+    seed: int,
+    device: torch.device,
+    depth: int | None = None,
+    n_out: int = 1,
 ) -> MLP:
     """The experiment's network of one width and seed: depth (default spec.network.depth),
-    nonlinearity and beta from spec.network, dtype from spec.dtype."""
+    nonlinearity, beta and parametrization from spec.network, dtype from spec.dtype."""
     net = spec.network  # type: ignore[attr-defined]
     depth = net.depth if depth is None else depth
     dtype = resolve_dtype(spec.dtype)
-    return MLP(n0, width, depth, net.nonlinearity, net.beta, seed=seed, dtype=dtype, device=device)
+    return MLP(
+        n0,
+        width,
+        depth,
+        net.nonlinearity,
+        net.beta,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        n_out=n_out,
+        parametrization=net.parametrization,
+    )
 
 
 def check_range(spec: RunSpec, q0: float = 0.1) -> None:

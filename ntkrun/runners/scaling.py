@@ -59,6 +59,7 @@ class ScalingNetworkSpec(Model):
     ]  # a log grid: the slope needs at least two widths
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
+    parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
 
 
 class ScalingDataSpec(Model):
