@@ -199,15 +199,23 @@ def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_points(
-    images: np.ndarray, labels: np.ndarray, n_points: int, seed: int, scaling: str = "unit"
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_points: int,
+    seed: int,
+    scaling: str = "unit",
+    nested: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded choice of n_points images, flattened: -> (X (n, rows*cols) float64, labels (n,)).
 
     scaling 'unit': pixel / 255; 'standardize': each pixel to mean 0 and std 1 over the chosen set
-    (constant pixels stay 0)."""
+    (constant pixels stay 0). nested=True keeps the images in their random order, so that every
+    prefix X[:m] is itself a uniform choice of m (learning curves on nested training sets);
+    otherwise they come in file order."""
     if n_points > images.shape[0]:
         raise DataError(f"n_points = {n_points} but the split holds only {images.shape[0]} images")
-    idx = np.sort(np.random.default_rng(seed).choice(images.shape[0], size=n_points, replace=False))
+    idx = np.random.default_rng(seed).choice(images.shape[0], size=n_points, replace=False)
+    idx = idx if nested else np.sort(idx)
     X = torch.from_numpy(images[idx].reshape(n_points, -1).astype(np.float64) / 255.0)
     if scaling == "standardize":
         std = X.std(0)

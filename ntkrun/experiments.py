@@ -100,6 +100,15 @@ EXPERIMENTS = {
             "MNIST kernel principal components and convergence along them (paper Figure 3).",
             flags=(Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files: data.dir."),),
         ),
+        Experiment(
+            "generalization",
+            "ntkrun.runners.generalization",
+            "Test accuracy of NTK/NNGP predictors vs trained nets on a whole dataset. Default preset: full.",
+            summary_tables=("accuracy.csv", "fits.csv"),
+            flags=(
+                Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files (train and test splits)."),
+            ),
+        ),
     )
 }
 

@@ -197,3 +197,88 @@ def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: RunSpec, lam_
         for ax in (ax_b, ax_c):
             ax.legend(frameon=False, fontsize=7)
         _save(fig, stem)
+
+
+KERNEL_STYLES = {
+    "ntk": ("C0", "NTK (t = inf)"),
+    "nngp": ("C1", "NNGP"),
+    "ntk_t": ("C2", "NTK at the nets' t"),
+}
+
+
+def generalization_figure(
+    accuracy: pd.DataFrame, distance: pd.DataFrame, fits: pd.DataFrame, spec: RunSpec, stem: Path
+) -> None:
+    """(a) learning curves: test accuracy vs N_train, a line per kernel, the nets as points;
+    (b) test accuracy vs width, the kernel predictors at the nets' N_train as lines;
+    (c) distance of the nets to the NTK predictor vs width (log-log) with the fitted slopes."""
+    nets = accuracy[accuracy["predictor"] == "net"]
+    n_net = spec.training.n_train  # type: ignore[attr-defined]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.8))
+        ax = axes[0]
+        for kind in ("ntk", "nngp"):
+            g = accuracy[accuracy["predictor"] == kind].sort_values("n_train")
+            if len(g):
+                color, label = KERNEL_STYLES[kind]
+                ax.plot(g["n_train"], g["test_accuracy"], "o-", color=color, ms=3.5, label=label)
+        widths = sorted(nets["width"].unique())
+        shades = {
+            w: plt.get_cmap("Greys")(0.35 + 0.6 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)
+        }
+        for w in widths:
+            acc = nets[nets["width"] == w]["test_accuracy"]
+            ax.errorbar(
+                [n_net],
+                [acc.mean()],
+                yerr=[acc.std() if len(acc) > 1 else 0],
+                fmt="s",
+                ms=4,
+                color=shades[w],
+                label=f"net, width {w:g}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training points N_train")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("(a) learning curves", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+        ax = axes[1]
+        if len(nets):
+            g = nets.groupby("width")["test_accuracy"]
+            ax.errorbar(
+                g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt="s-", color="k", ms=4, label="nets"
+            )
+        for kind, (color, label) in KERNEL_STYLES.items():
+            at = accuracy[(accuracy["predictor"] == kind) & (accuracy["n_train"] == n_net)]
+            if len(at):
+                ax.axhline(at["test_accuracy"].iloc[0], color=color, ls="--", lw=1, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width n")
+        ax.set_title(f"(b) accuracy vs width, N_train = {n_net}", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+        ax = axes[2]
+        for metric, marker, label in (
+            ("dist_t", "o", "to NTK at the nets' t"),
+            ("dist_inf", "^", "to NTK, t = inf"),
+        ):
+            if not len(distance) or fits.empty:
+                break
+            g = distance.groupby("width")[metric]
+            fit = fits[fits["metric"] == metric].iloc[0]
+            text = f"{label}: slope {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+            line = ax.errorbar(g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt=marker, ms=4, label=text)
+            w = np.array(g.mean().index, float)
+            ax.plot(w, np.exp(fit["intercept"]) * w ** fit["slope"], "-", lw=1, color=line[0].get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width n")
+        ax.set_ylabel("||f_net - f_ntk|| / ||f_ntk|| (test)")
+        ax.set_title("(c) nets approach the NTK predictor", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+        net = spec.network  # type: ignore[attr-defined]
+        fig.suptitle(
+            f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}; nets: {spec.seeds} seeds, "
+            f"{spec.training.steps} GD steps (lr {spec.training.lr:g}) on {n_net} points",  # type: ignore[attr-defined]
+            fontsize=10,
+        )
+        _save(fig, stem)

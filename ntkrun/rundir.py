@@ -10,6 +10,7 @@ many processes share; it is complete when meta.json is there, written last by ag
 
 units/<unit>.pt        a finished unit's result, with the spec hash it belongs to
 units/<unit>.ckpt.pt   a long unit's latest checkpoint (removed when the unit finishes)
+units/<unit>.ckpt.<part>.pt   its named parts, e.g. a large Gram's row blocks (removed likewise)
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ class RunDir:
         (self.path / "units").mkdir(exist_ok=True)
         blob = {"unit": name, "spec_hash": spec_hash(self.spec), "result": result, "info": info}
         atomic_write(self.unit_file(name), lambda tmp: torch.save(blob, tmp))
-        self.checkpoint_file(name).unlink(missing_ok=True)
+        for path in (self.path / "units").glob(f"{name}.ckpt*.pt"):  # its checkpoint and its parts
+            path.unlink(missing_ok=True)
 
     def load_unit(self, name: str) -> dict[str, Any] | None:
         """The unit's result, or None if it has none yet. A file that cannot be read (corrupt,
@@ -224,16 +226,17 @@ class RunDir:
         blob = self._load(self.unit_file(name))
         return None if blob is None else blob.get("info", {})
 
-    def checkpoint_file(self, name: str) -> Path:
-        return self.path / "units" / f"{name}.ckpt.pt"
+    def checkpoint_file(self, name: str, part: str | None = None) -> Path:
+        return self.path / "units" / (f"{name}.ckpt.pt" if part is None else f"{name}.ckpt.{part}.pt")
 
-    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
-        """A long unit's state, atomically replacing the previous checkpoint."""
+    def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None:
+        """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
+        several named parts (e.g. the row blocks of a large Gram matrix)."""
         (self.path / "units").mkdir(exist_ok=True)
-        atomic_write(self.checkpoint_file(name), lambda tmp: torch.save(state, tmp))
+        atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(state, tmp))
 
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        return self._load(self.checkpoint_file(name))
+    def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:
+        return self._load(self.checkpoint_file(name, part))
 
     @staticmethod
     def _load(path: Path) -> dict[str, Any] | None:

@@ -260,6 +260,9 @@ def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> st
 Override = tuple[tuple[str, ...], Any, str]  # (key path, value, the flag that set it)
 
 
+DEFAULT_PRESETS = ("paper", "full", "default")
+
+
 def load_spec(
     model: type[RunSpec],
     *,
@@ -270,14 +273,14 @@ def load_spec(
 ) -> RunSpec:
     """Resolve and validate a spec of `model`: defaults <- preset <- config <- --set <- flags.
 
-    With neither preset nor config the `paper` preset is used (`default` where an experiment has
-    no paper preset). Raises SpecError.
+    With neither preset nor config the first of DEFAULT_PRESETS that the experiment has is used
+    (`paper` for the paper's experiments). Raises SpecError.
     """
     experiment = model.model_fields["experiment"].default
     layers = Layers()
     if preset is not None or config is None:
         presets = presets_of(experiment)
-        name = preset or ("paper" if "paper" in presets else "default")
+        name = preset or next((p for p in DEFAULT_PRESETS if p in presets), DEFAULT_PRESETS[-1])
         if name not in presets:
             raise SpecError(f"--preset {name}: unknown preset for {experiment} (known: {', '.join(presets)})")
         layers.merge(read_yaml(presets[name]), f"preset {name} ({presets[name]})")

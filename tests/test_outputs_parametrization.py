@@ -168,6 +168,8 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
             analytic_kernel(X, depth=4, kind=kind, out_dtype=torch.float32, out=out, rows=rows)
         mirror_upper_(out)
         assert torch.equal(out, ref.float())
+    whole = analytic_kernel(X, depth=4, out_dtype=torch.float32, block_rows=8)  # no rows: mirrored
+    assert torch.equal(whole, theta.float())
     cross = analytic_kernel(X[:9], X, depth=4, kind="ntk", block_rows=4)
     assert torch.equal(cross, analytic_kernels(X[:9], X, depth=4)[1])
 

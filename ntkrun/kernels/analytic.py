@@ -285,7 +285,7 @@ def analytic_kernel(
     if given, else a new tensor. `rows=(r0, r1)` computes those rows only, so a caller can
     checkpoint the Gram block by block; with X2 = None only their upper-triangle part (columns
     >= row) and their exact diagonal are written, and `mirror_upper_(out)` completes the matrix
-    once every row is done.
+    once every row is done (without `rows`, the whole symmetric matrix is returned).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -317,6 +317,8 @@ def analytic_kernel(
     if symmetric:
         index = torch.arange(r0, r1)
         out[index, index] = (t1[-1] if kind == "ntk" else d1[-1]).to(dtype)
+        if rows is None:
+            mirror_upper_(out)
     return out
 
 

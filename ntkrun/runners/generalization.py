@@ -1,0 +1,375 @@
+"""`ntkrun generalization` (docs/science.md §5.5): test accuracy of the infinite-width predictors
+against trained finite networks on a whole image dataset, as a learning curve in N_train.
+
+Units: one per (kernel, N_train), computing the limiting kernel's Gram on the first N_train
+training points (float64 row blocks stored in `kernels.dtype`; a large Gram checkpoints its row
+blocks), solving (K + ridge I) alpha = Y in place by a blocked Cholesky and predicting the test
+split; `reference`, the NTK predictor on the networks' training set at t = inf and at the nets'
+training time; one per (width, seed) network, trained by full-batch GD on 10 centered one-hot
+outputs, with its test accuracy and its distance to the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BeforeValidator, Field, model_validator
+
+from ntkrun import dynamics, resources
+from ntkrun.data import check_request, choose_points, load_idx_dataset, resolve_data_dir, split_info
+from ntkrun.errors import DataError
+from ntkrun.fits import fit_power_law
+from ntkrun.kernels import analytic_kernel, mirror_upper_
+from ntkrun.linalg import kernel_solve_, solve_bytes
+from ntkrun.plots import generalization_figure
+from ntkrun.rundir import RunDir
+from ntkrun.runners.common import (
+    Progress,
+    Unit,
+    UnitContext,
+    analytic_flops,
+    build_net,
+    eigen_flops,
+    gd_flops,
+    pack,
+    resolve_device,
+    resolve_dtype,
+    train,
+    unpack,
+)
+from ntkrun.spec import (
+    Model,
+    NetworkSpec,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RunSpec,
+    as_list,
+)
+
+LOG = logging.getLogger("ntkrun")
+PARAMETRIZATIONS = ("ntk",)
+CLASSES = 10
+
+
+class GenDataSpec(Model):
+    dir: str | None = None  # IDX folder with train and test splits; else --data-dir, $NTKRUN_DATA_DIR
+    scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255 (choice), or per-pixel on the train points
+    n_train: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [
+        1000,
+        5000,
+        20000,
+        60000,
+    ]
+    n_test: PositiveInt | None = None  # test points (a seeded choice); None: the whole test split
+    seed: NonNegativeInt = 0  # the seeded order of the training points (nested sets) and the test choice
+    target_on: float = 0.9  # one-hot targets, centered (choice, Lee et al. 2018)
+    target_off: float = -0.1
+
+
+class GenKernelSpec(Model):
+    ridge: NonNegativeFloat = 0.0  # relative to the mean diagonal; raised automatically if the solve fails
+    dtype: Literal["auto", "float32", "float64"] = "auto"  # Gram storage; auto: float64 up to 20000 points
+    checkpoint_rows: PositiveInt = 4096  # Gram rows per checkpointed block (larger Grams only)
+
+
+class GenTrainingSpec(Model):
+    n_train: PositiveInt = 1000  # the networks' training set: the first n_train training points
+    # (choice) lr * lambda_max / N of the limiting NTK is ~0.9 on MNIST-like data at lr 10 (GD is
+    # stable below 2); the paper's lr 1 would need 10x the steps for the same training time
+    lr: PositiveFloat = 10.0
+    steps: PositiveInt = 1000
+    center: bool = True  # predict f_t(x) - f_0(x): in the limit exactly the NTK predictor (choice)
+
+
+class GenSpec(RunSpec):
+    experiment: Literal["generalization"] = "generalization"
+    seeds: PositiveInt = 4  # networks per width
+    network: NetworkSpec = NetworkSpec(depth=4, width=[128, 512, 2048])
+    data: GenDataSpec = GenDataSpec()
+    kernels: GenKernelSpec = GenKernelSpec()
+    training: GenTrainingSpec = GenTrainingSpec()
+    predictors: Annotated[list[Literal["ntk", "nngp", "net"]], Field(min_length=1)] = ["ntk", "nngp", "net"]
+    n_boot: PositiveInt = 2000  # bootstrap resamples for the distance slope
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenSpec:
+        if "net" in self.predictors and not self.network.width:
+            raise ValueError("network.width is empty but the predictor 'net' is requested")
+        if len(set(self.data.n_train)) != len(self.data.n_train):
+            raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")
+        return self
+
+
+Spec = GenSpec
+KERNEL_KINDS = ("ntk", "nngp")
+AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
+
+
+def check(spec: GenSpec) -> None:
+    """Before a run directory is made: both splits there and large enough (IDX headers only)."""
+    folder = resolve_data_dir(spec.data.dir)
+    train_info, test_info = split_info(folder, "train"), split_info(folder, "test")
+    check_request(train_info, "train", max(n_train_sizes(spec)), "data.n_train")
+    check_request(test_info, "test", spec.data.n_test or 1, "data.n_test")
+    if test_info.pixels != train_info.pixels:
+        raise DataError(
+            f"{test_info.images}: {test_info.pixels}-pixel images, but the train split's have "
+            f"{train_info.pixels}"
+        )
+
+
+def n_train_sizes(spec: GenSpec) -> list[int]:
+    """Every training-set size a unit uses (kernels' list, and the networks' set)."""
+    kernel = spec.data.n_train if set(spec.predictors) & set(KERNEL_KINDS) else []
+    net = [spec.training.n_train] if "net" in spec.predictors else []
+    return [*kernel, *net]
+
+
+def gram_dtype(spec: GenSpec, n: int) -> torch.dtype:
+    if spec.kernels.dtype == "auto":
+        return torch.float64 if n <= AUTO_FLOAT64_POINTS else torch.float32
+    return resolve_dtype(spec.kernels.dtype)
+
+
+# ---------------------------------------------------------------- data
+
+
+def dataset(spec: GenSpec, n_train: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X (n_train, n0), labels, X_test (M, n0), test labels), float64; the training points are a
+    prefix of one seeded order, so the learning curve's sets are nested."""
+    folder = resolve_data_dir(spec.data.dir)
+    images, labels = load_idx_dataset(folder, "train")
+    X, y = choose_points(images, labels, max(n_train_sizes(spec)), spec.data.seed, nested=True)
+    X, y = X[:n_train], y[:n_train]
+    images, labels = load_idx_dataset(folder, "test")
+    m = spec.data.n_test or images.shape[0]
+    Xt, yt = choose_points(images, labels, m, spec.data.seed)
+    if spec.data.scaling == "standardize":  # statistics of the training points, applied to both
+        mean, std = X.mean(0), X.std(0)
+        std = torch.where(std > 0, std, 1.0)
+        X, Xt = (X - mean) / std, (Xt - mean) / std
+    return X, y, Xt, yt
+
+
+def targets(spec: GenSpec, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) class labels -> (N, 10) centered one-hot targets."""
+    Y = torch.full((len(labels), CLASSES), spec.data.target_off, dtype=torch.float64)
+    Y[torch.arange(len(labels)), labels] = spec.data.target_on
+    return Y
+
+
+def scores(spec: GenSpec, pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Test accuracy (argmax over the 10 outputs) and test MSE (mean over points and outputs)."""
+    return {
+        "test_accuracy": float((pred.argmax(1) == labels).double().mean()),
+        "test_mse": float(((pred - targets(spec, labels)) ** 2).mean()),
+    }
+
+
+# ---------------------------------------------------------------- kernel units
+
+
+def kernel_args(spec: GenSpec) -> dict:
+    net = spec.network
+    return {"depth": net.depth, "nonlinearity": net.nonlinearity, "beta": net.beta}
+
+
+def gram(
+    spec: GenSpec, ctx: UnitContext, name: str, kind: str, X: torch.Tensor, progress: Progress
+) -> torch.Tensor:
+    """Theta or Sigma on X (N, n0) -> (N, N) in the Gram dtype, row block by row block; a Gram of
+    more than one block saves each block as a checkpoint part, so a killed unit resumes there."""
+    n, rows = X.shape[0], spec.kernels.checkpoint_rows
+    K = torch.empty(n, n, dtype=gram_dtype(spec, n))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        part = f"rows{r0}"
+        saved = ctx.load_checkpoint(name, part) if n > rows else None
+        if saved is not None and saved["block"].shape == (r1 - r0, n - r0):
+            K[r0:r1, r0:] = saved["block"]
+        else:
+            analytic_kernel(X, None, **kernel_args(spec), kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
+            if n > rows:
+                ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
+        cost = analytic_flops(r1 - r0, n - (r0 + r1) / 2, X.shape[1], spec.network.depth)  # upper triangle
+        progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
+    mirror_upper_(K)
+    return K
+
+
+def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+    kind, n = unit.args["kind"], unit.args["n_train"]
+    X, labels, Xt, labels_t = dataset(spec, n)
+    K = gram(spec, ctx, unit.name, kind, X, progress)
+    solve_cost = n**3 / 3
+
+    def solved(done: int, total: int) -> None:
+        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost / total)
+
+    alpha, ridge, notes = kernel_solve_(K, targets(spec, labels), ridge=spec.kernels.ridge, progress=solved)
+    for note in notes:
+        LOG.warning("%s: %s", unit.name, note)
+    del K
+    pred = torch.cat(
+        [
+            analytic_kernel(Xt[c : c + 1000], X, **kernel_args(spec), kind=kind) @ alpha.double()
+            for c in range(0, Xt.shape[0], 1000)
+        ]
+    )
+    row = {"predictor": kind, "n_train": n, "width": math.nan, "seed": -1, **scores(spec, pred, labels_t)}
+    row["ridge"] = ridge
+    row["gram_dtype"] = str(gram_dtype(spec, n)).removeprefix("torch.")
+    LOG.info("%s", row)
+    return {"rows": pack([row]), "notes": notes}
+
+
+def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
+    """The NTK predictor on the networks' training set, on the test points, at t = inf and at the
+    nets' training time t = steps * lr (the GD dynamics of docs/science.md §4, mean only)."""
+    tr = spec.training
+    X, labels, Xt, labels_t = dataset(spec, tr.n_train)
+    K = analytic_kernel(X, None, **kernel_args(spec))
+    eig = dynamics.eigen(K)
+    k_test = analytic_kernel(Xt, X, **kernel_args(spec))
+    Y = targets(spec, labels)
+    out = {}
+    for label, t in (("inf", math.inf), ("t", tr.steps * tr.lr)):
+        lr = None if math.isinf(t) else tr.lr
+        out[label] = (dynamics.predictor(eig, k_test, t, lr) @ Y).float()
+    progress.advance("reference", unit.cost)
+    # the NTK predictor at the nets' training time, scored like them ("ntk_t" in accuracy.csv)
+    row = {"predictor": "ntk_t", "n_train": tr.n_train, "width": math.nan, "seed": -1}
+    row.update(scores(spec, out["t"].double(), labels_t), ridge=0.0, gram_dtype="float64")
+    return {**out, "rows": pack([row])}
+
+
+# ---------------------------------------------------------------- network units
+
+
+def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+    width, seed, tr = unit.args["width"], unit.args["seed"], spec.training
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    X, labels, Xt, labels_t = dataset(spec, tr.n_train)
+    net = build_net(spec, X.shape[1], width, seed, device, n_out=CLASSES)
+    Xd, Xtd, Y = X.to(device, dtype), Xt.to(device, dtype), targets(spec, labels)
+    with torch.no_grad():
+        f0_train, f0_test = net(Xd), net(Xtd)
+    # centered: train f - f_0 towards Y, i.e. f towards Y + f_0(X) (the same gradient)
+    goal = Y.to(device, dtype) + (f0_train if tr.center else 0.0)
+    label = f"width {width}, seed {seed}"
+    cost = gd_flops(tr.n_train, X.shape[1], width, spec.network.depth)
+    train(net, Xd, goal, lr=tr.lr, steps=tr.steps, label=label, progress=progress, step_cost=cost)
+    with torch.no_grad():
+        pred = (net(Xtd) - (f0_test if tr.center else 0.0)).double().cpu()
+    reference = ctx.require("reference")
+    row = {
+        "predictor": "net",
+        "n_train": tr.n_train,
+        "width": width,
+        "seed": seed,
+        **scores(spec, pred, labels_t),
+    }
+    row["ridge"], row["gram_dtype"] = math.nan, ""
+    dist = {"width": width, "seed": seed}
+    for key in ("inf", "t"):
+        f_ntk = reference[key].double()
+        dist[f"dist_{key}"] = float((pred - f_ntk).norm() / f_ntk.norm())
+    LOG.info("%s %s", row, dist)
+    return {"rows": pack([row]), "distance": pack([dist])}
+
+
+# ---------------------------------------------------------------- the experiment's face
+
+
+def units(spec: GenSpec) -> list[Unit]:
+    """Kernel units (kind, N_train), then `reference` and the (width, seed) networks."""
+    n0, depth, m = 784, spec.network.depth, spec.data.n_test or 10000
+    out = []
+    for kind in (k for k in KERNEL_KINDS if k in spec.predictors):
+        for n in spec.data.n_train:
+            cost = analytic_flops(n, n, n0, depth) / 2 + n**3 / 3 + analytic_flops(m, n, n0, depth)
+            out.append(Unit(f"{kind}_n{n}", cost, {"kind": kind, "n_train": n}))
+    if "net" in spec.predictors:
+        n, tr = spec.training.n_train, spec.training
+        ref_cost = analytic_flops(n + m, n, n0, depth) + eigen_flops(n)
+        out.append(Unit("reference", ref_cost, stage=0))
+        for w in spec.network.width:
+            for s in range(spec.base_seed, spec.base_seed + spec.seeds):
+                cost = gd_flops(n, n0, w, depth) * tr.steps
+                out.append(Unit(f"w{w}_s{s}", cost, {"width": w, "seed": s}))
+    return out
+
+
+def memory(spec: GenSpec, unit: Unit) -> int:
+    """Peak bytes: the splits' images and the float64 points, then the Gram with the in-place
+    solve and one 1000-row test block (kernel units), the reference's kernels and eigen
+    decomposition, or a network's GD step and test forward pass."""
+    n0, m = 784, spec.data.n_test or 10000
+    data = 70000 * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
+    if "kind" in unit.args:
+        n = unit.args["n_train"]
+        b = torch.empty((), dtype=gram_dtype(spec, n)).element_size()
+        block = n * n * b + solve_bytes(n, CLASSES, b) + resources.analytic_bytes(1000, n, spec.network.depth)
+        checkpoint = (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
+        return data + block + checkpoint
+    n = spec.training.n_train
+    if unit.name == "reference":
+        return (
+            data + resources.analytic_bytes(n, n) + resources.analytic_bytes(m, n) + resources.eigen_bytes(n)
+        )
+    sizes = [n0, *([unit.args["width"]] * (spec.network.depth - 1)), CLASSES]
+    b = resources.dtype_bytes(spec.dtype)
+    return data + resources.network_bytes(sizes, b) + resources.training_bytes(max(n, m), sizes, b)
+
+
+def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+    if "kind" in unit.args:
+        return kernel_unit(spec, unit, ctx, progress)
+    if unit.name == "reference":
+        return reference_unit(spec, unit, progress)
+    return net_unit(spec, unit, ctx, progress)
+
+
+def fits(distance: pd.DataFrame, spec: GenSpec) -> pd.DataFrame:
+    """Slope of each distance in width (log-log, bootstrap over seeds), as `scaling` fits."""
+    rows = []
+    widths = np.array(sorted(distance["width"].unique()), float)
+    if len(widths) < 2:
+        return pd.DataFrame(columns=["metric", "slope", "ci_low", "ci_high", "intercept", "reference_slope"])
+    for metric in ("dist_t", "dist_inf"):
+        samples = distance.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
+        fit = fit_power_law(widths, samples, n_boot=spec.n_boot, seed=spec.base_seed)
+        rows.append(
+            {
+                "metric": metric,
+                "slope": fit.slope,
+                "ci_low": fit.ci_low,
+                "ci_high": fit.ci_high,
+                "intercept": fit.intercept,
+                "reference_slope": -0.5 if metric == "dist_t" else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    """accuracy.csv, distance.csv, fits.csv and the figure; -> accuracy."""
+    accuracy = unpack(*(r["rows"] for r in results.values()))
+    accuracy = accuracy.sort_values(["predictor", "n_train", "width", "seed"], kind="stable").reset_index(
+        drop=True
+    )
+    run.write_csv("accuracy.csv", accuracy)
+    nets = [r["distance"] for r in results.values() if "distance" in r]
+    distance = unpack(*nets) if nets else pd.DataFrame(columns=["width", "seed", "dist_inf", "dist_t"])
+    fit_table = fits(distance, spec)
+    run.write_csv("distance.csv", distance)
+    run.write_csv("fits.csv", fit_table)
+    generalization_figure(accuracy, distance, fit_table, spec, run.path / "figure")
+    return accuracy
