@@ -192,3 +192,19 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_empirical_ntk_takes_any_module_through_the_generic_path():
+    """A plain module goes to torch.func (ntkrun.kernels.generic); an ntkrun.MLP keeps the fast path."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    params = dict(model.named_parameters())
+
+    def f(p, x):
+        return functional_call(model, p, (x[None],))[0]
+
+    J = vmap(jacrev(f), (None, 0))(params, X)
+    ref = sum(torch.einsum("iap,jbp->ijab", J[n].reshape(5, 2, -1), J[n].reshape(5, 2, -1)) for n in params)
+    assert rel_err(empirical_ntk(model, X), ref) < TOL
+    with pytest.raises(ValueError, match="per_layer"):
+        empirical_ntk(model, X, per_layer=True)

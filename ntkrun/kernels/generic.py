@@ -12,8 +12,7 @@ kernel" (neural-tangents' JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS):
   on a row block then yields Theta(X1, x_j)_{:, :, b} = J1 J2^T e_jb without forming J1.
 
 The model is evaluated per sample (vmap over x[None]), so its layers must be batch independent:
-BatchNorm in train mode (batch statistics, in-place running stats) and Dropout in train mode
-(random) are refused with a ValueError; call model.eval() first.
+BatchNorm and Dropout in train mode are refused with a ValueError (call model.eval() first).
 """
 
 from __future__ import annotations
@@ -34,11 +33,11 @@ Params = dict[str, torch.Tensor]
 PerSample = Callable[[Params, torch.Tensor], torch.Tensor]  # (params, x (...)) -> (k,)
 METHODS = ("auto", "jacobian", "ntvp")
 JVP_COPIES = 3  # numbers per activation and tangent in a jvp: primal, tangent, temporaries
+# tangent-batched jvps run ~2x slower per FLOP than the contraction's GEMMs (CPU, torch 2.13, dense
+JVP_SLOWDOWN = 2.0  # k = 10: ntvp/jacobian measured 0.22, 0.11 predicted with S = 1; convs: worse)
 
 
-class _Shape(NamedTuple):
-    """What the two methods need besides the inputs."""
-
+class _Shape(NamedTuple):  # what the two methods need besides the inputs
     symmetric: bool  # X2 is X: compute half, mirror
     trace: bool  # out is (N1, N2) = mean_a Theta_aa (also for a scalar-output model)
     k: int  # outputs per input
@@ -55,51 +54,73 @@ class _CountNumel(TorchDispatchMode):
         self.numel = 0
 
     def __torch_dispatch__(
-        self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None
+        self, func: Callable, types: object, args: tuple = (), kw: dict | None = None
     ) -> object:
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **(kw or {}))
         leaves = torch.utils._pytree.tree_leaves(out)
         self.numel += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
         return out
 
 
 def choose_method(
-    n1: int,
-    n2: int,
-    k: int,
-    n_params: int,
-    memory_budget: int,
-    itemsize: int,
-    *,
-    forward_flops: float | None = None,
-    trace_outputs: bool = False,
+    n1: int, n2: int, k: int, n_params: int, memory_budget: int, itemsize: int, *,
+    forward_flops: float | None = None, numel: float = 0.0, trace_outputs: bool = False,
     symmetric: bool = False,
-) -> str:
-    """The method, "jacobian" or "ntvp", from predicted FLOPs; memory first.
-
-    F = forward FLOPs per sample (default 2P: every weight used once, as in a dense net; a conv
-    net reuses its weights, F >> P). A vjp costs ~2F, so k vjps for one sample's Jacobian cost
-    (1 + 2k) F; a jvp of one tangent costs ~2F per input. With b = the jacobian block size and
-    r = ceil(n1 / b) row blocks (column Jacobians are recomputed per row block), m = n1 n2 pairs
-    (half of it when symmetric), c = k for the full kernel and 1 for trace_outputs:
-
-        jacobian = (n1 + r n2) (1 + 2k) F + 2 m k c P      (symmetric: n1 (r + 1) / 2 evaluations)
-        ntvp     = n2 (1 + 2k) F + 2 m k F                 (every column Jacobian formed once)
-
-    So ntvp wins for many outputs on a dense net (F ~ 2P, k > 2) and loses for k = 1, for
-    trace_outputs and for weight-sharing nets. Memory: the jacobian method holds two blocks of
-    k P numbers per sample; if even one-sample blocks exceed `memory_budget`, ntvp is chosen
-    (it needs k P numbers of one column sample only). Ties go to "jacobian".
-    """
-    P, F = n_params, float(forward_flops) if forward_flops else 2.0 * n_params
-    if 2 * k * P * itemsize > memory_budget:
+) -> str:  # fmt: skip
+    """The cheaper method_costs; "ntvp" if 2 k P numbers (jacobian, 1-input blocks) exceed the budget."""
+    if 2 * k * n_params * itemsize > memory_budget:
         return "ntvp"
+    costs = method_costs(n1, n2, k, n_params, memory_budget, itemsize, forward_flops=forward_flops,
+                         numel=numel, trace_outputs=trace_outputs, symmetric=symmetric)  # fmt: skip
+    return "ntvp" if costs["ntvp"] < costs["jacobian"] else "jacobian"
+
+
+def method_costs(
+    n1: int, n2: int, k: int, n_params: int, memory_budget: int, itemsize: int, *,
+    forward_flops: float | None = None, numel: float = 0.0, trace_outputs: bool = False,
+    symmetric: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Predicted cost of both methods in FLOPs, {"jacobian": ..., "ntvp": ...}.
+
+    F = forward FLOPs per input (default 2P: each weight used once, as in a dense net; conv nets
+    reuse weights, F >> P). A vjp costs ~2F, so one input's k Jacobian rows cost (1 + 2k) F; a jvp
+    costs F for the primal plus 2F per tangent, weighted by S = JVP_SLOWDOWN. With r row blocks
+    of jacobian_block (column Jacobians recomputed per row block), G column groups of ntvp_blocks
+    (row primals recomputed per group), m = n1 n2 pairs and c = k (1 for the trace):
+
+        jacobian = (n1 + r n2) (1 + 2k) F + 2 m k c P
+        ntvp     = n2 (1 + 2k) F + G n1 F + 2 S m k F
+
+    Symmetric: n1 (r + 1) / 2 Jacobians, m = n1^2 (r + 1) / 2r; ntvp m = n1^2 (G + 1) / 2G.
+    So ntvp wins for many outputs of a dense net (2SkF = 8kP < 2k^2 P for k > 4) or when the
+    jacobian blocks are small (recomputation); it loses for k = 1, for trace_outputs and for
+    weight-sharing nets. `numel`: numbers per input written by a forward (sizes ntvp row blocks).
+    """
+    P, F, S = n_params, float(forward_flops) if forward_flops else 2.0 * n_params, JVP_SLOWDOWN
+    c = 1 if trace_outputs else k
     r = math.ceil(n1 / jacobian_block(n1, 0 if symmetric else n2, k, P, memory_budget, itemsize))
-    evals = n1 * (r + 1) / 2 if symmetric else n1 + r * n2
-    pairs = n1 * n2 / (2 if symmetric else 1)
-    jacobian = evals * (1 + 2 * k) * F + 2 * pairs * k * (1 if trace_outputs else k) * P
-    ntvp = (n1 if symmetric else n2) * (1 + 2 * k) * F + 2 * pairs * k * F
-    return "ntvp" if ntvp < jacobian else "jacobian"
+    G = math.ceil(n2 / ntvp_blocks(n1, n2, k, P, memory_budget, itemsize, numel)[1])
+    if symmetric:
+        jacobian = n1 * (r + 1) / 2 * (1 + 2 * k) * F + n1**2 * (r + 1) / r * k * c * P
+        ntvp = n1 * (1 + 2 * k) * F + n1 * (G + 1) / 2 * F + S * n1**2 * (G + 1) / G * k * F
+    else:
+        jacobian = (n1 + r * n2) * (1 + 2 * k) * F + 2 * n1 * n2 * k * c * P
+        ntvp = n2 * (1 + 2 * k) * F + G * n1 * F + 2 * S * n1 * n2 * k * F
+    return {"jacobian": jacobian, "ntvp": ntvp}
+
+
+def ntvp_blocks(
+    n1: int, n2: int, k: int, n_params: int, memory_budget: int, itemsize: int, numel: float = 0.0
+) -> tuple[int, int]:
+    """(b, g) of the ntvp method: row blocks of b inputs, column groups of g inputs.
+
+    A (group, row block) holds g k tangents of P numbers and g k b JVP_COPIES numel numbers of
+    activation tangents; b = n1 unless one group input's tangents over all rows exceed half the
+    budget, then g as large as the budget allows (>= 1)."""
+    per_row = k * JVP_COPIES * max(numel, 1.0) * itemsize
+    b = n1 if n1 * per_row <= memory_budget / 2 else max(1, int(memory_budget / 2 // per_row))
+    g = min(n2, max(1, int(memory_budget // (k * n_params * itemsize + b * per_row))))
+    return b, g
 
 
 def jacobian_block(n1: int, n2: int, k: int, n_params: int, memory_budget: int, itemsize: int) -> int:
@@ -186,10 +207,9 @@ def generic_ntk(
     itemsize = like.element_size()
     if method == "auto":
         method = choose_method(n1, n2, k, P, memory_budget, itemsize, forward_flops=flops or None,
-                               trace_outputs=trace, symmetric=symmetric)  # fmt: skip
+                               numel=numel, trace_outputs=trace, symmetric=symmetric)  # fmt: skip
 
-    def f(p: Params, x: torch.Tensor) -> torch.Tensor:
-        """One input (...) -> (k,) outputs."""
+    def f(p: Params, x: torch.Tensor) -> torch.Tensor:  # one input (...) -> (k,) outputs
         return functional_call(model, p, (x.unsqueeze(0),)).reshape(k)
 
     out = X.new_zeros((n1, n2) if trace else (n1, n2, k, k))
@@ -251,17 +271,11 @@ def _ntvp(
     f: PerSample, params: Params, X: torch.Tensor, X2: torch.Tensor, out: torch.Tensor, s: _Shape,
     progress: Progress | None,
 ) -> None:  # fmt: skip
-    """NTK-vector products: column groups (their tangents J2^T e_jb) times row blocks (jvps).
-
-    Memory per (group, row block): g k tangents of P numbers plus g k b JVP_COPIES A numbers of
-    activation tangents (A = numbers per sample counted by the probe)."""
-    n1, n2, k, symmetric, trace, item = X.shape[0], X2.shape[0], s.k, s.symmetric, s.trace, X.element_size()
-    per_row = k * JVP_COPIES * max(s.numel, 1.0) * item  # activation tangents of one row, g = 1
-    b = n1 if n1 * per_row <= s.budget / 2 else max(1, int(s.budget / 2 // per_row))
-    g = min(n2, max(1, int(s.budget // (k * s.n_params * item + b * per_row))))
-    groups = [(s, min(s + g, n2)) for s in range(0, n2, g)]
-    total = sum(math.ceil((e if symmetric else n1) / b) for _, e in groups)
-    done = 0
+    """NTK-vector products: column groups (their tangents J2^T e_jb) times row blocks (jvps)."""
+    n1, n2, k, symmetric, trace = X.shape[0], X2.shape[0], s.k, s.symmetric, s.trace
+    b, g = ntvp_blocks(n1, n2, k, s.n_params, s.budget, X.element_size(), s.numel)
+    groups = [(c, min(c + g, n2)) for c in range(0, n2, g)]
+    total, done = sum(math.ceil((e if symmetric else n1) / b) for _, e in groups), 0
     for c0, e in groups:
         tangents = {n: t.flatten(0, 1) for n, t in vmap(jacrev(f), (None, 0))(params, X2[c0:e]).items()}
         for r0 in range(0, e if symmetric else n1, b):
