@@ -215,7 +215,7 @@ def generalization_figure(
     nets = accuracy[accuracy["predictor"] == "net"]
     n_net = spec.training.n_train  # type: ignore[attr-defined]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.8))
+        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"wspace": 0.35})
         ax = axes[0]
         for kind in ("ntk", "nngp"):
             g = accuracy[accuracy["predictor"] == kind].sort_values("n_train")
@@ -241,7 +241,7 @@ def generalization_figure(
         ax.set_xlabel("training points N_train")
         ax.set_ylabel("test accuracy")
         ax.set_title("(a) learning curves", fontsize=9)
-        ax.legend(frameon=False, fontsize=7)
+        _legend(ax)
         ax = axes[1]
         if len(nets):
             g = nets.groupby("width")["test_accuracy"]
@@ -255,7 +255,7 @@ def generalization_figure(
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width n")
         ax.set_title(f"(b) accuracy vs width, N_train = {n_net}", fontsize=9)
-        ax.legend(frameon=False, fontsize=7)
+        _legend(ax)
         ax = axes[2]
         for metric, marker, label in (
             ("dist_t", "o", "to NTK at the nets' t"),
@@ -274,7 +274,7 @@ def generalization_figure(
         ax.set_xlabel("width n")
         ax.set_ylabel("||f_net - f_ntk|| / ||f_ntk|| (test)")
         ax.set_title("(c) nets approach the NTK predictor", fontsize=9)
-        ax.legend(frameon=False, fontsize=7)
+        _legend(ax)
         net = spec.network  # type: ignore[attr-defined]
         fig.suptitle(
             f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}; nets: {spec.seeds} seeds, "
@@ -282,3 +282,8 @@ def generalization_figure(
             fontsize=10,
         )
         _save(fig, stem)
+
+
+def _legend(ax: plt.Axes) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize=7)

@@ -194,6 +194,7 @@ def gram(
         saved = ctx.load_checkpoint(name, part) if n > rows else None
         if saved is not None and saved["block"].shape == (r1 - r0, n - r0):
             K[r0:r1, r0:] = saved["block"]
+            LOG.info("%s: Gram rows %d-%d from their checkpoint", name, r0, r1)
         else:
             analytic_kernel(X, None, **kernel_args(spec), kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
             if n > rows:

@@ -1,0 +1,175 @@
+"""`ntkrun generalization`: predictors against independent dense solves, nets approaching the NTK
+predictor, Gram checkpoints, bad input, and real Fashion-MNIST where it is installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from faults import launch
+from test_data import write_split
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+from ntkrun.kernels import analytic_kernels
+
+FASHION = Path(os.environ.get("NTKRUN_TEST_FASHION", "/usr/share/datasets/fashion-mnist"))
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not at {FASHION} (apt-get install dataset-fashion-mnist; .ci/run does)",
+)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A small labelled IDX dataset with both splits (random pixels, random labels)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_split(folder, n=120, split="train")
+    write_split(folder, n=60, split="t10k")
+    return folder
+
+
+def run(folder: Path, out: Path, *sets: str, preset: str = "quick") -> CliRunner:
+    args = ["generalization", "--preset", preset, "--data-dir", str(folder), "-o", str(out), "--quiet",
+            "--set", "device=cpu", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def test_kernel_predictors_equal_a_dense_numpy_solve(images, tmp_path):
+    """accuracy.csv's test MSE and accuracy of the NTK and NNGP predictors (blocked in-place
+    Cholesky, float64 Gram) equal those of np.linalg.solve on the same kernels."""
+    result = run(images, tmp_path, "predictors=[ntk, nngp]", "data.n_train=[50, 100]", "data.n_test=40",
+                 "kernels.checkpoint_rows=32")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
+    from ntkrun.data import choose_points, load_idx_dataset
+
+    X_all, y_all = choose_points(*load_idx_dataset(images, "train"), 100, 0, nested=True)
+    Xt, yt = choose_points(*load_idx_dataset(images, "test"), 40, 0)
+    for n in (50, 100):
+        X, y = X_all[:n].numpy(), y_all[:n].numpy()
+        Y = np.full((n, 10), -0.1)
+        Y[np.arange(n), y] = 0.9
+        Yt = np.full((40, 10), -0.1)
+        Yt[np.arange(40), yt.numpy()] = 0.9
+        S, T = (k.numpy() for k in analytic_kernels(X, depth=4))
+        St, Tt = (k.numpy() for k in analytic_kernels(Xt.numpy(), X, depth=4))
+        for kind, K, Kt in (("ntk", T, Tt), ("nngp", S, St)):
+            pred = Kt @ np.linalg.solve(K, Y)
+            row = table[(table["predictor"] == kind) & (table["n_train"] == n)].iloc[0]
+            assert row["ridge"] == 0.0
+            # the condition number of these Grams is ~1e3-1e4: both solves agree to ~1e-12
+            assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
+            assert row["test_accuracy"] == (pred.argmax(1) == yt.numpy()).mean()
+
+
+def test_nets_approach_the_ntk_predictor_as_width_grows(images, tmp_path):
+    """The distance to the NTK predictor at the nets' training time falls with width: fitted
+    log-log slope < 0 with a bootstrap CI excluding 0 (the limit theory says ~ -1/2)."""
+    result = run(images, tmp_path, "predictors=[net]", "network.width=[64, 256, 1024]", "seeds=3",
+                 "training.n_train=48", "training.steps=30", "data.n_test=40")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fits = pd.read_csv(tmp_path / "generalization" / "latest" / "fits.csv").set_index("metric")
+    assert fits.loc["dist_t", "slope"] < 0 and fits.loc["dist_t", "ci_high"] < 0, fits
+    distance = pd.read_csv(tmp_path / "generalization" / "latest" / "distance.csv")
+    assert len(distance) == 9 and (distance["dist_t"] > 0).all()
+
+
+def test_a_killed_kernel_unit_resumes_from_its_gram_blocks(images, tmp_path):
+    """SIGKILL right after the second Gram block is checkpointed; `resume` reads the saved
+    blocks, and every CSV equals an uninterrupted run's."""
+    sets = ["predictors=[ntk]", "data.n_train=[100]", "data.n_test=40", "kernels.checkpoint_rows=32"]
+    args = ["generalization", "--preset", "quick", "--data-dir", str(images), "-o", str(tmp_path / "killed"),
+            "--quiet", "--set", "device=cpu", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    proc = launch("checkpoint", 2, "SIGKILL", tmp_path / "killed.marker", args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    (partial,) = (tmp_path / "killed" / "generalization").glob(".*.partial")
+    assert sorted(p.name for p in (partial / "units").glob("*.ckpt.*")) == [
+        "ntk_n100.ckpt.rows0.pt", "ntk_n100.ckpt.rows32.pt"]  # fmt: skip
+    result = CliRunner().invoke(app, ["resume", str(partial), "--quiet"])
+    assert result.exit_code == 0, result.output
+    resumed = tmp_path / "killed" / "generalization" / "latest"
+    assert "Gram rows 32-64 from their checkpoint" in (resumed / "run.log").read_text()
+    assert not list((resumed / "units").glob("*.ckpt*"))  # the parts go when the unit is saved
+    assert run(images, tmp_path / "whole", *sets).exit_code == 0
+    whole = tmp_path / "whole" / "generalization" / "latest"
+    for name in ("accuracy.csv", "distance.csv", "fits.csv"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def sparse_split(folder: Path, split: str, count: int) -> None:
+    """Valid uncompressed IDX files of `count` blank 28x28 images, as sparse files (no disk used)."""
+    folder.mkdir(exist_ok=True)
+    for stem, dims in (
+        (f"{split}-images-idx3-ubyte", (count, 28, 28)),
+        (f"{split}-labels-idx1-ubyte", (count,)),
+    ):
+        path = folder / stem
+        path.write_bytes(bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims))
+        os.truncate(path, 4 + 4 * len(dims) + int(np.prod(dims)))
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["data.n_train=[500]"], "data.n_train: 500 points asked for, but the train split"),
+        (["data.n_test=0"], "data.n_test"),
+        (["data.n_test=100"], "data.n_test: 100 points asked for, but the test split"),
+        (["kernels.ridge=-1"], "kernels.ridge"),
+        (["network.width=[]", "predictors=[net]"], "network.width"),
+        (["predictors=[svm]"], "predictors"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(images, tmp_path, sets, message):
+    result = run(images, tmp_path / "out", "data.n_train=[50]", "training.n_train=50", *sets)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_a_train_split_is_refused(tmp_path):
+    folder = tmp_path / "only-test"
+    folder.mkdir()
+    write_split(folder, n=30, split="t10k")
+    result = run(folder, tmp_path / "out")
+    assert result.exit_code == 2 and "train-images-idx3-ubyte(.gz) not found" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gram_that_would_not_fit_is_refused_naming_the_unit(tmp_path):
+    """60000 points in float64 is 28.8 GB for the Gram alone: refused before anything is read
+    or allocated, naming the unit and the estimate."""
+    folder = tmp_path / "big"
+    sparse_split(folder, "train", 60000)
+    sparse_split(folder, "t10k", 10000)
+    result = run(
+        folder, tmp_path / "out", "data.n_train=[60000]", "kernels.dtype=float64", "predictors=[ntk]"
+    )
+    assert result.exit_code == 2, result.output
+    assert "ntk_n60000" in result.stderr and "GiB" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_fashion
+def test_quick_preset_on_fashion_mnist_is_accurate_and_stable(tmp_path):
+    """Real data: the NTK predictor is far above chance (0.1) and two runs print the same numbers."""
+    tables = []
+    for attempt in ("a", "b"):
+        result = run(FASHION, tmp_path / attempt)
+        assert result.exit_code == 0, result.output
+        tables.append((tmp_path / attempt / "generalization" / "latest" / "accuracy.csv").read_bytes())
+    assert tables[0] == tables[1]
+    table = pd.read_csv(tmp_path / "a" / "generalization" / "latest" / "accuracy.csv")
+    ntk = table[table["predictor"] == "ntk"].set_index("n_train")["test_accuracy"]
+    assert ntk.min() > 0.6 and ntk[1024] > ntk[256]
+    assert (table[table["predictor"] == "net"]["test_accuracy"] > 0.4).all()
+    assert torch.get_num_threads() >= 1  # (the two runs shared this process's thread count)
