@@ -10,7 +10,8 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 from ntkrun import dynamics
-from ntkrun.kernels import analytic_kernel, analytic_kernels, empirical_nngp, empirical_ntk, mirror_upper_
+from ntkrun.kernels import analytic_kernel, analytic_kernels, empirical_nngp, empirical_ntk
+from ntkrun.linalg import mirror_
 from ntkrun.network import MLP, gd_step, mse_cost
 
 # float64 sums of the same products in another order: 1e-10 relative is 10^5 above rounding.
@@ -166,7 +167,7 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
         for r0 in range(0, 70, 25):
             rows = (r0, min(r0 + 25, 70))
             analytic_kernel(X, depth=4, kind=kind, out_dtype=torch.float32, out=out, rows=rows)
-        mirror_upper_(out)
+        mirror_(out, to_lower=True)
         assert torch.equal(out, ref.float())
     whole = analytic_kernel(X, depth=4, out_dtype=torch.float32, block_rows=8)  # no rows: mirrored
     assert torch.equal(whole, theta.float())

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ntkrun.linalg import mirror_
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 
 Progress = Callable[[int, int], None]
@@ -257,7 +258,8 @@ def analytic_kernels(
             progress(k, nblocks)
     if symmetric:
         for out, diag in ((sigma_out, d1), (theta_out, t1)):
-            mirror_upper_(out)
+            for square in out.view(-1, n1, n1):  # each layer's with all_layers
+                mirror_(square, to_lower=True, block=MIRROR_BLOCK)
             index = torch.arange(n1)
             out[..., index, index] = (torch.stack(diag) if all_layers else diag[-1]).to(dtype)
     return sigma_out, theta_out
@@ -284,8 +286,9 @@ def analytic_kernel(
     For Grams too large to hold twice (60000 points: 14.4 GB in float32). Fills `out` (N1, N2)
     if given, else a new tensor. `rows=(r0, r1)` computes those rows only, so a caller can
     checkpoint the Gram block by block; with X2 = None only their upper-triangle part (columns
-    >= row) and their exact diagonal are written, and `mirror_upper_(out)` completes the matrix
-    once every row is done (without `rows`, the whole symmetric matrix is returned).
+    >= row) and their exact diagonal are written, and `ntkrun.linalg.mirror_(out, to_lower=True)`
+    completes the matrix once every row is done (without `rows`, the whole symmetric matrix is
+    returned).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -318,18 +321,5 @@ def analytic_kernel(
         index = torch.arange(r0, r1)
         out[index, index] = (t1[-1] if kind == "ntk" else d1[-1]).to(dtype)
         if rows is None:
-            mirror_upper_(out)
+            mirror_(out, to_lower=True, block=MIRROR_BLOCK)
     return out
-
-
-def mirror_upper_(K: torch.Tensor, block: int = MIRROR_BLOCK) -> None:
-    """Copy the upper triangle of K (over its last two dims) onto the lower one, in place."""
-    n = K.shape[-1]
-    for i in range(0, n, block):
-        for j in range(i, n, block):
-            upper = K[..., i : i + block, j : j + block]
-            if i == j:
-                lower = torch.tril(torch.ones(upper.shape[-2:], dtype=torch.bool), -1)
-                K[..., i : i + block, j : j + block] = torch.where(lower, upper.transpose(-1, -2), upper)
-            else:
-                K[..., j : j + block, i : i + block] = upper.transpose(-1, -2)

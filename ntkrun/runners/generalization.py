@@ -24,8 +24,8 @@ from ntkrun import dynamics, resources
 from ntkrun.data import check_request, choose_points, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import fit_power_law
-from ntkrun.kernels import analytic_kernel, mirror_upper_
-from ntkrun.linalg import kernel_solve_, solve_bytes
+from ntkrun.kernels import analytic_kernel
+from ntkrun.linalg import kernel_solve_, mirror_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -201,7 +201,7 @@ def gram(
                 ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
         cost = analytic_flops(r1 - r0, n - (r0 + r1) / 2, X.shape[1], spec.network.depth)  # upper triangle
         progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
-    mirror_upper_(K)
+    mirror_(K, to_lower=True)
     return K
 
 
@@ -209,10 +209,11 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     kind, n = unit.args["kind"], unit.args["n_train"]
     X, labels, Xt, labels_t = dataset(spec, n)
     K = gram(spec, ctx, unit.name, kind, X, progress)
-    solve_cost = n**3 / 3
+    solve_cost, reported = n**3 / 3, [0]
 
-    def solved(done: int, total: int) -> None:
-        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost / total)
+    def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
+        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
+        reported[0] = done
 
     alpha, ridge, notes = kernel_solve_(K, targets(spec, labels), ridge=spec.kernels.ridge, progress=solved)
     for note in notes:
