@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 import torch
 
+from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET, generic_ntk
 from ntkrun.network import MLP
 
 Progress = Callable[[int, int], None]
-
-DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of per-input features held at once
 
 
 def _features(net: MLP, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -137,8 +136,6 @@ def empirical_ntk(
     if not isinstance(net, MLP):
         if per_layer or block_size is not None:
             raise ValueError("per_layer and block_size need an ntkrun.MLP (the layerwise fast path)")
-        from ntkrun.kernels.generic import generic_ntk
-
         return generic_ntk(
             net, X, X2, trace_outputs=trace_outputs, memory_budget=memory_budget, progress=progress
         )

@@ -26,7 +26,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode  # private, but stable since torch 2.0
 from torch.utils.flop_counter import FlopCounterMode
 
-from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of Jacobians / features held at once (both paths)
 
 Progress = Callable[[int, int], None]
 Params = dict[str, torch.Tensor]

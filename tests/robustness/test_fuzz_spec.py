@@ -58,8 +58,12 @@ RAW_SET_VALUES = st.one_of(
 
 
 def base(experiment: str) -> list[str]:
-    """pca's synthetic digits are a small test split: point the spec at them (before the fuzz)."""
-    return ["--set", "data.split=test", "--set", "data.n_points=16"] if experiment == "pca" else []
+    """The synthetic digits are small splits: point pca and generalization at them (before the fuzz)."""
+    if experiment == "pca":
+        return ["--set", "data.split=test", "--set", "data.n_points=16"]
+    if experiment == "generalization":
+        return ["--set", "data.n_train=[20]", "--set", "training.n_train=20", "--set", "data.n_test=10"]
+    return []
 
 
 def key_path() -> st.SearchStrategy[str]:
@@ -69,7 +73,7 @@ def key_path() -> st.SearchStrategy[str]:
 def invoke_check(experiment: str, args: list[str], root: Path, data: Path, expect: int | None = None) -> str:
     """Run `ntkrun <experiment> ... --check`; assert the contract (and the exit code `expect`);
     count the outcome; -> what it printed."""
-    extra = ["--data-dir", str(data)] if experiment == "pca" else []
+    extra = ["--data-dir", str(data)] if experiment in ("pca", "generalization") else []
     result = CliRunner().invoke(app, [experiment, *args, *extra, "--check", "--output-root", str(root)])
     text = result.output
     assert result.exit_code in (0, 2), (args, result.exit_code, text, result.exception)
@@ -96,6 +100,7 @@ def digits(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("digits")
     write_split(folder, n=40)
+    write_split(folder, n=40, split="train")
     return folder
 
 
@@ -211,6 +216,7 @@ MODEL_NEGATIVES = {  # what the model validators refuse, beyond single-field con
                    ("data.target", "values"), ("data.target_values", "[1, 2, 3, 4]")],
     "scaling": [("data.dim", "3")],
     "pca": [],
+    "generalization": [("data.n_train", "[20, 20]"), ("network.width", "[]")],
 }  # fmt: skip
 NEGATIVES = [
     (experiment, key, value)
