@@ -214,8 +214,11 @@ def choose_points(
     otherwise they come in file order."""
     if n_points > images.shape[0]:
         raise DataError(f"n_points = {n_points} but the split holds only {images.shape[0]} images")
-    idx = np.random.default_rng(seed).choice(images.shape[0], size=n_points, replace=False)
-    idx = idx if nested else np.sort(idx)
+    rng = np.random.default_rng(seed)
+    if nested:  # a prefix of one permutation: the same first m points whatever n_points is
+        idx = rng.permutation(images.shape[0])[:n_points]
+    else:
+        idx = np.sort(rng.choice(images.shape[0], size=n_points, replace=False))
     X = torch.from_numpy(images[idx].reshape(n_points, -1).astype(np.float64) / 255.0)
     if scaling == "standardize":
         std = X.std(0)

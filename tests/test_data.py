@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ntkrun.cli import app
@@ -307,3 +308,13 @@ def test_download_faults_leave_nothing_behind(tmp_path):
     with Server(tmp_path / "empty") as server:  # 404 for everything
         with pytest.raises(DownloadError, match=f"could not download {images}"):
             download_mnist(tmp_path / "e", [server.url], ["test"], retries=1, checksums=sums)
+
+
+def test_nested_choices_are_prefixes_of_one_order(tmp_path):
+    """Learning curves: the first m of a nested choice are the same m points whatever n is."""
+    write_split(tmp_path, n=50)
+    images, labels = load_idx_dataset(tmp_path, "test")
+    small, _ = choose_points(images, labels, 10, seed=3, nested=True)
+    large, _ = choose_points(images, labels, 40, seed=3, nested=True)
+    assert torch.equal(large[:10], small)
+    assert not torch.equal(large[:10], choose_points(images, labels, 10, seed=4, nested=True)[0])
