@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ntkrun.linalg import mirror_
+from ntkrun.linalg import empty_checked, mirror_
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 
 Progress = Callable[[int, int], None]
@@ -239,7 +239,7 @@ def analytic_kernels(
     rows = block_rows or block_rows_for(n2, depth, all_layers, memory_budget)
     shape = (depth, n1, n2) if all_layers else (n1, n2)
     dtype = _out_dtype(out_dtype)
-    sigma_out, theta_out = X.new_empty(shape, dtype=dtype), X.new_empty(shape, dtype=dtype)
+    sigma_out, theta_out = empty_checked([shape, shape], dtype, X.device, "analytic_kernels")
     nblocks = math.ceil(n1 / rows)
     for k, r0 in enumerate(range(0, n1, rows), start=1):
         r = slice(r0, min(r0 + rows, n1))
@@ -300,7 +300,7 @@ def analytic_kernel(
         raise ValueError(f"rows must satisfy 0 <= r0 <= r1 <= {n1}, got {rows}")
     dtype = _out_dtype(out_dtype)
     if out is None:
-        out = X.new_empty((n1, n2), dtype=dtype)
+        (out,) = empty_checked([(n1, n2)], dtype, X.device, "analytic_kernel")
     elif out.shape != (n1, n2) or out.dtype != dtype:
         raise ValueError(f"out must be a ({n1}, {n2}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     d1, t1 = rec.diagonals(X[r0:r1])

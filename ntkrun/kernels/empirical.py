@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET, generic_ntk
+from ntkrun.linalg import empty_checked
 from ntkrun.network import MLP
 
 Progress = Callable[[int, int], None]
@@ -150,7 +151,7 @@ def empirical_ntk(
     shape = (X.shape[0], X2.shape[0])
     if net.n_out > 1 and not trace_outputs:
         shape = (*shape, net.n_out, net.n_out)
-    out = X.new_empty((net.depth, *shape) if per_layer else shape)
+    (out,) = empty_checked([(net.depth, *shape) if per_layer else shape], X.dtype, X.device, "empirical_ntk")
     pair = slice(-2, None) if len(shape) == 2 else slice(-4, -2)
     total = len(rows) * (len(rows) + 1) // 2 if symmetric else len(rows) * len(cols)
     done = 0
