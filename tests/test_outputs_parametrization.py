@@ -176,9 +176,10 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
 
 
 def test_a_kernel_that_cannot_fit_is_refused_before_allocating():
-    """10^6 points: two (N, N) float64 outputs are 1.6e13 bytes = 1.49e4 GiB; refused with the estimate and the limit."""
+    """10^6 points: two (N, N) float64 outputs, 1.6e13 bytes = 1.49e4 GiB; refused with the
+    estimate and the limit."""
     X = torch.zeros(10**6, 2)
-    with pytest.raises(MemoryError, match=r"analytic_kernels: .* need 1.46e\+04 GiB, more than the .* GiB"):
+    with pytest.raises(MemoryError, match=r"analytic_kernels: .* need 1.49e\+04 GiB, more than the .* GiB"):
         analytic_kernels(X, depth=2)
     with pytest.raises(MemoryError, match=r"empirical_ntk: .* GiB, more than"):
         empirical_ntk(MLP(2, 4, 2, n_out=3), X)
