@@ -51,6 +51,7 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
     as_list,
+    spec_hash,
 )
 
 LOG = logging.getLogger("ntkrun")
@@ -195,13 +196,17 @@ def gram(
         r1 = min(r0 + rows, n)
         part = f"rows{r0}"
         saved = ctx.load_checkpoint(name, part) if n > rows else None
+        if saved is not None and saved.get("spec_hash") != spec_hash(spec):
+            LOG.warning("%s: Gram rows %d-%d: checkpoint of another spec, ignored", name, r0, r1)
+            saved = None
         if saved is not None and saved["block"].shape == (r1 - r0, n - r0):
             K[r0:r1, r0:] = saved["block"]
             LOG.info("%s: Gram rows %d-%d from their checkpoint", name, r0, r1)
         else:
             analytic_kernel(X, None, **kernel_args(spec), kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
             if n > rows:
-                ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
+                state = {"block": K[r0:r1, r0:].clone(), "spec_hash": spec_hash(spec)}
+                ctx.save_checkpoint(name, state, part)
         cost = analytic_flops(r1 - r0, n - (r0 + r1) / 2, X.shape[1], spec.network.depth)  # upper triangle
         progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
     mirror_(K, to_lower=True)
@@ -215,6 +220,8 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     solve_cost, reported = n**3 / 3, [0]
 
     def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
+        if done < reported[0]:  # a retry with a larger ridge starts over
+            reported[0] = 0
         progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
         reported[0] = done
 
