@@ -26,6 +26,8 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode  # private, but stable since torch 2.0
 from torch.utils.flop_counter import FlopCounterMode
 
+from ntkrun.linalg import empty_checked
+
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of Jacobians / features held at once (both paths)
 
 Progress = Callable[[int, int], None]
@@ -212,7 +214,7 @@ def generic_ntk(
     def f(p: Params, x: torch.Tensor) -> torch.Tensor:  # one input (...) -> (k,) outputs
         return functional_call(model, p, (x.unsqueeze(0),)).reshape(k)
 
-    out = X.new_zeros((n1, n2) if trace else (n1, n2, k, k))
+    (out,) = empty_checked([(n1, n2) if trace else (n1, n2, k, k)], X.dtype, X.device, "empirical_ntk")
     run = _jacobian if method == "jacobian" else _ntvp
     run(f, params, X, X2, out, _Shape(symmetric, trace, k, P, memory_budget, numel), progress)
     return out
