@@ -226,6 +226,35 @@ def choose_points(
     return X, torch.from_numpy(labels[idx].astype(np.int64))
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def digest(path: Path) -> str:
+    """16 hex digits of the SHA-256 of an IDX file's content, decompressed: the same for a gzipped
+    and a raw copy wherever it lies, so it identifies the data a run read (cached per path, size
+    and modification time). Raises DataError if the file cannot be read."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _DIGESTS:
+            with open(path, "rb") as fh:
+                gzipped = fh.read(2) == b"\x1f\x8b"
+            sha = hashlib.sha256()
+            with (gzip.open if gzipped else open)(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    sha.update(block)
+            _DIGESTS[key] = sha.hexdigest()[:16]
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read ({err})") from None
+    return _DIGESTS[key]
+
+
+def digests(files: list[Path]) -> dict[str, str]:
+    """{file name without .gz: digest} of the files a run reads."""
+    return {Path(f).name.removesuffix(".gz"): digest(f) for f in files}
+
+
 def md5sum(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:

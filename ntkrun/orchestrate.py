@@ -6,6 +6,7 @@ every failure is an NtkrunError whose message says what was kept and how to cont
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ntkrun.errors import (
 from ntkrun.executors import make_executor
 from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available, unit_status
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
-from ntkrun.rundir import RunDir, is_complete, open_run
+from ntkrun.rundir import IDENTITY, Identity, RunDir, is_complete, open_run
 from ntkrun.runners.common import Progress, Unit, resolve_device
 from ntkrun.spec import Override, RunSpec, spec_hash
 from ntkrun.units import (
@@ -38,6 +39,7 @@ from ntkrun.units import (
     done_units,
     find_unit,
     finish,
+    identity,
     maybe_finish,
     preflight,
     units,
@@ -70,6 +72,7 @@ class Plan:
     units: list[Unit]
     chosen: list[Unit]  # --unit selection (empty: all of them)
     memory: str  # the memory estimate and the limit it was checked against
+    identity: Identity | None = None  # of the results: spec hash and data digests (after the checks)
 
 
 @dataclass
@@ -114,12 +117,13 @@ def plan(req: Request, *, checks: bool = True) -> Plan:
     if spec.executor.kind == "slurm" and not chosen and not slurm_available():
         raise SpecError("executor slurm: sbatch and squeue are not on PATH (is this a SLURM login node?)")
     preflight(spec)
+    ident = identity(spec)
     memory = "not checked (--force)"
     if not req.force:
         parallel = spec.executor.jobs if spec.executor.kind == "local" and not chosen else 1
         need, limit = check_memory(spec, chosen or found, parallel)
         memory = f"about {resources.gib(need)} at peak; {limit}"
-    return Plan(req, spec, found, chosen, memory)
+    return Plan(req, spec, found, chosen, memory, ident)
 
 
 def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
@@ -201,7 +205,7 @@ def _here(p: Plan, progress: Progress) -> Outcome:
     run = locked = table = None
     executor = make_executor(spec.executor.kind, jobs=spec.executor.jobs)
     try:
-        with open_run(_root(p), spec, req.resume, at=req.run_dir) as run:
+        with open_run(_root(p), spec, req.resume, at=req.run_dir, identity=p.identity) as run:
             run.meta["executor"] = spec.executor.kind
             todo = [u for u in p.units if run.load_unit(u.name) is None]
             executor.run(spec, run, todo, progress)
@@ -232,7 +236,7 @@ def _units_here(p: Plan, progress: Progress) -> Outcome:
     spec, run_dir = p.spec, p.request.run_dir
     run = None
     try:
-        run = RunDir.shared(run_dir, spec)
+        run = RunDir.shared(run_dir, spec, p.identity)
         progress.start(sum(u.cost for u in p.chosen) or float(len(p.chosen)))
         for unit in p.chosen:
             compute_unit(spec, run, unit, progress)
@@ -259,16 +263,16 @@ def _slurm(p: Plan, progress: Progress, notify: Callable[[str], None]) -> Outcom
     run = None
     try:
         if req.resume is not None:
-            run = RunDir.reopen(req.resume, spec)
+            run = RunDir.reopen(req.resume, spec, p.identity)
             run.make_visible()  # the jobs need a path that stays put
             run.release()  # the jobs, not this process, run it from here on
         elif req.run_dir is not None:
             holder = lock_holder(req.run_dir / RUNNING)
             if holder is not None:
                 raise ExecutorError(f"{req.run_dir}: being run by {holder}")
-            run = RunDir.shared(req.run_dir, spec)
+            run = RunDir.shared(req.run_dir, spec, p.identity)
         else:
-            run = RunDir.create(_root(p), spec, visible=True)
+            run = RunDir.create(_root(p), spec, visible=True, identity=p.identity)
         todo = [u for u in p.units if run.load_unit(u.name) is None]
         dispatch = make_executor("slurm", wait=req.wait, notify=notify).run(spec, run, todo, progress)
     except OSError as e:
@@ -305,7 +309,8 @@ def aggregate_run(spec: RunSpec, run: RunDir) -> Outcome:
 def open_for_aggregation(run_dir: Path) -> tuple[RunSpec, RunDir]:
     """The spec and run of `ntkrun aggregate RUN_DIR` (reopened unless it is complete)."""
     spec = experiments.load_run_spec(run_dir)
-    run = RunDir.shared(run_dir, spec) if is_complete(run_dir) else RunDir.reopen(run_dir, spec)
+    ident = identity(spec)
+    run = RunDir.shared(run_dir, spec, ident) if is_complete(run_dir) else RunDir.reopen(run_dir, spec, ident)
     return spec, run
 
 
@@ -331,8 +336,17 @@ class Status:
 def status(run_dir: Path) -> Status:
     """Per unit: done / running / pending / failed / not started, with SLURM job ids."""
     spec = experiments.load_run_spec(run_dir)
-    run = RunDir.shared(run_dir, spec)
+    run = RunDir.shared(run_dir, spec, _recorded_identity(run_dir, spec))
     complete = is_complete(run.path)
     aggregator = None if complete else lock_holder(run.path / AGGREGATE_LOCK, STALE_LOCK_S, remove=False)
     runner = None if complete else lock_holder(run.path / RUNNING, remove=False)
     return Status(unit_status(spec, run), complete, aggregator, runner)
+
+
+def _recorded_identity(run_dir: Path, spec: RunSpec) -> Identity:
+    """The identity a run directory records (status reads the run; it computes nothing)."""
+    path = Path(run_dir) / IDENTITY
+    if not path.is_file():
+        return Identity.of(spec)
+    tag = json.loads(path.read_text())
+    return Identity(tag["spec_hash"], tag.get("data") or {})

@@ -11,6 +11,10 @@ many processes share; it is complete when meta.json is there, written last by ag
 units/<unit>.pt        a finished unit's result, with the spec hash it belongs to
 units/<unit>.ckpt.pt   a long unit's latest checkpoint (removed when the unit finishes)
 units/<unit>.ckpt.<part>.pt   its named parts, e.g. a large Gram's row blocks (removed likewise)
+identity.json          the run's Identity: the spec hash and the digest of each data file it reads
+
+Unit results and checkpoints carry the Identity they were computed under; one of another
+identity (another spec, or the same spec on other data) is never taken for this run's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -113,11 +117,52 @@ def _reserve(parent: Path, base: str) -> Path:
     raise RunError(f"no free run directory name under {parent} for {base}")
 
 
-def _same_spec(path: Path, spec: RunSpec) -> bool:
-    """Whether the spec.yaml in path is `spec` (up to the executor block, which changes no result)."""
-    theirs = yaml.safe_load((path / "spec.yaml").read_text())
-    strip = lambda d: {k: v for k, v in d.items() if k != "executor"}  # noqa: E731
-    return isinstance(theirs, dict) and strip(theirs) == strip(spec_dict(spec))
+IDENTITY = "identity.json"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two results the same (docs/architecture.md, "Run identity"): the spec's hash
+    (ntkrun.spec.spec_hash: every key but those that change no result) and the content digest of
+    each data file the run reads (ntkrun.data.digests; none for generated inputs)."""
+
+    spec_hash: str
+    data: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Identity:
+        """The identity of a spec that reads no data files."""
+        return cls(spec_hash(spec))
+
+    def tag(self) -> dict[str, Any]:
+        return {"spec_hash": self.spec_hash, "data": dict(self.data)}
+
+    def mismatch(self, tag: dict[str, Any]) -> str | None:
+        """Why results tagged `tag` are not this identity's (None: they are). A tag without data
+        digests (made before they existed) is judged by its spec hash alone."""
+        if tag.get("spec_hash") != self.spec_hash:
+            return f"belongs to spec {tag.get('spec_hash')}, not this run's {self.spec_hash}"
+        theirs = tag.get("data")
+        if theirs is None:
+            return None
+        for name in sorted(set(theirs) | set(self.data)):
+            if theirs.get(name) != self.data.get(name):
+                return (
+                    f"was computed on other data: {name} had digest {theirs.get(name)}, the data "
+                    f"found now has {self.data.get(name)} (another dataset, or the files changed)"
+                )
+        return None
+
+
+def _spec_mismatch(path: Path, identity: Identity) -> str | None:
+    """Why the run in path is not of this identity: its identity.json, or for a run made before
+    that file existed, the spec hash of its spec.yaml."""
+    if (path / IDENTITY).is_file():
+        tag = json.loads((path / IDENTITY).read_text())
+    else:
+        theirs = yaml.safe_load((path / "spec.yaml").read_text())
+        tag = {"spec_hash": spec_hash(theirs) if isinstance(theirs, dict) else None}
+    return identity.mismatch(tag)
 
 
 class RunDir:
@@ -127,8 +172,18 @@ class RunDir:
     processes write into) or `reopen` (an interrupted or failed run, to resume it).
     """
 
-    def __init__(self, path: Path, spec: RunSpec, *, name: str, fixed: bool, link_latest: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        spec: RunSpec,
+        *,
+        name: str,
+        fixed: bool,
+        link_latest: bool,
+        identity: Identity | None = None,
+    ) -> None:
         self.spec, self.path, self.name = spec, Path(path), name
+        self.identity = identity or Identity.of(spec)
         self.parent = self.path.parent
         self.fixed = fixed  # at its final name already (shared): never renamed
         self.link_latest = link_latest  # point <parent>/latest at it when complete
@@ -138,7 +193,9 @@ class RunDir:
         self.holding = False  # this process holds its RUNNING lock
 
     @classmethod
-    def create(cls, root: Path, spec: RunSpec, *, visible: bool = False) -> RunDir:
+    def create(
+        cls, root: Path, spec: RunSpec, *, visible: bool = False, identity: Identity | None = None
+    ) -> RunDir:
         """A new run under root/<experiment>: hidden until finalized, or (visible) at its final
         name from the start, for a run whose units run elsewhere."""
         parent = Path(root) / spec.experiment
@@ -146,39 +203,45 @@ class RunDir:
         name = f"{_stamp(start)}_{spec_hash(spec)}"
         parent.mkdir(parents=True, exist_ok=True)
         path = _reserve(parent, name) if visible else _workdir(parent, name)
-        run = cls(path, spec, name=name, fixed=visible, link_latest=True)
+        run = cls(path, spec, name=name, fixed=visible, link_latest=True, identity=identity)
         run.start = start
-        run.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+        run.write_spec()
         return run
 
     @classmethod
-    def shared(cls, path: Path, spec: RunSpec) -> RunDir:
-        """The shared run at `path` (created if absent); its spec.yaml must be this spec's.
-        Raises UnitSpecMismatchError."""
+    def shared(cls, path: Path, spec: RunSpec, identity: Identity | None = None) -> RunDir:
+        """The shared run at `path` (created if absent); it must be of this identity (same spec
+        hash, same data). Raises UnitSpecMismatchError."""
         path = Path(path)
-        run = cls(path, spec, name=path.name, fixed=True, link_latest=path.parent.name == spec.experiment)
+        link = path.parent.name == spec.experiment
+        run = cls(path, spec, name=path.name, fixed=True, link_latest=link, identity=identity)
         path.mkdir(parents=True, exist_ok=True)
         (path / "units").mkdir(exist_ok=True)
         if (path / "spec.yaml").is_file():
-            if not _same_spec(path, spec):
+            reason = _spec_mismatch(path, run.identity)
+            if reason is not None:
                 raise UnitSpecMismatchError(
-                    f"{path}: holds a run of another spec (its spec.yaml differs from this one); "
-                    "use another --run-dir, or `ntkrun resume` that run"
+                    f"{path}: holds a run of another spec or data: it {reason}; use another --run-dir, "
+                    "or `ntkrun resume` that run with its own spec and data"
                 )
+            run.write_spec(only_if_changed=True)
         else:
-            run.write_text("spec.yaml", yaml.safe_dump(spec_dict(spec), sort_keys=False))
+            run.write_spec()
         return run
 
     @classmethod
-    def reopen(cls, path: Path, spec: RunSpec) -> RunDir:
+    def reopen(cls, path: Path, spec: RunSpec, identity: Identity | None = None) -> RunDir:
         """An interrupted or failed run, to resume: a hidden or failed one is taken back under a
         working name (with its RUNNING lock), a shared one is resumed in place."""
         path = Path(path).resolve()  # `.` has no name to tell a hidden or failed run by
         if is_complete(path):
             raise SpecError(f"{path}: run is complete, nothing to resume")
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
-            run = cls.shared(path, spec)
+            run = cls.shared(path, spec, identity)
         else:
+            reason = _spec_mismatch(path, identity or Identity.of(spec))
+            if reason is not None:
+                raise UnitSpecMismatchError(f"{path}: cannot be resumed here: it {reason}")
             name = path.name.removesuffix(".failed")
             if name.startswith("."):  # .<name>.<random>.partial of a run that was killed outright
                 name = name[1:].split(".")[0]
@@ -189,11 +252,24 @@ class RunDir:
             except BaseException:
                 release(path / RUNNING)
                 raise
-            run = cls(work, spec, name=name, fixed=False, link_latest=True)
+            run = cls(work, spec, name=name, fixed=False, link_latest=True, identity=identity)
             run.holding = True  # the lock moved with the directory
+            run.write_spec(only_if_changed=True)
         (run.path / "ERROR").unlink(missing_ok=True)
         run.meta = {"resumed": True}
         return run
+
+    def write_spec(self, only_if_changed: bool = False) -> None:
+        """spec.yaml (the resolved spec, as provenance: on a resume it records the data folder and
+        executor used last) and identity.json."""
+        files = {
+            "spec.yaml": yaml.safe_dump(spec_dict(self.spec), sort_keys=False),
+            IDENTITY: json.dumps(self.identity.tag(), indent=2, sort_keys=True) + "\n",
+        }
+        for name, text in files.items():
+            path = self.path / name
+            if not (only_if_changed and path.is_file() and path.read_text() == text):
+                self.write_text(name, text)
 
     # ---------------------------------------------------------------- units
 
@@ -203,7 +279,7 @@ class RunDir:
     def save_unit(self, name: str, result: dict[str, Any], info: dict[str, Any]) -> None:
         """A finished unit's result (tensors, lists, numbers, strings), tagged with the spec hash."""
         (self.path / "units").mkdir(exist_ok=True)
-        blob = {"unit": name, "spec_hash": spec_hash(self.spec), "result": result, "info": info}
+        blob = {"unit": name, **self.identity.tag(), "result": result, "info": info}
         atomic_write(self.unit_file(name), lambda tmp: torch.save(blob, tmp))
         for path in (self.path / "units").glob(f"{name}.ckpt*.pt"):  # its checkpoint and its parts
             path.unlink(missing_ok=True)
@@ -211,15 +287,13 @@ class RunDir:
     def load_unit(self, name: str) -> dict[str, Any] | None:
         """The unit's result, or None if it has none yet. A file that cannot be read (corrupt,
         truncated by hand) is logged and treated as absent, so the unit is computed again; a
-        file of another spec raises UnitSpecMismatchError."""
+        file of another identity (spec or data) raises UnitSpecMismatchError."""
         blob = self._load(self.unit_file(name))
         if blob is None:
             return None
-        if blob.get("unit") != name or blob.get("spec_hash") != spec_hash(self.spec):
-            raise UnitSpecMismatchError(
-                f"{self.unit_file(name)}: belongs to spec {blob.get('spec_hash')}, not this run's "
-                f"{spec_hash(self.spec)}"
-            )
+        reason = self.identity.mismatch(blob) if blob.get("unit") == name else f"is unit {blob.get('unit')}"
+        if reason is not None:
+            raise UnitSpecMismatchError(f"{self.unit_file(name)}: {reason}")
         return blob["result"]
 
     def unit_info(self, name: str) -> dict[str, Any] | None:
@@ -231,12 +305,23 @@ class RunDir:
 
     def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None:
         """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
-        several named parts (e.g. the row blocks of a large Gram matrix)."""
+        several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity."""
         (self.path / "units").mkdir(exist_ok=True)
-        atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(state, tmp))
+        blob = {**self.identity.tag(), "state": state}
+        atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(blob, tmp))
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:
-        return self._load(self.checkpoint_file(name, part))
+        """The saved state, or None: absent, unreadable, or of another identity (logged, ignored:
+        the unit computes that part again)."""
+        path = self.checkpoint_file(name, part)
+        blob = self._load(path)
+        if blob is None:
+            return None
+        reason = self.identity.mismatch(blob) if "state" in blob else "is of an older format"
+        if reason is not None:
+            LOG.warning("%s: checkpoint ignored: it %s", path, reason)
+            return None
+        return blob["state"]
 
     @staticmethod
     def _load(path: Path) -> dict[str, Any] | None:
@@ -326,42 +411,47 @@ class RunDir:
 
 
 @contextmanager
-def open_run(
-    root: Path, spec: RunSpec, resume: Path | None = None, at: Path | None = None
-) -> Iterator[RunDir]:
-    """A run directory (new under root, `resume` reopened, or the sharded run `at`) with run.log
-    attached to the `ntkrun` logger; marked failed on any exception."""
-    if resume is not None:
-        run = RunDir.reopen(resume, spec)
-    else:
-        run = RunDir.create(root, spec) if at is None else RunDir.shared(at, spec)
-    handler = logging.FileHandler(run.path / "run.log")
+def log_to(path: Path) -> Iterator[None]:
+    """Inside the block the `ntkrun` logger also writes INFO and above to the file `path`."""
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
     try:
-        run.hold()  # refused while another live process runs it: then nothing here is ours to mark
-    except BaseException:
-        handler.close()
-        LOG.removeHandler(handler)
-        raise
-    try:
-        yield run
-    except BaseException as err:
-        if run.finalized:  # e.g. Ctrl-C held during finalize, delivered just after: the run is done
-            handler.close()
-            LOG.removeHandler(handler)
-            raise
-        reason = stopped(err) if isinstance(err, (KeyboardInterrupt, Stop)) else str(err)
-        LOG.error("run failed: %s", reason or type(err).__name__)
-        handler.close()
-        LOG.removeHandler(handler)
-        run.fail(f"{type(err).__name__}: {reason}")
-        raise
+        yield
     finally:
-        run.release()
-    handler.close()
-    LOG.removeHandler(handler)
+        handler.close()
+        LOG.removeHandler(handler)
+
+
+@contextmanager
+def open_run(
+    root: Path,
+    spec: RunSpec,
+    resume: Path | None = None,
+    at: Path | None = None,
+    identity: Identity | None = None,
+) -> Iterator[RunDir]:
+    """A run directory (new under root, `resume` reopened, or the sharded run `at`) with run.log
+    attached to the `ntkrun` logger; marked failed on any exception."""
+    if resume is not None:
+        run = RunDir.reopen(resume, spec, identity)
+    elif at is not None:
+        run = RunDir.shared(at, spec, identity)
+    else:
+        run = RunDir.create(root, spec, identity=identity)
+    with log_to(run.path / "run.log"):
+        run.hold()  # refused while another live process runs it: then nothing here is ours to mark
+        try:
+            yield run
+        except BaseException as err:
+            if not run.finalized:  # (a signal held during finalize, delivered just after: it is done)
+                reason = stopped(err) if isinstance(err, (KeyboardInterrupt, Stop)) else str(err)
+                LOG.error("run failed: %s", reason or type(err).__name__)
+                run.fail(f"{type(err).__name__}: {reason}")
+            raise
+        finally:
+            run.release()
 
 
 def is_complete(path: Path) -> bool:

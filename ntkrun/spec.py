@@ -306,16 +306,30 @@ def spec_dict(spec: RunSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
-# Fields added after runs were made, left out of the hash at their default, so that those runs
-# keep their hash (and can be resumed): (block, key, default).
+# What identifies a run's results (docs/architecture.md, "Run identity"). A spec's identity is its
+# plain data less the keys that change no result: the executor block (where units run) and data.dir
+# (where the data was found: data are identified by their content, ntkrun.data.digest). A field added
+# after runs were made enters the identity only away from its default, so that those runs (whose
+# spec.yaml lacks it) keep their identity and can be resumed: (block, key, default).
+_NOT_RESULTS = [("executor",), ("data", "dir")]
 _NEWER_FIELDS = [("network", "parametrization", "ntk")]
 
 
-def spec_hash(spec: RunSpec) -> str:
-    """8 hex digits identifying the resolved spec's results (the executor block is left out)."""
-    data = {k: v for k, v in spec_dict(spec).items() if k != "executor"}
+def spec_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """The part of a spec's plain data (spec_dict, or a spec.yaml read back) that its results depend on."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for path in _NOT_RESULTS:
+        block = data if len(path) == 1 else data.get(path[0])
+        if isinstance(block, dict):
+            block.pop(path[-1], None)
     for block, key, default in _NEWER_FIELDS:
-        if isinstance(data.get(block), dict) and data[block].get(key) == default:
-            data[block] = {k: v for k, v in data[block].items() if k != key}
-    blob = json.dumps(data, sort_keys=True).encode()
+        if isinstance(data.get(block), dict) and data[block].get(key, default) == default:
+            data[block].pop(key, None)
+    return data
+
+
+def spec_hash(spec: RunSpec | dict[str, Any]) -> str:
+    """8 hex digits of the spec's identity (a RunSpec, or the plain data of a spec.yaml)."""
+    data = spec if isinstance(spec, dict) else spec_dict(spec)
+    blob = json.dumps(spec_identity(data), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ntkrun import experiments, resources
+from ntkrun.data import digests
 from ntkrun.errors import (
     ExecutorError,
     IncompleteRunError,
@@ -28,9 +29,9 @@ from ntkrun.errors import (
     SpecError,
 )
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
-from ntkrun.rundir import RunDir, is_complete
+from ntkrun.rundir import Identity, RunDir, is_complete, log_to
 from ntkrun.runners.common import NoProgress, Progress, Unit, check_range, resolve_device
-from ntkrun.spec import RunSpec
+from ntkrun.spec import RunSpec, spec_hash
 
 LOG = logging.getLogger("ntkrun")
 
@@ -56,6 +57,13 @@ def find_unit(spec: RunSpec, key: str) -> Unit:
         f"--unit {key}: no such unit (this spec has {len(found)}: indices 0-{len(found) - 1}, "
         f"names {found[0].name} ... {found[-1].name}; list them with --list-units)"
     )
+
+
+def identity(spec: RunSpec) -> Identity:
+    """The identity of the spec's results: its hash and the content of the data files it reads
+    (the runner's `data_files(spec)`, if it reads any). Raises DataError if they cannot be read."""
+    files = getattr(runner(spec), "data_files", None)
+    return Identity(spec_hash(spec), digests(files(spec)) if files is not None else {})
 
 
 # ---------------------------------------------------------------- before anything runs
@@ -194,16 +202,9 @@ def unit_main(run_dir: str, name: str, threads: int | None = None) -> str:
         torch.set_num_threads(threads)
     path = Path(run_dir)
     spec = experiments.load_run_spec(path)
-    run = RunDir.shared(path, spec)
-    handler = logging.FileHandler(path / "units" / f"{name}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    LOG.addHandler(handler)
-    LOG.setLevel(logging.INFO)
-    try:
+    run = RunDir.shared(path, spec, identity(spec))  # refused if this machine's data are not the run's
+    with log_to(path / "units" / f"{name}.log"):
         compute_unit(spec, run, find_unit(spec, name), NoProgress())
-    finally:
-        handler.close()
-        LOG.removeHandler(handler)
     return name
 
 

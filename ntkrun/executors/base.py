@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import Progress, Unit
@@ -15,7 +15,6 @@ class Dispatch:
     """What an executor did with the units it was given."""
 
     finished: bool  # every unit given has a result in the run directory now
-    submitted: list[tuple[str, str]] = field(default_factory=list)  # (unit, job id) handed to a scheduler
 
 
 class Executor(ABC):

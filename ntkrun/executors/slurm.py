@@ -25,7 +25,7 @@ from ntkrun.experiments import load_run_spec
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
-from ntkrun.units import done_units, maybe_finish, unit_main, units
+from ntkrun.units import done_units, identity, maybe_finish, unit_main, units
 
 LOG = logging.getLogger("ntkrun")
 JOBS_FILE = "slurm/jobs.jsonl"
@@ -54,7 +54,7 @@ class SlurmExecutor(Executor):
         ids = ", ".join(arrays) or "(none: every unit is done or queued)"
         self.notify(f"submitted {len(submitted)} unit(s) as SLURM job(s) {ids}")
         self.notify(f"run directory: {run.path}")
-        dispatch = Dispatch(finished=not submitted and not queued, submitted=submitted)
+        dispatch = Dispatch(finished=not submitted and not queued)
         if dispatch.finished:
             return dispatch
         self.notify(f"follow with: ntkrun status {run.path}")
@@ -80,7 +80,7 @@ class SlurmUnit:
         unit_main(run_dir, name, threads)
         path = Path(run_dir)
         spec = load_run_spec(path)
-        maybe_finish(spec, RunDir.shared(path, spec))
+        maybe_finish(spec, RunDir.shared(path, spec, identity(spec)))
         return name
 
     def checkpoint(self, run_dir: str, name: str) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -21,7 +22,14 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
-from ntkrun.data import check_request, choose_points, load_idx_dataset, resolve_data_dir, split_info
+from ntkrun.data import (
+    check_request,
+    choose_points,
+    load_idx_dataset,
+    resolve_data_dir,
+    split_files,
+    split_info,
+)
 from ntkrun.errors import DataError
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernel
@@ -51,7 +59,6 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
     as_list,
-    spec_hash,
 )
 
 LOG = logging.getLogger("ntkrun")
@@ -129,6 +136,12 @@ def check(spec: GenSpec) -> None:
         )
 
 
+def data_files(spec: GenSpec) -> list[Path]:
+    """The files the run reads (their content is part of its identity)."""
+    folder = resolve_data_dir(spec.data.dir)
+    return [*split_files(folder, "train"), *split_files(folder, "test")]
+
+
 def n_train_sizes(spec: GenSpec) -> list[int]:
     """Every training-set size a unit uses (kernels' list, and the networks' set)."""
     kernel = spec.data.n_train if set(spec.predictors) & set(KERNEL_KINDS) else []
@@ -195,18 +208,14 @@ def gram(
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         part = f"rows{r0}"
-        saved = ctx.load_checkpoint(name, part) if n > rows else None
-        if saved is not None and saved.get("spec_hash") != spec_hash(spec):
-            LOG.warning("%s: Gram rows %d-%d: checkpoint of another spec, ignored", name, r0, r1)
-            saved = None
+        saved = ctx.load_checkpoint(name, part) if n > rows else None  # None if of another spec or data
         if saved is not None and saved["block"].shape == (r1 - r0, n - r0):
             K[r0:r1, r0:] = saved["block"]
             LOG.info("%s: Gram rows %d-%d from their checkpoint", name, r0, r1)
         else:
             analytic_kernel(X, None, **kernel_args(spec), kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
             if n > rows:
-                state = {"block": K[r0:r1, r0:].clone(), "spec_hash": spec_hash(spec)}
-                ctx.save_checkpoint(name, state, part)
+                ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
         cost = analytic_flops(r1 - r0, n - (r0 + r1) / 2, X.shape[1], spec.network.depth)  # upper triangle
         progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
     mirror_(K, to_lower=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -20,7 +21,14 @@ import torch
 from pydantic import Field
 
 from ntkrun import dynamics, resources
-from ntkrun.data import check_request, choose_points, load_idx_dataset, resolve_data_dir, split_info
+from ntkrun.data import (
+    check_request,
+    choose_points,
+    load_idx_dataset,
+    resolve_data_dir,
+    split_files,
+    split_info,
+)
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
@@ -46,7 +54,6 @@ from ntkrun.spec import (
     PositiveFloat,
     PositiveInt,
     RunSpec,
-    spec_hash,
 )
 
 LOG = logging.getLogger("ntkrun")
@@ -89,6 +96,11 @@ def check(spec: PCASpec) -> None:
     digits asked for (DataError otherwise). Reads the IDX headers only."""
     info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
     check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
+
+
+def data_files(spec: PCASpec) -> list[Path]:
+    """The files the run reads (their content is part of its identity)."""
+    return list(split_files(resolve_data_dir(spec.data.dir), spec.data.split))
 
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -145,10 +157,7 @@ def train_unit(
     y = f0 + spec.target_scale * f_k
     rows: list[dict] = []
     start = 0
-    saved = ctx.load_checkpoint(name)
-    if saved is not None and saved.get("spec_hash") != spec_hash(spec):
-        LOG.warning("%s: checkpoint of another spec, ignored", name)
-        saved = None
+    saved = ctx.load_checkpoint(name)  # None if absent or of another spec or data
     if saved is not None:
         net.load_state_dict(saved["state"])
         rows, start = saved["rows"], saved["step"]
@@ -175,8 +184,7 @@ def train_unit(
                     }
                 )
         if step % tr.checkpoint_every == 0 and step != start:
-            state = {"step": step, "state": net.state_dict(), "rows": rows, "spec_hash": spec_hash(spec)}
-            ctx.save_checkpoint(name, state)
+            ctx.save_checkpoint(name, {"step": step, "state": net.state_dict(), "rows": rows})
 
     record_at = set(range(0, tr.steps + 1, math.gcd(tr.record_every, tr.checkpoint_every))) | {tr.steps}
     train(
