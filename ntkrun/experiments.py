@@ -26,7 +26,7 @@ class Flag:
     path: tuple[str, ...]  # the spec key it sets: ("network", "width")
     type: Any  # its Python type for the CLI, e.g. list[int]
     help: str
-    on_resume: bool = False  # may be given to `ntkrun resume` (only executor.* may change there)
+    on_resume: bool = False  # may be given to `ntkrun resume` (it changes no result: executor.*, data.dir)
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ EXECUTOR_FLAGS = (
     ),
 )
 
+# Where the IDX files are: not part of a run's identity (data are identified by their content), so a
+# resume may point at a moved copy of the same files.
+DATA_DIR_FLAG = Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files: data.dir.", True)
+
 EXPERIMENTS = {
     record.name: record
     for record in (
@@ -98,16 +102,14 @@ EXPERIMENTS = {
             "pca",
             "ntkrun.runners.pca",
             "MNIST kernel principal components and convergence along them (paper Figure 3).",
-            flags=(Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files: data.dir."),),
+            flags=(DATA_DIR_FLAG,),
         ),
         Experiment(
             "generalization",
             "ntkrun.runners.generalization",
             "Test accuracy of NTK/NNGP predictors vs trained nets on a whole dataset. Default preset: full.",
             summary_tables=("accuracy.csv", "fits.csv"),
-            flags=(
-                Flag("--data-dir", ("data", "dir"), Path, "Folder of the IDX files (train and test splits)."),
-            ),
+            flags=(DATA_DIR_FLAG,),
         ),
     )
 }

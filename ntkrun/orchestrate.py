@@ -97,8 +97,8 @@ def resolve(req: Request) -> RunSpec:
     )
     if spec_hash(spec) != spec_hash(saved):
         raise SpecError(
-            f"{req.resume}: on resume only executor.* may change (the other keys would change the "
-            "results of the run); start a new run with the changed spec instead"
+            f"{req.resume}: on resume only executor.* and data.dir may change (the other keys would "
+            "change the results of the run); start a new run with the changed spec instead"
         )
     return spec
 

@@ -105,7 +105,7 @@ def run_command(record: Experiment) -> Any:
 
 
 def resume_command() -> Any:
-    flags = tuple(f for f in experiments.EXECUTOR_FLAGS if f.on_resume)
+    flags = (*(f for f in experiments.EXECUTOR_FLAGS if f.on_resume), experiments.DATA_DIR_FLAG)
     argument = inspect.Parameter(
         "run_dir",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -128,7 +128,8 @@ def resume_command() -> Any:
 
     help = (
         "Finish a run from its spec.yaml: only units without a result run (or are re-submitted), "
-        "checkpointed units continue where they stopped. --set executor.* may change where."
+        "checkpointed units continue where they stopped. --set executor.* may change where, "
+        "--data-dir where the same data files are now (they are checked by content)."
     )
     return _command("resume", help, parameters, body)
 
