@@ -30,8 +30,9 @@ class DataError(NtkrunError):
     """Data missing, corrupt, or unable to satisfy the spec; the message says how to fix it."""
 
 
-class ResourceError(NtkrunError):
-    """A spec needs more memory than there is."""
+class ResourceError(NtkrunError, MemoryError):
+    """A spec, or one allocation, needs more memory than is available (ntkrun.memory): refused
+    before anything is allocated. Also a MemoryError, for library callers that catch that."""
 
 
 class NumericalRangeError(NtkrunError):

@@ -12,48 +12,39 @@ copy (`kernel_solve_`). Extra memory is O(N m + block^2) (`solve_bytes`), never 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ntkrun.errors import NumericalError
+from ntkrun.errors import NumericalError, ResourceError
+from ntkrun.memory import available, gib
 
 Progress = Callable[[int, int], None]
 DTYPES = (torch.float32, torch.float64)
 TILE = 512  # column tile of the trailing update
 
 
-def memory_bytes(device: torch.device) -> int | None:
-    """The device's total memory (physical RAM for the CPU), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def empty_checked(
     shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device: torch.device | str, what: str
 ) -> list[torch.Tensor]:
-    """torch.empty for each shape, refused (MemoryError, with the estimate and the limit) before
-    anything is allocated when together they exceed the device's memory, or when the allocator
-    refuses them."""
+    """torch.empty for each shape, refused before anything is allocated when together they exceed
+    what the device has available (ntkrun.memory.available, which $NTKRUN_MEMORY_LIMIT overrides),
+    or when the allocator refuses them: ResourceError, a MemoryError too, naming the estimate and
+    the limit."""
     device = torch.device(device)
     need = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
-    have = memory_bytes(device)
+    found = available(device)
     shown = ", ".join(str(tuple(s)) for s in shapes)
-    if have is not None and need > have:
-        raise MemoryError(
-            f"{what}: {shown} {dtype} need {need / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB "
-            "of memory of this machine; use out_dtype=torch.float32, fewer points, or row ranges"
+    if found is not None and need > found[0]:
+        raise ResourceError(
+            f"{what}: {shown} {dtype} need {gib(need)}, more than the {gib(found[0])} available "
+            f"({found[1]}); use out_dtype=torch.float32, fewer points, or row ranges"
         )
     try:
         return [torch.empty(s, dtype=dtype, device=device) for s in shapes]
     except RuntimeError as err:
-        message = f"{what}: {shown} {dtype} ({need / 2**30:.3g} GiB) could not be allocated: {err}"
-        raise MemoryError(message) from err
+        message = f"{what}: {shown} {dtype} ({gib(need)}) could not be allocated: {str(err).splitlines()[0]}"
+        raise ResourceError(message) from err
 
 
 def _blocks(n: int, block: int) -> list[tuple[int, int]]:

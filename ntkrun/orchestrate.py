@@ -220,8 +220,8 @@ def _here(p: Plan, progress: Progress) -> Outcome:
         raise
     except OSError as e:
         raise _write_error(req.run_dir or f"under {_root(p)}", e, run) from e
-    except NtkrunError as e:  # trouble inside the run
-        raise NtkrunError(f"{e}{_kept(run)}", e.exit_code if run is None else 1) from e
+    except NtkrunError as e:  # trouble inside the run: its own exit code, and where the files are
+        raise NtkrunError(f"{e}{_kept(run)}", e.exit_code) from e
     except (KeyboardInterrupt, Stop) as e:
         hint = f"; continue with: ntkrun resume {run.path}" if run is not None and not run.finalized else ""
         raise NtkrunError(f"{stopped(e)}{_kept(run)}{hint}", signal_code(e)) from None
@@ -246,7 +246,7 @@ def _units_here(p: Plan, progress: Progress) -> Outcome:
     except OSError as e:
         raise _write_error(run_dir, e, run) from e
     except NtkrunError as e:
-        raise NtkrunError(f"{e} (unit results so far are kept in {run_dir})", 1) from e
+        raise NtkrunError(f"{e} (unit results so far are kept in {run_dir})", e.exit_code) from e
     except (KeyboardInterrupt, Stop) as e:
         message = f"{stopped(e)} (finished units and checkpoints are kept in {run_dir})"
         raise NtkrunError(message, signal_code(e)) from None

@@ -12,8 +12,7 @@ from itertools import pairwise
 
 from ntkrun.kernels.analytic import MIRROR_BLOCK, block_rows_for
 from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET, FEATURE_COPIES
-
-GiB = 2**30
+from ntkrun.memory import GiB, gib  # noqa: F401  (what the estimates are reported in)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -56,7 +55,3 @@ def analytic_bytes(n1: int, n2: int, depth: int = 4) -> int:
 def eigen_bytes(n: int) -> int:
     """A symmetric eigendecomposition of an (n, n) float64 matrix: input copy, vectors, work."""
     return 4 * n * n * 8
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.3g} GiB" if n >= GiB / 10 else f"{n / 2**20:.3g} MiB"

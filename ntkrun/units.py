@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ntkrun import experiments, resources
+from ntkrun import experiments, memory, resources
 from ntkrun.data import digests
 from ntkrun.errors import (
     ExecutorError,
@@ -102,7 +102,7 @@ def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[in
             return need, "no limit known (set executor.slurm.mem_gb)"
         have, where = int(mem_gb * resources.GiB), "executor.slurm.mem_gb"
     else:
-        found = available_bytes(resolve_device(spec.device))
+        found = memory.available(resolve_device(spec.device))
         if found is None:
             return need, "unknown on this machine"
         have, where = found
@@ -114,24 +114,6 @@ def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[in
             "points, or pass --force to run anyway"
         )
     return need, f"{resources.gib(have)} available ({where})"
-
-
-def available_bytes(device: torch.device) -> tuple[int, str] | None:
-    """(free bytes, where that number comes from) for the device, or None if unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"free memory of {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available physical pages"
-    except (ValueError, OSError):
-        return None
 
 
 # ---------------------------------------------------------------- computing units

@@ -35,9 +35,9 @@ def images(tmp_path) -> Path:
     return folder
 
 
-def run(folder: Path, out: Path, *sets: str, preset: str = "quick") -> CliRunner:
+def run(folder: Path, out: Path, *sets: str, preset: str = "quick", extra: tuple[str, ...] = ()) -> CliRunner:
     args = ["generalization", "--preset", preset, "--data-dir", str(folder), "-o", str(out), "--quiet",
-            "--set", "device=cpu", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+            "--set", "device=cpu", *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
     return CliRunner().invoke(app, args)
 
 
@@ -146,18 +146,23 @@ def test_a_folder_without_a_train_split_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_gram_that_would_not_fit_is_refused_naming_the_unit(tmp_path):
-    """60000 points in float64 is 28.8 GB for the Gram alone: refused before anything is read
-    or allocated, naming the unit and the estimate."""
+def test_a_gram_that_would_not_fit_is_refused_naming_the_unit(tmp_path, monkeypatch):
+    """60000 points in float64 is 28.8 GB for the Gram alone: under a 24 GiB limit (the one this
+    test sets, so the verdict is the same on any machine) refused before anything is read or
+    allocated, naming the unit, the estimate and the limit; in float32 (14.4 GB) it passes --check."""
+    monkeypatch.setenv("NTKRUN_MEMORY_LIMIT", "24G")
     folder = tmp_path / "big"
     sparse_split(folder, "train", 60000)
     sparse_split(folder, "t10k", 10000)
-    result = run(
-        folder, tmp_path / "out", "data.n_train=[60000]", "kernels.dtype=float64", "predictors=[ntk]"
-    )
+    sets = ("data.n_train=[60000]", "predictors=[ntk]")
+    result = run(folder, tmp_path / "out", *sets, "kernels.dtype=float64")
     assert result.exit_code == 2, result.output
-    assert "ntk_n60000" in result.stderr and "GiB" in result.stderr
+    assert "memory: unit ntk_n60000 needs about 3" in result.stderr  # 28.8 GB + the solve's, in GiB
+    assert "but 24 GiB is available ($NTKRUN_MEMORY_LIMIT)" in result.stderr
     assert not (tmp_path / "out").exists()
+    checked = run(folder, tmp_path / "out", *sets, "kernels.dtype=float32", extra=("--check",))
+    assert checked.exit_code == 0, checked.output
+    assert "24 GiB available ($NTKRUN_MEMORY_LIMIT)" in checked.stdout
 
 
 @needs_fashion

@@ -33,7 +33,7 @@ from ntkrun.data import (
 from ntkrun.errors import DataError
 from ntkrun.fits import fit_power_law
 from ntkrun.kernels import analytic_kernel
-from ntkrun.linalg import kernel_solve_, mirror_, solve_bytes
+from ntkrun.linalg import empty_checked, kernel_solve_, mirror_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -204,7 +204,7 @@ def gram(
     """Theta or Sigma on X (N, n0) -> (N, N) in the Gram dtype, row block by row block; a Gram of
     more than one block saves each block as a checkpoint part, so a killed unit resumes there."""
     n, rows = X.shape[0], spec.kernels.checkpoint_rows
-    K = torch.empty(n, n, dtype=gram_dtype(spec, n))
+    (K,) = empty_checked([(n, n)], gram_dtype(spec, n), "cpu", f"{name}: the Gram")
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         part = f"rows{r0}"

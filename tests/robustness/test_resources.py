@@ -11,7 +11,9 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
+from ntkrun import memory
 from ntkrun.cli import app
+from ntkrun.errors import SpecError
 
 PEAK = textwrap.dedent(
     """
@@ -86,13 +88,47 @@ def test_memory_estimate_matches_the_measured_peak(experiment, unit, sets):
         ["scaling", "--preset", "quick", "--set", "network.width=[64, 1000000]"],
     ],
 )
-def test_a_spec_that_cannot_fit_is_refused_before_allocating(args, tmp_path):
+def test_a_spec_that_cannot_fit_is_refused_before_allocating(args, tmp_path, monkeypatch):
+    monkeypatch.setenv("NTKRUN_MEMORY_LIMIT", "64G")  # the limit tested: the same verdict on any machine
     result = CliRunner().invoke(app, [*args, "--output-root", str(tmp_path)])
     assert result.exit_code == 2, result.output
     message = result.stderr
     assert message.startswith("ntkrun: error: memory: unit ") and message.count("\n") == 1
-    assert "GiB but" in message and "available (MemAvailable" in message and "--force" in message
+    assert "GiB but 64 GiB is available ($NTKRUN_MEMORY_LIMIT)" in message and "--force" in message
     assert not any(tmp_path.iterdir())  # refused before a run directory exists
+
+
+def test_a_refusal_at_run_time_keeps_its_exit_code_and_message(tmp_path, monkeypatch):
+    """The preflight estimate skipped (--force), the kernel's own allocation is refused inside the
+    run: the project's resource error, exit 2 with the estimate and the limit, and a failed run
+    directory (never an internal error)."""
+    monkeypatch.setenv("NTKRUN_MEMORY_LIMIT", "1K")
+    args = ["regression", "--preset", "quick", "--force", "--quiet", "--output-root", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert message.startswith("ntkrun: error: ") and message.count("\n") == 1, message
+    assert "analytic_kernels: " in message
+    assert "more than the 1 KiB available ($NTKRUN_MEMORY_LIMIT)" in message
+    assert "internal error" not in message and "partial files kept in" in message
+    (failed,) = (tmp_path / "regression").iterdir()
+    assert failed.name.endswith(".failed") and (failed / "ERROR").is_file()
+
+
+def test_the_memory_probe():
+    """One probe: MemAvailable on Linux (what may still be allocated, not the total RAM), replaced
+    by $NTKRUN_MEMORY_LIMIT; a bad limit is a one-line SpecError naming the variable."""
+    found = memory.available("cpu")
+    assert found is not None and found[1] == "MemAvailable in /proc/meminfo"
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    assert 0 < found[0] <= total
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NTKRUN_MEMORY_LIMIT", "1.5G")
+        assert memory.available("cpu") == (int(1.5 * 2**30), "$NTKRUN_MEMORY_LIMIT")
+        mp.setenv("NTKRUN_MEMORY_LIMIT", "lots")
+        with pytest.raises(SpecError, match=r"NTKRUN_MEMORY_LIMIT: expected a positive size .* got 'lots'"):
+            memory.available("cpu")
 
 
 def test_force_skips_the_memory_check(tmp_path):
