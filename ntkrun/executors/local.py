@@ -1,24 +1,71 @@
-"""Units computed in a pool of local worker processes."""
+"""Units computed in a pool of local worker processes that this executor starts and owns.
+
+Each worker is a spawned `multiprocessing.Process` (no forked BLAS state) serving units over its
+own pipe. The parent waits on the pipes and on the processes' sentinels together, so a worker
+that dies (killed, out of memory) is seen at once; on any error or signal every worker is ended
+with `Process.terminate()` and joined before the exception goes on.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
 
 import torch
 
-from ntkrun.errors import ExecutorError
+from ntkrun.errors import ExecutorError, RunError
 from ntkrun.executors.base import Dispatch, Executor
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
 from ntkrun.units import unit_main
 
+JOIN_S = 10.0  # how long a worker may take to exit once asked (or terminated)
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+
+def _serve(conn: Connection, threads: int, compute: Callable[[str, str, int], str]) -> None:
+    """A worker: compute(run_dir, unit, threads) for each (run_dir, unit) received, answer
+    (unit, None) or (unit, error); None ends it. Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while (task := conn.recv()) is not None:
+        run_dir, name = task
+        try:
+            compute(run_dir, name, threads)
+            conn.send((name, None))
+        except BaseException as err:  # sent back whole where it pickles, else as its message
+            try:
+                conn.send((name, err))
+            except Exception:
+                conn.send((name, RunError(f"unit {name}: {type(err).__name__}: {err}")))
+
+
+class _Worker:
+    def __init__(self, context: Any, threads: int) -> None:
+        self.conn, child = context.Pipe()
+        args = (child, threads, unit_main)  # the entry point passed by reference (tests replace it)
+        self.process = context.Process(target=_serve, args=args, daemon=True)
+        self.process.start()
+        child.close()
+        self.unit: Unit | None = None
+
+    def stop(self, now: bool) -> None:
+        """Ask the worker to exit (or terminate it, `now`), then join it."""
+        if self.process.is_alive() and not now:
+            try:
+                self.conn.send(None)
+            except OSError:
+                now = True
+        if now and self.process.is_alive():
+            self.process.terminate()
+        self.process.join(JOIN_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 class LocalExecutor(Executor):
@@ -26,28 +73,53 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
-        """Compute `todo` in `jobs` worker processes (spawned: no forked BLAS state), stage by
-        stage. Each worker gets an equal share of this machine's torch threads. A unit's error is
-        raised here; a worker that dies (killed, out of memory) is an ExecutorError, not a hang."""
+        """Compute `todo` in `jobs` worker processes, stage by stage. Each worker gets an equal
+        share of this machine's torch threads. A unit's error is raised here; a worker that dies
+        is an ExecutorError, not a hang; Ctrl-C or SIGTERM terminates every worker."""
         threads = max(1, torch.get_num_threads() // self.jobs)
         progress.start(sum(u.cost for u in todo) or float(len(todo)))
+        if not todo:
+            return Dispatch(finished=True)
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_ignore_sigint)
+        workers: list[_Worker] = []
+        failed = True
         try:
+            workers = [_Worker(context, threads) for _ in range(min(self.jobs, len(todo)))]
             for stage in sorted({u.stage for u in todo}):
-                batch = [u for u in todo if u.stage == stage]
-                futures = {pool.submit(unit_main, str(run.path), u.name, threads): u for u in batch}
-                for future in as_completed(futures):
-                    future.result()
-                    progress.advance(futures[future].name, futures[future].cost or 1.0)
-        except BrokenProcessPool as err:
-            raise ExecutorError(
-                f"a worker process died (killed, or out of memory?); finished units are kept in {run.path}"
-            ) from err
-        except BaseException:
-            for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop them
-                process.terminate()
-            raise
+                self._stage(run, deque(u for u in todo if u.stage == stage), workers, progress)
+            failed = False
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for worker in workers:
+                worker.stop(now=failed)
         return Dispatch(finished=True)
+
+    @staticmethod
+    def _stage(run: RunDir, pending: deque[Unit], workers: list[_Worker], progress: Progress) -> None:
+        """Hand out the stage's units to idle workers until every one has answered."""
+        while pending or any(w.unit is not None for w in workers):
+            for worker in workers:
+                if worker.unit is None and pending:
+                    worker.unit = pending.popleft()
+                    worker.conn.send((str(run.path), worker.unit.name))
+            busy = [w for w in workers if w.unit is not None]
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if worker.conn in ready or worker.conn.poll():
+                    try:
+                        name, err = worker.conn.recv()
+                    except EOFError:  # the pipe closed: the worker is gone
+                        _died(run, worker)
+                    if err is not None:
+                        raise err
+                    progress.advance(name, worker.unit.cost or 1.0)
+                    worker.unit = None
+                elif worker.process.sentinel in ready:
+                    _died(run, worker)
+
+
+def _died(run: RunDir, worker: _Worker) -> None:
+    unit = worker.unit.name if worker.unit is not None else "?"
+    raise ExecutorError(
+        f"a worker process died while computing unit {unit} (exit code {worker.process.exitcode}: "
+        f"killed, or out of memory?); finished units are kept in {run.path}"
+    )

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,47 @@ def test_a_dying_pool_worker_stops_the_run_without_losing_work(tmp_path, monkeyp
         assert (done / name).read_bytes() == (
             tmp_path / "whole" / "convergence" / "latest" / name
         ).read_bytes()
+
+
+def _workers_of(parent: int) -> list[int]:
+    """The pids of the spawned pool workers whose parent is `parent` (from /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat_file.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def test_ctrl_c_stops_every_worker_of_a_local_run(tmp_path):
+    """SIGINT to a two-worker --executor local run once both workers are computing a unit: the
+    command exits 130 with the run marked failed and a resume hint, and both worker processes are
+    gone (ended through Process.terminate and joined): none is left computing."""
+    args = [*TINY[:-1], "--set", "network.width=[1500]", "--seeds", "4", "--steps", "5000",
+            "--set", "training.n_train=128", "--executor", "local", "--jobs", "2", "--quiet",
+            "--output-root", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ntkrun", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("convergence/.*.partial/units/*.log"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2, workers
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "ntkrun resume" in err
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+    (failed,) = (tmp_path / "convergence").glob("*.failed")
+    assert "interrupted" in (failed / "ERROR").read_text()
 
 
 @pytest.fixture
