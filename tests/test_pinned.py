@@ -30,6 +30,7 @@ def this_machine() -> dict:
         "machine": platform.machine(),
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),  # the kernels BLAS picks (AVX2, AVX512)
     }
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ntkrun.linalg import empty_checked, mirror_
+from ntkrun.network import hidden_widths
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 
 Progress = Callable[[int, int], None]
@@ -129,10 +130,10 @@ def _widths(parametrization: str, widths: int | Sequence[int] | None, depth: int
         raise ValueError(
             "widths: the standard parametrization's NTK grows with the width; give the hidden widths"
         )
-    ws = [int(widths)] * (depth - 1) if isinstance(widths, int) else [int(w) for w in widths]
-    if len(ws) != depth - 1 or any(w < 1 for w in ws):
-        raise ValueError(f"widths: depth {depth} needs {depth - 1} hidden widths >= 1, got {widths}")
-    return ws
+    try:
+        return hidden_widths(widths if isinstance(widths, int) else list(widths), depth)
+    except ValueError as err:
+        raise ValueError(f"widths: {err}") from None
 
 
 class _Recursion:
@@ -167,6 +168,17 @@ class _Recursion:
             d.append(sigma)
             t.append(theta)
         return d, t
+
+    def block(
+        self, X: torch.Tensor, X2: torch.Tensor, sxx: list[torch.Tensor], syy: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(Sigma(l), Theta(l)), l = 1 .. L, on the block X (rows, n0) x X2 (cols, n0), given the
+        rows' and the columns' diagonals Sigma(l)(x, x) (lists of (rows,) and (cols,))."""
+        layers = [self.first(X @ X2.t())]
+        for l in range(1, self.depth):
+            sigma, theta = layers[-1]
+            layers.append(self.next(l, sxx[l - 1][:, None], sigma, syy[l - 1][None, :], theta))
+        return layers
 
 
 def _setup(
@@ -244,16 +256,12 @@ def analytic_kernels(
     for k, r0 in enumerate(range(0, n1, rows), start=1):
         r = slice(r0, min(r0 + rows, n1))
         c = slice(r0 if symmetric else 0, n2)  # symmetric: the upper triangle only, mirrored below
-        sigma, theta = rec.first(X[r] @ X2[c].t())
-        layers = [(sigma, theta)]
-        for l in range(1, depth):
-            sigma, theta = rec.next(l, d1[l - 1][r, None], sigma, d2[l - 1][None, c], theta)
-            layers.append((sigma, theta))
+        layers = rec.block(X[r], X2[c], [d[r] for d in d1], [d[c] for d in d2])
         if all_layers:
             sigma_out[:, r, c] = torch.stack([s for s, _ in layers])
             theta_out[:, r, c] = torch.stack([t for _, t in layers])
         else:
-            sigma_out[r, c], theta_out[r, c] = sigma, theta
+            sigma_out[r, c], theta_out[r, c] = layers[-1]
         if progress is not None:
             progress(k, nblocks)
     if symmetric:
@@ -278,6 +286,8 @@ def analytic_kernel(
     out_dtype: torch.dtype = torch.float64,
     out: torch.Tensor | None = None,
     rows: tuple[int, int] | None = None,
+    quadrature_order: int = 64,
+    closed_form: bool = True,
     block_rows: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -292,7 +302,9 @@ def analytic_kernel(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    X, X2, rec = _setup(X, X2, depth, nonlinearity, beta, parametrization, widths, 64, True)
+    X, X2, rec = _setup(
+        X, X2, depth, nonlinearity, beta, parametrization, widths, quadrature_order, closed_form
+    )
     symmetric = X2 is X
     n1, n2 = X.shape[0], X2.shape[0]
     r0, r1 = rows if rows is not None else (0, n1)
@@ -311,9 +323,7 @@ def analytic_kernel(
         r = slice(b0, min(b0 + step, r1))
         c = slice(b0 if symmetric else 0, n2)
         local = slice(r.start - r0, r.stop - r0)
-        sigma, theta = rec.first(X[r] @ X2[c].t())
-        for l in range(1, depth):
-            sigma, theta = rec.next(l, d1[l - 1][local, None], sigma, d2[l - 1][None, c], theta)
+        sigma, theta = rec.block(X[r], X2[c], [d[local] for d in d1], [d[c] for d in d2])[-1]
         out[r, c] = theta if kind == "ntk" else sigma
         if progress is not None:
             progress(k, nblocks)
