@@ -7,7 +7,6 @@ import hashlib
 import math
 import os
 import struct
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntkrun.atomic import atomic_write
 from ntkrun.errors import DataError, DownloadError
 
 
@@ -354,9 +354,10 @@ def download_mnist(
 
 
 def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    """Download url to target, renamed into place only once complete and its MD5 verified."""
+
+    def download(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = response.headers.get("Content-Length")
             written = 0
             for block in iter(lambda: response.read(1 << 16), b""):
@@ -364,10 +365,8 @@ def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:
                 written += len(block)
         if expected is not None and written != int(expected):
             raise OSError(f"truncated: got {written} of {expected} bytes")
-        got = md5sum(Path(tmp))
+        got = md5sum(tmp)
         if got != md5:
             raise DataError(f"{url}: MD5 mismatch (got {got}, published {md5})")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(target, download)

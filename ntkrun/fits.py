@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,36 @@ def fit_power_law(
     boot_slopes = (np.log(boot_means) - np.log(boot_means).mean(1, keepdims=True)) @ x / (x @ x)
     lo, hi = np.quantile(boot_slopes, [alpha / 2, 1 - alpha / 2])
     return PowerLawFit(slope, intercept, float(lo), float(hi), n_boot)
+
+
+FIT_COLUMNS = ["metric", "slope", "ci_low", "ci_high", "intercept", "reference_slope"]
+
+
+def slope_table(
+    table: pd.DataFrame, references: dict[str, float], *, n_boot: int, seed: int, by: str | None = None
+) -> pd.DataFrame:
+    """One fit_power_law row per metric (and per value of the column `by`): the log-log slope in
+    width of each metric of `table` (columns width, seed, the metrics, `by`), its bootstrap
+    interval over seeds, and the metric's reference slope. No rows for a group of fewer than
+    two widths (a slope needs two)."""
+    rows = []
+    groups = table.groupby(by, sort=True) if by is not None else [(None, table)]
+    for key, g in groups:
+        widths = np.array(sorted(g["width"].unique()), float)
+        if len(widths) < 2:
+            continue
+        for metric, reference in references.items():
+            samples = g.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
+            fit = fit_power_law(widths, samples, n_boot=n_boot, seed=seed)
+            rows.append(
+                {
+                    **({by: key} if by is not None else {}),
+                    "metric": metric,
+                    "slope": fit.slope,
+                    "ci_low": fit.ci_low,
+                    "ci_high": fit.ci_high,
+                    "intercept": fit.intercept,
+                    "reference_slope": reference,
+                }
+            )
+    return pd.DataFrame(rows, columns=[*([by] if by is not None else []), *FIT_COLUMNS])

@@ -59,6 +59,11 @@ def hidden_widths(width: int | Sequence[int], depth: int) -> list[int]:
     return widths
 
 
+def layer_sizes(n0: int, width: int | Sequence[int], depth: int, n_out: int = 1) -> list[int]:
+    """[n0, n_1, ..., n_{L-1}, n_out]: every layer's width, input and output included."""
+    return [n0, *hidden_widths(width, depth), n_out]
+
+
 class MLP(nn.Module):
     """Fully connected network: (N, n0) -> (N,) for n_out = 1, (N, k) for n_out = k > 1.
 
@@ -90,7 +95,7 @@ class MLP(nn.Module):
         if parametrization not in PARAMETRIZATIONS:
             names = ", ".join(PARAMETRIZATIONS)
             raise ValueError(f"parametrization must be one of {names}, got {parametrization!r}")
-        self.sizes = [n0, *hidden_widths(width, depth), n_out]
+        self.sizes = layer_sizes(n0, width, depth, n_out)
         self.depth = depth
         self.beta = float(beta)
         self.parametrization = parametrization

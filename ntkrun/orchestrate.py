@@ -6,7 +6,6 @@ every failure is an NtkrunError whose message says what was kept and how to cont
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ntkrun import experiments, resources
+from ntkrun import experiments, memory
 from ntkrun.errors import (
     ExecutorError,
     IncompleteRunError,
@@ -28,8 +27,9 @@ from ntkrun.errors import (
 )
 from ntkrun.executors import make_executor
 from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available, unit_status
+from ntkrun.identity import Identity, recorded
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
-from ntkrun.rundir import IDENTITY, Identity, RunDir, is_complete, open_run
+from ntkrun.rundir import RunDir, is_complete, open_run
 from ntkrun.runners.common import Progress, Unit, resolve_device
 from ntkrun.spec import Override, RunSpec, spec_hash
 from ntkrun.units import (
@@ -118,12 +118,12 @@ def plan(req: Request, *, checks: bool = True) -> Plan:
         raise SpecError("executor slurm: sbatch and squeue are not on PATH (is this a SLURM login node?)")
     preflight(spec)
     ident = identity(spec)
-    memory = "not checked (--force)"
+    note = "not checked (--force)"
     if not req.force:
         parallel = spec.executor.jobs if spec.executor.kind == "local" and not chosen else 1
         need, limit = check_memory(spec, chosen or found, parallel)
-        memory = f"about {resources.gib(need)} at peak; {limit}"
-    return Plan(req, spec, found, chosen, memory, ident)
+        note = f"about {memory.gib(need)} at peak; {limit}"
+    return Plan(req, spec, found, chosen, note, ident)
 
 
 def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
@@ -336,17 +336,8 @@ class Status:
 def status(run_dir: Path) -> Status:
     """Per unit: done / running / pending / failed / not started, with SLURM job ids."""
     spec = experiments.load_run_spec(run_dir)
-    run = RunDir.shared(run_dir, spec, _recorded_identity(run_dir, spec))
+    run = RunDir.shared(run_dir, spec, recorded(run_dir, spec))
     complete = is_complete(run.path)
     aggregator = None if complete else lock_holder(run.path / AGGREGATE_LOCK, STALE_LOCK_S, remove=False)
     runner = None if complete else lock_holder(run.path / RUNNING, remove=False)
     return Status(unit_status(spec, run), complete, aggregator, runner)
-
-
-def _recorded_identity(run_dir: Path, spec: RunSpec) -> Identity:
-    """The identity a run directory records (status reads the run; it computes nothing)."""
-    path = Path(run_dir) / IDENTITY
-    if not path.is_file():
-        return Identity.of(spec)
-    tag = json.loads(path.read_text())
-    return Identity(tag["spec_hash"], tag.get("data") or {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ntkrun.spec import RunSpec
+from ntkrun.atomic import atomic_write
 
 STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 200}
 
@@ -20,12 +19,10 @@ STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "
 def _save(fig: plt.Figure, stem: Path) -> None:
     """<stem>.png and <stem>.pdf, each written to a temporary name and renamed into place."""
     for ext, extra in (("png", {}), ("pdf", {"metadata": {"CreationDate": None}})):
-        tmp = stem.parent / f".{stem.name}.{os.getpid()}.{ext}.tmp"
-        try:
-            fig.savefig(tmp, format=ext, bbox_inches="tight", **extra)
-            os.replace(tmp, stem.with_suffix(f".{ext}"))
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(
+            stem.with_suffix(f".{ext}"),
+            lambda tmp, ext=ext, extra=extra: fig.savefig(tmp, format=ext, bbox_inches="tight", **extra),
+        )
     plt.close(fig)
 
 
@@ -34,8 +31,10 @@ def _step_styles(steps: list[int]) -> dict[int, str]:
     return {s: "-" if i == 0 else "--" if i == len(steps) - 1 else ":" for i, s in enumerate(steps)}
 
 
-def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: RunSpec, stem: Path) -> None:
-    """Paper Figure 1 with the analytic limit: Theta(x0, x) against gamma.
+def convergence_figure(
+    summary: pd.DataFrame, kernels: pd.DataFrame, stem: Path, *, lr: float, seeds: int, title: str
+) -> None:
+    """Paper Figure 1 with the analytic limit: Theta(x0, x) against gamma (t = step * lr).
 
     Left: every seed (colour per width, solid t = first step, dashed t = last step).
     Right: the seed mean with a +-1 std band per width and step.
@@ -45,7 +44,6 @@ def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: RunSp
     styles = _step_styles(steps)
     colors = {w: plt.get_cmap("tab10")(i) for i, w in enumerate(widths)}
     limit = summary.drop_duplicates("gamma").sort_values("gamma")
-    lr = spec.training.lr
     with plt.rc_context(STYLE):
         fig, (ax_all, ax_mean) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         for (width, step, _seed), g in kernels.groupby(["width", "step", "seed"], sort=True):
@@ -65,23 +63,28 @@ def convergence_figure(summary: pd.DataFrame, kernels: pd.DataFrame, spec: RunSp
         handles += [plt.Line2D([], [], color="black", lw=1.4, label=r"limit $\Theta_\infty^{(L)}$")]
         ax_all.legend(handles=handles, frameon=False, fontsize=8)
         ax_all.set_ylabel(r"$\Theta(x_0, x)$,  $x = (\cos\gamma, \sin\gamma)$")
-        ax_all.set_title(f"{spec.seeds} seeds per width")
+        ax_all.set_title(f"{seeds} seeds per width")
         ax_mean.set_title(r"seed mean $\pm$ 1 std")
-        net = spec.network
-        fig.suptitle(
-            f"NTK convergence: depth {net.depth}, {net.nonlinearity}, beta {net.beta:g}", fontsize=10
-        )
+        fig.suptitle(title, fontsize=10)
         _save(fig, stem)
 
 
 def regression_figure(
-    functions: pd.DataFrame, limit: pd.DataFrame, training: pd.DataFrame, spec: RunSpec, stem: Path
+    functions: pd.DataFrame,
+    limit: pd.DataFrame,
+    training: pd.DataFrame,
+    stem: Path,
+    *,
+    band: tuple[float, float],
+    seeds: int,
+    title: str,
 ) -> None:
-    """Paper Figure 2: f_T on the circle for every seed and width, with the percentile band of
-    the limiting Gaussian at t = inf (shaded, median dashed) and at t = T (dotted)."""
+    """Paper Figure 2: f_T on the circle for every seed and width, with the percentile band
+    (band = (lower, upper) percentile) of the limiting Gaussian at t = inf (shaded, median
+    dashed) and at t = T (dotted)."""
     widths = sorted(functions["width"].unique())
     colors = {w: plt.get_cmap("tab10")(i + 2) for i, w in enumerate(widths)}
-    lo, mid, hi = (f"p{p:g}" for p in (min(spec.percentiles), 50, max(spec.percentiles)))
+    lo, mid, hi = (f"p{p:g}" for p in (band[0], 50, band[1]))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         inf = limit[np.isinf(limit["t"])].sort_values("gamma")
@@ -108,15 +111,12 @@ def regression_figure(
         for (width, _seed), g in functions.groupby(["width", "seed"], sort=True):
             ax.plot(g["gamma"], g["f_T"], color=colors[width], lw=0.8, alpha=0.8)
         for w in widths:
-            ax.plot([], [], color=colors[w], label=f"n = {w} ({spec.seeds} seeds)")
+            ax.plot([], [], color=colors[w], label=f"n = {w} ({seeds} seeds)")
         ax.plot(training["gamma"], training["y"], "o", color="black", ms=5, label="training points")
         ax.set_xlabel(r"$\gamma$")
         ax.set_ylabel(r"$f_\theta(\cos\gamma, \sin\gamma)$ after training")
         ax.set_xlim(-3.1416, 3.1416)
-        net = spec.network
-        ax.set_title(
-            f"depth {net.depth} {net.nonlinearity}, {spec.training.steps} GD steps, {spec.kernel} limit"
-        )
+        ax.set_title(title)
         ax.legend(frameon=False, fontsize=7, loc="best")
         _save(fig, stem)
 
@@ -128,7 +128,7 @@ SCALING_TITLES = {
 }
 
 
-def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: RunSpec, stem: Path) -> None:
+def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title: str) -> None:
     """Log-log panels per metric: seed mean +- SE per width and depth, fitted lines, reference slope."""
     depths = sorted(table["depth"].unique())
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
@@ -153,20 +153,17 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, spec: RunSpec, stem:
             ax.set_xlabel("width n")
             ax.set_title(SCALING_TITLES[metric], fontsize=9)
             ax.legend(frameon=False, fontsize=7)
-        fig.suptitle(
-            f"{spec.network.nonlinearity}, beta {spec.network.beta:g}, {spec.seeds} seeds, "
-            f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})",
-            fontsize=10,
-        )
+        fig.suptitle(title, fontsize=10)
         _save(fig, stem)
 
 
-def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: RunSpec, lam_k: float, stem: Path) -> None:
-    """Paper Figure 3: (a) digits at (f(2), f(3)) by label; (b) ||h_t|| against ||g_t||;
-    (c) ||g_t|| against t with the limit c exp(-lambda_k t)."""
+def pca_figure(
+    components: pd.DataFrame, traj: pd.DataFrame, stem: Path, *, lam_k: float, c: float, k: int, kernel: str
+) -> None:
+    """Paper Figure 3: (a) digits at (f(2), f(3)) by label (the `kernel` named); (b) ||h_t||
+    against ||g_t||; (c) ||g_t|| against t with the limit c exp(-lambda_k t)."""
     widths = sorted(traj["width"].unique())
     colors = {w: plt.get_cmap("plasma")(i / max(len(widths), 1) * 0.85) for i, w in enumerate(widths)}
-    c, k = spec.target_scale, spec.component
     with plt.rc_context(STYLE):
         fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
         scatter = ax_a.scatter(
@@ -175,7 +172,7 @@ def pca_figure(components: pd.DataFrame, traj: pd.DataFrame, spec: RunSpec, lam_
         fig.colorbar(scatter, ax=ax_a, ticks=range(10), label="digit")
         ax_a.set_xlabel("$f^{(2)}(x_i)$")
         ax_a.set_ylabel("$f^{(3)}(x_i)$")
-        ax_a.set_title(f"(a) {len(components)} digits, {spec.kernel} kernel")
+        ax_a.set_title(f"(a) {len(components)} digits, {kernel} kernel")
         for (width, _seed), g in traj.groupby(["width", "seed"], sort=True):
             ax_b.plot(g["g_norm"], g["h_norm"], color=colors[width], lw=1)
             ax_c.plot(g["t"], g["g_norm"], color=colors[width], lw=1)
@@ -207,13 +204,18 @@ KERNEL_STYLES = {
 
 
 def generalization_figure(
-    accuracy: pd.DataFrame, distance: pd.DataFrame, fits: pd.DataFrame, spec: RunSpec, stem: Path
+    accuracy: pd.DataFrame,
+    distance: pd.DataFrame,
+    fits: pd.DataFrame,
+    stem: Path,
+    *,
+    n_net: int,
+    title: str,
 ) -> None:
-    """(a) learning curves: test accuracy vs N_train, a line per kernel, the nets as points;
-    (b) test accuracy vs width, the kernel predictors at the nets' N_train as lines;
+    """(a) learning curves: test accuracy vs N_train, a line per kernel, the nets (trained on
+    n_net points) as points; (b) test accuracy vs width, the kernel predictors at n_net as lines;
     (c) distance of the nets to the NTK predictor vs width (log-log) with the fitted slopes."""
     nets = accuracy[accuracy["predictor"] == "net"]
-    n_net = spec.training.n_train  # type: ignore[attr-defined]
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"wspace": 0.35})
         ax = axes[0]
@@ -275,12 +277,7 @@ def generalization_figure(
         ax.set_ylabel("||f_net - f_ntk|| / ||f_ntk|| (test)")
         ax.set_title("(c) nets approach the NTK predictor", fontsize=9)
         _legend(ax)
-        net = spec.network  # type: ignore[attr-defined]
-        fig.suptitle(
-            f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}; nets: {spec.seeds} seeds, "
-            f"{spec.training.steps} GD steps (lr {spec.training.lr:g}) on {n_net} points",  # type: ignore[attr-defined]
-            fontsize=10,
-        )
+        fig.suptitle(title, fontsize=10)
         _save(fig, stem)
 
 

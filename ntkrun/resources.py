@@ -12,15 +12,10 @@ from itertools import pairwise
 
 from ntkrun.kernels.analytic import MIRROR_BLOCK, block_rows_for
 from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET, FEATURE_COPIES
-from ntkrun.memory import GiB, gib  # noqa: F401  (what the estimates are reported in)
 
 
 def dtype_bytes(dtype: str) -> int:
     return {"float32": 4, "float64": 8}[dtype]
-
-
-def layer_sizes(n0: int, width: int, depth: int) -> list[int]:
-    return [n0, *([width] * (depth - 1)), 1]
 
 
 def network_bytes(sizes: Sequence[int], b: int) -> int:

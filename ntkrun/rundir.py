@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ import torch
 import yaml
 
 from ntkrun import signals
+from ntkrun.atomic import atomic_write, umask
 from ntkrun.errors import RunError, SpecError, Stop, UnitSpecMismatchError, stopped
+from ntkrun.identity import IDENTITY, Identity, run_mismatch
 from ntkrun.locks import RUNNING, acquire, release
 from ntkrun.spec import RunSpec, spec_dict, spec_hash
 from ntkrun.version import __version__
@@ -67,36 +69,11 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
-    """write(tmp) into a temporary file beside `target`, then rename it over `target`.
-
-    A failure (a full disk, a signal) leaves `target` as it was and removes the temporary file.
-    """
-    target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide results from collaborators
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
 def _workdir(parent: Path, name: str) -> Path:
     """A fresh hidden working directory .<name>.<random>.partial with the usual umask permissions
     (mkdtemp's 0700 would hide finished runs from collaborators on a shared filesystem)."""
     path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
-    path.chmod(0o777 & ~_umask())
+    path.chmod(0o777 & ~umask())
     return path
 
 
@@ -112,57 +89,9 @@ def _reserve(parent: Path, base: str) -> Path:
             target.mkdir()
         except FileExistsError:
             continue
-        target.chmod(0o777 & ~_umask())
+        target.chmod(0o777 & ~umask())
         return target
     raise RunError(f"no free run directory name under {parent} for {base}")
-
-
-IDENTITY = "identity.json"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What makes two results the same (docs/architecture.md, "Run identity"): the spec's hash
-    (ntkrun.spec.spec_hash: every key but those that change no result) and the content digest of
-    each data file the run reads (ntkrun.data.digests; none for generated inputs)."""
-
-    spec_hash: str
-    data: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, spec: RunSpec) -> Identity:
-        """The identity of a spec that reads no data files."""
-        return cls(spec_hash(spec))
-
-    def tag(self) -> dict[str, Any]:
-        return {"spec_hash": self.spec_hash, "data": dict(self.data)}
-
-    def mismatch(self, tag: dict[str, Any]) -> str | None:
-        """Why results tagged `tag` are not this identity's (None: they are). A tag without data
-        digests (made before they existed) is judged by its spec hash alone."""
-        if tag.get("spec_hash") != self.spec_hash:
-            return f"belongs to spec {tag.get('spec_hash')}, not this run's {self.spec_hash}"
-        theirs = tag.get("data")
-        if theirs is None:
-            return None
-        for name in sorted(set(theirs) | set(self.data)):
-            if theirs.get(name) != self.data.get(name):
-                return (
-                    f"was computed on other data: {name} had digest {theirs.get(name)}, the data "
-                    f"found now has {self.data.get(name)} (another dataset, or the files changed)"
-                )
-        return None
-
-
-def _spec_mismatch(path: Path, identity: Identity) -> str | None:
-    """Why the run in path is not of this identity: its identity.json, or for a run made before
-    that file existed, the spec hash of its spec.yaml."""
-    if (path / IDENTITY).is_file():
-        tag = json.loads((path / IDENTITY).read_text())
-    else:
-        theirs = yaml.safe_load((path / "spec.yaml").read_text())
-        tag = {"spec_hash": spec_hash(theirs) if isinstance(theirs, dict) else None}
-    return identity.mismatch(tag)
 
 
 class RunDir:
@@ -218,7 +147,7 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         (path / "units").mkdir(exist_ok=True)
         if (path / "spec.yaml").is_file():
-            reason = _spec_mismatch(path, run.identity)
+            reason = run_mismatch(path, run.identity)
             if reason is not None:
                 raise UnitSpecMismatchError(
                     f"{path}: holds a run of another spec or data: it {reason}; use another --run-dir, "
@@ -239,7 +168,7 @@ class RunDir:
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
             run = cls.shared(path, spec, identity)
         else:
-            reason = _spec_mismatch(path, identity or Identity.of(spec))
+            reason = run_mismatch(path, identity or Identity.of(spec))
             if reason is not None:
                 raise UnitSpecMismatchError(f"{path}: cannot be resumed here: it {reason}")
             name = path.name.removesuffix(".failed")
@@ -354,7 +283,7 @@ class RunDir:
             "platform": platform.platform(),
             "device": device,
             "threads": torch.get_num_threads(),
-            "seeds": list(range(self.spec.base_seed, self.spec.base_seed + self.spec.seeds)),
+            "seeds": list(self.spec.seed_values),
             "start_time": _iso(self.start),
             "end_time": _iso(end),
             "wall_time_s": round(end - self.start, 3),

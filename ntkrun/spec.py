@@ -108,6 +108,11 @@ class RunSpec(Model):
     output: str = "outputs"  # root directory of run directories
     executor: ExecutorSpec = ExecutorSpec()
 
+    @property
+    def seed_values(self) -> range:
+        """The seeds of the run: base_seed .. base_seed + seeds - 1."""
+        return range(self.base_seed, self.base_seed + self.seeds)
+
 
 # --------------------------------------------------------------------------- presets
 

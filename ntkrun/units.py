@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ntkrun import experiments, memory, resources
+from ntkrun import experiments, memory
 from ntkrun.data import digests
 from ntkrun.errors import (
     ExecutorError,
@@ -28,8 +28,9 @@ from ntkrun.errors import (
     ResourceError,
     SpecError,
 )
+from ntkrun.identity import Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
-from ntkrun.rundir import Identity, RunDir, is_complete, log_to
+from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import NoProgress, Progress, Unit, check_range, resolve_device
 from ntkrun.spec import RunSpec, spec_hash
 
@@ -100,7 +101,7 @@ def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[in
         mem_gb = spec.executor.slurm.mem_gb
         if mem_gb is None:
             return need, "no limit known (set executor.slurm.mem_gb)"
-        have, where = int(mem_gb * resources.GiB), "executor.slurm.mem_gb"
+        have, where = int(mem_gb * memory.GiB), "executor.slurm.mem_gb"
     else:
         found = memory.available(resolve_device(spec.device))
         if found is None:
@@ -109,11 +110,11 @@ def check_memory(spec: RunSpec, todo: list[Unit], parallel: int = 1) -> tuple[in
     times = f" x {parallel} units at once" if parallel > 1 else ""
     if need > have:
         raise ResourceError(
-            f"memory: unit {biggest.name}{times} needs about {resources.gib(need)} but "
-            f"{resources.gib(have)} is available ({where}); reduce the width or the number of "
+            f"memory: unit {biggest.name}{times} needs about {memory.gib(need)} but "
+            f"{memory.gib(have)} is available ({where}); reduce the width or the number of "
             "points, or pass --force to run anyway"
         )
-    return need, f"{resources.gib(have)} available ({where})"
+    return need, f"{memory.gib(have)} available ({where})"
 
 
 # ---------------------------------------------------------------- computing units

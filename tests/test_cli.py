@@ -138,18 +138,26 @@ def test_unwritable_output_root_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = invoke(TINY, blocker)
-    assert result.exit_code == 2 and "cannot write the run directory under" in result.stderr
+    assert result.exit_code == 2 and f"cannot write the run directory under {blocker}" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_show_and_presets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert CliRunner().invoke(app, ["show"]).exit_code == 2  # nothing run yet
+    nothing = CliRunner().invoke(app, ["show"])  # nothing run yet
+    assert nothing.exit_code == 2
+    expected = "no complete run under outputs/ (run an experiment first, or name a run directory)"
+    assert nothing.stderr == f"ntkrun: error: {expected}\n"
     assert invoke(TINY, tmp_path / "outputs").exit_code == 0
     result = CliRunner().invoke(app, ["show"])
     assert result.exit_code == 0
     assert "status: complete" in result.stdout and "rel_dist_to_limit" in result.stdout
     (run,) = run_dirs(tmp_path / "outputs")
-    assert CliRunner().invoke(app, ["show", str(run)]).exit_code == 0
+    named = CliRunner().invoke(app, ["show", str(run)])
+    assert named.exit_code == 0 and f"run:    {run.resolve()}" in named.stdout
+    assert "experiment convergence, spec " in named.stdout and "files: " in named.stdout
+    missing = CliRunner().invoke(app, ["show", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and f"{tmp_path / 'nope'}: not a run directory" in missing.stderr
     presets = CliRunner().invoke(app, ["presets"])
     assert "convergence  paper " in presets.stdout and "convergence  quick " in presets.stdout
 

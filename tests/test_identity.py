@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ntkrun.cli import app
 from ntkrun.experiments import spec_of
-from ntkrun.rundir import IDENTITY, Identity
+from ntkrun.identity import IDENTITY, Identity
 from ntkrun.spec import spec_dict, spec_hash
 
 CONVERGENCE = ["convergence", "--preset", "quick", "--set", "network.width=[8, 16]", "--seeds", "1",

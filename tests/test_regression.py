@@ -37,9 +37,22 @@ def test_tiny_run_writes_every_output(tmp_path):
     limit = pd.read_csv(run_dir / "limit.csv")
     assert list(limit.columns) == ["kernel", "t", "gamma", "mean", "std", "p10", "p50", "p90"]
     assert sorted(limit["t"].unique()) == [50.0, math.inf]
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics["width"]) == [16, 64]
-    assert metrics[["in_band_inf", "in_band_T"]].apply(lambda c: c.between(0, 1)).all().all()
+    metrics = pd.read_csv(run_dir / "metrics.csv").set_index("width")
+    assert list(metrics.index) == [16, 64]
+    losses = pd.read_csv(run_dir / "losses.csv")
+    for width, g in functions.groupby("width"):  # each metric from its definition, on the CSVs
+        for t, name in ((math.inf, "in_band_inf"), (50.0, "in_band_T")):
+            band = limit[limit["t"] == t].set_index("gamma")
+            f = g.join(band[["p10", "p90"]], on="gamma")
+            inside = ((f["f_T"] >= f["p10"]) & (f["f_T"] <= f["p90"])).mean()
+            assert metrics.loc[width, name] == pytest.approx(inside, abs=1e-12), (width, name)
+        at_inf = limit[limit["t"] == math.inf].set_index("gamma")
+        diff = g.groupby("gamma")["f_T"].mean() - at_inf["mean"]
+        rms = math.sqrt((diff**2).mean() / (at_inf["std"] ** 2).mean())
+        assert metrics.loc[width, "mean_dist_in_std"] == pytest.approx(rms, rel=1e-9)
+        loss_T = losses[losses["width"] == width]["loss_T"].mean()
+        assert metrics.loc[width, "train_loss_T"] == pytest.approx(loss_T)
+    assert (metrics["expected_in_band"] == 0.8).all()
 
 
 def test_empirical_limit_kernel(tmp_path):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from test_data import write_split
 from typer.testing import CliRunner
 
 from ntkrun.cli import app
 
+DATA = Path(tempfile.gettempdir()) / f"ntkrun-sharding-data-{os.getpid()}"
 TINY = {
     "convergence": [
         "convergence", "--preset", "quick", "--set", "network.width=[8, 32]", "--seeds", "2", "--steps", "6",
@@ -25,12 +29,34 @@ TINY = {
         "scaling", "--preset", "quick", "--set", "network.width=[16, 64]", "--set", "network.depth=[2, 3]",
         "--seeds", "2", "--steps", "5", "--set", "n_boot=50", "--quiet",
     ],
+    "pca": [
+        "pca", "--preset", "quick", "--data-dir", DATA, "--set", "data.split=test",
+        "--set", "data.n_points=24", "--set", "network.width=[16, 32]", "--seeds", "1", "--steps", "8",
+        "--set", "training.record_every=4", "--set", "training.checkpoint_every=4", "--quiet",
+    ],
+    "generalization": [
+        "generalization", "--preset", "quick", "--data-dir", DATA, "--set", "data.n_train=[40, 80]",
+        "--set", "data.n_test=30", "--set", "training.n_train=40", "--set", "network.width=[16, 32]",
+        "--seeds", "2", "--steps", "5", "--set", "n_boot=50", "--set", "device=cpu", "--quiet",
+    ],
 }  # fmt: skip
 CSVS = {
     "convergence": ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"],
     "regression": ["functions.csv", "limit.csv", "losses.csv", "training.csv", "metrics.csv"],
     "scaling": ["scaling.csv", "fits.csv"],
+    "pca": ["eigenvalues.csv", "components.csv", "trajectories.csv", "metrics.csv"],
+    "generalization": ["accuracy.csv", "distance.csv", "fits.csv"],
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data():
+    """The IDX splits the data experiments read (random digits: train and test)."""
+    DATA.mkdir()
+    write_split(DATA, n=100, split="train")
+    write_split(DATA, n=40, split="t10k")
+    yield
+    shutil.rmtree(DATA, ignore_errors=True)
 
 
 def invoke(*args: str):
@@ -62,18 +88,21 @@ def inline_runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("experiment", list(TINY))
 def test_one_process_per_unit_aggregates_to_the_same_csvs(experiment, inline_runs, tmp_path):
-    """Every unit in its own invocation (as an sbatch array task would), in a shuffled order; the
-    last one aggregates, and the CSVs equal the one-process run byte for byte."""
+    """Every unit in its own invocation (as an sbatch array task would), in reverse order; the one
+    that completes the set aggregates (a unit that needs a stage-0 reference computes it first),
+    and the CSVs equal the one-process run byte for byte."""
     listing = invoke(*TINY[experiment], "--list-units")
     assert listing.exit_code == 0, listing.output
     n = int(listing.stdout.split()[0])
     assert n >= 2 and f"--array=0-{n - 1}" in listing.stdout
     shared = tmp_path / "shared-run"
     order = list(range(n))[::-1]
-    for k, index in enumerate(order):
+    for index in order:
         result = invoke(*TINY[experiment], "--unit", str(index), "--run-dir", shared)
         assert result.exit_code == 0, result.output
-        assert (shared / "meta.json").is_file() == (k == n - 1)  # complete only after the last unit
+        done = len([p for p in (shared / "units").glob("*.pt") if ".ckpt" not in p.name])
+        assert (shared / "meta.json").is_file() == (done == n)  # complete once every unit is done
+    assert done == n
     assert "run aggregated: complete" in result.stdout
     assert_same_csvs(shared, inline_runs[experiment], experiment)
 
@@ -139,7 +168,7 @@ def test_resume_may_change_only_the_executor(tmp_path):
     (failed,) = (tmp_path / "convergence").iterdir()
     before = (failed / "spec.yaml").read_text()
     changed = invoke("resume", failed, "--set", "training.lr=0.5")
-    assert changed.exit_code == 2 and "on resume only executor.* may change" in changed.stderr
+    assert changed.exit_code == 2 and "on resume only executor.* and data.dir may change" in changed.stderr
     assert failed.is_dir() and (failed / "spec.yaml").read_text() == before  # untouched, not moved
     same = invoke("resume", failed, "--executor", "local", "--jobs", "2")
     assert same.exit_code == 1 and "training diverged" in same.stderr  # the same spec, run elsewhere

@@ -125,10 +125,11 @@ def test_exponent_floats_are_numbers(tmp_path):
 
 def test_parametrization_field_keeps_old_hashes_and_is_refused_where_it_has_no_meaning(tmp_path):
     """network.parametrization arrived after runs were made: at its default it leaves the hash
-    as it was (runs made before can be resumed); standard is another spec; the four paper
-    experiments refuse it with one line naming the key."""
+    as it was (runs made before can be resumed); standard is another spec; every experiment
+    refuses it with one line naming the key (before it reads any data)."""
     from typer.testing import CliRunner
 
+    from ntkrun import experiments
     from ntkrun.cli import app
     from ntkrun.experiments import spec_of
     from ntkrun.spec import spec_hash
@@ -136,9 +137,9 @@ def test_parametrization_field_keeps_old_hashes_and_is_refused_where_it_has_no_m
     assert spec_hash(spec_of("convergence", preset="quick")) == "bf90f3d9"  # as pinned before the field
     standard = spec_of("convergence", preset="quick", sets=["network.parametrization=standard"])
     assert spec_hash(standard) != "bf90f3d9"
-    for experiment in ("convergence", "regression", "scaling"):
+    for experiment in experiments.EXPERIMENTS:
         args = [experiment, "--preset", "quick", "--set", "network.parametrization=standard"]
         result = CliRunner().invoke(app, [*args, "-o", str(tmp_path)])
-        assert result.exit_code == 2
-        assert "network.parametrization: 'standard' is not supported" in result.output
+        assert result.exit_code == 2, (experiment, result.output)
+        assert f"network.parametrization: 'standard' is not supported by {experiment}" in result.stderr
     assert not any(tmp_path.iterdir())

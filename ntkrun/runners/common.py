@@ -14,7 +14,7 @@ import torch
 
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels import analytic_kernels
-from ntkrun.network import MLP, gd_step, mse_cost
+from ntkrun.network import MLP, gd_step, layer_sizes, mse_cost
 from ntkrun.spec import RunSpec
 
 
@@ -135,6 +135,11 @@ def build_net(
     )
 
 
+def network_caption(net: Any) -> str:
+    """'depth 4 relu, beta 0.1': a figure's account of spec.network."""
+    return f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}"
+
+
 def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     """Refuse depth/nonlinearity/beta/dtype combinations whose kernels leave the dtype's range.
 
@@ -182,8 +187,7 @@ def unpack(*tables: dict[str, list]) -> pd.DataFrame:
 
 def mlp_macs(n0: int, width: int, depth: int) -> float:
     """Multiply-adds of one input's forward pass through the scalar-output MLP."""
-    sizes = [n0, *([width] * (depth - 1)), 1]
-    return float(sum(a * b for a, b in pairwise(sizes)))
+    return float(sum(a * b for a, b in pairwise(layer_sizes(n0, width, depth))))
 
 
 def gd_flops(n: int, n0: int, width: int, depth: int) -> float:

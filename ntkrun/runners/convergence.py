@@ -17,6 +17,7 @@ from ntkrun import resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.errors import DivergenceError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.network import layer_sizes
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -25,6 +26,7 @@ from ntkrun.runners.common import (
     UnitContext,
     build_net,
     gd_flops,
+    network_caption,
     pack,
     resolve_device,
     resolve_dtype,
@@ -128,7 +130,7 @@ def step_cost(spec: ConvergenceSpec, width: int) -> float:
 
 
 def units(spec: ConvergenceSpec) -> list[Unit]:
-    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    seeds = spec.seed_values
     return [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
         for w in spec.network.width
@@ -138,7 +140,7 @@ def units(spec: ConvergenceSpec) -> list[Unit]:
 
 def memory(spec: ConvergenceSpec, unit: Unit) -> int:
     """Peak bytes of one unit: network, a GD step on the training set, Theta(x0, grid)."""
-    sizes = resources.layer_sizes(2, unit.args["width"], spec.network.depth)
+    sizes = layer_sizes(2, unit.args["width"], spec.network.depth)
     b = resources.dtype_bytes(spec.dtype)
     return (
         resources.network_bytes(sizes, b)
@@ -170,5 +172,8 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> p
     run.write_csv("losses.csv", losses)
     run.write_csv("summary.csv", summary)
     run.write_csv("metrics.csv", table)
-    convergence_figure(summary, kernels, spec, run.path / "figure")
+    title = f"NTK convergence: {network_caption(spec.network)}"
+    convergence_figure(
+        summary, kernels, run.path / "figure", lr=spec.training.lr, seeds=spec.seeds, title=title
+    )
     return table

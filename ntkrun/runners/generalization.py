@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import BeforeValidator, Field, model_validator
@@ -31,7 +30,7 @@ from ntkrun.data import (
     split_info,
 )
 from ntkrun.errors import DataError
-from ntkrun.fits import fit_power_law
+from ntkrun.fits import slope_table
 from ntkrun.kernels import analytic_kernel
 from ntkrun.linalg import empty_checked, kernel_solve_, mirror_, solve_bytes
 from ntkrun.plots import generalization_figure
@@ -44,6 +43,7 @@ from ntkrun.runners.common import (
     build_net,
     eigen_flops,
     gd_flops,
+    network_caption,
     pack,
     resolve_device,
     resolve_dtype,
@@ -323,7 +323,7 @@ def units(spec: GenSpec) -> list[Unit]:
         ref_cost = analytic_flops(n + m, n, n0, depth) + eigen_flops(n)
         out.append(Unit("reference", ref_cost, stage=0))
         for w in spec.network.width:
-            for s in range(spec.base_seed, spec.base_seed + spec.seeds):
+            for s in spec.seed_values:
                 cost = gd_flops(n, n0, w, depth) * tr.steps
                 out.append(Unit(f"w{w}_s{s}", cost, {"width": w, "seed": s}))
     return out
@@ -361,24 +361,8 @@ def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
 
 def fits(distance: pd.DataFrame, spec: GenSpec) -> pd.DataFrame:
     """Slope of each distance in width (log-log, bootstrap over seeds), as `scaling` fits."""
-    rows = []
-    widths = np.array(sorted(distance["width"].unique()), float)
-    if len(widths) < 2:
-        return pd.DataFrame(columns=["metric", "slope", "ci_low", "ci_high", "intercept", "reference_slope"])
-    for metric in ("dist_t", "dist_inf"):
-        samples = distance.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
-        fit = fit_power_law(widths, samples, n_boot=spec.n_boot, seed=spec.base_seed)
-        rows.append(
-            {
-                "metric": metric,
-                "slope": fit.slope,
-                "ci_low": fit.ci_low,
-                "ci_high": fit.ci_high,
-                "intercept": fit.intercept,
-                "reference_slope": -0.5 if metric == "dist_t" else math.nan,
-            }
-        )
-    return pd.DataFrame(rows)
+    references = {"dist_t": -0.5, "dist_inf": math.nan}
+    return slope_table(distance, references, n_boot=spec.n_boot, seed=spec.base_seed)
 
 
 def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
@@ -393,5 +377,11 @@ def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
     fit_table = fits(distance, spec)
     run.write_csv("distance.csv", distance)
     run.write_csv("fits.csv", fit_table)
-    generalization_figure(accuracy, distance, fit_table, spec, run.path / "figure")
+    title = (
+        f"{network_caption(spec.network)}; nets: {spec.seeds} seeds, {spec.training.steps} GD steps "
+        f"(lr {spec.training.lr:g}) on {spec.training.n_train} points"
+    )
+    generalization_figure(
+        accuracy, distance, fit_table, run.path / "figure", n_net=spec.training.n_train, title=title
+    )
     return accuracy

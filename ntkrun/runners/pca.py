@@ -30,6 +30,7 @@ from ntkrun.data import (
     split_info,
 )
 from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.network import layer_sizes
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -247,7 +248,7 @@ def step_cost(spec: PCASpec, width: int, n0: int = 784) -> float:
 
 def units(spec: PCASpec) -> list[Unit]:
     """`reference` (kernel and its principal components), then one unit per (width, trial)."""
-    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    seeds = spec.seed_values
     n, depth = spec.data.n_points, spec.network.depth
     if spec.kernel == "empirical":
         ref_cost = ntk_flops(n, n, 784, spec.kernel_width, depth) + 2 * eigen_flops(n)
@@ -269,10 +270,10 @@ def memory(spec: PCASpec, unit: Unit) -> int:
         if spec.kernel == "analytic":
             kernel = resources.analytic_bytes(n, n)
         else:
-            sizes = resources.layer_sizes(784, spec.kernel_width, depth)
+            sizes = layer_sizes(784, spec.kernel_width, depth)
             kernel = resources.network_bytes(sizes, b) + resources.empirical_ntk_bytes(n, n, sizes, b)
         return data + kernel + resources.eigen_bytes(n) + 2 * n * n * 8  # K/N and the power iteration's copy
-    sizes = resources.layer_sizes(784, unit.args["width"], depth)
+    sizes = layer_sizes(784, unit.args["width"], depth)
     return data + resources.network_bytes(sizes, b) + resources.training_bytes(n, sizes, b)
 
 
@@ -311,5 +312,8 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
     run.write_csv("components.csv", components)
     run.write_csv("trajectories.csv", traj)
     run.write_csv("metrics.csv", table)
-    pca_figure(components, traj, spec, float(lam[k]), run.path / "figure")
+    pca_figure(
+        components, traj, run.path / "figure", lam_k=float(lam[k]), c=spec.target_scale, k=spec.component,
+        kernel=spec.kernel,
+    )
     return table

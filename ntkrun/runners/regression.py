@@ -21,6 +21,7 @@ from ntkrun import dynamics, resources
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
+from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -218,7 +219,7 @@ def step_cost(spec: RegressionSpec, width: int) -> float:
 def units(spec: RegressionSpec) -> list[Unit]:
     """`limit` (the limiting Gaussian; a wide network at init for kernel: empirical), then one
     unit per (width, seed)."""
-    seeds = range(spec.base_seed, spec.base_seed + spec.seeds)
+    seeds = spec.seed_values
     n, g, depth = n_train(spec), spec.grid.n_angles, spec.network.depth
     pairs = [(n, n), (g, n), (g, g)]
     if spec.kernel == "empirical":
@@ -242,13 +243,13 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
         pairs = [(n, n), (g, n), (g, g)]
         if spec.kernel == "analytic":
             return sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
-        sizes = resources.layer_sizes(2, spec.kernel_width, depth)
+        sizes = layer_sizes(2, spec.kernel_width, depth)
         return (
             resources.network_bytes(sizes, b)
             + sum(resources.empirical_ntk_bytes(*p, sizes, b) for p in pairs)
             + resources.training_bytes(g, sizes, b)
         )
-    sizes = resources.layer_sizes(2, unit.args["width"], depth)
+    sizes = layer_sizes(2, unit.args["width"], depth)
     return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
 
 
@@ -303,5 +304,9 @@ def aggregate(spec: RegressionSpec, run: RunDir, results: dict[str, dict]) -> pd
     run.write_csv("losses.csv", losses)
     run.write_csv("training.csv", training)
     run.write_csv("metrics.csv", table)
-    regression_figure(functions, limit, training, spec, run.path / "figure")
+    net = spec.network
+    title = f"depth {net.depth} {net.nonlinearity}, {spec.training.steps} GD steps, {spec.kernel} limit"
+    band = (min(spec.percentiles), max(spec.percentiles))
+    figure = run.path / "figure"
+    regression_figure(functions, limit, training, figure, band=band, seeds=spec.seeds, title=title)
     return table

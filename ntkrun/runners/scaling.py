@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
-from ntkrun.fits import fit_power_law
+from ntkrun.fits import slope_table
 from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.network import layer_sizes
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -129,7 +129,7 @@ def units(spec: ScalingSpec) -> list[Unit]:
         Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), {"depth": d, "width": w, "seed": s})
         for d in net.depth
         for w in net.width
-        for s in range(spec.base_seed, spec.base_seed + spec.seeds)
+        for s in spec.seed_values
     ]
 
 
@@ -146,7 +146,7 @@ def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tenso
 def memory(spec: ScalingSpec, unit: Unit) -> int:
     """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z."""
     dim = input_dim(spec)
-    sizes = resources.layer_sizes(dim, unit.args["width"], unit.args["depth"])
+    sizes = layer_sizes(dim, unit.args["width"], unit.args["depth"])
     b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
     return (
         resources.network_bytes(sizes, b)
@@ -201,24 +201,8 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
 
 
 def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
-    rows = []
-    for depth, g in table.groupby("depth", sort=True):
-        widths = np.array(sorted(g["width"].unique()), float)
-        for metric, reference in METRICS.items():
-            samples = g.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
-            fit = fit_power_law(widths, samples, n_boot=spec.n_boot, seed=spec.base_seed)
-            rows.append(
-                {
-                    "depth": depth,
-                    "metric": metric,
-                    "slope": fit.slope,
-                    "ci_low": fit.ci_low,
-                    "ci_high": fit.ci_high,
-                    "intercept": fit.intercept,
-                    "reference_slope": reference,
-                }
-            )
-    return pd.DataFrame(rows)
+    """Per depth and metric: the slope in width with its interval, beside the reference slope."""
+    return slope_table(table, METRICS, n_boot=spec.n_boot, seed=spec.base_seed, by="depth")
 
 
 def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
@@ -227,5 +211,9 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
-    scaling_figure(table, fit_table, spec, run.path / "figure")
+    title = (
+        f"{spec.network.nonlinearity}, beta {spec.network.beta:g}, {spec.seeds} seeds, "
+        f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
+    )
+    scaling_figure(table, fit_table, run.path / "figure", title=title)
     return fit_table

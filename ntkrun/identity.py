@@ -1,0 +1,70 @@
+"""What makes two results the same (docs/architecture.md, "Run identity"): a run's Identity is the
+hash of its spec (every key but those that change no result) and the content digest of each data
+file it reads. Run directories record it (identity.json), unit files and checkpoints carry it, and
+resume, shared run directories and `--unit` processes compare it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ntkrun.spec import RunSpec, spec_hash
+
+IDENTITY = "identity.json"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two results the same (docs/architecture.md, "Run identity"): the spec's hash
+    (ntkrun.spec.spec_hash: every key but those that change no result) and the content digest of
+    each data file the run reads (ntkrun.data.digests; none for generated inputs)."""
+
+    spec_hash: str
+    data: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Identity:
+        """The identity of a spec that reads no data files."""
+        return cls(spec_hash(spec))
+
+    def tag(self) -> dict[str, Any]:
+        return {"spec_hash": self.spec_hash, "data": dict(self.data)}
+
+    def mismatch(self, tag: dict[str, Any]) -> str | None:
+        """Why results tagged `tag` are not this identity's (None: they are). A tag without data
+        digests (made before they existed) is judged by its spec hash alone."""
+        if tag.get("spec_hash") != self.spec_hash:
+            return f"belongs to spec {tag.get('spec_hash')}, not this run's {self.spec_hash}"
+        theirs = tag.get("data")
+        if theirs is None:
+            return None
+        for name in sorted(set(theirs) | set(self.data)):
+            if theirs.get(name) != self.data.get(name):
+                return (
+                    f"was computed on other data: {name} had digest {theirs.get(name)}, the data "
+                    f"found now has {self.data.get(name)} (another dataset, or the files changed)"
+                )
+        return None
+
+
+def run_mismatch(path: Path, identity: Identity) -> str | None:
+    """Why the run in path is not of this identity: its identity.json, or for a run made before
+    that file existed, the spec hash of its spec.yaml."""
+    if (path / IDENTITY).is_file():
+        tag = json.loads((path / IDENTITY).read_text())
+    else:
+        theirs = yaml.safe_load((path / "spec.yaml").read_text())
+        tag = {"spec_hash": spec_hash(theirs) if isinstance(theirs, dict) else None}
+    return identity.mismatch(tag)
+
+
+def recorded(path: Path, spec: RunSpec) -> Identity:
+    """The identity a run directory records (for reading a run, e.g. its status), else the spec's."""
+    if not (Path(path) / IDENTITY).is_file():
+        return Identity.of(spec)
+    tag = json.loads((Path(path) / IDENTITY).read_text())
+    return Identity(tag["spec_hash"], tag.get("data") or {})
