@@ -187,6 +187,12 @@ def split_files(folder: Path, split: str) -> tuple[Path, Path]:
     return images, labels
 
 
+def files_of(data_dir: str | Path | None, splits: Sequence[str]) -> list[Path]:
+    """The (images, labels) files of each split, found as resolve_data_dir finds the folder."""
+    folder = resolve_data_dir(data_dir)
+    return [path for split in splits for path in split_files(folder, split)]
+
+
 def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (M, rows, cols) uint8, labels (M,) uint8) of one split of an IDX dataset folder."""
     images, labels = split_files(folder, split)

@@ -21,14 +21,7 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
-from ntkrun.data import (
-    check_request,
-    choose_points,
-    load_idx_dataset,
-    resolve_data_dir,
-    split_files,
-    split_info,
-)
+from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
 from ntkrun.kernels import analytic_kernel
@@ -138,8 +131,7 @@ def check(spec: GenSpec) -> None:
 
 def data_files(spec: GenSpec) -> list[Path]:
     """The files the run reads (their content is part of its identity)."""
-    folder = resolve_data_dir(spec.data.dir)
-    return [*split_files(folder, "train"), *split_files(folder, "test")]
+    return files_of(spec.data.dir, ["train", "test"])
 
 
 def n_train_sizes(spec: GenSpec) -> list[int]:

@@ -21,14 +21,7 @@ import torch
 from pydantic import Field
 
 from ntkrun import dynamics, resources
-from ntkrun.data import (
-    check_request,
-    choose_points,
-    load_idx_dataset,
-    resolve_data_dir,
-    split_files,
-    split_info,
-)
+from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.network import layer_sizes
 from ntkrun.plots import pca_figure
@@ -101,7 +94,7 @@ def check(spec: PCASpec) -> None:
 
 def data_files(spec: PCASpec) -> list[Path]:
     """The files the run reads (their content is part of its identity)."""
-    return list(split_files(resolve_data_dir(spec.data.dir), spec.data.split))
+    return files_of(spec.data.dir, [spec.data.split])
 
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
