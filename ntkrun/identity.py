@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ntkrun.spec import RunSpec, spec_hash
+from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 IDENTITY = "identity.json"
 
@@ -25,11 +25,12 @@ class Identity:
 
     spec_hash: str
     data: dict[str, str] = field(default_factory=dict)
+    legacy: str | None = None  # the spec's hash by the rule before data.dir left it (old unit files)
 
     @classmethod
     def of(cls, spec: RunSpec) -> Identity:
         """The identity of a spec that reads no data files."""
-        return cls(spec_hash(spec))
+        return cls(spec_hash(spec), legacy=legacy_spec_hash(spec))
 
     def tag(self) -> dict[str, Any]:
         return {"spec_hash": self.spec_hash, "data": dict(self.data)}
@@ -37,9 +38,11 @@ class Identity:
     def mismatch(self, tag: dict[str, Any]) -> str | None:
         """Why results tagged `tag` are not this identity's (None: they are). A tag without data
         digests (made before they existed) is judged by its spec hash alone."""
+        theirs = tag.get("data")
+        if theirs is None and self.legacy is not None and tag.get("spec_hash") == self.legacy:
+            return None  # a unit file of an earlier version: its hash included data.dir
         if tag.get("spec_hash") != self.spec_hash:
             return f"belongs to spec {tag.get('spec_hash')}, not this run's {self.spec_hash}"
-        theirs = tag.get("data")
         if theirs is None:
             return None
         for name in sorted(set(theirs) | set(self.data)):
@@ -67,4 +70,4 @@ def recorded(path: Path, spec: RunSpec) -> Identity:
     if not (Path(path) / IDENTITY).is_file():
         return Identity.of(spec)
     tag = json.loads((Path(path) / IDENTITY).read_text())
-    return Identity(tag["spec_hash"], tag.get("data") or {})
+    return Identity(tag["spec_hash"], tag.get("data") or {}, legacy_spec_hash(spec))

@@ -138,7 +138,9 @@ class RunDir:
         return run
 
     @classmethod
-    def shared(cls, path: Path, spec: RunSpec, identity: Identity | None = None) -> RunDir:
+    def shared(
+        cls, path: Path, spec: RunSpec, identity: Identity | None = None, *, record: bool = False
+    ) -> RunDir:
         """The shared run at `path` (created if absent); it must be of this identity (same spec
         hash, same data). Raises UnitSpecMismatchError."""
         path = Path(path)
@@ -153,7 +155,8 @@ class RunDir:
                     f"{path}: holds a run of another spec or data: it {reason}; use another --run-dir, "
                     "or `ntkrun resume` that run with its own spec and data"
                 )
-            run.write_spec(only_if_changed=True)
+            if record:  # a resume records what it used; readers (status, units) write nothing
+                run.write_spec(only_if_changed=True)
         else:
             run.write_spec()
         return run
@@ -166,7 +169,7 @@ class RunDir:
         if is_complete(path):
             raise SpecError(f"{path}: run is complete, nothing to resume")
         if not (path.name.startswith(".") or path.name.endswith(".failed")):
-            run = cls.shared(path, spec, identity)
+            run = cls.shared(path, spec, identity, record=True)
         else:
             reason = run_mismatch(path, identity or Identity.of(spec))
             if reason is not None:

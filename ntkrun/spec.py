@@ -333,6 +333,16 @@ def spec_identity(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def legacy_spec_hash(spec: RunSpec | dict[str, Any]) -> str:
+    """The hash ntkrun gave a spec before data.dir left the identity (unit files of earlier runs)."""
+    data = spec if isinstance(spec, dict) else spec_dict(spec)
+    kept = spec_identity(data)
+    if isinstance(data.get("data"), dict):
+        kept["data"] = dict(data["data"])  # data.dir included, as it was
+    blob = json.dumps(kept, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
 def spec_hash(spec: RunSpec | dict[str, Any]) -> str:
     """8 hex digits of the spec's identity (a RunSpec, or the plain data of a spec.yaml)."""
     data = spec if isinstance(spec, dict) else spec_dict(spec)

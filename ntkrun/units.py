@@ -32,7 +32,7 @@ from ntkrun.identity import Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import NoProgress, Progress, Unit, check_range, resolve_device
-from ntkrun.spec import RunSpec, spec_hash
+from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 LOG = logging.getLogger("ntkrun")
 
@@ -64,7 +64,8 @@ def identity(spec: RunSpec) -> Identity:
     """The identity of the spec's results: its hash and the content of the data files it reads
     (the runner's `data_files(spec)`, if it reads any). Raises DataError if they cannot be read."""
     files = getattr(runner(spec), "data_files", None)
-    return Identity(spec_hash(spec), digests(files(spec)) if files is not None else {})
+    data = digests(files(spec)) if files is not None else {}
+    return Identity(spec_hash(spec), data, legacy_spec_hash(spec))
 
 
 # ---------------------------------------------------------------- before anything runs

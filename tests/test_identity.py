@@ -137,3 +137,26 @@ def test_a_checkpoint_of_other_data_is_ignored(tmp_path):
     again = RunDir(run.path, spec, name=run.name, fixed=False, link_latest=False,
                    identity=Identity(spec_hash(spec), {"x": "2"}))  # fmt: skip
     assert again.load_checkpoint("u") is None
+
+
+def test_a_pca_run_of_the_previous_version_resumes_and_status_writes_nothing(tmp_path):
+    """Unit files of the version before identity.json carry the hash of the old rule (data.dir
+    included) and no data digest: they are still this run's. `status` only reads the run."""
+    from ntkrun.spec import legacy_spec_hash
+
+    data = digits(tmp_path / "data")
+    shared = tmp_path / "shared"
+    args = [a for a in tiny(data, tmp_path / "unused") if a != "--quiet"]
+    assert invoke(*args, "--unit", "0", "--run-dir", shared).exit_code == 0
+    (shared / IDENTITY).unlink()
+    old = legacy_spec_hash(yaml.safe_load((shared / "spec.yaml").read_text()))
+    for unit in (shared / "units").glob("*.pt"):
+        blob = torch.load(unit, weights_only=True)
+        del blob["data"]
+        blob["spec_hash"] = old
+        torch.save(blob, unit)
+    assert invoke("status", shared).exit_code == 0
+    assert not (shared / IDENTITY).exists()
+    result = invoke("resume", shared, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (shared / "meta.json").is_file()

@@ -1,0 +1,137 @@
+"""Empirical NTK of `ntkrun.architectures.CNN` by per-layer gradient features (docs/science.md §9).
+
+Each parameter tensor's share of Theta is a Gram of per-sample gradients, formed layer by layer
+from one batched forward pass and one batched backward pass of the deltas delta(l) = df/dh(l)
+(the samples are independent, so the gradient of sum_i f(x_i) with respect to the batch's
+pre-activations holds every sample's own delta):
+
+    conv layer l:  dW(l) = sum_p delta(l)_p patch_p(alpha(l-1))^T / sqrt(C k^2)   (a batched matmul
+                   of the deltas with the unfolded patches),   db(l) = beta sum_p delta(l)_p
+    dense layer:   dW(L) = r(alpha(L-1)) / sqrt(fan_in),       db(L) = beta
+
+(standard parametrization: without the 1/sqrt(fan_in) and beta factors) and Theta(x, x') =
+sum over layers of dW(x).dW(x') + db(x).db(x'). For k outputs the deltas are backpropagated once
+per output. No torch.func per-sample machinery: the convolutions run batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional
+
+from ntkrun.architectures.cnn import CNN, pad_image
+from ntkrun.linalg import empty_checked
+
+Progress = Callable[[int, int], None]
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
+
+def _prepare(cnn: CNN, X: torch.Tensor, name: str) -> torch.Tensor:
+    p = cnn.weights[0]
+    X = torch.as_tensor(X).to(device=p.device, dtype=p.dtype)
+    if X.dim() != 4 or X.shape[0] < 1:
+        shape = f"(N, {cnn.in_channels}, H, W)"
+        raise ValueError(f"{name} must have shape {shape} with N >= 1, got {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return X
+
+
+def gradient_features(cnn: CNN, X: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients of every output, (k, N, P) with P = cnn.n_params (in layer order)."""
+    params = [p.detach() for p in cnn.parameters()]
+    k = cnn.n_out
+    with torch.enable_grad():
+        acts, pres = [X], []
+        a = X
+        for l in range(cnn.depth - 1):
+            W, b = params[2 * l], params[2 * l + 1]
+            if not cnn.standard:
+                W, b = W * (1.0 / math.sqrt(cnn.fan_ins[l])), b * cnn.beta
+            h = functional.conv2d(pad_image(a, cnn.kernel_size, cnn.padding), W, b)
+            if not h.requires_grad:  # parameters are detached: the deltas need a graph from here
+                h.requires_grad_()
+            pres.append(h)
+            a = cnn.nonlinearity.sigma(h)
+            acts.append(a)
+        feats = a.flatten(1) if cnn.readout == "flatten" else a.mean((2, 3))
+        W, b = params[-2], params[-1]
+        scale = 1.0 if cnn.standard else 1.0 / math.sqrt(cnn.fan_ins[-1])
+        out = feats @ W.t() * scale  # the bias does not affect the deltas
+        n = X.shape[0]
+        rows = []
+        for o in range(k):
+            deltas = torch.autograd.grad(out[:, o].sum(), pres, retain_graph=o < k - 1) if pres else []
+            parts = []
+            for l, delta in enumerate(deltas):
+                c_out = delta.shape[1]
+                patches = functional.unfold(pad_image(acts[l], cnn.kernel_size, cnn.padding), cnn.kernel_size)
+                dW = torch.bmm(delta.reshape(n, c_out, -1), patches.transpose(1, 2))
+                db = delta.sum((2, 3))
+                if not cnn.standard:
+                    dW = dW * (1.0 / math.sqrt(cnn.fan_ins[l]))
+                    db = db * cnn.beta
+                parts += [dW.reshape(n, -1), db]
+            dW = torch.zeros(n, k, feats.shape[1], dtype=X.dtype, device=X.device)
+            dW[:, o] = feats.detach() * scale
+            db = torch.zeros(n, k, dtype=X.dtype, device=X.device)
+            db[:, o] = 1.0 if cnn.standard else cnn.beta
+            parts += [dW.reshape(n, -1), db]
+            rows.append(torch.cat(parts, 1))
+    return torch.stack(rows)
+
+
+def cnn_empirical_ntk(
+    cnn: CNN,
+    X: torch.Tensor,
+    X2: torch.Tensor | None = None,
+    *,
+    trace_outputs: bool = False,
+    block_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Empirical NTK of a CNN: X (N1, C, H, W), X2 (N2, ...) or None (= X) -> (N1, N2) for one
+    output, (N1, N2, k, k) for k outputs, or (N1, N2) = mean_a Theta_aa with trace_outputs (the
+    shapes of `ntkrun.kernels.empirical_ntk`). Computed in the CNN's dtype and device. The
+    gradient features (k P numbers per input) of at most two blocks of `block_size` inputs are
+    held (default: all inputs if they fit in `memory_budget` bytes); `progress(done, total)` is
+    called after each block pair; a symmetric Gram computes the blocks on and above the diagonal.
+    """
+    X = _prepare(cnn, X, "X")
+    symmetric = X2 is None
+    X2 = X if symmetric else _prepare(cnn, X2, "X2")
+    k = cnn.n_out
+    per_input = 2 * k * cnn.n_params * X.element_size()  # features plus the batch's activations
+    n1, n2 = X.shape[0], X2.shape[0]
+    if block_size is None:
+        total_inputs = n1 if symmetric else n1 + n2
+        fits = total_inputs * per_input <= memory_budget
+        block_size = max(n1, n2) if fits else memory_budget // (2 * per_input)
+    bs = max(1, int(block_size))
+    rows = list(torch.split(X, bs))
+    cols = rows if symmetric else list(torch.split(X2, bs))
+    shape = (n1, n2) if k == 1 or trace_outputs else (n1, n2, k, k)
+    (out,) = empty_checked([shape], X.dtype, X.device, "cnn_empirical_ntk")
+    total = len(rows) * (len(rows) + 1) // 2 if symmetric else len(rows) * len(cols)
+    done = 0
+    for i, xi in enumerate(rows):
+        fi = gradient_features(cnn, xi)
+        for j in range(i if symmetric else 0, len(cols)):
+            fj = fi if symmetric and i == j else gradient_features(cnn, cols[j])
+            if len(shape) == 2:
+                block = torch.bmm(fi, fj.transpose(1, 2)).mean(0)  # mean over a of Theta_aa
+            else:
+                block = (fi.reshape(k * len(xi), -1) @ fj.reshape(k * len(cols[j]), -1).t())
+                block = block.view(k, len(xi), k, len(cols[j])).permute(1, 3, 0, 2)
+            r, c = slice(i * bs, i * bs + len(xi)), slice(j * bs, j * bs + len(cols[j]))
+            out[r, c] = block
+            if symmetric and i != j:
+                out[c, r] = block.transpose(0, 1) if len(shape) == 2 else block.permute(1, 0, 3, 2)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out
