@@ -43,7 +43,8 @@ def empty_checked(
     try:
         return [torch.empty(s, dtype=dtype, device=device) for s in shapes]
     except RuntimeError as err:
-        message = f"{what}: {shown} {dtype} ({gib(need)}) could not be allocated: {str(err).splitlines()[0]}"
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        message = f"{what}: {shown} {dtype} ({gib(need)}) could not be allocated: {reason}"
         raise ResourceError(message) from err
 
 

@@ -100,7 +100,11 @@ class LocalExecutor(Executor):
             for worker in workers:
                 if worker.unit is None and pending:
                     worker.unit = pending.popleft()
-                    worker.conn.send((str(run.path), worker.unit.name))
+                    try:  # a worker that died idle (killed, out of memory) has a broken pipe
+                        worker.conn.send((str(run.path), worker.unit.name))
+                    except OSError:
+                        worker.process.join(JOIN_S)
+                        _died(run, worker)
             busy = [w for w in workers if w.unit is not None]
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
             for worker in busy:
