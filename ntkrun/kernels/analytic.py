@@ -92,10 +92,11 @@ def quadrature_expectations(nl: Nonlinearity, order: int = 64, chunk_elems: int 
     return expectations
 
 
-def _as_float64(X: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+def _as_float64(X: torch.Tensor | np.ndarray, name: str, shape: str = "(N, n0)") -> torch.Tensor:
+    """X as float64, checked: as many dimensions as `shape` names, at least one point, finite."""
     X = torch.as_tensor(X).to(torch.float64)
-    if X.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, n0), got {tuple(X.shape)}")
+    if X.dim() != shape.count(",") + 1:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(X.shape)}")
     if X.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one point (N = 0)")
     if not torch.isfinite(X).all():

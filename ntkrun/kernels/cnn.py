@@ -31,6 +31,7 @@ from ntkrun.kernels.analytic import (
     OUT_DTYPES,
     PARAMETRIZATIONS,
     Expectations,
+    _as_float64,
     quadrature_expectations,
 )
 from ntkrun.linalg import empty_checked
@@ -307,14 +308,7 @@ class _Recursion:
 
 
 def _as_images(X: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    X = torch.as_tensor(X).to(torch.float64)
-    if X.dim() != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(X.shape)}")
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one point (N = 0)")
-    if not torch.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return X
+    return _as_float64(X, name, "(N, C, H, W)")
 
 
 def _factors(
