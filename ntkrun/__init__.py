@@ -3,7 +3,7 @@
 The library face, for notebooks and scripts; each name is imported on first use, so that
 `ntkrun --help` does not pay for torch:
 
-    from ntkrun import MLP, empirical_ntk, analytic_kernels, load_run
+    from ntkrun import MLP, CNN, empirical_ntk, analytic_kernels, load_run
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ntkrun.version import __version__
 
 _FACE = {
     "MLP": "ntkrun.network",
+    "CNN": "ntkrun.architectures",
     "gd_step": "ntkrun.network",
     "mse_cost": "ntkrun.network",
     "Nonlinearity": "ntkrun.nonlinearities",

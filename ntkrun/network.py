@@ -183,9 +183,34 @@ def mse_cost(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((f - y) ** 2).sum() / f.shape[0]
 
 
-@torch.no_grad()
-def gd_step(net: MLP, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+def gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
     """One full-batch gradient-descent step on C = 1/(2N) sum (f - y)^2; returns C before the step.
+
+    X: (N, ...) inputs of `net`, y: (N,) or (N, k). Every parameter p moves by -lr dC/dp: an
+    `ntkrun.MLP` by its hand-written backward pass (`mlp_gd_step`, faster: benchmarks/bench_gd.py),
+    any other network through autograd (`autograd_gd_step`); tests/test_network.py checks that
+    the two agree on the MLP to 1e-12 in float64.
+    """
+    if isinstance(net, MLP):
+        return mlp_gd_step(net, X, y, lr)
+    return autograd_gd_step(net, X, y, lr)
+
+
+def autograd_gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """gd_step through autograd, for any module: p <- p - lr dC/dp; returns C before the step."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        cost = mse_cost(net(X), y)
+        grads = torch.autograd.grad(cost, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.sub_(g, alpha=lr)
+    return cost.detach()
+
+
+@torch.no_grad()
+def mlp_gd_step(net: MLP, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """gd_step of an MLP by its hand-written backward pass; returns C before the step.
 
     X: (N, n0), y: (N,) or (N, k). The gradient of W(l) is g(l+1)^T a(l) / sqrt(n_l) (ntk;
     g(l+1)^T a(l) in the standard parametrization) with g = delta from top (f - y) / N; it is

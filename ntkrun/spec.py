@@ -42,12 +42,36 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# The architectures of ntkrun.architectures and the CNN's geometry, named here for the same reason.
+ARCH_NAMES = ("mlp", "cnn")
+PADDING_NAMES = ("same", "valid", "circular")
+READOUT_NAMES = ("flatten", "gap")
+CNN_KEYS = {"kernel_size": 3, "padding": "same", "readout": "flatten"}  # with their defaults
+
+
 class NetworkSpec(Model):
-    depth: PositiveInt = 4
-    width: Widths = [500, 10000]  # one network per width
+    depth: PositiveInt = 4  # weight layers L (a cnn: L - 1 convolutions, then the dense layer)
+    width: Widths = [500, 10000]  # one network per width (a cnn: channels)
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
     parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
+    arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # docs/science.md §9 for cnn
+    kernel_size: PositiveInt = 3  # cnn only: k x k convolutions, stride 1
+    padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
+    readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
+
+    @model_validator(mode="after")
+    def _cnn_keys(self) -> NetworkSpec:
+        if self.arch != "cnn":
+            changed = [key for key, default in CNN_KEYS.items() if getattr(self, key) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: for arch cnn only, but arch is {self.arch!r}")
+        elif self.padding != "valid" and self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size {self.kernel_size} is even: padding {self.padding!r} needs an odd kernel "
+                "(with a centre pixel); use an odd kernel_size or padding valid"
+            )
+        return self
 
 
 class TrainingSpec(Model):
@@ -317,7 +341,11 @@ def spec_dict(spec: RunSpec) -> dict[str, Any]:
 # after runs were made enters the identity only away from its default, so that those runs (whose
 # spec.yaml lacks it) keep their identity and can be resumed: (block, key, default).
 _NOT_RESULTS = [("executor",), ("data", "dir")]
-_NEWER_FIELDS = [("network", "parametrization", "ntk")]
+_NEWER_FIELDS = [
+    ("network", "parametrization", "ntk"),
+    ("network", "arch", "mlp"),
+    *(("network", key, default) for key, default in CNN_KEYS.items()),
+]
 
 
 def spec_identity(data: dict[str, Any]) -> dict[str, Any]:

@@ -83,6 +83,13 @@ def preflight(spec: RunSpec) -> None:
             "networks of several widths with one width-independent limit, while the standard "
             "parametrization's NTK grows with the width (docs/science.md §7.2); use ntk"
         )
+    archs = getattr(runner(spec), "ARCHS", ("mlp",))
+    arch = getattr(spec.network, "arch", "mlp")  # type: ignore[attr-defined]
+    if arch not in archs:
+        raise SpecError(
+            f"network.arch: {arch!r} is not supported by {spec.experiment}, whose inputs are "
+            f"{getattr(runner(spec), 'INPUTS', 'vectors')}, not images (it runs: {', '.join(archs)})"
+        )
     check = getattr(runner(spec), "check", None)
     if check is not None:
         check(spec)

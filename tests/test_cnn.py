@@ -445,3 +445,50 @@ def test_cost_model_matches_torch_flop_counter():
         assert counter.get_total_flops() == sum(flops) - gap_adds
         assert net.n_params == sum(p.numel() for p in net.parameters() if p.requires_grad)
         assert net.n_params == 8 * 3 * 9 + 8 + 5 * 8 * 9 + 5 + 2 * net.fan_ins[-1] + 2
+
+
+@pytest.mark.parametrize(("n_out", "trace"), [(1, False), (3, False), (3, True)])
+def test_fast_empirical_path_equals_the_generic_path_blocked(n_out, trace):
+    """The CNN's gradient-feature path against the generic torch.func path on the same network,
+    in blocks of 2 inputs (symmetric and cross Grams): equal up to float64 rounding."""
+    from ntkrun.kernels.generic import generic_ntk
+
+    net = CNN(1, 4, 3, readout="flatten", n_out=n_out, seed=3, image_size=4, dtype=F64)
+    X, X2 = images(5, 1, 4, 21), images(3, 1, 4, 22)
+    calls = []
+    for x2 in (None, X2):
+        fast = empirical_ntk(net, X, x2, trace_outputs=trace, block_size=2,
+                             progress=lambda d, t: calls.append((d, t)))  # fmt: skip
+        ref = generic_ntk(net, X, x2, trace_outputs=trace)
+        assert fast.shape == ref.shape
+        assert rel_err(fast, ref) < 1e-12
+    assert calls[-1][0] == calls[-1][1]  # progress reaches its total
+
+
+def test_library_face_for_cnns():
+    """`ntkrun.CNN` and `ntkrun.analytic_kernels(arch="cnn")` are the CNN's, and refuse bad input
+    in one line."""
+    import ntkrun
+
+    assert ntkrun.CNN is CNN
+    X = images(3, 2, 5, 23)
+    sigma, theta = ntkrun.analytic_kernels(X, depth=3, arch="cnn", padding="valid", readout="gap")
+    ref = cnn_kernels(X, depth=3, padding="valid", readout="gap")
+    assert torch.equal(sigma, ref[0]) and torch.equal(theta, ref[1])
+    with pytest.raises(ValueError, match="arch must be one of mlp, cnn"):
+        ntkrun.analytic_kernels(X, arch="resnet")
+    with pytest.raises(ValueError, match=r"X must have shape \(N, C, H, W\)"):
+        ntkrun.analytic_kernels(X.flatten(1), arch="cnn")
+    with pytest.raises(ValueError, match="all_layers"):
+        ntkrun.analytic_kernels(X, arch="cnn", all_layers=True)
+    net = ntkrun.CNN(2, 4, 2, image_size=(5, 5), dtype=F64)
+    with pytest.raises(ValueError, match=r"X must have shape \(N, 2, 5, 5\)"):
+        ntkrun.empirical_ntk(net, images(2, 2, 4, 1))
+    with pytest.raises(ValueError, match="per_layer"):
+        ntkrun.empirical_ntk(net, X, per_layer=True)
+
+
+def test_empirical_ntk_of_a_cnn_holds_no_autograd_graph():
+    net = CNN(1, 4, 3, image_size=4)
+    theta = empirical_ntk(net, images(3, 1, 4, 5).float())
+    assert not theta.requires_grad and theta.grad_fn is None

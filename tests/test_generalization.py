@@ -178,3 +178,69 @@ def test_quick_preset_on_fashion_mnist_is_accurate_and_stable(tmp_path):
     ntk = table[table["predictor"] == "ntk"].set_index("n_train")["test_accuracy"]
     assert ntk.min() > 0.6 and ntk[1024] > ntk[256]
     assert (table[table["predictor"] == "net"]["test_accuracy"] > 0.4).all()
+
+
+# ---------------------------------------------------------------- convolutional networks (issue 23)
+
+CNN_SETS = ("network.arch=cnn", "network.depth=3", "network.padding=circular")
+
+
+def test_cnn_kernel_predictors_equal_a_dense_solve_on_its_own_kernels(images, tmp_path):
+    """With network.arch=cnn the kernel units use the CNN's limit (`ntkrun.analytic_kernels(arch=
+    "cnn")` on the images as (N, 1, 28, 28)), row block by row block (checkpoint_rows 16 < N):
+    accuracy.csv equals np.linalg.solve on those kernels, as for the MLP."""
+    result = run(images, tmp_path, *CNN_SETS, "predictors=[ntk, nngp]", "data.n_train=[20, 40]",
+                 "data.n_test=12", "kernels.checkpoint_rows=16")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
+    from ntkrun.data import choose_points, load_idx_dataset
+
+    X_all, y_all = choose_points(*load_idx_dataset(images, "train"), 40, 0, nested=True)
+    Xt, yt = choose_points(*load_idx_dataset(images, "test"), 12, 0)
+    kw = {"depth": 3, "arch": "cnn", "padding": "circular"}
+    for n in (20, 40):
+        X, y = X_all[:n].reshape(n, 1, 28, 28), y_all[:n].numpy()
+        Y = np.full((n, 10), -0.1)
+        Y[np.arange(n), y] = 0.9
+        Yt = np.full((12, 10), -0.1)
+        Yt[np.arange(12), yt.numpy()] = 0.9
+        S, T = (k.numpy() for k in analytic_kernels(X, **kw))
+        St, Tt = (k.numpy() for k in analytic_kernels(Xt.reshape(12, 1, 28, 28), X, **kw))
+        for kind, K, Kt in (("ntk", T, Tt), ("nngp", S, St)):
+            row = table[(table["predictor"] == kind) & (table["n_train"] == n)].iloc[0]
+            noise = 1e-5 * np.diag(K).mean() if kind == "nngp" else 0.0
+            pred = Kt @ np.linalg.solve(K + noise * np.eye(n), Y)
+            assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
+            assert row["test_accuracy"] == (pred.argmax(1) == yt.numpy()).mean()
+
+
+def test_trained_cnns_approach_the_cntk_predictor_as_channels_grow(images, tmp_path):
+    """CNNs (one 3x3 convolution, then the dense layer) trained by GD through autograd: their
+    distance to the CNTK predictor at their training time falls with the channels (slope < 0,
+    bootstrap CI below 0), as the MLP's does with width."""
+    result = run(images, tmp_path, "network.arch=cnn", "network.depth=2", "predictors=[net]",
+                 "network.width=[16, 64, 256]", "seeds=3", "training.n_train=48", "training.steps=30",
+                 "training.lr=4", "data.n_test=40")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    latest = tmp_path / "generalization" / "latest"
+    fits = pd.read_csv(latest / "fits.csv").set_index("metric")
+    assert fits.loc["dist_t", "slope"] < 0 and fits.loc["dist_t", "ci_high"] < 0, fits
+    assert "arch: cnn" in (latest / "spec.yaml").read_text() and (latest / "figure.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["network.padding=valid"], "network: padding: for arch cnn only, but arch is 'mlp'"),
+        (["network.arch=cnn", "network.kernel_size=4"], "kernel_size 4 is even"),
+        (["network.arch=cnn", "network.padding=valid", "network.kernel_size=15"],
+         "shrinks the 28x28 image below one pixel"),
+        (["network.arch=cnn", "network.readout=max"], "network.readout"),
+    ],
+)  # fmt: skip
+def test_bad_cnn_geometry_is_one_line_and_writes_nothing(images, tmp_path, sets, message):
+    result = run(images, tmp_path / "out", "data.n_train=[50]", "training.n_train=50", *sets)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -76,3 +76,25 @@ def test_one_small_step_moves_f_by_minus_eta_over_n_theta_residual():
         relative.append(errors[-1] / predicted.norm())
     assert relative[0] < 1e-3  # the first-order term explains the change
     assert 3.5 < errors[0] / errors[1] < 4.5  # and the remainder is second order: halving eta quarters it
+
+
+@pytest.mark.parametrize(("parametrization", "n_out"), [("ntk", 1), ("standard", 3)])
+def test_autograd_gd_step_equals_the_hand_written_mlp_step(parametrization, n_out):
+    """One GD semantics: the MLP's hand-written backward pass and autograd's (the path of every
+    other architecture) move every parameter alike, to 1e-12 in float64, over 5 steps."""
+    from ntkrun.network import autograd_gd_step, mlp_gd_step
+
+    X = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(12, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    y = y if n_out > 1 else y.reshape(12)
+    kw = {"seed": 2, "dtype": torch.float64, "n_out": n_out, "parametrization": parametrization}
+    hand, auto = MLP(3, 16, 3, "tanh", 0.3, **kw), MLP(3, 16, 3, "tanh", 0.3, **kw)
+    for _ in range(5):
+        c_hand, c_auto = mlp_gd_step(hand, X, y, 0.5), autograd_gd_step(auto, X, y, 0.5)
+        assert float(c_hand) == pytest.approx(float(c_auto), rel=1e-12)
+    start = MLP(3, 16, 3, "tanh", 0.3, **kw)
+    pairs = zip(hand.parameters(), start.parameters(), strict=True)
+    moved = max(float((p - q).detach().abs().max()) for p, q in pairs)
+    assert moved > 1e-3  # the steps did move the parameters
+    for p, q in zip(hand.parameters(), auto.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12 * max(1.0, float(p.abs().max())))

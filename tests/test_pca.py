@@ -125,3 +125,26 @@ def test_a_request_the_data_cannot_satisfy_is_refused_before_anything_is_written
         result.exit_code == 2 and "holds (79,) labels but t10k-images-idx3-ubyte.gz holds 80" in result.stderr
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kernel", ["analytic", "empirical"])
+def test_a_cnn_runs_through_pca(digits, tmp_path, kernel):
+    """network.arch=cnn: the reference kernel is the CNN's (its limit, or the empirical NTK of a
+    wide CNN), the networks are CNNs trained through autograd; Delta_0 = -c f(2) as for the MLP."""
+    args = [*tiny(digits, tmp_path / "out", steps=8), "--set", "network.arch=cnn", "--set", "network.depth=3",
+            "--width", "8", "--set", f"kernel={kernel}", "--set", "kernel_width=16"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run,) = runs(tmp_path / "out")
+    assert (pd.read_csv(run / "eigenvalues.csv")["rel_diff"] < 1e-8).all()
+    first = pd.read_csv(run / "trajectories.csv").iloc[0]
+    assert first["g_coef"] == pytest.approx(-0.5, abs=1e-6) and first["h_norm"] < 1e-6
+    eig = pd.read_csv(run / "eigenvalues.csv")
+    from ntkrun.data import choose_points, load_idx_dataset
+    from ntkrun.kernels import analytic_kernels
+
+    if kernel == "analytic":  # lambda_1 of K/N is the CNN limit's, not the MLP's
+        X, _ = choose_points(*load_idx_dataset(digits, "test"), 32, 0)
+        K = analytic_kernels(X.reshape(32, 1, 28, 28), depth=3, arch="cnn")[1]
+        top = float(np.linalg.eigvalsh(K.numpy() / 32)[-1])
+        assert eig["lambda_dense"][0] == pytest.approx(top, rel=1e-10)

@@ -143,3 +143,19 @@ def test_parametrization_field_keeps_old_hashes_and_is_refused_where_it_has_no_m
         assert result.exit_code == 2, (experiment, result.output)
         assert f"network.parametrization: 'standard' is not supported by {experiment}" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("experiment", ["convergence", "regression"])
+def test_experiments_on_the_circle_refuse_a_cnn_at_check(tmp_path, experiment):
+    """network.arch=cnn where the inputs are 2-D points: refused at --check in one line naming
+    the key, before anything is written; scaling has no such key."""
+    from typer.testing import CliRunner
+
+    from ntkrun.cli import app
+
+    args = [experiment, "--preset", "quick", "--set", "network.arch=cnn", "--check", "-o", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = f"network.arch: 'cnn' is not supported by {experiment}, whose inputs are points on the unit"
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())

@@ -95,6 +95,28 @@ def pad_image(a: torch.Tensor, kernel_size: int, padding: str) -> torch.Tensor:
     return a.index_select(-2, rows).index_select(-1, cols)
 
 
+def forward_flops(
+    channels: Sequence[int], kernel_size: int, sizes: Sequence[tuple[int, int]], readout: str, n_out: int
+) -> list[int]:
+    """FLOPs of one forward pass per input, per weight layer l = 1 .. L (a list of L ints), for the
+    channels C_0 .. C_(L-1) and the image sizes (H_l, W_l) of alpha(l), l = 0 .. L-1.
+
+    The cost model: 2 per multiply-add, as torch's FlopCounterMode counts. Conv layer l:
+    2 C_l C_(l-1) k^2 H_l W_l; the dense layer: 2 k_out fan_in, plus C H' W' additions for the
+    "gap" average. Bias additions, scalings and the nonlinearity (O(C_l H_l W_l) each) are not
+    counted: they are a 1/(C k^2) share of a layer's cost.
+    """
+    k2 = kernel_size**2
+    flops = [
+        2 * c_out * c_in * k2 * h * w
+        for c_in, c_out, (h, w) in zip(channels[:-1], channels[1:], sizes[1:], strict=True)
+    ]
+    h, w = sizes[-1]
+    fan_in = channels[-1] * (h * w if readout == "flatten" else 1)
+    dense = 2 * n_out * fan_in + (channels[-1] * h * w if readout == "gap" else 0)
+    return [*flops, dense]
+
+
 @dataclass
 class CNNCache:
     """One forward pass on N inputs: acts[l] = alpha(l), (N, C_l, H_l, W_l), l = 0 .. L-1 (acts[0]
@@ -194,38 +216,24 @@ class CNN(nn.Module):
         return image_sizes(_size_pair(image_size), self.kernel_size, self.padding, self.depth)
 
     def forward_flops(self, image_size: int | Sequence[int] | None = None) -> list[int]:
-        """FLOPs of one forward pass per input, per weight layer l = 1 .. L (a list of L ints).
-
-        The cost model: 2 per multiply-add, as torch's FlopCounterMode counts. Conv layer l:
-        2 C_l C_(l-1) k^2 H_l W_l; the dense layer: 2 k_out fan_in, plus C H' W' additions for the
-        "gap" average. Bias additions, scalings and the nonlinearity (O(C_l H_l W_l) each) are not
-        counted: they are a 1/(C k^2) share of a layer's cost.
-        """
+        """FLOPs of one forward pass per input, per weight layer l = 1 .. L (`forward_flops`)."""
         sizes = self.layer_sizes(image_size)
-        k2 = self.kernel_size**2
-        flops = [
-            2 * c_out * c_in * k2 * h * w
-            for c_in, c_out, (h, w) in zip(self.channels[:-1], self.channels[1:], sizes[1:], strict=True)
-        ]
-        h, w = sizes[-1]
-        dense = 2 * self.n_out * self.fan_ins[-1]
-        if self.readout == "gap":
-            dense += self.channels[-1] * h * w
-        return [*flops, dense]
+        return forward_flops(self.channels, self.kernel_size, sizes, self.readout, self.n_out)
 
-    def _check(self, X: torch.Tensor) -> None:
+    def check_inputs(self, X: torch.Tensor, name: str = "inputs") -> None:
+        """ValueError unless X is (N, C0, H, W) with this network's channels and image size."""
         c = self.in_channels
         if X.dim() != 4 or X.shape[1] != c:
-            raise ValueError(f"inputs must have shape (N, {c}, H, W), got {tuple(X.shape)}")
+            raise ValueError(f"{name} must have shape (N, {c}, H, W), got {tuple(X.shape)}")
         if self.image_size is not None and tuple(X.shape[2:]) != self.image_size:
             h, w = self.image_size
-            raise ValueError(f"inputs must have shape (N, {c}, {h}, {w}), got {tuple(X.shape)}")
+            raise ValueError(f"{name} must have shape (N, {c}, {h}, {w}), got {tuple(X.shape)}")
         if self.image_size is None:
             self.layer_sizes(tuple(X.shape[2:]))  # "valid" may shrink this image below one pixel
 
     def forward_cache(self, X: torch.Tensor) -> CNNCache:
         """One forward pass keeping alpha(l) and h(l+1) of every layer. X: (N, C0, H, W)."""
-        self._check(X)
+        self.check_inputs(X)
         sigma = self.nonlinearity.sigma
         acts, pre = [X], []
         a = X

@@ -11,7 +11,9 @@ pre-activations holds every sample's own delta):
 
 (standard parametrization: without the 1/sqrt(fan_in) and beta factors) and Theta(x, x') =
 sum over layers of dW(x).dW(x') + db(x).db(x'). For k outputs the deltas are backpropagated once
-per output. No torch.func per-sample machinery: the convolutions run batched.
+per output; the dense layer's gradient for output a is r in row a, so its share is the readout
+Gram r(x).r(x') + beta^2 on the diagonal a = b, never formed as k zero-padded copies. No
+torch.func per-sample machinery: the convolutions run batched.
 """
 
 from __future__ import annotations
@@ -23,32 +25,34 @@ import torch
 from torch.nn import functional
 
 from ntkrun.architectures.cnn import CNN, pad_image
+from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
 from ntkrun.linalg import empty_checked
 
 Progress = Callable[[int, int], None]
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
 def _prepare(cnn: CNN, X: torch.Tensor, name: str) -> torch.Tensor:
     p = cnn.weights[0]
     X = torch.as_tensor(X).to(device=p.device, dtype=p.dtype)
-    if X.dim() != 4 or X.shape[0] < 1:
-        shape = f"(N, {cnn.in_channels}, H, W)"
-        raise ValueError(f"{name} must have shape {shape} with N >= 1, got {tuple(X.shape)}")
+    if X.dim() == 4 and X.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one point (N = 0)")
+    cnn.check_inputs(X, name)
     if not torch.isfinite(X).all():
         raise ValueError(f"{name} contains NaN or inf")
     return X
 
 
-def gradient_features(cnn: CNN, X: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients of every output, (k, N, P) with P = cnn.n_params (in layer order)."""
-    params = [p.detach() for p in cnn.parameters()]
-    k = cnn.n_out
+def gradient_features(cnn: CNN, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (N, C, H, W) -> (G, r): G (k, N, P_conv), the per-sample gradients of each output with
+    respect to the convolutions' weights and biases (in layer order), and r (N, fan_in), the
+    readout features scaled as the dense layer sees them (its gradient is r in row a for output a)."""
+    weights, biases = [w.detach() for w in cnn.weights], [b.detach() for b in cnn.biases]
+    n, k = X.shape[0], cnn.n_out
     with torch.enable_grad():
         acts, pres = [X], []
         a = X
         for l in range(cnn.depth - 1):
-            W, b = params[2 * l], params[2 * l + 1]
+            W, b = weights[l], biases[l]
             if not cnn.standard:
                 W, b = W * (1.0 / math.sqrt(cnn.fan_ins[l])), b * cnn.beta
             h = functional.conv2d(pad_image(a, cnn.kernel_size, cnn.padding), W, b)
@@ -58,30 +62,25 @@ def gradient_features(cnn: CNN, X: torch.Tensor) -> torch.Tensor:
             a = cnn.nonlinearity.sigma(h)
             acts.append(a)
         feats = a.flatten(1) if cnn.readout == "flatten" else a.mean((2, 3))
-        W, b = params[-2], params[-1]
         scale = 1.0 if cnn.standard else 1.0 / math.sqrt(cnn.fan_ins[-1])
-        out = feats @ W.t() * scale  # the bias does not affect the deltas
-        n = X.shape[0]
+        out = feats @ weights[-1].t() * scale  # the bias does not affect the deltas
         rows = []
+        k_size = cnn.kernel_size
+        patches = [  # (N, H_l W_l, C_l k^2) per conv layer
+            functional.unfold(pad_image(acts[l].detach(), k_size, cnn.padding), k_size).transpose(1, 2)
+            for l in range(len(pres))
+        ]
         for o in range(k):
             deltas = torch.autograd.grad(out[:, o].sum(), pres, retain_graph=o < k - 1) if pres else []
             parts = []
             for l, delta in enumerate(deltas):
-                c_out = delta.shape[1]
-                patches = functional.unfold(pad_image(acts[l], cnn.kernel_size, cnn.padding), cnn.kernel_size)
-                dW = torch.bmm(delta.reshape(n, c_out, -1), patches.transpose(1, 2))
+                dW = torch.bmm(delta.flatten(2), patches[l]).flatten(1)  # (N, C_(l+1) C_l k^2)
                 db = delta.sum((2, 3))
                 if not cnn.standard:
-                    dW = dW * (1.0 / math.sqrt(cnn.fan_ins[l]))
-                    db = db * cnn.beta
-                parts += [dW.reshape(n, -1), db]
-            dW = torch.zeros(n, k, feats.shape[1], dtype=X.dtype, device=X.device)
-            dW[:, o] = feats.detach() * scale
-            db = torch.zeros(n, k, dtype=X.dtype, device=X.device)
-            db[:, o] = 1.0 if cnn.standard else cnn.beta
-            parts += [dW.reshape(n, -1), db]
-            rows.append(torch.cat(parts, 1))
-    return torch.stack(rows)
+                    dW, db = dW * (1.0 / math.sqrt(cnn.fan_ins[l])), db * cnn.beta
+                parts += [dW, db]
+            rows.append(torch.cat(parts, 1) if parts else X.new_zeros(n, 0))
+    return torch.stack(rows).detach(), feats.detach() * scale
 
 
 def cnn_empirical_ntk(
@@ -106,6 +105,7 @@ def cnn_empirical_ntk(
     X2 = X if symmetric else _prepare(cnn, X2, "X2")
     k = cnn.n_out
     per_input = 2 * k * cnn.n_params * X.element_size()  # features plus the batch's activations
+    bias2 = 1.0 if cnn.standard else cnn.beta**2
     n1, n2 = X.shape[0], X2.shape[0]
     if block_size is None:
         total_inputs = n1 if symmetric else n1 + n2
@@ -119,14 +119,16 @@ def cnn_empirical_ntk(
     total = len(rows) * (len(rows) + 1) // 2 if symmetric else len(rows) * len(cols)
     done = 0
     for i, xi in enumerate(rows):
-        fi = gradient_features(cnn, xi)
+        gi, ri = gradient_features(cnn, xi)
         for j in range(i if symmetric else 0, len(cols)):
-            fj = fi if symmetric and i == j else gradient_features(cnn, cols[j])
-            if len(shape) == 2:
-                block = torch.bmm(fi, fj.transpose(1, 2)).mean(0)  # mean over a of Theta_aa
+            gj, rj = (gi, ri) if symmetric and i == j else gradient_features(cnn, cols[j])
+            dense = ri @ rj.t() + bias2  # the dense layer's share, for a = b only
+            if len(shape) == 2:  # one output, or the mean over a of Theta_aa
+                block = torch.bmm(gi, gj.transpose(1, 2)).mean(0) + dense
             else:
-                block = (fi.reshape(k * len(xi), -1) @ fj.reshape(k * len(cols[j]), -1).t())
-                block = block.view(k, len(xi), k, len(cols[j])).permute(1, 3, 0, 2)
+                block = gi.reshape(k * len(xi), -1) @ gj.reshape(k * len(cols[j]), -1).t()
+                block = block.view(k, len(xi), k, len(cols[j])).permute(1, 3, 0, 2).clone()
+                block.diagonal(dim1=2, dim2=3).add_(dense[..., None])
             r, c = slice(i * bs, i * bs + len(xi)), slice(j * bs, j * bs + len(cols[j]))
             out[r, c] = block
             if symmetric and i != j:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from ntkrun.architectures.cnn import CNN
+from ntkrun.kernels.cnn_empirical import cnn_empirical_ntk
 from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET, generic_ntk
 from ntkrun.linalg import empty_checked
 from ntkrun.network import MLP
@@ -126,7 +128,8 @@ def empirical_ntk(
     """Empirical NTK Gram matrix: X (N1, n0), X2 (N2, n0) or None (= X) -> (N1, N2) for one
     output, (N1, N2, k, k) for k outputs, or (N1, N2) = mean_a Theta_aa with trace_outputs.
 
-    An `ntkrun.MLP` takes the layerwise fast path; any other module mapping (N, ...) to (N,) or
+    An `ntkrun.MLP` takes the layerwise fast path, an `ntkrun.CNN` its per-layer gradient
+    features (`ntkrun.kernels.cnn_empirical`, X (N, C, H, W)); any other module mapping (N, ...) to (N,) or
     (N, k) takes the generic torch.func path (`ntkrun.kernels.generic.generic_ntk`, which picks
     Jacobian contraction or NTK-vector products by cost; per_layer and block_size are MLP-only).
     With per_layer=True returns a leading axis L: the contribution of the parameters W(l), b(l)
@@ -134,6 +137,13 @@ def empirical_ntk(
     `block_size` inputs (default: chosen from `memory_budget` bytes); a larger N recomputes the
     forward pass of column blocks. `progress(done, total)` is called after each block pair.
     """
+    if isinstance(net, CNN):
+        if per_layer:
+            raise ValueError("per_layer needs an ntkrun.MLP (the layerwise fast path)")
+        return cnn_empirical_ntk(
+            net, X, X2, trace_outputs=trace_outputs, block_size=block_size, memory_budget=memory_budget,
+            progress=progress,
+        )  # fmt: skip
     if not isinstance(net, MLP):
         if per_layer or block_size is not None:
             raise ValueError("per_layer and block_size need an ntkrun.MLP (the layerwise fast path)")

@@ -6,15 +6,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any, Protocol
 
 import pandas as pd
 import torch
 
+from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flops  # noqa: F401 (the runners' costs)
+from ntkrun.architectures.registry import describe
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels import analytic_kernels
-from ntkrun.network import MLP, gd_step, layer_sizes, mse_cost
+from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
 
 
@@ -69,7 +71,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def train(
-    net: MLP,
+    net: torch.nn.Module,
     X: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -107,36 +109,53 @@ def train(
     return losses
 
 
+def architecture(spec: RunSpec, input_shape: tuple[int, ...], depth: int | None = None) -> Architecture:
+    """The description of spec.network (ntkrun.architectures) on inputs of `input_shape` (from the
+    data); SpecError naming network.* for a geometry that cannot work on them."""
+    try:
+        return describe(spec.network, input_shape, depth)  # type: ignore[attr-defined]
+    except ValueError as err:
+        raise SpecError(f"network: {err} (inputs of shape {tuple(input_shape)})") from None
+
+
+class UnknownCost:
+    """The cost model of a description whose inputs' shape is unknown here (its data are absent):
+    every FLOP count is NaN, never a guess."""
+
+    def gd_flops(self, n: int, width: int, n_out: int = 1) -> float:
+        return math.nan
+
+    def ntk_flops(self, n1: int, n2: int, width: int, n_out: int = 1) -> float:
+        return math.nan
+
+    def kernel_flops(self, n1: int, n2: int) -> float:
+        return math.nan
+
+
 def build_net(
     spec: RunSpec,
-    n0: int,
+    input_shape: int | tuple[int, ...],
     width: int,
     seed: int,
     device: torch.device,
     depth: int | None = None,
     n_out: int = 1,
-) -> MLP:
-    """The experiment's network of one width and seed: depth (default spec.network.depth),
-    nonlinearity, beta and parametrization from spec.network, dtype from spec.dtype."""
-    net = spec.network  # type: ignore[attr-defined]
-    depth = net.depth if depth is None else depth
+) -> torch.nn.Module:
+    """The experiment's network of one width and seed on inputs of `input_shape` (an int: n0):
+    its architecture, depth (default spec.network.depth), nonlinearity, beta and parametrization
+    from spec.network, dtype from spec.dtype."""
+    shape = (input_shape,) if isinstance(input_shape, int) else input_shape
     dtype = resolve_dtype(spec.dtype)
-    return MLP(
-        n0,
-        width,
-        depth,
-        net.nonlinearity,
-        net.beta,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        n_out=n_out,
-        parametrization=net.parametrization,
-    )
+    return architecture(spec, shape, depth).net(width, seed, dtype=dtype, device=device, n_out=n_out)
 
 
 def network_caption(net: Any) -> str:
-    """'depth 4 relu, beta 0.1': a figure's account of spec.network."""
+    """'depth 4 relu, beta 0.1' (a cnn: 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'): a
+    figure's account of spec.network."""
+    if getattr(net, "arch", "mlp") == "cnn":
+        k = net.kernel_size
+        geometry = f"{k}x{k} {net.padding}, {net.readout}"
+        return f"cnn depth {net.depth} {net.nonlinearity}, {geometry}, beta {net.beta:g}"
     return f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}"
 
 
@@ -183,29 +202,6 @@ def unpack(*tables: dict[str, list]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- cost in floating-point operations
-
-
-def mlp_macs(n0: int, width: int, depth: int) -> float:
-    """Multiply-adds of one input's forward pass through the scalar-output MLP."""
-    return float(sum(a * b for a, b in pairwise(layer_sizes(n0, width, depth))))
-
-
-def gd_flops(n: int, n0: int, width: int, depth: int) -> float:
-    """One full-batch GD step on n inputs: forward (2 FLOPs a multiply-add), then the deltas and
-    the weight update (4)."""
-    return 6.0 * n * mlp_macs(n0, width, depth)
-
-
-def ntk_flops(n1: int, n2: int, n0: int, width: int, depth: int) -> float:
-    """An empirical NTK Gram (n1, n2): forward and delta passes of both sets, then per layer the
-    two (n1, n_l) x (n_l, n2) products of the factorization."""
-    return 4.0 * (n1 + n2) * mlp_macs(n0, width, depth) + 4.0 * n1 * n2 * (n0 + (depth - 1) * width)
-
-
-def analytic_flops(n1: int, n2: int, n0: int, depth: int) -> float:
-    """Sigma and Theta of the limit on (n1, n2) pairs: the input Gram, then about 50 FLOPs per
-    entry and layer (arccos, square roots, the recursion)."""
-    return 2.0 * n1 * n2 * n0 + 50.0 * depth * n1 * n2
 
 
 def eigen_flops(n: int) -> float:

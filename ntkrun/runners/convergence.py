@@ -36,6 +36,7 @@ from ntkrun.runners.common import (
 from ntkrun.spec import GridSpec, NetworkSpec, RunSpec, TrainingSpec
 
 LOG = logging.getLogger("ntkrun")
+INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
 
 
 class ConvergenceSpec(RunSpec):

@@ -21,10 +21,10 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
+from ntkrun.architectures.base import Architecture
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
-from ntkrun.kernels import analytic_kernel
 from ntkrun.linalg import empty_checked, kernel_solve_, mirror_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
@@ -32,10 +32,9 @@ from ntkrun.runners.common import (
     Progress,
     Unit,
     UnitContext,
-    analytic_flops,
-    build_net,
+    UnknownCost,
+    architecture,
     eigen_flops,
-    gd_flops,
     network_caption,
     pack,
     resolve_device,
@@ -56,6 +55,7 @@ from ntkrun.spec import (
 
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)
+ARCHS = ("mlp", "cnn")
 CLASSES = 10
 
 
@@ -122,11 +122,33 @@ def check(spec: GenSpec) -> None:
     train_info, test_info = split_info(folder, "train"), split_info(folder, "test")
     check_request(train_info, "train", max(n_train_sizes(spec)), "data.n_train")
     check_request(test_info, "test", spec.data.n_test or 1, "data.n_test")
-    if test_info.pixels != train_info.pixels:
+    if (test_info.rows, test_info.cols) != (train_info.rows, train_info.cols):
         raise DataError(
-            f"{test_info.images}: {test_info.pixels}-pixel images, but the train split's have "
-            f"{train_info.pixels}"
+            f"{test_info.images}: {test_info.rows}x{test_info.cols} images, but the train split's are "
+            f"{train_info.rows}x{train_info.cols}"
         )
+    arch(spec)  # the network's geometry on these images (e.g. a 'valid' CNN that shrinks them away)
+
+
+def image_shape(spec: GenSpec) -> tuple[int, int, int]:
+    """(channels, rows, cols) of one image, from the train split's IDX header."""
+    info = split_info(resolve_data_dir(spec.data.dir), "train")
+    return (1, info.rows, info.cols)
+
+
+def arch(spec: GenSpec) -> Architecture:
+    """The description of spec.network on the data's images (ntkrun.architectures)."""
+    return architecture(spec, image_shape(spec))
+
+
+def cost_model(spec: GenSpec) -> Architecture | UnknownCost:
+    """The description the units' costs come from; without the data (whose IDX header gives the
+    images' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed
+    and aggregated, and a run is refused by the data check before anything is computed."""
+    try:
+        return arch(spec)
+    except DataError:
+        return UnknownCost()
 
 
 def data_files(spec: GenSpec) -> list[Path]:
@@ -185,17 +207,12 @@ def scores(spec: GenSpec, pred: torch.Tensor, labels: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------- kernel units
 
 
-def kernel_args(spec: GenSpec) -> dict:
-    net = spec.network
-    return {"depth": net.depth, "nonlinearity": net.nonlinearity, "beta": net.beta}
-
-
 def gram(
     spec: GenSpec, ctx: UnitContext, name: str, kind: str, X: torch.Tensor, progress: Progress
 ) -> torch.Tensor:
     """Theta or Sigma on X (N, n0) -> (N, N) in the Gram dtype, row block by row block; a Gram of
     more than one block saves each block as a checkpoint part, so a killed unit resumes there."""
-    n, rows = X.shape[0], spec.kernels.checkpoint_rows
+    n, rows, description = X.shape[0], spec.kernels.checkpoint_rows, arch(spec)
     (K,) = empty_checked([(n, n)], gram_dtype(spec, n), "cpu", f"{name}: the Gram")
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
@@ -205,10 +222,10 @@ def gram(
             K[r0:r1, r0:] = saved["block"]
             LOG.info("%s: Gram rows %d-%d from their checkpoint", name, r0, r1)
         else:
-            analytic_kernel(X, None, **kernel_args(spec), kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
+            description.kernel(X, None, kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
             if n > rows:
                 ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
-        cost = analytic_flops(r1 - r0, n - (r0 + r1) / 2, X.shape[1], spec.network.depth)  # upper triangle
+        cost = description.kernel_flops(r1 - r0, n - (r0 + r1) / 2)  # the upper triangle
         progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
     mirror_(K, to_lower=True)
     return K
@@ -233,7 +250,7 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     del K
     pred = torch.cat(
         [
-            analytic_kernel(Xt[c : c + 1000], X, **kernel_args(spec), kind=kind) @ alpha.double()
+            arch(spec).kernel(Xt[c : c + 1000], X, kind=kind) @ alpha.double()
             for c in range(0, Xt.shape[0], 1000)
         ]
     )
@@ -249,9 +266,10 @@ def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
     nets' training time t = steps * lr (the GD dynamics of docs/science.md §4, mean only)."""
     tr = spec.training
     X, labels, Xt, labels_t = dataset(spec, tr.n_train)
-    K = analytic_kernel(X, None, **kernel_args(spec))
+    description = arch(spec)
+    K = description.kernel(X)
     eig = dynamics.eigen(K)
-    k_test = analytic_kernel(Xt, X, **kernel_args(spec))
+    k_test = description.kernel(Xt, X)
     Y = targets(spec, labels)
     out = {}
     for label, t in (("inf", math.inf), ("t", tr.steps * tr.lr)):
@@ -271,14 +289,16 @@ def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
     width, seed, tr = unit.args["width"], unit.args["seed"], spec.training
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     X, labels, Xt, labels_t = dataset(spec, tr.n_train)
-    net = build_net(spec, X.shape[1], width, seed, device, n_out=CLASSES)
-    Xd, Xtd, Y = X.to(device, dtype), Xt.to(device, dtype), targets(spec, labels)
+    description = arch(spec)
+    net = description.net(width, seed, dtype=dtype, device=device, n_out=CLASSES)
+    Xd, Xtd = description.inputs(X).to(device, dtype), description.inputs(Xt).to(device, dtype)
+    Y = targets(spec, labels)
     with torch.no_grad():
         f0_train, f0_test = net(Xd), net(Xtd)
     # centered: train f - f_0 towards Y, i.e. f towards Y + f_0(X) (the same gradient)
     goal = Y.to(device, dtype) + (f0_train if tr.center else 0.0)
     label = f"width {width}, seed {seed}"
-    cost = gd_flops(tr.n_train, X.shape[1], width, spec.network.depth)
+    cost = description.gd_flops(tr.n_train, width, CLASSES)
     train(net, Xd, goal, lr=tr.lr, steps=tr.steps, label=label, progress=progress, step_cost=cost)
     with torch.no_grad():
         pred = (net(Xtd) - (f0_test if tr.center else 0.0)).double().cpu()
@@ -304,43 +324,51 @@ def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
 
 def units(spec: GenSpec) -> list[Unit]:
     """Kernel units (kind, N_train), then `reference` and the (width, seed) networks."""
-    n0, depth, m = 784, spec.network.depth, spec.data.n_test or 10000
+    description, m = cost_model(spec), spec.data.n_test or 10000
     out = []
     for kind in (k for k in KERNEL_KINDS if k in spec.predictors):
         for n in spec.data.n_train:
-            cost = analytic_flops(n, n, n0, depth) / 2 + n**3 / 3 + analytic_flops(m, n, n0, depth)
+            cost = description.kernel_flops(n, n) / 2 + n**3 / 3 + description.kernel_flops(m, n)
             out.append(Unit(f"{kind}_n{n}", cost, {"kind": kind, "n_train": n}))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
-        ref_cost = analytic_flops(n + m, n, n0, depth) + eigen_flops(n)
+        ref_cost = description.kernel_flops(n + m, n) + eigen_flops(n)
         out.append(Unit("reference", ref_cost, stage=0))
         for w in spec.network.width:
             for s in spec.seed_values:
-                cost = gd_flops(n, n0, w, depth) * tr.steps
+                cost = description.gd_flops(n, w, CLASSES) * tr.steps
                 out.append(Unit(f"w{w}_s{s}", cost, {"width": w, "seed": s}))
     return out
+
+
+def n_test(spec: GenSpec) -> int:
+    """Test points: data.n_test, else the whole test split (its IDX header)."""
+    if spec.data.n_test is not None:
+        return spec.data.n_test
+    return split_info(resolve_data_dir(spec.data.dir), "test").count
 
 
 def memory(spec: GenSpec, unit: Unit) -> int:
     """Peak bytes: the splits' images and the float64 points, then the Gram with the in-place
     solve and one 1000-row test block (kernel units), the reference's kernels and eigen
     decomposition, or a network's GD step and test forward pass."""
-    n0, m = 784, spec.data.n_test or 10000
-    data = 70000 * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
+    folder = resolve_data_dir(spec.data.dir)
+    description, m = arch(spec), n_test(spec)
+    n0, images = description.n0, split_info(folder, "train").count + split_info(folder, "test").count
+    data = images * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
     if "kind" in unit.args:
         n = unit.args["n_train"]
         b = torch.empty((), dtype=gram_dtype(spec, n)).element_size()
-        block = n * n * b + solve_bytes(n, CLASSES, b) + resources.analytic_bytes(1000, n, spec.network.depth)
+        block = n * n * b + solve_bytes(n, CLASSES, b) + description.kernel_bytes(min(m, 1000), n)
         checkpoint = (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
         return data + block + checkpoint
     n = spec.training.n_train
     if unit.name == "reference":
-        return (
-            data + resources.analytic_bytes(n, n) + resources.analytic_bytes(m, n) + resources.eigen_bytes(n)
-        )
-    sizes = [n0, *([unit.args["width"]] * (spec.network.depth - 1)), CLASSES]
-    b = resources.dtype_bytes(spec.dtype)
-    return data + resources.network_bytes(sizes, b) + resources.training_bytes(max(n, m), sizes, b)
+        kernels = description.kernel_bytes(n, n) + description.kernel_bytes(m, n)
+        return data + kernels + resources.eigen_bytes(n)
+    w, b = unit.args["width"], resources.dtype_bytes(spec.dtype)
+    net = description.network_bytes(w, CLASSES, b)
+    return data + net + description.training_bytes(max(n, m), w, CLASSES, b)
 
 
 def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:

@@ -21,20 +21,19 @@ import torch
 from pydantic import Field
 
 from ntkrun import dynamics, resources
+from ntkrun.architectures.base import Architecture
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
-from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import layer_sizes
+from ntkrun.errors import DataError
+from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     Progress,
     Unit,
     UnitContext,
-    analytic_flops,
-    build_net,
+    UnknownCost,
+    architecture,
     eigen_flops,
-    gd_flops,
-    ntk_flops,
     pack,
     resolve_device,
     resolve_dtype,
@@ -51,6 +50,7 @@ from ntkrun.spec import (
 )
 
 LOG = logging.getLogger("ntkrun")
+ARCHS = ("mlp", "cnn")
 
 
 class PCADataSpec(Model):
@@ -90,6 +90,23 @@ def check(spec: PCASpec) -> None:
     digits asked for (DataError otherwise). Reads the IDX headers only."""
     info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
     check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
+    arch(spec)  # the network's geometry on these images (e.g. a 'valid' CNN that shrinks them away)
+
+
+def arch(spec: PCASpec) -> Architecture:
+    """The description of spec.network on the split's images (channels, rows, cols), from its header."""
+    info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
+    return architecture(spec, (1, info.rows, info.cols))
+
+
+def cost_model(spec: PCASpec) -> Architecture | UnknownCost:
+    """The description the units' costs come from; without the data (whose IDX header gives the
+    images' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed
+    and aggregated, and a run is refused by the data check before anything is computed."""
+    try:
+        return arch(spec)
+    except DataError:
+        return UnknownCost()
 
 
 def data_files(spec: PCASpec) -> list[Path]:
@@ -99,11 +116,12 @@ def data_files(spec: PCASpec) -> list[Path]:
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
     """K = Theta(X, X): (N, n0) -> (N, N) float64 on the CPU."""
-    net = spec.network
+    description = arch(spec)
     if spec.kernel == "analytic":
-        return analytic_kernels(X, depth=net.depth, nonlinearity=net.nonlinearity, beta=net.beta)[1]
-    wide = build_net(spec, X.shape[1], spec.kernel_width, spec.kernel_seed, device)
-    K = empirical_ntk(wide, X.to(device)).double().cpu()
+        return description.kernel(X)
+    dtype = resolve_dtype(spec.dtype)
+    wide = description.net(spec.kernel_width, spec.kernel_seed, dtype=dtype, device=device)
+    K = empirical_ntk(wide, description.inputs(X).to(device)).double().cpu()
     return (K + K.T) / 2
 
 
@@ -143,9 +161,9 @@ def train_unit(
     """Train one network (continuing from its checkpoint if any); -> trajectory rows."""
     tr = spec.training
     name = f"w{width}_s{seed}"
-    dtype = resolve_dtype(spec.dtype)
-    net = build_net(spec, X.shape[1], width, seed, device)
-    Xd = X.to(device, dtype)
+    dtype, description = resolve_dtype(spec.dtype), arch(spec)
+    net = description.net(width, seed, dtype=dtype, device=device)
+    Xd = description.inputs(X).to(device, dtype)
     with torch.no_grad():
         f0 = net(Xd).double().cpu()
     y = f0 + spec.target_scale * f_k
@@ -229,24 +247,23 @@ def metrics(traj: pd.DataFrame, spec: PCASpec, lam_k: float) -> pd.DataFrame:
 
 
 def digits(spec: PCASpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seeded choice of N digits: (N, 784) inputs, (N,) labels."""
+    """The seeded choice of N digits: (N, rows * cols) inputs, (N,) labels."""
     images, labels = load_idx_dataset(resolve_data_dir(spec.data.dir), spec.data.split)
     return choose_points(images, labels, spec.data.n_points, spec.data.seed, spec.data.scaling)
 
 
-def step_cost(spec: PCASpec, width: int, n0: int = 784) -> float:
-    """FLOPs of one GD step on the N digits."""
-    return gd_flops(spec.data.n_points, n0, width, spec.network.depth)
+def step_cost(spec: PCASpec, width: int) -> float:
+    """FLOPs of one GD step on the N digits (NaN without the data: see cost_model)."""
+    return cost_model(spec).gd_flops(spec.data.n_points, width)
 
 
 def units(spec: PCASpec) -> list[Unit]:
     """`reference` (kernel and its principal components), then one unit per (width, trial)."""
-    seeds = spec.seed_values
-    n, depth = spec.data.n_points, spec.network.depth
+    seeds, n, description = spec.seed_values, spec.data.n_points, cost_model(spec)
     if spec.kernel == "empirical":
-        ref_cost = ntk_flops(n, n, 784, spec.kernel_width, depth) + 2 * eigen_flops(n)
+        ref_cost = description.ntk_flops(n, n, spec.kernel_width) + 2 * eigen_flops(n)
     else:
-        ref_cost = analytic_flops(n, n, 784, depth) + 2 * eigen_flops(n)
+        ref_cost = description.kernel_flops(n, n) + 2 * eigen_flops(n)
     return [Unit("reference", ref_cost, stage=0)] + [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
         for w in spec.network.width
@@ -257,17 +274,18 @@ def units(spec: PCASpec) -> list[Unit]:
 def memory(spec: PCASpec, unit: Unit) -> int:
     """Peak bytes of one unit: the digits, then the reference kernel K (N, N) with its eigen
     decomposition, or a network with a GD step on the N digits."""
-    n, b, depth = spec.data.n_points, resources.dtype_bytes(spec.dtype), spec.network.depth
-    data = 60000 * 784 + n * 784 * 8  # the split's uint8 images and the chosen float64 digits
+    n, b, description = spec.data.n_points, resources.dtype_bytes(spec.dtype), arch(spec)
+    count = split_info(resolve_data_dir(spec.data.dir), spec.data.split).count
+    data = count * description.n0 + n * description.n0 * 8  # the split's uint8 images, the float64 digits
     if unit.name == "reference":
         if spec.kernel == "analytic":
-            kernel = resources.analytic_bytes(n, n)
+            kernel = description.kernel_bytes(n, n)
         else:
-            sizes = layer_sizes(784, spec.kernel_width, depth)
-            kernel = resources.network_bytes(sizes, b) + resources.empirical_ntk_bytes(n, n, sizes, b)
+            w = spec.kernel_width
+            kernel = description.network_bytes(w, 1, b) + description.empirical_ntk_bytes(n, n, w, 1, b)
         return data + kernel + resources.eigen_bytes(n) + 2 * n * n * 8  # K/N and the power iteration's copy
-    sizes = layer_sizes(784, unit.args["width"], depth)
-    return data + resources.network_bytes(sizes, b) + resources.training_bytes(n, sizes, b)
+    w = unit.args["width"]
+    return data + description.network_bytes(w, 1, b) + description.training_bytes(n, w, 1, b)
 
 
 def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
@@ -281,7 +299,7 @@ def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
     reference = ctx.require("reference")
     f_k = reference["f"][:, spec.component - 1]
     width, seed = unit.args["width"], unit.args["seed"]
-    rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width, X.shape[1]))
+    rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width))
     return {"trajectory": pack(rows)}
 
 
@@ -306,7 +324,12 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
     run.write_csv("trajectories.csv", traj)
     run.write_csv("metrics.csv", table)
     pca_figure(
-        components, traj, run.path / "figure", lam_k=float(lam[k]), c=spec.target_scale, k=spec.component,
+        components,
+        traj,
+        run.path / "figure",
+        lam_k=float(lam[k]),
+        c=spec.target_scale,
+        k=spec.component,
         kernel=spec.kernel,
     )
     return table

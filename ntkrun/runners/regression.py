@@ -49,6 +49,7 @@ from ntkrun.spec import (
 )
 
 LOG = logging.getLogger("ntkrun")
+INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
 
 
 class RegressionTrainingSpec(Model):

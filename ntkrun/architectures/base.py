@@ -1,0 +1,101 @@
+"""One architecture description: the finite network, its limiting kernels and its cost.
+
+An experiment never asks which network it runs: it asks the description, built from the spec's
+`network` block and the shape of one input (from the data), for
+
+    net(width, seed, ...)            the finite nn.Module, (N, *input_shape) -> (N,) or (N, k)
+    kernel(X, X2, kind, ...)         Sigma(L) ("nngp") or Theta(L) ("ntk") of the limit, row-blockable
+    forward_flops / ntk_flops /      what --list-units, the progress bars and the memory refusals use
+    kernel_flops / *_bytes
+
+Data reach the description as the runners hold them, one flattened row per point (N, n0); `inputs`
+gives them the shape the network takes. A new architecture is one subclass in its own module and
+one line in `ntkrun.architectures.ARCHITECTURES` (docs/architecture.md, "Adding an architecture").
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture(ABC):
+    """The shared fields of every description (those of the spec's `network` block) and the
+    shape of one input, e.g. (784,) for the MLP on MNIST or (1, 28, 28) for a CNN."""
+
+    input_shape: tuple[int, ...]
+    depth: int
+    nonlinearity: str = "relu"
+    beta: float = 0.1
+    parametrization: str = "ntk"
+
+    name: ClassVar[str]
+
+    @property
+    def n0(self) -> int:
+        """Numbers per input."""
+        return math.prod(self.input_shape)
+
+    def inputs(self, X: torch.Tensor) -> torch.Tensor:
+        """(N, n0) flattened points (or already shaped ones) -> (N, *input_shape)."""
+        return X.reshape(X.shape[0], *self.input_shape)
+
+    def gd_flops(self, n: int, width: int, n_out: int = 1) -> float:
+        """One full-batch GD step on n inputs: the forward pass, then the backward pass (about
+        twice its FLOPs: the deltas and the weight gradients)."""
+        return 3.0 * n * self.forward_flops(width, n_out)
+
+    @abstractmethod
+    def net(
+        self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
+    ) -> nn.Module:
+        """The finite network of `width` hidden units (channels) drawn from `seed`."""
+
+    @abstractmethod
+    def kernel(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kind: str = "ntk",
+        out_dtype: torch.dtype = torch.float64,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Theta(L) (kind "ntk") or Sigma(L) ("nngp") on (N1, n0) x (N2, n0) points -> (N1, N2),
+        as `ntkrun.kernels.analytic.analytic_kernel` (rows=(r0, r1) of a symmetric Gram fills the
+        upper triangle and the diagonal of those rows; `ntkrun.linalg.mirror_` completes it)."""
+
+    @abstractmethod
+    def forward_flops(self, width: int, n_out: int = 1) -> float:
+        """FLOPs of one input's forward pass (2 per multiply-add)."""
+
+    @abstractmethod
+    def ntk_flops(self, n1: int, n2: int, width: int, n_out: int = 1) -> float:
+        """FLOPs of an empirical NTK Gram (n1, n2) of the finite network."""
+
+    @abstractmethod
+    def kernel_flops(self, n1: int, n2: int) -> float:
+        """FLOPs of one limiting kernel on (n1, n2) input pairs."""
+
+    @abstractmethod
+    def kernel_bytes(self, n1: int, n2: int) -> int:
+        """Peak bytes of `kernel` on (n1, n2) pairs: its output and intermediates."""
+
+    @abstractmethod
+    def network_bytes(self, width: int, n_out: int, b: int) -> int:
+        """The network's parameters in a dtype of b bytes, and what drawing them holds."""
+
+    @abstractmethod
+    def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
+        """One GD step (or forward pass) on n inputs: activations, deltas and temporaries."""
+
+    @abstractmethod
+    def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
+        """`ntkrun.empirical_ntk` on (n1, n2) inputs: live features, its output and a float64 copy."""

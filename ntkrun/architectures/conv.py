@@ -1,0 +1,132 @@
+"""The convolutional network (`ntkrun.architectures.cnn.CNN`) as an architecture description:
+its finite network, its limiting kernels (`ntkrun.kernels.cnn`, docs/science.md §9) and its cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import ClassVar
+
+import torch
+
+from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.cnn import CNN, check_geometry, forward_flops, image_sizes
+from ntkrun.kernels.cnn import LIVE_COPIES, TILE_NUMBERS, cnn_kernels
+from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
+from ntkrun.linalg import empty_checked
+from ntkrun.network import hidden_widths
+
+PAIR_FLOPS = 60  # per pixel pair and layer besides the patch sums: expectations, square roots, products
+
+
+@dataclass(frozen=True)
+class CNNArchitecture(Architecture):
+    """`ntkrun.architectures.CNN` on images of input_shape (C0, H, W)."""
+
+    kernel_size: int = 3
+    padding: str = "same"
+    readout: str = "flatten"
+    name: ClassVar[str] = "cnn"
+
+    def __post_init__(self) -> None:
+        check_geometry(self.kernel_size, self.padding, self.readout, self.depth)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"a CNN takes images (C, H, W), got inputs of shape {self.input_shape}")
+        image_sizes(self.input_shape[1:], self.kernel_size, self.padding, self.depth)
+
+    def channels(self, width: int) -> list[int]:
+        return [self.input_shape[0], *hidden_widths(width, self.depth)]
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return image_sizes(self.input_shape[1:], self.kernel_size, self.padding, self.depth)
+
+    def net(
+        self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
+    ) -> CNN:
+        return CNN(
+            self.input_shape[0], width, self.depth, self.kernel_size, self.padding, self.readout,
+            self.nonlinearity, self.beta, n_out, self.parametrization, seed, self.input_shape[1:],
+            dtype, device,
+        )  # fmt: skip
+
+    def _kernels(
+        self, X: torch.Tensor, X2: torch.Tensor | None, kind: str, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        sigma, theta = cnn_kernels(
+            X, X2, self.depth, self.nonlinearity, self.beta, kernel_size=self.kernel_size,
+            padding=self.padding, readout=self.readout, out_dtype=out_dtype,
+        )  # fmt: skip
+        return theta if kind == "ntk" else sigma
+
+    def kernel(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kind: str = "ntk",
+        out_dtype: torch.dtype = torch.float64,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        X = self.inputs(X)
+        X2 = None if X2 is None else self.inputs(X2)
+        n1 = X.shape[0]
+        n2 = n1 if X2 is None else X2.shape[0]
+        r0, r1 = rows or (0, n1)
+        if out is None:
+            (out,) = empty_checked([(n1, n2)], out_dtype, "cpu", "the CNN kernel")
+        if X2 is not None:
+            out[r0:r1] = self._kernels(X[r0:r1], X2, kind, out_dtype)
+        elif rows is None:
+            out[:] = self._kernels(X, None, kind, out_dtype)
+        else:  # the upper triangle of rows r0 .. r1: their symmetric block, then the columns after it
+            out[r0:r1, r0:r1] = self._kernels(X[r0:r1], None, kind, out_dtype)
+            if r1 < n1:
+                out[r0:r1, r1:] = self._kernels(X[r0:r1], X[r1:], kind, out_dtype)
+        return out
+
+    def forward_flops(self, width: int, n_out: int = 1) -> float:
+        c, k = self.channels(width), self.kernel_size
+        return float(sum(forward_flops(c, k, self.sizes(), self.readout, n_out)))
+
+    def ntk_flops(self, n1: int, n2: int, width: int, n_out: int = 1) -> float:
+        """Forward and backward passes of both sets (per output), then the Gram of the features."""
+        params = self._params(width, n_out)
+        return (n1 + n2) * n_out * 3.0 * self.forward_flops(width, n_out) + 2.0 * n1 * n2 * n_out * params
+
+    def _params(self, width: int, n_out: int) -> int:
+        c = self.channels(width)
+        h, w = self.sizes()[-1]
+        conv = sum(co * ci * self.kernel_size**2 + co for ci, co in pairwise(c))
+        fan_in = c[-1] * (h * w if self.readout == "flatten" else 1)
+        return conv + n_out * (fan_in + 1)
+
+    def _pairs(self) -> int:
+        """Pixel pairs per input pair and layer: same-position pairs ("flatten") or all ("gap")."""
+        h, w = self.input_shape[1:]
+        return h * w * (h * w if self.readout == "gap" else 1)
+
+    def kernel_flops(self, n1: int, n2: int) -> float:
+        per_layer = self._pairs() * (4 * self.kernel_size**2 + PAIR_FLOPS)
+        return n1 * n2 * (2.0 * self.input_shape[0] * self._pairs() + self.depth * per_layer)
+
+    def kernel_bytes(self, n1: int, n2: int) -> int:
+        # Sigma and Theta in float64 (one is returned), and the live intermediates of one tile
+        return 2 * n1 * n2 * 8 + LIVE_COPIES * 8 * max(TILE_NUMBERS, self._pairs())
+
+    def network_bytes(self, width: int, n_out: int, b: int) -> int:
+        c = self.channels(width)
+        largest = max([co * ci * self.kernel_size**2 for ci, co in pairwise(c)] + [0])
+        return self._params(width, n_out) * b + max(largest, self._params(width, n_out) // self.depth) * 8
+
+    def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
+        """About six copies of every layer's activations (alpha, h, their gradients and autograd's
+        saved tensors), as the MLP's estimate counts."""
+        c = self.channels(width)
+        numbers = sum(ch * h * w for ch, (h, w) in zip(c, self.sizes(), strict=True)) + n_out
+        return 6 * n * numbers * b
+
+    def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
+        features = min(2 * n_out * self._params(width, n_out) * (n1 + n2) * b, DEFAULT_MEMORY_BUDGET)
+        passes = self.training_bytes(min(n1 + n2, 64), width, n_out, b)  # a block's forward/backward
+        return int(1.1 * features) + passes + n1 * n2 * (2 * b + 8)

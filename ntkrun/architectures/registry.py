@@ -1,0 +1,29 @@
+"""The architectures ntkrun knows, by the name `network.arch` gives them, and `describe`, which
+builds one's description from a spec's network block and the shape of one input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.conv import CNNArchitecture
+from ntkrun.architectures.mlp import MLPArchitecture
+
+ARCHITECTURES: dict[str, type[Architecture]] = {a.name: a for a in (MLPArchitecture, CNNArchitecture)}
+# the network block's keys each architecture takes beyond the shared ones (depth, nonlinearity, ...)
+OWN_KEYS: dict[str, tuple[str, ...]] = {"mlp": (), "cnn": ("kernel_size", "padding", "readout")}
+
+
+def describe(network: Any, input_shape: tuple[int, ...], depth: int | None = None) -> Architecture:
+    """The description of a spec's `network` block (a NetworkSpec, or any object with its fields:
+    arch, depth, nonlinearity, beta, parametrization and the architecture's own keys) on inputs of
+    `input_shape`; `depth` overrides network.depth. ValueError for a geometry that cannot work."""
+    arch = getattr(network, "arch", "mlp")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    own = {key: getattr(network, key) for key in OWN_KEYS[arch]}
+    return ARCHITECTURES[arch](
+        input_shape=tuple(input_shape), depth=network.depth if depth is None else depth,
+        nonlinearity=network.nonlinearity, beta=network.beta,
+        parametrization=getattr(network, "parametrization", "ntk"), **own,
+    )  # fmt: skip
