@@ -6,11 +6,12 @@ ntkrun against neural-tangents side by side in one run, on MNIST-sized images (2
     python benchmarks/bench_cnn.py --nt-python PATH --check      (agreement only)
     python benchmarks/bench_cnn.py --bias [--seeds 400]          (finite-width bias of tests/test_cnn.py)
 
-Three timings, each the ratio ntkrun / neural-tangents (best of --rounds, the contenders
+Four timings, each the ratio ntkrun / neural-tangents (best of --rounds, the contenders
 alternating): the analytic Sigma and Theta with the "flatten" readout and with "gap" (ntkrun in
 float64, neural-tangents' jitted kernel_fn in float32, as its anchor script runs it), and the
 empirical NTK of the same CNN with `--channels` channels (ntkrun's `empirical_ntk`, float32, against
-neural-tangents' fastest `empirical_ntk_fn` implementation). neural-tangents is timed by the anchor
+neural-tangents' fastest `empirical_ntk_fn` implementation), and ntkrun's generic torch.func path on
+that CNN (what the gradient-feature path replaces). neural-tangents is timed by the anchor
 script `nt_cnn_time.py` (--anchors, default ../shared/anchors beside the repository root if present;
 compile excluded, best of 3 per call) in the separate interpreter --nt-python (a virtual environment
 with neural-tangents 0.6.5); it is never a dependency of ntkrun. --check also computes
@@ -34,6 +35,7 @@ import torch
 from ntkrun.architectures import CNN
 from ntkrun.kernels import empirical_ntk
 from ntkrun.kernels.cnn import cnn_kernels
+from ntkrun.kernels.generic import generic_ntk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,12 +76,15 @@ def ntkrun_analytic(n: int, readout: str, depth: int) -> float:
     return time.perf_counter() - t
 
 
-def ntkrun_empirical(n: int, channels: int, depth: int, readout: str) -> float:
+def ntkrun_empirical(n: int, channels: int, depth: int, readout: str, generic: bool = False) -> float:
+    """empirical_ntk of the CNN (its gradient-feature path), or ntkrun's generic torch.func path on
+    the same network (generic=True), float32."""
     net = CNN(1, channels, depth, readout=readout, image_size=28)
     X = images(n, 28, torch.float32)
-    empirical_ntk(net, X[:4])  # warm-up, as neural-tangents' compile run is excluded
+    ntk = generic_ntk if generic else empirical_ntk
+    ntk(net, X[:4])  # warm-up, as neural-tangents' compile run is excluded
     t = time.perf_counter()
-    empirical_ntk(net, X)
+    ntk(net, X)
     return time.perf_counter() - t
 
 
@@ -177,6 +182,10 @@ def main() -> None:
         ),
         f"empirical flatten N {args.empirical_n}, {ch} channels": (
             lambda: ntkrun_empirical(args.empirical_n, ch, d, "flatten"),
+            ("empirical", args.empirical_n, 28, ch, d, "flatten"),
+        ),
+        f"empirical generic path N {args.empirical_n}": (
+            lambda: ntkrun_empirical(args.empirical_n, ch, d, "flatten", generic=True),
             ("empirical", args.empirical_n, 28, ch, d, "flatten"),
         ),
     }

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ntkrun.errors import UnitSpecMismatchError
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 IDENTITY = "identity.json"
@@ -54,11 +55,26 @@ class Identity:
         return None
 
 
+def read_tag(path: Path) -> dict[str, Any]:
+    """The identity a run directory's identity.json records, as a tag; UnitSpecMismatchError (one
+    line naming the file) if it is not a JSON object with a spec hash (edited, truncated)."""
+    file = Path(path) / IDENTITY
+    try:
+        tag = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnitSpecMismatchError(f"{file}: unreadable ({err}); the run's identity is unknown") from None
+    if not isinstance(tag, dict) or not isinstance(tag.get("spec_hash"), str):
+        raise UnitSpecMismatchError(f"{file}: holds no spec_hash; the run's identity is unknown")
+    if not isinstance(tag.get("data", {}), dict):
+        raise UnitSpecMismatchError(f"{file}: its data digests are not a mapping")
+    return tag
+
+
 def run_mismatch(path: Path, identity: Identity) -> str | None:
     """Why the run in path is not of this identity: its identity.json, or for a run made before
     that file existed, the spec hash of its spec.yaml."""
     if (path / IDENTITY).is_file():
-        tag = json.loads((path / IDENTITY).read_text())
+        tag = read_tag(path)
     else:
         theirs = yaml.safe_load((path / "spec.yaml").read_text())
         tag = {"spec_hash": spec_hash(theirs) if isinstance(theirs, dict) else None}
@@ -69,5 +85,5 @@ def recorded(path: Path, spec: RunSpec) -> Identity:
     """The identity a run directory records (for reading a run, e.g. its status), else the spec's."""
     if not (Path(path) / IDENTITY).is_file():
         return Identity.of(spec)
-    tag = json.loads((Path(path) / IDENTITY).read_text())
+    tag = read_tag(path)
     return Identity(tag["spec_hash"], tag.get("data") or {}, legacy_spec_hash(spec))

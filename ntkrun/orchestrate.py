@@ -30,7 +30,7 @@ from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available,
 from ntkrun.identity import Identity, recorded
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
 from ntkrun.rundir import RunDir, is_complete, open_run
-from ntkrun.runners.common import Progress, Unit, resolve_device
+from ntkrun.runners.common import resolve_device
 from ntkrun.spec import Override, RunSpec, spec_hash
 from ntkrun.units import (
     aggregate_once,
@@ -44,6 +44,7 @@ from ntkrun.units import (
     preflight,
     units,
 )
+from ntkrun.work import Progress, Unit
 
 
 @dataclass

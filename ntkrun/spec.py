@@ -49,6 +49,21 @@ READOUT_NAMES = ("flatten", "gap")
 CNN_KEYS = {"kernel_size": 3, "padding": "same", "readout": "flatten"}  # with their defaults
 
 
+def check_arch_keys(network: Any) -> Any:
+    """A network block's architecture keys, together: the CNN's keys away from their defaults only
+    with arch cnn, and an odd kernel with 'same' or 'circular' padding. Raises ValueError."""
+    if network.arch != "cnn":
+        changed = [key for key, default in CNN_KEYS.items() if getattr(network, key) != default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: for arch cnn only, but arch is {network.arch!r}")
+    elif network.padding != "valid" and network.kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size {network.kernel_size} is even: padding {network.padding!r} needs an odd kernel "
+            "(with a centre pixel); use an odd kernel_size or padding valid"
+        )
+    return network
+
+
 class NetworkSpec(Model):
     depth: PositiveInt = 4  # weight layers L (a cnn: L - 1 convolutions, then the dense layer)
     width: Widths = [500, 10000]  # one network per width (a cnn: channels)
@@ -62,16 +77,7 @@ class NetworkSpec(Model):
 
     @model_validator(mode="after")
     def _cnn_keys(self) -> NetworkSpec:
-        if self.arch != "cnn":
-            changed = [key for key, default in CNN_KEYS.items() if getattr(self, key) != default]
-            if changed:
-                raise ValueError(f"{', '.join(changed)}: for arch cnn only, but arch is {self.arch!r}")
-        elif self.padding != "valid" and self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"kernel_size {self.kernel_size} is even: padding {self.padding!r} needs an odd kernel "
-                "(with a centre pixel); use an odd kernel_size or padding valid"
-            )
-        return self
+        return check_arch_keys(self)
 
 
 class TrainingSpec(Model):
@@ -283,6 +289,8 @@ def _format_error(err: dict[str, Any], layers: Layers, model: type[Model]) -> st
         reason = err["msg"].removeprefix("Value error, ")
         if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             reason += f" (got {err['input']!r})"
+    if not loc:  # a check across blocks names its keys in its message
+        return f"{source}: {reason}"
     return f"{source}: {key}: {reason}"
 
 

@@ -31,8 +31,9 @@ from ntkrun.errors import (
 from ntkrun.identity import Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
-from ntkrun.runners.common import NoProgress, Progress, Unit, check_range, resolve_device
+from ntkrun.runners.common import check_range, resolve_device
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
+from ntkrun.work import NoProgress, Progress, Unit
 
 LOG = logging.getLogger("ntkrun")
 

@@ -184,6 +184,18 @@ def test_the_spec_names_every_registered_nonlinearity():
     assert tuple(NONLINEARITIES) == NONLINEARITY_NAMES
 
 
+def test_the_spec_names_every_architecture_and_its_keys():
+    from ntkrun.architectures.cnn import PADDINGS, READOUTS
+    from ntkrun.architectures.registry import ARCHITECTURES, OWN_KEYS
+    from ntkrun.kernels import ARCHS
+    from ntkrun.spec import ARCH_NAMES, CNN_KEYS, PADDING_NAMES, READOUT_NAMES, NetworkSpec
+
+    assert tuple(ARCHITECTURES) == ARCH_NAMES == ARCHS and set(OWN_KEYS) == set(ARCH_NAMES)
+    assert PADDINGS == PADDING_NAMES and READOUTS == READOUT_NAMES
+    assert OWN_KEYS["cnn"] == tuple(CNN_KEYS)
+    assert {key: NetworkSpec.model_fields[key].default for key in CNN_KEYS} == CNN_KEYS
+
+
 def test_help_does_not_load_torch():
     """`ntkrun --help` and a command's --help answer without importing torch (seconds saved)."""
     code = (

@@ -160,3 +160,42 @@ def test_a_pca_run_of_the_previous_version_resumes_and_status_writes_nothing(tmp
     result = invoke("resume", shared, "--quiet")
     assert result.exit_code == 0, result.output
     assert (shared / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"data": {}}', '{"spec_hash": "ab", "data": 3}'])
+def test_a_malformed_identity_file_is_one_line_not_an_internal_error(tmp_path, monkeypatch, content):
+    """An edited or truncated identity.json: status (of a complete run) and resume (of an
+    interrupted one) say which file and why, exit 2."""
+    import ntkrun.runners.common as common
+
+    assert invoke(*CONVERGENCE, "-o", tmp_path / "done").exit_code == 0
+    real_step, calls = common.gd_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(common, "gd_step", interrupted)
+    assert invoke(*CONVERGENCE, "-o", tmp_path / "failed").exit_code == 130
+    monkeypatch.setattr(common, "gd_step", real_step)
+    (done,) = [p for p in (tmp_path / "done" / "convergence").iterdir() if p.name != "latest"]
+    (failed,) = (tmp_path / "failed" / "convergence").glob("*.failed")
+    for command, run in ((["status"], done), (["resume", "--quiet"], failed)):
+        (run / IDENTITY).write_text(content)
+        result = invoke(*command, run)
+        assert result.exit_code == 2, (command, result.output)
+        assert f"{run / IDENTITY}: " in result.stderr and "internal error" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_cnn_keys_at_their_defaults_keep_an_mlp_runs_hash():
+    """network.arch, kernel_size, padding and readout arrived after runs were made: at their
+    defaults they leave the hash as it was; a cnn is another spec."""
+    spec = spec_of("generalization", preset="quick")
+    old = spec_dict(spec)
+    for key in ("arch", "kernel_size", "padding", "readout"):
+        del old["network"][key]
+    assert spec_hash(old) == spec_hash(spec)
+    assert spec_hash(spec_of("generalization", preset="quick", sets=["network.arch=cnn"])) != spec_hash(spec)

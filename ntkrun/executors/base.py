@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
+from ntkrun.work import Progress, Unit
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ntkrun.executors.base import Dispatch, Executor
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
 from ntkrun.units import compute_unit
+from ntkrun.work import Progress, Unit
 
 
 class InlineExecutor(Executor):

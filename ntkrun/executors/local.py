@@ -20,9 +20,9 @@ import torch
 from ntkrun.errors import ExecutorError, RunError
 from ntkrun.executors.base import Dispatch, Executor
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
 from ntkrun.units import unit_main
+from ntkrun.work import Progress, Unit
 
 JOIN_S = 10.0  # how long a worker may take to exit once asked (or terminated)
 

@@ -23,9 +23,9 @@ from ntkrun.errors import ExecutorError
 from ntkrun.executors.base import Dispatch, Executor
 from ntkrun.experiments import load_run_spec
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import Progress, Unit
 from ntkrun.spec import RunSpec
 from ntkrun.units import done_units, identity, maybe_finish, unit_main, units
+from ntkrun.work import Progress, Unit
 
 LOG = logging.getLogger("ntkrun")
 JOBS_FILE = "slurm/jobs.jsonl"

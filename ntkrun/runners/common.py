@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import pandas as pd
 import torch
@@ -18,43 +17,7 @@ from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels import analytic_kernels
 from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
-
-
-class Progress(Protocol):
-    """What a runner reports to: total work up front, then advances with a description."""
-
-    def start(self, total: float) -> None: ...
-
-    def advance(self, description: str, amount: float) -> None: ...
-
-
-class NoProgress:
-    def start(self, total: float) -> None:
-        pass
-
-    def advance(self, description: str, amount: float) -> None:
-        pass
-
-
-class UnitContext(Protocol):
-    """What a running unit may ask of its run: another unit's result (computed first if it is
-    not there yet) and its own checkpoints."""
-
-    def require(self, name: str) -> dict[str, Any]: ...
-
-    def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None: ...
-
-    def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One independent piece of an experiment."""
-
-    name: str  # file name in units/, e.g. w500_s3
-    cost: float  # estimated floating-point operations (also the progress weight)
-    args: dict[str, Any] = field(default_factory=dict)  # what run_unit needs: width, seed, ...
-    stage: int = 1  # stage-0 units (reference kernels) run before the others, which read them
+from ntkrun.work import Progress
 
 
 def resolve_device(name: str) -> torch.device:

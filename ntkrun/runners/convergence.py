@@ -21,9 +21,6 @@ from ntkrun.network import layer_sizes
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    Progress,
-    Unit,
-    UnitContext,
     build_net,
     gd_flops,
     network_caption,
@@ -34,6 +31,7 @@ from ntkrun.runners.common import (
     unpack,
 )
 from ntkrun.spec import GridSpec, NetworkSpec, RunSpec, TrainingSpec
+from ntkrun.work import Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
@@ -133,7 +131,7 @@ def step_cost(spec: ConvergenceSpec, width: int) -> float:
 def units(spec: ConvergenceSpec) -> list[Unit]:
     seeds = spec.seed_values
     return [
-        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
         for w in spec.network.width
         for s in seeds
     ]
@@ -141,7 +139,7 @@ def units(spec: ConvergenceSpec) -> list[Unit]:
 
 def memory(spec: ConvergenceSpec, unit: Unit) -> int:
     """Peak bytes of one unit: network, a GD step on the training set, Theta(x0, grid)."""
-    sizes = layer_sizes(2, unit.args["width"], spec.network.depth)
+    sizes = layer_sizes(2, unit.work.width, spec.network.depth)
     b = resources.dtype_bytes(spec.dtype)
     return (
         resources.network_bytes(sizes, b)
@@ -151,7 +149,7 @@ def memory(spec: ConvergenceSpec, unit: Unit) -> int:
 
 
 def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    width, seed = unit.args["width"], unit.args["seed"]
+    width, seed = unit.work.width, unit.work.seed
     device = resolve_device(spec.device)
     kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))
     return {"kernels": pack(kernel_rows), "losses": pack(loss_rows)}

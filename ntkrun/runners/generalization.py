@@ -29,9 +29,6 @@ from ntkrun.linalg import empty_checked, kernel_solve_, mirror_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    Progress,
-    Unit,
-    UnitContext,
     UnknownCost,
     architecture,
     eigen_flops,
@@ -52,6 +49,7 @@ from ntkrun.spec import (
     RunSpec,
     as_list,
 )
+from ntkrun.work import KernelFit, Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)
@@ -232,7 +230,7 @@ def gram(
 
 
 def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    kind, n = unit.args["kind"], unit.args["n_train"]
+    kind, n = unit.work.kind, unit.work.n_train
     X, labels, Xt, labels_t = dataset(spec, n)
     K = gram(spec, ctx, unit.name, kind, X, progress)
     solve_cost, reported = n**3 / 3, [0]
@@ -286,7 +284,7 @@ def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
 
 
 def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    width, seed, tr = unit.args["width"], unit.args["seed"], spec.training
+    width, seed, tr = unit.work.width, unit.work.seed, spec.training
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     X, labels, Xt, labels_t = dataset(spec, tr.n_train)
     description = arch(spec)
@@ -329,15 +327,15 @@ def units(spec: GenSpec) -> list[Unit]:
     for kind in (k for k in KERNEL_KINDS if k in spec.predictors):
         for n in spec.data.n_train:
             cost = description.kernel_flops(n, n) / 2 + n**3 / 3 + description.kernel_flops(m, n)
-            out.append(Unit(f"{kind}_n{n}", cost, {"kind": kind, "n_train": n}))
+            out.append(Unit(f"{kind}_n{n}", cost, KernelFit(kind, n)))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
         ref_cost = description.kernel_flops(n + m, n) + eigen_flops(n)
-        out.append(Unit("reference", ref_cost, stage=0))
+        out.append(Unit("reference", ref_cost, Reference()))
         for w in spec.network.width:
             for s in spec.seed_values:
                 cost = description.gd_flops(n, w, CLASSES) * tr.steps
-                out.append(Unit(f"w{w}_s{s}", cost, {"width": w, "seed": s}))
+                out.append(Unit(f"w{w}_s{s}", cost, TrainNet(w, s)))
     return out
 
 
@@ -356,25 +354,25 @@ def memory(spec: GenSpec, unit: Unit) -> int:
     description, m = arch(spec), n_test(spec)
     n0, images = description.n0, split_info(folder, "train").count + split_info(folder, "test").count
     data = images * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
-    if "kind" in unit.args:
-        n = unit.args["n_train"]
+    if isinstance(unit.work, KernelFit):
+        n = unit.work.n_train
         b = torch.empty((), dtype=gram_dtype(spec, n)).element_size()
         block = n * n * b + solve_bytes(n, CLASSES, b) + description.kernel_bytes(min(m, 1000), n)
         checkpoint = (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
         return data + block + checkpoint
     n = spec.training.n_train
-    if unit.name == "reference":
+    if isinstance(unit.work, Reference):
         kernels = description.kernel_bytes(n, n) + description.kernel_bytes(m, n)
         return data + kernels + resources.eigen_bytes(n)
-    w, b = unit.args["width"], resources.dtype_bytes(spec.dtype)
+    w, b = unit.work.width, resources.dtype_bytes(spec.dtype)
     net = description.network_bytes(w, CLASSES, b)
     return data + net + description.training_bytes(max(n, m), w, CLASSES, b)
 
 
 def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    if "kind" in unit.args:
+    if isinstance(unit.work, KernelFit):
         return kernel_unit(spec, unit, ctx, progress)
-    if unit.name == "reference":
+    if isinstance(unit.work, Reference):
         return reference_unit(spec, unit, progress)
     return net_unit(spec, unit, ctx, progress)
 

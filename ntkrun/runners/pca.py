@@ -28,9 +28,6 @@ from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    Progress,
-    Unit,
-    UnitContext,
     UnknownCost,
     architecture,
     eigen_flops,
@@ -48,6 +45,7 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
 )
+from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 ARCHS = ("mlp", "cnn")
@@ -264,8 +262,8 @@ def units(spec: PCASpec) -> list[Unit]:
         ref_cost = description.ntk_flops(n, n, spec.kernel_width) + 2 * eigen_flops(n)
     else:
         ref_cost = description.kernel_flops(n, n) + 2 * eigen_flops(n)
-    return [Unit("reference", ref_cost, stage=0)] + [
-        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+    return [Unit("reference", ref_cost, Reference())] + [
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
         for w in spec.network.width
         for s in seeds
     ]
@@ -277,28 +275,28 @@ def memory(spec: PCASpec, unit: Unit) -> int:
     n, b, description = spec.data.n_points, resources.dtype_bytes(spec.dtype), arch(spec)
     count = split_info(resolve_data_dir(spec.data.dir), spec.data.split).count
     data = count * description.n0 + n * description.n0 * 8  # the split's uint8 images, the float64 digits
-    if unit.name == "reference":
+    if isinstance(unit.work, Reference):
         if spec.kernel == "analytic":
             kernel = description.kernel_bytes(n, n)
         else:
             w = spec.kernel_width
             kernel = description.network_bytes(w, 1, b) + description.empirical_ntk_bytes(n, n, w, 1, b)
         return data + kernel + resources.eigen_bytes(n) + 2 * n * n * 8  # K/N and the power iteration's copy
-    w = unit.args["width"]
+    w = unit.work.width
     return data + description.network_bytes(w, 1, b) + description.training_bytes(n, w, 1, b)
 
 
 def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     device = resolve_device(spec.device)
     X, y_labels = digits(spec)
-    if unit.name == "reference":
+    if isinstance(unit.work, Reference):
         K = reference_kernel(spec, X, device)
         eig_table, lam, f = principal_components(spec, K)
         LOG.info("lambda_1..3 = %s", lam.tolist())
         return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": y_labels.clone()}
     reference = ctx.require("reference")
     f_k = reference["f"][:, spec.component - 1]
-    width, seed = unit.args["width"], unit.args["seed"]
+    width, seed = unit.work.width, unit.work.seed
     rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width))
     return {"trajectory": pack(rows)}
 

@@ -25,9 +25,6 @@ from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    Progress,
-    Unit,
-    UnitContext,
     analytic_flops,
     build_net,
     gd_flops,
@@ -47,6 +44,7 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
 )
+from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
@@ -227,8 +225,8 @@ def units(spec: RegressionSpec) -> list[Unit]:
         limit_cost = sum(ntk_flops(*p, 2, spec.kernel_width, depth) for p in pairs)
     else:
         limit_cost = sum(analytic_flops(*p, 2, depth) for p in pairs)
-    return [Unit("limit", limit_cost, stage=0)] + [
-        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, {"width": w, "seed": s})
+    return [Unit("limit", limit_cost, Reference())] + [
+        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
         for w in spec.network.width
         for s in seeds
     ]
@@ -240,7 +238,7 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     b, depth = resources.dtype_bytes(spec.dtype), spec.network.depth
     n = n_train(spec)
     g = spec.grid.n_angles
-    if unit.name == "limit":
+    if isinstance(unit.work, Reference):
         pairs = [(n, n), (g, n), (g, g)]
         if spec.kernel == "analytic":
             return sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
@@ -250,7 +248,7 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
             + sum(resources.empirical_ntk_bytes(*p, sizes, b) for p in pairs)
             + resources.training_bytes(g, sizes, b)
         )
-    sizes = layer_sizes(2, unit.args["width"], depth)
+    sizes = layer_sizes(2, unit.work.width, depth)
     return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
 
 
@@ -259,7 +257,7 @@ def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progr
     angles, y = training_data(spec)
     gammas = grid_angles(spec.grid.n_angles)
     X, Xg = circle(angles), circle(gammas)
-    if unit.name == "limit":
+    if isinstance(unit.work, Reference):
         try:
             limit = limit_table(spec, limit_kernels(spec, X, Xg, device), y, gammas)
         except NumericalError as err:
@@ -268,7 +266,7 @@ def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progr
             hint = f"here: kernel_width {spec.kernel_width} is too narrow (or use kernel: analytic)"
             raise NumericalError(f"{err}; {hint}") from err
         return {"limit": pack(limit)}
-    width, seed = unit.args["width"], unit.args["seed"]
+    width, seed = unit.work.width, unit.work.seed
     net = build_net(spec, 2, width, seed, device)
     label = f"width {width}, seed {seed}"
     losses = train(

@@ -11,6 +11,7 @@ Then log-log slopes against width per depth, with bootstrap intervals over seeds
 from __future__ import annotations
 
 import logging
+import math
 from typing import Annotated, Literal
 
 import pandas as pd
@@ -18,21 +19,15 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
+from ntkrun.architectures.base import Architecture
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import slope_table
-from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import layer_sizes
+from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    Progress,
-    Unit,
-    UnitContext,
-    analytic_flops,
-    build_net,
+    architecture,
     eigen_flops,
-    gd_flops,
-    ntk_flops,
     pack,
     resolve_device,
     resolve_dtype,
@@ -40,6 +35,9 @@ from ntkrun.runners.common import (
     unpack,
 )
 from ntkrun.spec import (
+    ARCH_NAMES,
+    PADDING_NAMES,
+    READOUT_NAMES,
     Model,
     NonlinearityName,
     NonNegativeFloat,
@@ -47,9 +45,12 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
     as_list,
+    check_arch_keys,
 )
+from ntkrun.work import Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
+ARCHS = ("mlp", "cnn")
 
 
 class ScalingNetworkSpec(Model):
@@ -60,12 +61,22 @@ class ScalingNetworkSpec(Model):
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
     parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
+    arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # cnn: on Gaussian images (data.image)
+    kernel_size: PositiveInt = 3  # cnn only
+    padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
+    readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
+
+    @model_validator(mode="after")
+    def _cnn_keys(self) -> ScalingNetworkSpec:
+        return check_arch_keys(self)
 
 
 class ScalingDataSpec(Model):
     inputs: Literal["circle", "gaussian"] = "circle"  # the fixed set where Theta is compared
     n_points: PositiveInt = 16  # circle: evenly spaced angles; gaussian: x ~ N(0, I_dim)
     dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
+    # gaussian images (channels, rows, cols), every pixel N(0, 1): the inputs of a cnn (dim unused)
+    image: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None = None
 
 
 class ScalingTrainingSpec(Model):
@@ -86,6 +97,12 @@ class ScalingSpec(RunSpec):
     def _inputs(self) -> ScalingSpec:
         if self.data.inputs == "circle" and self.data.dim != 2:
             raise ValueError("data.dim applies to gaussian inputs only: circle points are 2-D")
+        if self.data.image is not None and self.data.inputs != "gaussian":
+            raise ValueError("data.image: images are Gaussian; set data.inputs: gaussian")
+        if self.network.arch == "cnn" and self.data.image is None:
+            raise ValueError(
+                "network.arch: a cnn takes images; set data.inputs: gaussian, data.image: [C, H, W]"
+            )
         return self
 
 
@@ -94,11 +111,12 @@ METRICS = {"dist_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}  # referenc
 
 
 def fixed_inputs(spec: ScalingSpec) -> torch.Tensor:
-    """Z (n_points, n0): evenly spaced circle points, or Gaussian points from a fixed stream."""
+    """Z (n_points, n0): evenly spaced circle points, or Gaussian points (images, flattened) from a
+    fixed stream."""
     data = spec.data
     if data.inputs == "circle":
         return circle(grid_angles(data.n_points))
-    return torch.randn(data.n_points, data.dim, generator=seeded_generator(0, 3), dtype=torch.float64)
+    return torch.randn(data.n_points, input_dim(spec), generator=seeded_generator(0, 3), dtype=torch.float64)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,27 +124,46 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def input_shape(spec: ScalingSpec) -> tuple[int, ...]:
+    """One input's shape: (2,) on the circle, (dim,) Gaussian, or the Gaussian image (C, H, W)."""
+    if spec.data.image is not None:
+        return tuple(spec.data.image)
+    return (2,) if spec.data.inputs == "circle" else (spec.data.dim,)
+
+
 def input_dim(spec: ScalingSpec) -> int:
-    return 2 if spec.data.inputs == "circle" else spec.data.dim
+    return math.prod(input_shape(spec))
+
+
+def arch(spec: ScalingSpec, depth: int) -> Architecture:
+    """The description of spec.network at one of its depths, on the spec's inputs."""
+    return architecture(spec, input_shape(spec), depth)
+
+
+def check(spec: ScalingSpec) -> None:
+    """Before a run directory is made: every depth's geometry on the images (a 'valid' CNN may
+    shrink them away)."""
+    for depth in spec.network.depth:
+        arch(spec, depth)
 
 
 def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
     """FLOPs of one GD step on the training set."""
-    return gd_flops(spec.training.n_train, input_dim(spec), width, depth)
+    return arch(spec, depth).gd_flops(spec.training.n_train, width)
 
 
 def unit_cost(spec: ScalingSpec, depth: int, width: int) -> float:
     """FLOPs of one unit: its GD steps, Theta on Z twice, and the limit on X and Z."""
-    n, z, dim = spec.training.n_train, spec.data.n_points, input_dim(spec)
-    limit = analytic_flops(n + z, n + z, dim, depth) + eigen_flops(n)
-    kernels = 2 * ntk_flops(z, z, dim, width, depth)
+    n, z, description = spec.training.n_train, spec.data.n_points, arch(spec, depth)
+    limit = description.kernel_flops(n + z, n + z) + eigen_flops(n)
+    kernels = 2 * description.ntk_flops(z, z, width)
     return step_cost(spec, depth, width) * spec.training.steps + kernels + limit
 
 
 def units(spec: ScalingSpec) -> list[Unit]:
     net = spec.network
     return [
-        Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), {"depth": d, "width": w, "seed": s})
+        Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), TrainNet(w, s, depth=d))
         for d in net.depth
         for w in net.width
         for s in spec.seed_values
@@ -135,48 +172,48 @@ def units(spec: ScalingSpec) -> list[Unit]:
 
 def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tensor) -> dict:
     """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X)."""
-    args = (depth, spec.network.nonlinearity, spec.network.beta)
+    description = arch(spec, depth)
     return {
-        "eig": dynamics.eigen(analytic_kernels(X, None, *args)[1]),
-        "theta_zx": analytic_kernels(Z, X, *args)[1],
-        "theta_zz": analytic_kernels(Z, None, *args)[1],
+        "eig": dynamics.eigen(description.kernel(X)),
+        "theta_zx": description.kernel(Z, X),
+        "theta_zz": description.kernel(Z),
     }
 
 
 def memory(spec: ScalingSpec, unit: Unit) -> int:
     """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z."""
-    dim = input_dim(spec)
-    sizes = layer_sizes(dim, unit.args["width"], unit.args["depth"])
+    description, w = arch(spec, unit.work.depth), unit.work.width
     b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
     return (
-        resources.network_bytes(sizes, b)
-        + resources.training_bytes(max(n, z), sizes, b)
-        + resources.empirical_ntk_bytes(z, z, sizes, b)
-        + resources.analytic_bytes(n, n)
-        + resources.analytic_bytes(z, n + z)
+        description.network_bytes(w, 1, b)
+        + description.training_bytes(max(n, z), w, 1, b)
+        + description.empirical_ntk_bytes(z, z, w, 1, b)
+        + description.kernel_bytes(n, n)
+        + description.kernel_bytes(z, n + z)
         + resources.eigen_bytes(n)
     )
 
 
 def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     """The three distances of one (depth, width, seed) network."""
-    depth, width, seed = unit.args["depth"], unit.args["width"], unit.args["seed"]
+    depth, width, seed = unit.work.depth, unit.work.width, unit.work.seed
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     tr = spec.training
     Z64 = fixed_inputs(spec)
     X = gaussian_inputs(tr.n_train, Z64.shape[1], seed)
     y = product_target(X)
     limit = limit_kernels(spec, depth, Z64, X)
-    Z = Z64.to(device, dtype)
-    net = build_net(spec, Z.shape[1], width, seed, device, depth=depth)
+    description = arch(spec, depth)
+    Z, Xd = description.inputs(Z64).to(device, dtype), description.inputs(X).to(device, dtype)
+    net = description.net(width, seed, dtype=dtype, device=device)
     theta_0 = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
-        f0_Z, f0_X = net(Z).double().cpu(), net(X.to(device, dtype)).double().cpu()
+        f0_Z, f0_X = net(Z).double().cpu(), net(Xd).double().cpu()
     label = f"depth {depth}, width {width}, seed {seed}"
     cost = step_cost(spec, depth, width)
     train(
         net,
-        X.to(device, dtype),
+        Xd,
         y.to(device, dtype),
         lr=tr.lr,
         steps=tr.steps,
@@ -211,8 +248,15 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
+    net = spec.network
+    shape = "x".join(str(s) for s in spec.data.image or ())
+    what = (
+        f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout} on {shape} images, "
+        if net.arch == "cnn"
+        else ""
+    )
     title = (
-        f"{spec.network.nonlinearity}, beta {spec.network.beta:g}, {spec.seeds} seeds, "
+        f"{what}{net.nonlinearity}, beta {net.beta:g}, {spec.seeds} seeds, "
         f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
     )
     scaling_figure(table, fit_table, run.path / "figure", title=title)

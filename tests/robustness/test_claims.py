@@ -22,7 +22,7 @@ from ntkrun.errors import ExecutorError
 from ntkrun.executors.slurm import wait_slurm
 from ntkrun.experiments import load_run_spec
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import NoProgress
+from ntkrun.work import NoProgress
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from faults import unit_main_or_die

@@ -21,7 +21,7 @@ PEAK = textwrap.dedent(
     from ntkrun import units
     from ntkrun.rundir import RunDir
     from ntkrun.experiments import spec_of
-    from ntkrun.runners.common import NoProgress
+    from ntkrun.work import NoProgress
 
     def status(field):  # kB -> bytes, from /proc/self/status
         for line in open("/proc/self/status"):

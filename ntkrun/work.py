@@ -1,0 +1,76 @@
+"""What a unit of work is, for the runners that define units and the layers that run them
+(ntkrun.units, the executors, ntkrun.orchestrate): the Unit, what it computes (typed: the runner
+dispatches on the type of `unit.work`, never on the unit's name), its progress and its context.
+Imports nothing of ntkrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Progress(Protocol):
+    """What a runner reports to: total work up front, then advances with a description."""
+
+    def start(self, total: float) -> None: ...
+
+    def advance(self, description: str, amount: float) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: float) -> None:
+        pass
+
+    def advance(self, description: str, amount: float) -> None:
+        pass
+
+
+class UnitContext(Protocol):
+    """What a running unit may ask of its run: another unit's result (computed first if it is
+    not there yet) and its own checkpoints."""
+
+    def require(self, name: str) -> dict[str, Any]: ...
+
+    def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None: ...
+
+    def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The kernel (or limit) the other units of the run read: computed first, in stage 0."""
+
+
+@dataclass(frozen=True)
+class TrainNet:
+    """One finite network, drawn from `seed` at `width` (and `depth`, where the spec has several),
+    trained and measured."""
+
+    width: int
+    seed: int
+    depth: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelFit:
+    """A limiting kernel's predictor (kind "ntk" or "nngp") fitted on the first n_train points."""
+
+    kind: str
+    n_train: int
+
+
+Work = Reference | TrainNet | KernelFit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of an experiment."""
+
+    name: str  # file name in units/, e.g. w500_s3
+    cost: float  # estimated floating-point operations (also the progress weight)
+    work: Work  # what run_unit computes
+
+    @property
+    def stage(self) -> int:
+        """0 for the Reference the others read (it runs first), else 1."""
+        return 0 if isinstance(self.work, Reference) else 1
