@@ -200,6 +200,8 @@ KERNEL_STYLES = {
     "ntk": ("C0", "NTK (t = inf)"),
     "nngp": ("C1", "NNGP"),
     "ntk_t": ("C2", "NTK at the nets' t"),
+    "mlp_ntk": ("C9", "MLP NTK"),
+    "mlp_nngp": ("C3", "MLP NNGP"),
 }
 
 
@@ -219,11 +221,12 @@ def generalization_figure(
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"wspace": 0.35})
         ax = axes[0]
-        for kind in ("ntk", "nngp"):
+        for kind in ("ntk", "nngp", "mlp_ntk", "mlp_nngp"):
             g = accuracy[accuracy["predictor"] == kind].sort_values("n_train")
             if len(g):
                 color, label = KERNEL_STYLES[kind]
-                ax.plot(g["n_train"], g["test_accuracy"], "o-", color=color, ms=3.5, label=label)
+                style = "o--" if kind.startswith("mlp_") else "o-"
+                ax.plot(g["n_train"], g["test_accuracy"], style, color=color, ms=3.5, label=label)
         widths = sorted(nets["width"].unique())
         shades = {
             w: plt.get_cmap("Greys")(0.35 + 0.6 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)

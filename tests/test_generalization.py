@@ -189,8 +189,8 @@ def test_cnn_kernel_predictors_equal_a_dense_solve_on_its_own_kernels(images, tm
     """With network.arch=cnn the kernel units use the CNN's limit (`ntkrun.analytic_kernels(arch=
     "cnn")` on the images as (N, 1, 28, 28)), row block by row block (checkpoint_rows 16 < N):
     accuracy.csv equals np.linalg.solve on those kernels, as for the MLP."""
-    result = run(images, tmp_path, *CNN_SETS, "predictors=[ntk, nngp]", "data.n_train=[20, 40]",
-                 "data.n_test=12", "kernels.checkpoint_rows=16")  # fmt: skip
+    result = run(images, tmp_path, *CNN_SETS, "predictors=[ntk, nngp, mlp_ntk, mlp_nngp]",
+                 "data.n_train=[20, 40]", "data.n_test=12", "kernels.checkpoint_rows=16")  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
     from ntkrun.data import choose_points, load_idx_dataset
@@ -206,9 +206,13 @@ def test_cnn_kernel_predictors_equal_a_dense_solve_on_its_own_kernels(images, tm
         Yt[np.arange(12), yt.numpy()] = 0.9
         S, T = (k.numpy() for k in analytic_kernels(X, **kw))
         St, Tt = (k.numpy() for k in analytic_kernels(Xt.reshape(12, 1, 28, 28), X, **kw))
-        for kind, K, Kt in (("ntk", T, Tt), ("nngp", S, St)):
+        # the MLP's baseline kernels (predictors mlp_*): depth 3 on the flattened images
+        mS, mT = (k.numpy() for k in analytic_kernels(X.flatten(1), depth=3))
+        mSt, mTt = (k.numpy() for k in analytic_kernels(Xt, X.flatten(1), depth=3))
+        cases = (("ntk", T, Tt), ("nngp", S, St), ("mlp_ntk", mT, mTt), ("mlp_nngp", mS, mSt))
+        for kind, K, Kt in cases:
             row = table[(table["predictor"] == kind) & (table["n_train"] == n)].iloc[0]
-            noise = 1e-5 * np.diag(K).mean() if kind == "nngp" else 0.0
+            noise = 1e-5 * np.diag(K).mean() if kind.endswith("nngp") else 0.0
             pred = Kt @ np.linalg.solve(K + noise * np.eye(n), Y)
             assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
             assert row["test_accuracy"] == (pred.argmax(1) == yt.numpy()).mean()
@@ -236,6 +240,7 @@ def test_trained_cnns_approach_the_cntk_predictor_as_channels_grow(images, tmp_p
         (["network.arch=cnn", "network.padding=valid", "network.kernel_size=15"],
          "shrinks the 28x28 image below one pixel"),
         (["network.arch=cnn", "network.readout=max"], "network.readout"),
+        (["predictors=[ntk, mlp_ntk]"], "predictors: mlp_ntk compare another arch with the MLP"),
     ],
 )  # fmt: skip
 def test_bad_cnn_geometry_is_one_line_and_writes_nothing(images, tmp_path, sets, message):

@@ -22,6 +22,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
@@ -97,20 +98,30 @@ class GenSpec(RunSpec):
     data: GenDataSpec = GenDataSpec()
     kernels: GenKernelSpec = GenKernelSpec()
     training: GenTrainingSpec = GenTrainingSpec()
-    predictors: Annotated[list[Literal["ntk", "nngp", "net"]], Field(min_length=1)] = ["ntk", "nngp", "net"]
+    # mlp_ntk, mlp_nngp: the MLP's kernels of the same depth, beside another architecture's
+    predictors: Annotated[list[Literal["ntk", "nngp", "net", "mlp_ntk", "mlp_nngp"]], Field(min_length=1)] = [
+        "ntk",
+        "nngp",
+        "net",
+    ]
     n_boot: PositiveInt = 2000  # bootstrap resamples for the distance slope
 
     @model_validator(mode="after")
     def _consistent(self) -> GenSpec:
         if "net" in self.predictors and not self.network.width:
             raise ValueError("network.width is empty but the predictor 'net' is requested")
+        baselines = [p for p in self.predictors if p.startswith("mlp_")]
+        if baselines and self.network.arch == "mlp":
+            raise ValueError(
+                f"predictors: {', '.join(baselines)} compare another arch with the MLP; arch is mlp"
+            )
         if len(set(self.data.n_train)) != len(self.data.n_train):
             raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")
         return self
 
 
 Spec = GenSpec
-KERNEL_KINDS = ("ntk", "nngp")
+KERNEL_KINDS = ("ntk", "nngp", "mlp_ntk", "mlp_nngp")  # the kernel predictors (mlp_: the MLP's)
 AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
 
 
@@ -139,12 +150,13 @@ def arch(spec: GenSpec) -> Architecture:
     return architecture(spec, image_shape(spec))
 
 
-def cost_model(spec: GenSpec) -> Architecture | UnknownCost:
-    """The description the units' costs come from; without the data (whose IDX header gives the
-    images' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed
-    and aggregated, and a run is refused by the data check before anything is computed."""
+def cost_model(spec: GenSpec, predictor: str = "ntk") -> Architecture | UnknownCost:
+    """The description the units' costs come from (that of a kernel predictor's kernel); without
+    the data (whose IDX header gives the images' shape) an UnknownCost, whose costs are NaN: the
+    units can still be listed, followed and aggregated, and a run is refused by the data check
+    before anything is computed."""
     try:
-        return arch(spec)
+        return kernel_of(spec, predictor)[0]
     except DataError:
         return UnknownCost()
 
@@ -205,12 +217,28 @@ def scores(spec: GenSpec, pred: torch.Tensor, labels: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------- kernel units
 
 
+def kernel_of(spec: GenSpec, predictor: str) -> tuple[Architecture, str]:
+    """(description, kind) of a kernel predictor: 'ntk'/'nngp' of spec.network, 'mlp_ntk'/'mlp_nngp'
+    of the MLP of the same depth, nonlinearity and beta on the same images."""
+    if predictor.startswith("mlp_"):
+        net = spec.network
+        baseline = MLPArchitecture(image_shape(spec), net.depth, net.nonlinearity, net.beta)
+        return baseline, predictor.removeprefix("mlp_")
+    return arch(spec), predictor
+
+
 def gram(
-    spec: GenSpec, ctx: UnitContext, name: str, kind: str, X: torch.Tensor, progress: Progress
+    spec: GenSpec,
+    ctx: UnitContext,
+    name: str,
+    predictor: str,
+    X: torch.Tensor,
+    progress: Progress,
 ) -> torch.Tensor:
     """Theta or Sigma on X (N, n0) -> (N, N) in the Gram dtype, row block by row block; a Gram of
     more than one block saves each block as a checkpoint part, so a killed unit resumes there."""
-    n, rows, description = X.shape[0], spec.kernels.checkpoint_rows, arch(spec)
+    n, rows = X.shape[0], spec.kernels.checkpoint_rows
+    description, kind = kernel_of(spec, predictor)
     (K,) = empty_checked([(n, n)], gram_dtype(spec, n), "cpu", f"{name}: the Gram")
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
@@ -230,9 +258,10 @@ def gram(
 
 
 def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    kind, n = unit.work.kind, unit.work.n_train
+    predictor, n = unit.work.kind, unit.work.n_train
+    description, kind = kernel_of(spec, predictor)
     X, labels, Xt, labels_t = dataset(spec, n)
-    K = gram(spec, ctx, unit.name, kind, X, progress)
+    K = gram(spec, ctx, unit.name, predictor, X, progress)
     solve_cost, reported = n**3 / 3, [0]
 
     def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
@@ -248,11 +277,17 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     del K
     pred = torch.cat(
         [
-            arch(spec).kernel(Xt[c : c + 1000], X, kind=kind) @ alpha.double()
+            description.kernel(Xt[c : c + 1000], X, kind=kind) @ alpha.double()
             for c in range(0, Xt.shape[0], 1000)
         ]
     )
-    row = {"predictor": kind, "n_train": n, "width": math.nan, "seed": -1, **scores(spec, pred, labels_t)}
+    row = {
+        "predictor": predictor,
+        "n_train": n,
+        "width": math.nan,
+        "seed": -1,
+        **scores(spec, pred, labels_t),
+    }
     row["ridge"] = ridge
     row["gram_dtype"] = str(gram_dtype(spec, n)).removeprefix("torch.")
     LOG.info("%s", row)
@@ -325,8 +360,9 @@ def units(spec: GenSpec) -> list[Unit]:
     description, m = cost_model(spec), spec.data.n_test or 10000
     out = []
     for kind in (k for k in KERNEL_KINDS if k in spec.predictors):
+        model = cost_model(spec, kind)
         for n in spec.data.n_train:
-            cost = description.kernel_flops(n, n) / 2 + n**3 / 3 + description.kernel_flops(m, n)
+            cost = model.kernel_flops(n, n) / 2 + n**3 / 3 + model.kernel_flops(m, n)
             out.append(Unit(f"{kind}_n{n}", cost, KernelFit(kind, n)))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
@@ -355,9 +391,9 @@ def memory(spec: GenSpec, unit: Unit) -> int:
     n0, images = description.n0, split_info(folder, "train").count + split_info(folder, "test").count
     data = images * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
     if isinstance(unit.work, KernelFit):
-        n = unit.work.n_train
+        n, model = unit.work.n_train, kernel_of(spec, unit.work.kind)[0]
         b = torch.empty((), dtype=gram_dtype(spec, n)).element_size()
-        block = n * n * b + solve_bytes(n, CLASSES, b) + description.kernel_bytes(min(m, 1000), n)
+        block = n * n * b + solve_bytes(n, CLASSES, b) + model.kernel_bytes(min(m, 1000), n)
         checkpoint = (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
         return data + block + checkpoint
     n = spec.training.n_train
