@@ -16,6 +16,7 @@ from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
 from ntkrun.linalg import empty_checked
 from ntkrun.network import hidden_widths
 
+TRAINING_COPIES = 3  # per activation number in a forward/backward pass through autograd (measured)
 PAIR_FLOPS = 60  # per pixel pair and layer besides the patch sums: expectations, square roots, products
 
 
@@ -120,11 +121,11 @@ class CNNArchitecture(Architecture):
         return self._params(width, n_out) * b + max(largest, self._params(width, n_out) // self.depth) * 8
 
     def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
-        """About six copies of every layer's activations (alpha, h, their gradients and autograd's
-        saved tensors), as the MLP's estimate counts."""
+        """TRAINING_COPIES copies of every layer's activations: h and alpha kept by autograd,
+        their gradients in the backward pass (tests/robustness/test_resources.py measures it)."""
         c = self.channels(width)
         numbers = sum(ch * h * w for ch, (h, w) in zip(c, self.sizes(), strict=True)) + n_out
-        return 6 * n * numbers * b
+        return int(TRAINING_COPIES * n * numbers * b)
 
     def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
         features = min(2 * n_out * self._params(width, n_out) * (n1 + n2) * b, DEFAULT_MEMORY_BUDGET)
