@@ -46,6 +46,15 @@ class Architecture(ABC):
         """(N, n0) flattened points (or already shaped ones) -> (N, *input_shape)."""
         return X.reshape(X.shape[0], *self.input_shape)
 
+    def check_kernel(self, kind: str) -> None:
+        """ValueError unless `kind` names a limit this description gives: "ntk" or "nngp", in the
+        NTK parametrization (the standard parametrization's limit grows with the width: its
+        kernels are `ntkrun.analytic_kernels(..., parametrization="standard", widths=...)`)."""
+        if kind not in ("ntk", "nngp"):
+            raise ValueError(f"kind must be one of ntk, nngp, got {kind!r}")
+        if self.parametrization != "ntk":
+            raise ValueError(f"the {self.parametrization} parametrization has no width-independent limit")
+
     def gd_flops(self, n: int, width: int, n_out: int = 1) -> float:
         """One full-batch GD step on n inputs: the forward pass, then the backward pass (about
         twice its FLOPs: the deltas and the weight gradients)."""

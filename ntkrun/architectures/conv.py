@@ -69,6 +69,7 @@ class CNNArchitecture(Architecture):
         out: torch.Tensor | None = None,
         rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        self.check_kernel(kind)
         X = self.inputs(X)
         X2 = None if X2 is None else self.inputs(X2)
         n1 = X.shape[0]

@@ -70,6 +70,7 @@ class MLPArchitecture(Architecture):
         out: torch.Tensor | None = None,
         rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        self.check_kernel(kind)
         return analytic_kernel(
             self.inputs(X), None if X2 is None else self.inputs(X2), self.depth, self.nonlinearity,
             self.beta, kind=kind, out_dtype=out_dtype, out=out, rows=rows,
