@@ -148,3 +148,17 @@ def test_a_cnn_runs_through_pca(digits, tmp_path, kernel):
         K = analytic_kernels(X.reshape(32, 1, 28, 28), depth=3, arch="cnn")[1]
         top = float(np.linalg.eigvalsh(K.numpy() / 32)[-1])
         assert eig["lambda_dense"][0] == pytest.approx(top, rel=1e-10)
+
+
+def test_units_are_listed_without_the_data_their_costs_unknown(tmp_path):
+    """The costs need the images' shape (the IDX header): without the data the units are still
+    listed, their cost 'unknown', never a guessed 784 pixels; with the data they are FLOP counts."""
+    listing = CliRunner().invoke(app, [*tiny(tmp_path / "nothing", tmp_path / "out"), "--list-units"])
+    assert listing.exit_code == 0, listing.output
+    assert "reference                unknown" in listing.stdout
+    assert "2 unit(s) of unknown cost (their data were not found" in listing.stdout
+    data = tmp_path / "digits"
+    data.mkdir()
+    write_split(data, n=80)
+    listing = CliRunner().invoke(app, [*tiny(data, tmp_path / "out"), "--list-units"])
+    assert listing.exit_code == 0 and "unknown" not in listing.stdout and "GFLOP" in listing.stdout

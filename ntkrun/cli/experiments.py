@@ -4,6 +4,7 @@ experiment records: each record's flags become options that set spec keys."""
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -171,8 +172,15 @@ def print_units(plan: orchestrate.Plan) -> None:
     )
     for row in table.itertuples(index=False):
         stage = " (stage 0: before the others)" if row.stage == 0 else ""
-        say(f"{row.index:>5}  {row.unit:<24} {row.gflop:>10.3g} GFLOP  ~{_duration(row.seconds)}{stage}")
-    say(f"total: {table['gflop'].sum():.3g} GFLOP, ~{_duration(table['seconds'].sum())} in one process")
+        cost = "unknown" if math.isnan(row.gflop) else f"{row.gflop:>10.3g} GFLOP  ~{_duration(row.seconds)}"
+        say(f"{row.index:>5}  {row.unit:<24} {cost}{stage}")
+    unknown = int(table["gflop"].isna().sum())
+    if unknown:  # the costs need the input shape, from the data's headers
+        known = table["gflop"].sum()
+        say(f"total: {known:.3g} GFLOP and {unknown} unit(s) of unknown cost (their data were not found: "
+            "the costs need the images' shape; --check says why)")  # fmt: skip
+    else:
+        say(f"total: {table['gflop'].sum():.3g} GFLOP, ~{_duration(table['seconds'].sum())} in one process")
 
 
 def _duration(seconds: float) -> str:
