@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -492,3 +495,36 @@ def test_empirical_ntk_of_a_cnn_holds_no_autograd_graph():
     net = CNN(1, 4, 3, image_size=4)
     theta = empirical_ntk(net, images(3, 1, 4, 5).float())
     assert not theta.requires_grad and theta.grad_fn is None
+
+
+LEAK = """
+import torch
+from ntkrun.kernels.cnn import cnn_kernels
+
+def status(field):  # kB -> bytes, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+X = torch.rand(24, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+cnn_kernels(X[:2], depth=3, readout="gap")  # warm-up: the allocator, the masks
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the kernel's high-water mark of the resident set
+base = status("VmRSS")
+cnn_kernels(X, depth=3, readout="gap")
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM)")
+def test_the_gap_gram_holds_a_bounded_set_of_tile_buffers():
+    """The 300 tiles of a 24-image GAP Gram (one image pair each, 16x16: 65536 pixel pairs) reuse
+    at most LIVE_COPIES buffers of a shape: the peak the Gram adds stays within twice that bound
+    (12.6 MB; measured 6.5 MB), where an unbounded buffer pool kept every tile's maps (73 MB for
+    16 images, growing with the tiles, 24 GB on a 50-image Fashion-MNIST Gram)."""
+    from ntkrun.kernels.cnn import LIVE_COPIES, TILE_NUMBERS
+
+    out = subprocess.run([sys.executable, "-c", LEAK], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    bound = LIVE_COPIES * 8 * max(TILE_NUMBERS, 256**2)
+    assert int(out.stdout.split()[-1]) < 2 * bound

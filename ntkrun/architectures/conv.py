@@ -122,11 +122,14 @@ class CNNArchitecture(Architecture):
         return self._params(width, n_out) * b + max(largest, self._params(width, n_out) // self.depth) * 8
 
     def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
-        """TRAINING_COPIES copies of every layer's activations: h and alpha kept by autograd,
-        their gradients in the backward pass (tests/robustness/test_resources.py measures it)."""
-        c = self.channels(width)
-        numbers = sum(ch * h * w for ch, (h, w) in zip(c, self.sizes(), strict=True)) + n_out
-        return int(TRAINING_COPIES * n * numbers * b)
+        """TRAINING_COPIES copies of every layer's activations (h and alpha kept by autograd, their
+        gradients in the backward pass) and the padded input of each convolution, which autograd
+        keeps too (tests/robustness/test_resources.py measures it)."""
+        c, sizes = self.channels(width), self.sizes()
+        numbers = sum(ch * h * w for ch, (h, w) in zip(c, sizes, strict=True)) + n_out
+        pad = 0 if self.padding == "valid" else 2 * (self.kernel_size // 2)
+        padded = sum(ch * (h + pad) * (w + pad) for ch, (h, w) in zip(c[:-1], sizes[:-1], strict=True))
+        return int((TRAINING_COPIES * numbers + padded) * n * b)  # + each conv's padded input, kept
 
     def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
         features = min(2 * n_out * self._params(width, n_out) * (n1 + n2) * b, DEFAULT_MEMORY_BUDGET)

@@ -61,9 +61,14 @@ class _Pool:
         return stack.pop() if stack else torch.empty(shape, dtype=like.dtype, device=like.device)
 
     def put(self, *ts: torch.Tensor | None) -> None:
+        """Keep tensors for reuse, at most LIVE_COPIES of a shape: tensors made outside the pool
+        (a tile's input Gram, the expectations) are put back too, and without the bound every
+        tile would leave one more behind (the pool grew by a tile's maps per tile)."""
         for t in ts:
             if t is not None and t.is_contiguous():
-                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+                stack = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+                if len(stack) < LIVE_COPIES:
+                    stack.append(t)
 
     def mask(
         self, spatial: tuple[int, ...], dims: tuple[int, ...], o: int, like: torch.Tensor

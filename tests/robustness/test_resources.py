@@ -66,7 +66,7 @@ def test_memory_estimate_matches_the_measured_peak(experiment, unit, sets):
     the unit, minus the resident set then, in a fresh process; on the CPU) is
     within [0.6, 1.05] of the estimate. Measured, 15 runs each: 0.71-0.88 (allocator outcomes
     vary) for the 2000-point GD step, 0.75-0.82 in float64, 0.75-0.83 for the kernels; the CNNs,
-    2 runs each: 0.81-0.82 and 0.81-0.87. Above
+    2 runs each: 0.73 and 0.78. Above
     1 is an underestimate, which could let a spec through that does not fit: 5% is all the room
     left there. Below 1 is an overestimate, which only refuses specs a little early."""
     out = subprocess.run(
