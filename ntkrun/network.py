@@ -187,9 +187,11 @@ def gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torc
     """One full-batch gradient-descent step on C = 1/(2N) sum (f - y)^2; returns C before the step.
 
     X: (N, ...) inputs of `net`, y: (N,) or (N, k). Every parameter p moves by -lr dC/dp: an
-    `ntkrun.MLP` by its hand-written backward pass (`mlp_gd_step`, faster: benchmarks/bench_gd.py),
-    any other network through autograd (`autograd_gd_step`); tests/test_network.py checks that
-    the two agree on the MLP to 1e-12 in float64.
+    `ntkrun.MLP` by its hand-written backward pass (`mlp_gd_step`: as fast as autograd,
+    benchmarks/bench_gd.py 0.94-1.05, but with no gradient buffer, a second copy of every weight,
+    and the bit-identical results of earlier runs), any other network through autograd
+    (`autograd_gd_step`); tests/test_network.py checks that the two agree on the MLP to 1e-12 in
+    float64.
     """
     if isinstance(net, MLP):
         return mlp_gd_step(net, X, y, lr)
