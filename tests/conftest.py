@@ -1,9 +1,22 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
 
 from ntkrun.network import MLP
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tests of tiny tensors or small blocks make thousands of
+    tiny BLAS calls, and on a shared, loaded machine each one with 2 OpenMP threads can wait
+    ~10 ms for a descheduled thread (2 s instead of 14 ms measured in tests/test_linalg.py).
+    A module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def jacobian_ntk(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None, per_layer: bool = False):

@@ -24,13 +24,7 @@ PADDINGS = ("same", "valid", "circular")
 READOUTS = ("flatten", "gap")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int, c: int, h: int, seed: int) -> torch.Tensor:

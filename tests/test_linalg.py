@@ -12,15 +12,7 @@ from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels
 from ntkrun.linalg import cho_solve_inplace_, cholesky_inplace_, kernel_solve_, restore_lower_, solve_bytes
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small blocks mean thousands of tiny BLAS calls; on a shared, loaded machine each one with
-    2 OpenMP threads can wait ~10 ms for a descheduled thread (2 s instead of 14 ms here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gram(n: int, rank: int, seed: int, shift: float = 1.0) -> torch.Tensor:
