@@ -53,9 +53,10 @@ class TrainNet:
 
 @dataclass(frozen=True)
 class KernelFit:
-    """A limiting kernel's predictor (kind "ntk" or "nngp") fitted on the first n_train points."""
+    """Limiting kernels' predictors (e.g. ("ntk",), or ("ntk", "nngp") of one recursion) fitted on
+    the first n_train points."""
 
-    kind: str
+    predictors: tuple[str, ...]
     n_train: int
 
 

@@ -83,10 +83,21 @@ def test_nets_approach_the_ntk_predictor_as_width_grows(images, tmp_path):
     assert len(distance) == 9 and (distance["dist_t"] > 0).all()
 
 
-def test_a_killed_kernel_unit_resumes_from_its_gram_blocks(images, tmp_path):
+@pytest.mark.parametrize(
+    ("sets", "unit"),
+    [
+        (["predictors=[ntk]", "data.n_train=[100]"], "ntk_n100"),
+        # the CNN's ntk and nngp share one unit (one recursion): each checkpoint part holds both blocks
+        (
+            ["network.arch=cnn", "network.depth=2", "predictors=[ntk, nngp]", "data.n_train=[80]"],
+            "ntk+nngp_n80",
+        ),
+    ],
+)
+def test_a_killed_kernel_unit_resumes_from_its_gram_blocks(images, tmp_path, sets, unit):
     """SIGKILL right after the second Gram block is checkpointed; `resume` reads the saved
     blocks, and every CSV equals an uninterrupted run's."""
-    sets = ["predictors=[ntk]", "data.n_train=[100]", "data.n_test=40", "kernels.checkpoint_rows=32"]
+    sets = [*sets, "data.n_test=40", "kernels.checkpoint_rows=32"]
     args = ["generalization", "--preset", "quick", "--data-dir", str(images), "-o", str(tmp_path / "killed"),
             "--quiet", "--set", "device=cpu", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     proc = launch("checkpoint", 2, "SIGKILL", tmp_path / "killed.marker", args)
@@ -94,7 +105,7 @@ def test_a_killed_kernel_unit_resumes_from_its_gram_blocks(images, tmp_path):
     assert proc.returncode == -signal.SIGKILL, err
     (partial,) = (tmp_path / "killed" / "generalization").glob(".*.partial")
     assert sorted(p.name for p in (partial / "units").glob("*.ckpt.*")) == [
-        "ntk_n100.ckpt.rows0.pt", "ntk_n100.ckpt.rows32.pt"]  # fmt: skip
+        f"{unit}.ckpt.rows0.pt", f"{unit}.ckpt.rows32.pt"]  # fmt: skip
     result = CliRunner().invoke(app, ["resume", str(partial), "--quiet"])
     assert result.exit_code == 0, result.output
     resumed = tmp_path / "killed" / "generalization" / "latest"
@@ -223,6 +234,30 @@ def test_cnn_kernel_predictors_equal_a_dense_solve_on_its_own_kernels(images, tm
             pred = Kt @ np.linalg.solve(K + noise * np.eye(n), Y)
             assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
             assert row["test_accuracy"] == (pred.argmax(1) == yt.numpy()).mean()
+
+
+def test_a_cnns_ntk_and_nngp_share_a_unit_and_give_the_rows_of_separate_runs(images, tmp_path):
+    """One recursion gives the CNN's Sigma and Theta, so `ntk` and `nngp` are one unit per N_train
+    (the MLP baseline's stay one each: its Grams are cheap and large); its rows equal, byte for
+    byte, those of runs that ask for each predictor alone."""
+    sets = (*CNN_SETS, "data.n_train=[20, 30]", "data.n_test=12")
+    listed = CliRunner().invoke(app, ["generalization", "--preset", "quick", "--data-dir", str(images),
+                                      "--list-units", "--set", "predictors=[ntk, nngp, mlp_ntk, mlp_nngp]",
+                                      *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+    assert listed.exit_code == 0, listed.output
+    names = [line.split()[1] for line in listed.output.splitlines() if line.startswith("  ")]
+    assert names == ["ntk+nngp_n20", "ntk+nngp_n30", "mlp_ntk_n20", "mlp_ntk_n30", "mlp_nngp_n20",
+                     "mlp_nngp_n30"], listed.output  # fmt: skip
+    tables = {}
+    for predictors in ("[ntk, nngp]", "[ntk]", "[nngp]"):
+        out = tmp_path / predictors.strip("[]").replace(", ", "-")
+        result = run(images, out, *sets, f"predictors={predictors}")
+        assert result.exit_code == 0, result.output
+        tables[predictors] = pd.read_csv(out / "generalization" / "latest" / "accuracy.csv", dtype=str)
+    alone = pd.concat([tables["[ntk]"], tables["[nngp]"]]).sort_values(
+        ["predictor", "n_train"], kind="stable"
+    )
+    pd.testing.assert_frame_equal(tables["[ntk, nngp]"], alone.reset_index(drop=True))
 
 
 def test_trained_cnns_approach_the_cntk_predictor_as_channels_grow(images, tmp_path):

@@ -5,6 +5,7 @@ An experiment never asks which network it runs: it asks the description, built f
 
     net(width, seed, ...)            the finite nn.Module, (N, *input_shape) -> (N,) or (N, k)
     kernel(X, X2, kind, ...)         Sigma(L) ("nngp") or Theta(L) ("ntk") of the limit, row-blockable
+    kernels(X, X2, kinds, ...)       several of them, in one recursion where JOINT_KERNELS
     forward_flops / ntk_flops /      what --list-units, the progress bars and the memory refusals use
     kernel_flops / *_bytes
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,6 +38,11 @@ class Architecture(ABC):
     parametrization: str = "ntk"
 
     name: ClassVar[str]
+    JOINT_KERNELS: ClassVar[bool] = False
+    """True where one recursion gives Sigma and Theta together and costs what one of them costs, so
+    a run that wants both asks `kernels` once (the CNN, whose pixel-pair recursion is the cost);
+    False where each is cheap next to its solve and two Grams would not fit beside each other
+    (the MLP, on all 60000 points)."""
 
     @property
     def n0(self) -> int:
@@ -80,6 +87,24 @@ class Architecture(ABC):
         """Theta(L) (kind "ntk") or Sigma(L) ("nngp") on (N1, n0) x (N2, n0) points -> (N1, N2),
         as `ntkrun.kernels.analytic.analytic_kernel` (rows=(r0, r1) of a symmetric Gram fills the
         upper triangle and the diagonal of those rows; `ntkrun.linalg.mirror_` completes it)."""
+
+    def kernels(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kinds: Sequence[str],
+        out_dtype: torch.dtype = torch.float64,
+        outs: Sequence[torch.Tensor | None] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> list[torch.Tensor]:
+        """`kernel` of each of `kinds`, into the matching `outs` where given (one recursion for all of
+        them where JOINT_KERNELS; here, one call each)."""
+        outs = outs if outs is not None else [None] * len(kinds)
+        return [
+            self.kernel(X, X2, kind=kind, out_dtype=out_dtype, out=out, rows=rows)
+            for kind, out in zip(kinds, outs, strict=True)
+        ]
 
     @abstractmethod
     def forward_flops(self, width: int, n_out: int = 1) -> float:

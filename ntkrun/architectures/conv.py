@@ -3,6 +3,7 @@ its finite network, its limiting kernels (`ntkrun.kernels.cnn`, docs/science.md 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import ClassVar
@@ -28,6 +29,7 @@ class CNNArchitecture(Architecture):
     padding: str = "same"
     readout: str = "flatten"
     name: ClassVar[str] = "cnn"
+    JOINT_KERNELS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_geometry(self.kernel_size, self.padding, self.readout, self.depth)
@@ -51,13 +53,13 @@ class CNNArchitecture(Architecture):
         )  # fmt: skip
 
     def _kernels(
-        self, X: torch.Tensor, X2: torch.Tensor | None, kind: str, out_dtype: torch.dtype
-    ) -> torch.Tensor:
+        self, X: torch.Tensor, X2: torch.Tensor | None, kinds: Sequence[str], out_dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         sigma, theta = cnn_kernels(
             X, X2, self.depth, self.nonlinearity, self.beta, kernel_size=self.kernel_size,
             padding=self.padding, readout=self.readout, out_dtype=out_dtype,
         )  # fmt: skip
-        return theta if kind == "ntk" else sigma
+        return [theta if kind == "ntk" else sigma for kind in kinds]
 
     def kernel(
         self,
@@ -69,23 +71,45 @@ class CNNArchitecture(Architecture):
         out: torch.Tensor | None = None,
         rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        self.check_kernel(kind)
+        return self.kernels(X, X2, kinds=(kind,), out_dtype=out_dtype, outs=(out,), rows=rows)[0]
+
+    def kernels(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kinds: Sequence[str],
+        out_dtype: torch.dtype = torch.float64,
+        outs: Sequence[torch.Tensor | None] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Sigma and Theta come out of one recursion (`cnn_kernels`): asking for both costs one."""
+        for kind in kinds:
+            self.check_kernel(kind)
         X = self.inputs(X)
         X2 = None if X2 is None else self.inputs(X2)
         n1 = X.shape[0]
         n2 = n1 if X2 is None else X2.shape[0]
         r0, r1 = rows or (0, n1)
-        if out is None:
-            (out,) = empty_checked([(n1, n2)], out_dtype, "cpu", "the CNN kernel")
+        outs = list(outs) if outs is not None else [None] * len(kinds)
+        for i, out in enumerate(outs):
+            if out is None:
+                (outs[i],) = empty_checked([(n1, n2)], out_dtype, "cpu", "the CNN kernel")
+
+        def fill(rows_: slice, cols: slice, parts: list[torch.Tensor]) -> None:
+            for out, part in zip(outs, parts, strict=True):
+                out[rows_, cols] = part
+
+        every = slice(None)
         if X2 is not None:
-            out[r0:r1] = self._kernels(X[r0:r1], X2, kind, out_dtype)
+            fill(slice(r0, r1), every, self._kernels(X[r0:r1], X2, kinds, out_dtype))
         elif rows is None:
-            out[:] = self._kernels(X, None, kind, out_dtype)
+            fill(every, every, self._kernels(X, None, kinds, out_dtype))
         else:  # the upper triangle of rows r0 .. r1: their symmetric block, then the columns after it
-            out[r0:r1, r0:r1] = self._kernels(X[r0:r1], None, kind, out_dtype)
+            fill(slice(r0, r1), slice(r0, r1), self._kernels(X[r0:r1], None, kinds, out_dtype))
             if r1 < n1:
-                out[r0:r1, r1:] = self._kernels(X[r0:r1], X[r1:], kind, out_dtype)
-        return out
+                fill(slice(r0, r1), slice(r1, None), self._kernels(X[r0:r1], X[r1:], kinds, out_dtype))
+        return outs
 
     def forward_flops(self, width: int, n_out: int = 1) -> float:
         c, k = self.channels(width), self.kernel_size

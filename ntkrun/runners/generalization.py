@@ -1,7 +1,8 @@
 """`ntkrun generalization` (docs/science.md §5.5): test accuracy of the infinite-width predictors
 against trained finite networks on a whole image dataset, as a learning curve in N_train.
 
-Units: one per (kernel, N_train), computing the limiting kernel's Gram on the first N_train
+Units: one per (kernel, N_train) (ntk and nngp together where one recursion gives both, as for
+the CNN), computing the limiting kernel's Gram on the first N_train
 training points (float64 row blocks stored in `kernels.dtype`; a large Gram checkpoints its row
 blocks), solving (K + ridge I) alpha = Y in place by a blocked Cholesky and predicting the test
 split; `reference`, the NTK predictor on the networks' training set at t = inf and at the nets'
@@ -23,10 +24,11 @@ from pydantic import BeforeValidator, Field, model_validator
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
+from ntkrun.architectures.registry import ARCHITECTURES
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
-from ntkrun.linalg import empty_checked, kernel_solve_, mirror_, solve_bytes
+from ntkrun.linalg import kernel_solve_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -40,6 +42,7 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.grams import checkpointed_grams
 from ntkrun.spec import (
     Model,
     NetworkSpec,
@@ -227,41 +230,32 @@ def kernel_of(spec: GenSpec, predictor: str) -> tuple[Architecture, str]:
     return arch(spec), predictor
 
 
-def gram(
-    spec: GenSpec,
-    ctx: UnitContext,
-    name: str,
-    predictor: str,
-    X: torch.Tensor,
-    progress: Progress,
-) -> torch.Tensor:
-    """Theta or Sigma on X (N, n0) -> (N, N) in the Gram dtype, row block by row block; a Gram of
-    more than one block saves each block as a checkpoint part, so a killed unit resumes there."""
-    n, rows = X.shape[0], spec.kernels.checkpoint_rows
-    description, kind = kernel_of(spec, predictor)
-    (K,) = empty_checked([(n, n)], gram_dtype(spec, n), "cpu", f"{name}: the Gram")
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        part = f"rows{r0}"
-        saved = ctx.load_checkpoint(name, part) if n > rows else None  # None if of another spec or data
-        if saved is not None and saved["block"].shape == (r1 - r0, n - r0):
-            K[r0:r1, r0:] = saved["block"]
-            LOG.info("%s: Gram rows %d-%d from their checkpoint", name, r0, r1)
-        else:
-            description.kernel(X, None, kind=kind, out_dtype=K.dtype, out=K, rows=(r0, r1))
-            if n > rows:
-                ctx.save_checkpoint(name, {"block": K[r0:r1, r0:].clone()}, part)
-        cost = description.kernel_flops(r1 - r0, n - (r0 + r1) / 2)  # the upper triangle
-        progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
-    mirror_(K, to_lower=True)
-    return K
+def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
+    """The kernel predictors each kernel unit fits: `ntk` and `nngp` of one description whose
+    recursion gives both at once (Architecture.JOINT_KERNELS: the CNN) share a unit, so its Grams
+    on the training and the test points are computed once; any other is a unit of its own."""
+    wanted = [k for k in KERNEL_KINDS if k in spec.predictors]
+    groups: list[tuple[str, ...]] = []
+    for baseline in (False, True):
+        family = tuple(k for k in wanted if k.startswith("mlp_") == baseline)
+        joint = (MLPArchitecture if baseline else ARCHITECTURES[spec.network.arch]).JOINT_KERNELS
+        groups.extend([family] if joint and len(family) > 1 else [(k,) for k in family])
+    return groups
+
+
+def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:
+    """ntk_n500 for one predictor (as every earlier run named it), ntk+nngp_n500 for a pair."""
+    return f"{'+'.join(predictors)}_n{n}"
 
 
 def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    predictor, n = unit.work.kind, unit.work.n_train
-    description, kind = kernel_of(spec, predictor)
+    """Each of the unit's predictors fitted on the first n_train points and scored on the test
+    split: one row per predictor."""
+    predictors, n = unit.work.predictors, unit.work.n_train
+    description, kinds = kernel_of(spec, predictors[0])[0], [kernel_of(spec, p)[1] for p in predictors]
     X, labels, Xt, labels_t = dataset(spec, n)
-    K = gram(spec, ctx, unit.name, predictor, X, progress)
+    rows, dtype = spec.kernels.checkpoint_rows, gram_dtype(spec, n)
+    Ks = checkpointed_grams(description, kinds, X, dtype, rows, ctx, unit.name, progress)
     solve_cost, reported = n**3 / 3, [0]
 
     def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
@@ -270,28 +264,37 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
         progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
         reported[0] = done
 
-    relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
-    alpha, ridge, notes = kernel_solve_(K, targets(spec, labels), ridge=relative, progress=solved)
+    alphas, ridges, notes = [], [], []
+    for kind in kinds:
+        relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
+        reported[0] = 0
+        Y = targets(spec, labels)
+        alpha, ridge, solve_notes = kernel_solve_(Ks[0], Y, ridge=relative, progress=solved)
+        del Ks[0]  # solved in place: its memory goes before the next one's solve
+        alphas.append(alpha.double())
+        ridges.append(ridge)
+        notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solve_notes)
     for note in notes:
         LOG.warning("%s: %s", unit.name, note)
-    del K
-    pred = torch.cat(
-        [
-            description.kernel(Xt[c : c + 1000], X, kind=kind) @ alpha.double()
-            for c in range(0, Xt.shape[0], 1000)
-        ]
-    )
-    row = {
-        "predictor": predictor,
-        "n_train": n,
-        "width": math.nan,
-        "seed": -1,
-        **scores(spec, pred, labels_t),
-    }
-    row["ridge"] = ridge
-    row["gram_dtype"] = str(gram_dtype(spec, n)).removeprefix("torch.")
-    LOG.info("%s", row)
-    return {"rows": pack([row]), "notes": notes}
+    preds: list[list[torch.Tensor]] = [[] for _ in kinds]
+    for c in range(0, Xt.shape[0], 1000):
+        k_tests = description.kernels(Xt[c : c + 1000], X, kinds=kinds)
+        for pred, k_test, alpha in zip(preds, k_tests, alphas, strict=True):
+            pred.append(k_test @ alpha)
+    out = []
+    for predictor, pred, ridge in zip(predictors, preds, ridges, strict=True):
+        row = {
+            "predictor": predictor,
+            "n_train": n,
+            "width": math.nan,
+            "seed": -1,
+            **scores(spec, torch.cat(pred), labels_t),
+        }
+        row["ridge"] = ridge
+        row["gram_dtype"] = str(gram_dtype(spec, n)).removeprefix("torch.")
+        LOG.info("%s", row)
+        out.append(row)
+    return {"rows": pack(out), "notes": notes}
 
 
 def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
@@ -359,11 +362,11 @@ def units(spec: GenSpec) -> list[Unit]:
     """Kernel units (kind, N_train), then `reference` and the (width, seed) networks."""
     description, m = cost_model(spec), spec.data.n_test or 10000
     out = []
-    for kind in (k for k in KERNEL_KINDS if k in spec.predictors):
-        model = cost_model(spec, kind)
+    for predictors in kernel_groups(spec):
+        model = cost_model(spec, predictors[0])
         for n in spec.data.n_train:
-            cost = model.kernel_flops(n, n) / 2 + n**3 / 3 + model.kernel_flops(m, n)
-            out.append(Unit(f"{kind}_n{n}", cost, KernelFit(kind, n)))
+            cost = model.kernel_flops(n, n) / 2 + len(predictors) * n**3 / 3 + model.kernel_flops(m, n)
+            out.append(Unit(kernel_unit_name(predictors, n), cost, KernelFit(predictors, n)))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
         ref_cost = description.kernel_flops(n + m, n) + eigen_flops(n)
@@ -391,10 +394,11 @@ def memory(spec: GenSpec, unit: Unit) -> int:
     n0, images = description.n0, split_info(folder, "train").count + split_info(folder, "test").count
     data = images * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
     if isinstance(unit.work, KernelFit):
-        n, model = unit.work.n_train, kernel_of(spec, unit.work.kind)[0]
-        b = torch.empty((), dtype=gram_dtype(spec, n)).element_size()
-        block = n * n * b + solve_bytes(n, CLASSES, b) + model.kernel_bytes(min(m, 1000), n)
-        checkpoint = (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
+        n, k = unit.work.n_train, len(unit.work.predictors)
+        model, b = kernel_of(spec, unit.work.predictors[0])[0], gram_dtype(spec, n).itemsize
+        test = model.kernel_bytes(min(m, 1000), n) + (k - 1) * min(m, 1000) * n * 8  # a block per kind
+        block = k * n * n * b + solve_bytes(n, CLASSES, b) + test
+        checkpoint = k * (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
         return data + block + checkpoint
     n = spec.training.n_train
     if isinstance(unit.work, Reference):
