@@ -5,8 +5,8 @@ from one batched forward pass and one batched backward pass of the deltas delta(
 (the samples are independent, so the gradient of sum_i f(x_i) with respect to the batch's
 pre-activations holds every sample's own delta):
 
-    conv layer l:  dW(l) = sum_p delta(l)_p patch_p(alpha(l-1))^T / sqrt(C k^2)   (a batched matmul
-                   of the deltas with the unfolded patches),   db(l) = beta sum_p delta(l)_p
+    conv layer l:  dW(l) = sum_p delta(l)_p patch_p(alpha(l-1))^T / sqrt(C k^2)   (the samples as
+                   the groups of one grouped convolution's weight gradient),   db(l) = beta sum_p delta(l)_p
     dense layer:   dW(L) = r(alpha(L-1)) / sqrt(fan_in),       db(L) = beta
 
 (standard parametrization: without the 1/sqrt(fan_in) and beta factors) and Theta(x, x') =
@@ -42,6 +42,23 @@ def _prepare(cnn: CNN, X: torch.Tensor, name: str) -> torch.Tensor:
     return X
 
 
+def conv_weight_gradients(delta: torch.Tensor, padded: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample gradients of a stride-1 k x k convolution's weight: delta (N, O, H', W') at its
+    output, its padded input (N, C, H' + k - 1, W' + k - 1) -> (N, O, C, k, k), dW[i, o, c, u, v] =
+    sum_p delta[i, o, p] input[i, c, p + (u, v)].
+
+    The N samples as N groups of one convolution (input (1, N C, ...), weight (N O, C, k, k)): its
+    weight gradient is every sample's own, in one call of the convolution's backward kernel (what
+    torch.func's batching rule does). No k^2-fold patch matrix (unfold) is formed: measured 3-6x
+    faster than unfold + bmm at N 64, 32 channels, 28 x 28 (float32 and float64, CPU)."""
+    n, o, h, w = delta.shape
+    c = padded.shape[1]
+    grouped = functional.grad.conv2d_weight(
+        padded.reshape(1, n * c, *padded.shape[2:]), (n * o, c, k, k), delta.reshape(1, n * o, h, w), groups=n
+    )
+    return grouped.view(n, o, c, k, k)
+
+
 def gradient_features(cnn: CNN, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X (N, C, H, W) -> (G, r): G (k, N, P_conv), the per-sample gradients of each output with
     respect to the convolutions' weights and biases (in layer order), and r (N, fan_in), the
@@ -65,16 +82,12 @@ def gradient_features(cnn: CNN, X: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         scale = 1.0 if cnn.standard else 1.0 / math.sqrt(cnn.fan_ins[-1])
         out = feats @ weights[-1].t() * scale  # the bias does not affect the deltas
         rows = []
-        k_size = cnn.kernel_size
-        patches = [  # (N, H_l W_l, C_l k^2) per conv layer
-            functional.unfold(pad_image(acts[l].detach(), k_size, cnn.padding), k_size).transpose(1, 2)
-            for l in range(len(pres))
-        ]
+        padded = [pad_image(acts[l].detach(), cnn.kernel_size, cnn.padding) for l in range(len(pres))]
         for o in range(k):
             deltas = torch.autograd.grad(out[:, o].sum(), pres, retain_graph=o < k - 1) if pres else []
             parts = []
             for l, delta in enumerate(deltas):
-                dW = torch.bmm(delta.flatten(2), patches[l]).flatten(1)  # (N, C_(l+1) C_l k^2)
+                dW = conv_weight_gradients(delta, padded[l], cnn.kernel_size).flatten(1)  # (N, O C k^2)
                 db = delta.sum((2, 3))
                 if not cnn.standard:
                     dW, db = dW * (1.0 / math.sqrt(cnn.fan_ins[l])), db * cnn.beta
