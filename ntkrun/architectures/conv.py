@@ -12,12 +12,16 @@ import torch
 
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.cnn import CNN, check_geometry, forward_flops, image_sizes
-from ntkrun.kernels.cnn import LIVE_COPIES, TILE_NUMBERS, cnn_kernels
+from ntkrun.kernels.cnn import TILE_NUMBERS, cnn_kernels
 from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
 from ntkrun.linalg import empty_checked
 from ntkrun.network import hidden_widths
 
 TRAINING_COPIES = 3  # per activation number in a forward/backward pass through autograd (measured)
+# tile-sized intermediates at the kernels' peak: the pool's buffers, the patch sums' 0/1 masks,
+# rolls and expectations in flight. Measured (VmHWM, benchmarks-style, 7 geometries: same/valid/
+# circular, flatten/gap, depths 3-4): 10-21 copies; 24 keeps the estimate above every one of them
+PEAK_COPIES = 24
 PAIR_FLOPS = 60  # per pixel pair and layer besides the patch sums: expectations, square roots, products
 
 
@@ -137,8 +141,10 @@ class CNNArchitecture(Architecture):
         return n1 * n2 * (2.0 * self.input_shape[0] * self._pairs() + self.depth * per_layer)
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
-        # Sigma and Theta in float64 (one is returned), and the live intermediates of one tile
-        return 2 * n1 * n2 * 8 + LIVE_COPIES * 8 * max(TILE_NUMBERS, self._pairs())
+        """Sigma and Theta (and the output they are copied into), the per-layer variances of both
+        sets of inputs, and PEAK_COPIES tile intermediates."""
+        variances = (n1 + n2) * sum(h * w for h, w in self.sizes()[1:])
+        return 8 * (3 * n1 * n2 + variances + PEAK_COPIES * max(TILE_NUMBERS, self._pairs()))
 
     def network_bytes(self, width: int, n_out: int, b: int) -> int:
         c = self.channels(width)

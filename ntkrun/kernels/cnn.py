@@ -61,14 +61,14 @@ class _Pool:
         return stack.pop() if stack else torch.empty(shape, dtype=like.dtype, device=like.device)
 
     def put(self, *ts: torch.Tensor | None) -> None:
-        """Keep tensors for reuse, at most LIVE_COPIES of a shape: tensors made outside the pool
-        (a tile's input Gram, the expectations) are put back too, and without the bound every
-        tile would leave one more behind (the pool grew by a tile's maps per tile)."""
+        """Keep tensors for reuse, at most LIVE_COPIES in all (of every shape): tensors made outside
+        the pool (a tile's input Gram, the expectations) are put back too, and without the bound
+        every tile would leave one more behind (the pool grew by a tile's maps per tile); a bound
+        per shape would let "valid" padding, whose maps shrink layer by layer, keep that many of
+        each layer's shape."""
         for t in ts:
-            if t is not None and t.is_contiguous():
-                stack = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
-                if len(stack) < LIVE_COPIES:
-                    stack.append(t)
+            if t is not None and t.is_contiguous() and sum(map(len, self.free.values())) < LIVE_COPIES:
+                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     def mask(
         self, spatial: tuple[int, ...], dims: tuple[int, ...], o: int, like: torch.Tensor
@@ -289,19 +289,32 @@ class _Recursion:
     def variances(self, X: torch.Tensor) -> list[torch.Tensor]:
         """Sigma(l)_pp(x, x) for l = 1 .. L-1: (N, H_l, W_l) each, by the same-position recursion
         with correlation exactly 1 (sxy = sxx = syy, s = sqrt(sxx syy))."""
-        A, TA, c, out = (X * X).sum(1) / X.shape[1], None, 1.0, []
-        for l in range(self.depth - 1):
-            sigma, theta = self.conv(l, A, TA, c, False)
-            out.append(sigma)  # kept: never handed back to the pool
-            A, TA, c = self.act(sigma.clone(), theta, sigma, sigma, False)
-        self.pool.put(A, TA)
+        step = max(1, TILE_NUMBERS // math.prod(X.shape[2:]))  # inputs per chunk, as the Gram's tiles
+        out: list[torch.Tensor] = []
+        for i, x in zip(range(0, X.shape[0], step), X.split(step), strict=True):
+            A, TA, c = (x * x).sum(1) / X.shape[1], None, 1.0
+            for l in range(self.depth - 1):
+                sigma, theta = self.conv(l, A, TA, c, False)
+                if i == 0:
+                    out.append(sigma.new_empty((X.shape[0], *sigma.shape[1:])))
+                v = out[l][i : i + len(x)]
+                v.copy_(sigma)
+                A, TA, c = self.act(sigma, theta, v, v, False)  # sigma consumed; its copy v only read
+            self.pool.put(A, TA)
+        self.pool.free.clear()  # buffers of the chunks' shape: the tiles' come next
         return out
 
     def self_kernels(self, X: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(Sigma(L)(x, x), Theta(L)(x, x)) per input (N,), exactly (correlation 1 on same pixels)."""
         c0 = X.shape[1]
-        if not self.pairs:
-            return self.run((X * X).sum(1) / c0, v, v, False, exact=True)
+        if not self.pairs:  # chunks of about TILE_NUMBERS numbers per map, as the Gram's tiles
+            step = max(1, TILE_NUMBERS // math.prod(X.shape[2:]))
+            parts = [
+                self.run((x * x).sum(1) / c0, [u[i : i + step] for u in v], [u[i : i + step] for u in v],
+                         False, exact=True)
+                for i, x in zip(range(0, X.shape[0], step), X.split(step), strict=True)
+            ]  # fmt: skip
+            return torch.cat([s for s, _ in parts]), torch.cat([t for _, t in parts])
         parts: list[list[torch.Tensor]] = [[], []]
         for i in range(X.shape[0]):  # one self pair at a time: (H W)^2 numbers each
             A0 = torch.einsum("chw,cab->hwab", X[i], X[i])[None] / c0
@@ -425,6 +438,7 @@ def cnn_kernels(
         if progress is not None:
             progress(done, len(tiles))
     if symmetric:
+        rec.pool.free.clear()  # the tiles' buffers go before the self pairs' (of another shape) come
         s, t = rec.self_kernels(X, v1)
         index = torch.arange(n1, device=X.device)
         sigma_out[index, index], theta_out[index, index] = s.to(out_dtype), t.to(out_dtype)
