@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from ntkrun.atomic import atomic_write
 
@@ -243,6 +244,9 @@ def generalization_figure(
                 label=f"net, width {w:g}",
             )
         ax.set_xscale("log")
+        sizes = sorted({int(n) for n in accuracy["n_train"]})  # labelled where the points are, not 10^k
+        ax.set_xticks(sizes, [f"{n:d}" for n in sizes], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training points N_train")
         ax.set_ylabel("test accuracy")
         ax.set_title("(a) learning curves", fontsize=9)
