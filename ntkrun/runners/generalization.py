@@ -264,11 +264,10 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
         progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
         reported[0] = done
 
-    alphas, ridges, notes = [], [], []
+    alphas, ridges, notes, Y = [], [], [], targets(spec, labels)
     for kind in kinds:
         relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
         reported[0] = 0
-        Y = targets(spec, labels)
         alpha, ridge, solve_notes = kernel_solve_(Ks[0], Y, ridge=relative, progress=solved)
         del Ks[0]  # solved in place: its memory goes before the next one's solve
         alphas.append(alpha.double())
@@ -289,9 +288,9 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
             "width": math.nan,
             "seed": -1,
             **scores(spec, torch.cat(pred), labels_t),
+            "ridge": ridge,
+            "gram_dtype": str(dtype).removeprefix("torch."),
         }
-        row["ridge"] = ridge
-        row["gram_dtype"] = str(gram_dtype(spec, n)).removeprefix("torch.")
         LOG.info("%s", row)
         out.append(row)
     return {"rows": pack(out), "notes": notes}
