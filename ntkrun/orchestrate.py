@@ -32,6 +32,7 @@ from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
 from ntkrun.rundir import RunDir, is_complete, open_run
 from ntkrun.runners.common import resolve_device
 from ntkrun.spec import Override, RunSpec, spec_hash
+from ntkrun.sweep import MAX_POINTS, Sweep, check_size
 from ntkrun.units import (
     aggregate_once,
     check_memory,
@@ -42,6 +43,7 @@ from ntkrun.units import (
     identity,
     maybe_finish,
     preflight,
+    runner,
     units,
 )
 from ntkrun.work import Progress, Unit
@@ -56,6 +58,8 @@ class Request:
     config: Path | None = None
     sets: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)  # from flags
+    sweeps: list[str] = field(default_factory=list)  # --sweep KEY=V1,V2: a grid over spec keys
+    max_points: int = MAX_POINTS  # refuse a larger grid (a typo in --sweep should not submit 10^4 jobs)
     output_root: Path | None = None
     unit_keys: list[str] = field(default_factory=list)  # --unit: compute only these into run_dir
     run_dir: Path | None = None  # a shared run directory
@@ -87,9 +91,16 @@ def resolve(req: Request) -> RunSpec:
     """The validated spec of the request. For a resume, the run's spec.yaml, where only the
     executor block may change. Raises SpecError."""
     if req.resume is None:
-        return experiments.spec_of(
-            req.experiment, preset=req.preset, config=req.config, sets=req.sets, overrides=req.overrides
+        spec = experiments.spec_of(
+            req.experiment,
+            preset=req.preset,
+            config=req.config,
+            sets=req.sets,
+            overrides=req.overrides,
+            sweeps=req.sweeps,
         )
+        check_size(spec, req.max_points)
+        return spec
     if is_complete(req.resume):
         raise SpecError(f"{req.resume}: run is complete, nothing to resume")
     saved = experiments.load_run_spec(req.resume)
@@ -141,10 +152,12 @@ def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
 def unit_table(p: Plan) -> pd.DataFrame:
     """Index, name, stage, estimated GFLOP and seconds at this machine's matmul rate, per unit."""
     rate = matmul_rate()
+    readers = Sweep(runner(p.spec).module).grid(p.spec).readers if p.spec.sweep else {}
     rows = [
-        {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.cost / 1e9, "seconds": u.cost / rate}
+        {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.cost / 1e9, "seconds": u.cost / rate,
+         "shared": ", ".join(readers.get(u.name, [])[1:])}
         for i, u in enumerate(p.units)
-    ]
+    ]  # fmt: skip
     table = pd.DataFrame(rows)
     table.attrs["gflops"] = rate / 1e9
     return table
@@ -332,13 +345,28 @@ class Status:
     complete: bool
     aggregator: str | None  # who holds the aggregation lock
     runner: str | None  # who holds the RUNNING lock
+    points: pd.DataFrame | None = None  # a sweep's points: point, values, units done of the units it reads
 
 
 def status(run_dir: Path) -> Status:
-    """Per unit: done / running / pending / failed / not started, with SLURM job ids."""
+    """Per unit: done / running / pending / failed / not started, with SLURM job ids; for a sweep,
+    per point too (points x units)."""
     spec = experiments.load_run_spec(run_dir)
     run = RunDir.shared(run_dir, spec, recorded(run_dir, spec))
     complete = is_complete(run.path)
     aggregator = None if complete else lock_holder(run.path / AGGREGATE_LOCK, STALE_LOCK_S, remove=False)
-    runner = None if complete else lock_holder(run.path / RUNNING, remove=False)
-    return Status(unit_status(spec, run), complete, aggregator, runner)
+    holder = None if complete else lock_holder(run.path / RUNNING, remove=False)
+    table = unit_status(spec, run)
+    return Status(table, complete, aggregator, holder, point_status(spec, table) if spec.sweep else None)
+
+
+def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:
+    """Per point of a sweep: its swept values and how many of the units it reads are done."""
+    grid = Sweep(runner(spec).module).grid(spec)
+    state = dict(zip(table["unit"], table["state"], strict=True))
+    rows = []
+    for point in grid.points:
+        reads = [name for (index, _), name in grid.owner.items() if index == point.index]
+        done = sum(state.get(name) == "done" for name in reads)
+        rows.append({"point": point.name, "values": point.label, "done": f"{done}/{len(reads)}"})
+    return pd.DataFrame(rows)

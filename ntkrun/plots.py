@@ -291,3 +291,4 @@ def generalization_figure(
 def _legend(ax: plt.Axes) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=7)
+

@@ -137,6 +137,8 @@ class RunSpec(Model):
     dtype: Literal["float32", "float64"] = "float32"
     output: str = "outputs"  # root directory of run directories
     executor: ExecutorSpec = ExecutorSpec()
+    # a grid over spec keys, one run: {dotted key: [values]}, every combination (ntkrun.sweep)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
 
     @property
     def seed_values(self) -> range:
@@ -267,6 +269,40 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
     return path, value
 
 
+# Keys a sweep may not vary: those that change no result (executor, data.dir, output) or name the run.
+UNSWEPT = (("executor",), ("data", "dir"), ("output",), ("experiment",), ("sweep",))
+
+
+def parse_sweep(item: str) -> tuple[str, list[Any]]:
+    """'a.b=V1,V2,...' -> ('a.b', [V1, V2, ...]), each value parsed as --set parses one (a list in
+    brackets: 'network.width=[100,200],[500]')."""
+    key, _, raw = item.partition("=")
+    try:
+        path, values = parse_set(f"{key}=[{raw}]")
+    except SpecError:
+        raise SpecError(f"--sweep {item}: expected KEY.PATH=V1,V2,... (lists in brackets)") from None
+    if not values:
+        raise SpecError(f"--sweep {item}: no values (expected KEY.PATH=V1,V2,...)")
+    return ".".join(path), values
+
+
+def _check_sweep(layers: Layers, sets: list[tuple[tuple[str, ...], str]]) -> None:
+    """A swept key that is also --set, or one a sweep may not vary, is one line naming both."""
+    sweep = layers.data.get("sweep")
+    for key in sweep if isinstance(sweep, dict) else ():
+        path = tuple(str(key).split("."))
+        source = layers.source_of(("sweep", str(key)))
+        for fixed in UNSWEPT:
+            if path[: len(fixed)] == fixed:
+                why = "changes no result or names the run"
+                raise SpecError(f"{source}: sweep: {key}: cannot be swept ({'.'.join(fixed)} {why})")
+        for set_path, flag in sets:
+            n = min(len(path), len(set_path))
+            if path[:n] == set_path[:n]:
+                given = ".".join(set_path)
+                raise SpecError(f"{flag}: sets {given}, which {source} sweeps ({key}); give it in one place")
+
+
 def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     for key in reversed(path):
         value = {key: value}
@@ -307,8 +343,10 @@ def load_spec(
     config: Path | None = None,
     sets: list[str] | tuple[str, ...] = (),
     overrides: list[Override] | tuple[Override, ...] = (),
+    sweeps: list[str] | tuple[str, ...] = (),
 ) -> RunSpec:
-    """Resolve and validate a spec of `model`: defaults <- preset <- config <- --set <- flags.
+    """Resolve and validate a spec of `model`: defaults <- preset <- config <- --set <- flags, and
+    `--sweep KEY=V1,V2` entries into its `sweep` block (a grid: ntkrun.sweep).
 
     With neither preset nor config the first of DEFAULT_PRESETS that the experiment has is used
     (`paper` for the paper's experiments). Raises SpecError.
@@ -323,11 +361,18 @@ def load_spec(
         layers.merge(read_yaml(presets[name]), f"preset {name} ({presets[name]})")
     if config is not None:
         layers.merge(read_yaml(config), str(config))
+    fixed: list[tuple[tuple[str, ...], str]] = []
     for item in sets:
         path, value = parse_set(item)
         layers.merge(_nest(path, value), f"--set {item}")
+        fixed.append((path, f"--set {item}"))
     for path, value, flag in overrides:
         layers.merge(_nest(path, value), flag)
+        fixed.append((path, flag))
+    for item in sweeps:
+        key, values = parse_sweep(item)
+        layers.merge({"sweep": {key: values}}, f"--sweep {item}")
+    _check_sweep(layers, fixed)
     exp = layers.data.get("experiment", experiment)
     if exp != experiment:
         source = layers.source_of(("experiment",))
@@ -339,8 +384,24 @@ def load_spec(
 
 
 def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    """The fully resolved spec as plain data (what spec.yaml holds)."""
-    return spec.model_dump(mode="json")
+    """The fully resolved spec as plain data (what spec.yaml holds; `sweep` only where there is one)."""
+    data = spec.model_dump(mode="json")
+    if not data.get("sweep", True):
+        del data["sweep"]
+    return data
+
+
+def with_values(spec: RunSpec, values: dict[str, Any], source: str) -> RunSpec:
+    """The spec with each dotted key of `values` set, and no sweep: one point of a sweep
+    (ntkrun.sweep). Raises SpecError naming `source` and the key."""
+    layers, data = Layers(), spec_dict(spec)
+    layers.merge({k: v for k, v in data.items() if k != "sweep"}, "the spec")
+    for key, value in values.items():
+        layers.merge(_nest(tuple(key.split(".")), value), source)
+    try:
+        return type(spec).model_validate(layers.data)
+    except ValidationError as err:
+        raise SpecError(_format_error(err.errors()[0], layers, type(spec))) from None
 
 
 # What identifies a run's results (docs/architecture.md, "Run identity"). A spec's identity is its
@@ -366,6 +427,8 @@ def spec_identity(data: dict[str, Any]) -> dict[str, Any]:
     for block, key, default in _NEWER_FIELDS:
         if isinstance(data.get(block), dict) and data[block].get(key, default) == default:
             data[block].pop(key, None)
+    if not data.get("sweep", True):  # no sweep: a plain run, whose identity predates the field
+        data.pop("sweep")
     return data
 
 

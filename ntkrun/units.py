@@ -24,6 +24,7 @@ from ntkrun.errors import (
     ExecutorError,
     IncompleteRunError,
     LockedError,
+    NtkrunError,
     NumericalError,
     ResourceError,
     SpecError,
@@ -33,13 +34,16 @@ from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import check_range, resolve_device
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
+from ntkrun.sweep import Sweep
 from ntkrun.work import NoProgress, Progress, Unit
 
 LOG = logging.getLogger("ntkrun")
 
 
 def runner(spec: RunSpec) -> Any:
-    return experiments.get(spec.experiment).module
+    """The experiment's runner module, or for a sweep the Sweep over it (the same interface)."""
+    module = experiments.get(spec.experiment).module
+    return Sweep(module) if spec.sweep else module
 
 
 def units(spec: RunSpec) -> list[Unit]:
@@ -74,7 +78,15 @@ def identity(spec: RunSpec) -> Identity:
 
 def preflight(spec: RunSpec) -> None:
     """Checks that need more than the spec's schema, run before any run directory exists: the
-    kernels' numerical range, and the experiment's own (e.g. its data files against the spec)."""
+    kernels' numerical range, and the experiment's own (e.g. its data files against the spec); for a
+    sweep, of every point (the error names the point)."""
+    if spec.sweep:
+        for point in Sweep(runner(spec).module).grid(spec).points:
+            try:
+                preflight(point.spec)
+            except NtkrunError as err:
+                raise type(err)(f"sweep point {point.name} ({point.label}): {err}", err.exit_code) from None
+        return
     check_range(spec)
     supported = getattr(runner(spec), "PARAMETRIZATIONS", ("ntk",))
     chosen = spec.network.parametrization  # type: ignore[attr-defined]

@@ -60,7 +60,15 @@ class KernelFit:
     n_train: int
 
 
-Work = Reference | TrainNet | KernelFit
+@dataclass(frozen=True)
+class PointWork:
+    """A unit of one point of a sweep (ntkrun.sweep): that point's own unit, run with its spec."""
+
+    point: int  # the point's index in the grid
+    unit: Unit
+
+
+Work = Reference | TrainNet | KernelFit | PointWork
 
 
 @dataclass(frozen=True)
@@ -74,4 +82,6 @@ class Unit:
     @property
     def stage(self) -> int:
         """0 for the Reference the others read (it runs first), else 1."""
+        if isinstance(self.work, PointWork):
+            return self.work.unit.stage
         return 0 if isinstance(self.work, Reference) else 1

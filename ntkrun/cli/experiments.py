@@ -23,7 +23,9 @@ SPEC_SOURCES = [
     ("preset", str | None, ("--preset", "-p"), "Preset name (see `ntkrun presets`).", None),
     ("config", Path | None, ("--config", "-c"), "YAML spec file (overlays the preset).", None),
     ("set_", list[str] | None, ("--set", "-s"), "Override: KEY.PATH=VALUE (repeatable).", None),
-]
+    ("sweep", list[str] | None, ("--sweep",), "Sweep: KEY.PATH=V1,V2,... (repeatable; the grid of all "
+     "of them is one run; lists in brackets).", None),
+]  # fmt: skip
 RUN_OPTIONS = [
     ("output_root", Path | None, ("--output-root", "-o"), "Root of run directories.", None),
     ("quiet", bool, ("--quiet", "-q"), "No progress bar or table.", False),
@@ -37,6 +39,7 @@ RUN_OPTIONS = [
     ("check", bool, ("--check",), "Validate the spec, data and memory estimate, print a summary, "
      "run nothing.", False),
     ("force", bool, ("--force",), "Run even if the memory estimate exceeds what is available.", False),
+    ("max_points", int, ("--max-points",), "Refuse a sweep of more points than this.", 256),
 ]  # fmt: skip
 RESUMABLE = {"set_", "quiet", "wait", "force"}
 
@@ -94,6 +97,8 @@ def run_command(record: Experiment) -> Any:
             config=values["config"],
             sets=values["set_"] or [],
             overrides=_overrides(record.all_flags, values),
+            sweeps=values["sweep"] or [],
+            max_points=values["max_points"],
             output_root=values["output_root"],
             unit_keys=values["unit"] or [],
             run_dir=values["run_dir"],
@@ -143,8 +148,11 @@ def run(request: orchestrate.Request, quiet: bool, list_units: bool = False, che
         return print_units(plan)
     if check:
         spec = plan.spec
+        grid = f" over {math.prod(len(v) for v in spec.sweep.values())} sweep points" if spec.sweep else ""
+        flop = sum(u.cost for u in plan.units)
+        cost = f"{flop / 1e9:.3g} GFLOP" if math.isfinite(flop) else "cost unknown"
         return say(
-            f"spec ok: {spec.experiment}, hash {spec_hash(spec)}, {len(plan.units)} units, "
+            f"spec ok: {spec.experiment}, hash {spec_hash(spec)}, {len(plan.units)} units{grid} ({cost}), "
             f"executor {spec.executor.kind}; memory {plan.memory}"
         )
     progress = RichProgress(enabled=not quiet)
@@ -172,8 +180,9 @@ def print_units(plan: orchestrate.Plan) -> None:
     )
     for row in table.itertuples(index=False):
         stage = " (stage 0: before the others)" if row.stage == 0 else ""
+        shared = f" (shared: read by {row.shared} too)" if row.shared else ""
         cost = "unknown" if math.isnan(row.gflop) else f"{row.gflop:>10.3g} GFLOP  ~{_duration(row.seconds)}"
-        say(f"{row.index:>5}  {row.unit:<24} {cost}{stage}")
+        say(f"{row.index:>5}  {row.unit:<24} {cost}{stage}{shared}")
     unknown = int(table["gflop"].isna().sum())
     if unknown:  # the costs need the input shape, from the data's headers
         known = table["gflop"].sum()

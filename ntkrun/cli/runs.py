@@ -26,6 +26,8 @@ def status(run_dir: RunDirArg) -> None:
 def print_status(run_dir: Path) -> None:
     found = heavy("ntkrun.orchestrate").status(run_dir)
     out.print(frame_table(found.table, f"units of {run_dir}"))
+    if found.points is not None:
+        out.print(frame_table(found.points, f"points of the sweep ({len(found.points)})"))
     counts = found.table["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in counts.index)
     state = (

@@ -49,6 +49,9 @@ from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 ARCHS = ("mlp", "cnn")
+# In a sweep, the reference (the kernel and its components) is computed once for points that differ
+# only in keys it does not read (ntkrun.sweep): the networks' widths, seeds and training.
+SHARED = {Reference: ("network.width", "seeds", "base_seed", "training")}
 
 
 class PCADataSpec(Model):
