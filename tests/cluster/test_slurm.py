@@ -111,6 +111,27 @@ def test_sweep_through_slurm_equals_a_local_run(cluster, local_run, tmp_path):
     assert status.stdout.count("job ") >= 4  # every unit ran as an array task
 
 
+def test_a_sweep_through_slurm_equals_the_same_sweep_run_here(cluster, tmp_path):
+    """A 2-point sweep (depth 2, 3) is one submission of all its 8 units as one array; the last job
+    aggregates every point and the run's tables, byte for byte those of the sweep run inline."""
+    sweep = ["--sweep", "network.depth=2,3"]
+    here = CliRunner().invoke(app, [*TINY, *sweep, "--output-root", str(tmp_path / "here")])
+    assert here.exit_code == 0, here.output
+    reference = run_dir_of(here.stdout.replace("\n", ""))
+    result = ntkrun(cluster, *TINY, *sweep, *SLURM, "--wait", "--output-root", tmp_path / "slurm")
+    assert result.returncode == 0, result.stderr
+    assert "submitted 8 unit(s) as SLURM job(s)" in result.stdout
+    run = run_dir_of(result.stdout)
+    for name in [*CSVS, "points.csv"]:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    for point in ("p00", "p01"):
+        for name in CSVS:
+            ours, theirs = run / "points" / point / name, reference / "points" / point / name
+            assert ours.read_bytes() == theirs.read_bytes(), (point, name)
+    status = ntkrun(cluster, "status", run)
+    assert "8 units: 8 done; run complete" in status.stdout and "points of the sweep (2)" in status.stdout
+
+
 def test_a_cancelled_job_is_resubmitted_by_resume(cluster, local_run, tmp_path):
     """Unit w32_s0 (array task 2) is held inside its first GD step (tests/faults.py, armed in that
     task only through fault_site/sitecustomize.py) until the test has cancelled it: whatever the
