@@ -19,19 +19,23 @@ def _point_labels(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
     return parts[0].str.cat(parts[1:], sep=", ") if len(parts) > 1 else parts[0]
 
 
-def _sweep_axis(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.Series, str, list | None]:
+def _sweep_axis(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.Series, str, list]:
     """The x of each row for a plot against the swept key: its value where one numeric key is swept,
-    else the point's position (with its label as the tick). -> (x, axis label, ticks or None)."""
+    else the point's position (with its label as the tick). -> (x, axis label, the ticks)."""
     if len(keys) == 1 and pd.api.types.is_numeric_dtype(frame[keys[0]]):
-        return frame[keys[0]].astype(float), keys[0], None
+        return frame[keys[0]].astype(float), keys[0], sorted(set(frame[keys[0]]))
     labels = _point_labels(frame, keys)
     order = list(dict.fromkeys(labels))
     return labels.map(order.index).astype(float), ", ".join(keys), order
 
 
-def _set_sweep_ticks(ax: plt.Axes, ticks: list | None) -> None:
-    if ticks is not None:
+def _set_sweep_ticks(ax: plt.Axes, ticks: list) -> None:
+    """Ticks at the swept values (numbers), or at the points' positions with their labels."""
+    if all(isinstance(t, str) for t in ticks):
         ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
+    else:
+        ax.set_xticks([float(t) for t in ticks], [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _point_colors(labels: pd.Series) -> dict[str, tuple]:
@@ -41,12 +45,15 @@ def _point_colors(labels: pd.Series) -> dict[str, tuple]:
 
 def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Figure) -> None:
     """Per metric: the fitted slope with its interval (top) and the constant C of C n^slope
-    (bottom) against the swept key, a line per depth of the points."""
+    (bottom) against the swept key: a line per depth where the points have several, else one line
+    across the points (a sweep over depth)."""
     fits = tables["fits.csv"]
     x, label, ticks = _sweep_axis(fits, keys)
     fits = fits.assign(_x=x)
     metrics = list(plots.SCALING_TITLES)
     axes = fig.subplots(2, len(metrics), sharex=True)
+    if fits.groupby(keys)["depth"].nunique().max() == 1:
+        fits = fits.assign(depth=0)  # one depth per point: one line across them
     depths = sorted(fits["depth"].unique())
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
     for j, metric in enumerate(metrics):
@@ -54,7 +61,7 @@ def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Fi
         for depth in depths:
             g = fits[(fits["metric"] == metric) & (fits["depth"] == depth)].sort_values("_x")
             err = [g["slope"] - g["ci_low"], g["ci_high"] - g["slope"]]
-            name = f"L = {depth}" if len(depths) > 1 else "slope, 95% interval"
+            name = f"L = {depth}" if len(depths) > 1 else "fitted slope, 95% bootstrap interval"
             top.errorbar(
                 g["_x"], g["slope"], yerr=err, fmt="o-", ms=3.5, capsize=2, color=colors[depth], label=name
             )
