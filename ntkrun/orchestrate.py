@@ -32,7 +32,7 @@ from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
 from ntkrun.rundir import RunDir, is_complete, open_run
 from ntkrun.runners.common import resolve_device
 from ntkrun.spec import Override, RunSpec, spec_hash
-from ntkrun.sweep import MAX_POINTS, Sweep, check_size
+from ntkrun.sweep import MAX_POINTS, check_size
 from ntkrun.units import (
     aggregate_once,
     check_memory,
@@ -152,7 +152,7 @@ def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
 def unit_table(p: Plan) -> pd.DataFrame:
     """Index, name, stage, estimated GFLOP and seconds at this machine's matmul rate, per unit."""
     rate = matmul_rate()
-    readers = Sweep(runner(p.spec).module).grid(p.spec).readers if p.spec.sweep else {}
+    readers = runner(p.spec).grid(p.spec).readers if p.spec.sweep else {}
     rows = [
         {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.cost / 1e9, "seconds": u.cost / rate,
          "shared": ", ".join(readers.get(u.name, [])[1:])}
@@ -362,7 +362,7 @@ def status(run_dir: Path) -> Status:
 
 def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:
     """Per point of a sweep: its swept values and how many of the units it reads are done."""
-    grid = Sweep(runner(spec).module).grid(spec)
+    grid = runner(spec).grid(spec)
     state = dict(zip(table["unit"], table["state"], strict=True))
     rows = []
     for point in grid.points:

@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from ntkrun import plots
@@ -44,20 +45,22 @@ def _point_colors(labels: pd.Series) -> dict[str, tuple]:
 
 
 def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Figure) -> None:
-    """Per metric: the fitted slope with its interval (top) and the constant C of C n^slope
-    (bottom) against the swept key: a line per depth where the points have several, else one line
-    across the points (a sweep over depth)."""
-    fits = tables["fits.csv"]
+    """Per metric, against the swept key: the fitted slope in width with its interval (top), and
+    the constant at the reference rate, C = geometric mean over widths and seeds of metric x
+    n^-slope_ref (bottom; a free fit's intercept moves with its slope). A line per depth where the
+    points have several, else one line across the points (a sweep over depth)."""
+    fits, table = tables["fits.csv"], tables["scaling.csv"]
     x, label, ticks = _sweep_axis(fits, keys)
-    fits = fits.assign(_x=x)
+    fits, table = fits.assign(_x=x), table.assign(_x=_sweep_axis(table, keys)[0])
+    if fits.groupby(keys)["depth"].nunique().max() == 1:  # one depth per point: one line across them
+        fits, table = fits.assign(depth=0), table.assign(depth=0)
     metrics = list(plots.SCALING_TITLES)
     axes = fig.subplots(2, len(metrics), sharex=True)
-    if fits.groupby(keys)["depth"].nunique().max() == 1:
-        fits = fits.assign(depth=0)  # one depth per point: one line across them
     depths = sorted(fits["depth"].unique())
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
     for j, metric in enumerate(metrics):
         top, bottom = axes[0][j], axes[1][j]
+        ref = fits[fits["metric"] == metric]["reference_slope"].iloc[0]
         for depth in depths:
             g = fits[(fits["metric"] == metric) & (fits["depth"] == depth)].sort_values("_x")
             err = [g["slope"] - g["ci_low"], g["ci_high"] - g["slope"]]
@@ -65,13 +68,14 @@ def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Fi
             top.errorbar(
                 g["_x"], g["slope"], yerr=err, fmt="o-", ms=3.5, capsize=2, color=colors[depth], label=name
             )
-            bottom.plot(g["_x"], np.exp(g["intercept"]), "o-", ms=3.5, color=colors[depth])
-        ref = fits[fits["metric"] == metric]["reference_slope"].iloc[0]
+            rows = table[table["depth"] == depth]
+            log_c = (np.log(rows[metric]) - ref * np.log(rows["width"])).groupby(rows["_x"]).mean()
+            bottom.plot(log_c.index, np.exp(log_c), "o-", ms=3.5, color=colors[depth])
         top.axhline(ref, ls=":", color="gray", label=f"slope {ref:g} (reference)")
         top.set_title(plots.SCALING_TITLES[metric], fontsize=9)
         top.set_ylabel("slope in width")
         bottom.set_yscale("log")
-        bottom.set_ylabel("constant C of C n^slope")
+        bottom.set_ylabel(f"C = geomean of value x n^{-ref:g}")
         bottom.set_xlabel(label)
         _set_sweep_ticks(bottom, ticks)
         plots._legend(top)
@@ -79,8 +83,8 @@ def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Fi
 
 def _generalization_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Figure) -> None:
     """(a) learning curves, a colour per point and a line style per kernel predictor; (b) test accuracy
-    at the largest N_train against the swept key, a line per predictor (the nets: mean over seeds
-    at their widest width)."""
+    against the swept key, a line per kernel predictor and N_train (filled markers at the largest),
+    and the nets (mean +- std over seeds at their widest width)."""
     acc = tables["accuracy.csv"].assign(_point=lambda f: _point_labels(f, keys))
     colors = _point_colors(acc["_point"])
     styles = {"ntk": "-", "nngp": "--", "mlp_ntk": "-.", "mlp_nngp": ":", "ntk_t": ":"}
@@ -88,25 +92,31 @@ def _generalization_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig:
     kernels = acc[acc["predictor"].isin(["ntk", "nngp", "mlp_ntk", "mlp_nngp"])]
     for (point, kind), g in kernels.groupby(["_point", "predictor"], sort=False):
         g = g.sort_values("n_train")
-        ax_curve.plot(g["n_train"], g["test_accuracy"], "o" + styles[kind], ms=3, color=colors[point],
-                      label=f"{plots.KERNEL_STYLES[kind][1]}, {point}")  # fmt: skip
+        ax_curve.plot(g["n_train"], g["test_accuracy"], "o" + styles[kind], ms=3, color=colors[point])
     if len(kernels):
         ax_curve.set_xscale("log")
         sizes = sorted({int(n) for n in kernels["n_train"]})
         ax_curve.set_xticks(sizes, [f"{n:d}" for n in sizes], fontsize=7)
         ax_curve.xaxis.set_minor_formatter(NullFormatter())
+    # a legend entry per point (colour) and per predictor (line style), not per pair
+    handles = [Line2D([], [], color=c, marker="o", ms=3, label=p) for p, c in colors.items()]
+    handles += [Line2D([], [], color="gray", ls=styles[k], label=plots.KERNEL_STYLES[k][1])
+                for k in dict.fromkeys(kernels["predictor"])]  # fmt: skip
+    if handles:
+        ax_curve.legend(handles=handles, frameon=False, fontsize=7, ncol=2)
     ax_curve.set_xlabel("training points N_train")
     ax_curve.set_ylabel("test accuracy")
     ax_curve.set_title("(a) learning curves, a colour per point", fontsize=9)
-    plots._legend(ax_curve)
     x, label, ticks = _sweep_axis(acc, keys)
     acc = acc.assign(_x=x)
     for kind, (color, name) in plots.KERNEL_STYLES.items():
         g = acc[acc["predictor"] == kind]
-        if len(g):
-            top = g[g["n_train"] == g.groupby("_x")["n_train"].transform("max")].sort_values("_x")
-            ax_key.plot(top["_x"], top["test_accuracy"], "o" + styles[kind], color=color, ms=4,
-                        label=f"{name}, N_train = {int(top['n_train'].max())}")  # fmt: skip
+        largest = g["n_train"].max() if len(g) else None
+        for n, at in g.groupby("n_train"):
+            at = at.sort_values("_x")
+            face = color if n == largest else "white"
+            ax_key.plot(at["_x"], at["test_accuracy"], "o" + styles[kind], color=color, mfc=face, ms=4,
+                        alpha=1.0 if n == largest else 0.6, label=f"{name}, N_train = {int(n)}")  # fmt: skip
     nets = acc[acc["predictor"] == "net"]
     if len(nets):
         widest = nets[nets["width"] == nets.groupby("_x")["width"].transform("max")]

@@ -81,7 +81,7 @@ def preflight(spec: RunSpec) -> None:
     kernels' numerical range, and the experiment's own (e.g. its data files against the spec); for a
     sweep, of every point (the error names the point)."""
     if spec.sweep:
-        for point in Sweep(runner(spec).module).grid(spec).points:
+        for point in runner(spec).grid(spec).points:
             try:
                 preflight(point.spec)
             except NtkrunError as err:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from test_data import write_split
 from torch.func import functional_call, jacrev, vmap
 
 from ntkrun.network import MLP
@@ -17,6 +20,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A small labelled IDX dataset with both splits (random pixels, random labels)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_split(folder, n=120, split="train")
+    write_split(folder, n=60, split="t10k")
+    return folder
+
+
+@pytest.fixture
+def digits(tmp_path) -> Path:
+    """80 random test-split digits (IDX, gzipped)."""
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    write_split(folder, n=80)
+    return folder
 
 
 def jacobian_ntk(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None, per_layer: bool = False):

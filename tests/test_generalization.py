@@ -25,16 +25,6 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def images(tmp_path) -> Path:
-    """A small labelled IDX dataset with both splits (random pixels, random labels)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    write_split(folder, n=120, split="train")
-    write_split(folder, n=60, split="t10k")
-    return folder
-
-
 def run(folder: Path, out: Path, *sets: str, preset: str = "quick", extra: tuple[str, ...] = ()) -> CliRunner:
     args = ["generalization", "--preset", preset, "--data-dir", str(folder), "-o", str(out), "--quiet",
             "--set", "device=cpu", *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip

@@ -30,14 +30,6 @@ def runs(root: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name != "latest") if folder.exists() else []
 
 
-@pytest.fixture
-def digits(tmp_path) -> Path:
-    folder = tmp_path / "digits"
-    folder.mkdir()
-    write_split(folder, n=80)
-    return folder
-
-
 def test_tiny_run_outputs(digits, tmp_path):
     result = CliRunner().invoke(app, tiny(digits, tmp_path / "out"))
     assert result.exit_code == 0, result.output

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from faults import launch
-from test_data import write_split
 from typer.testing import CliRunner
 
 from ntkrun import load_run
@@ -140,15 +139,6 @@ def test_each_point_is_a_plain_run_byte_for_byte_and_the_tables_concatenate_them
     assert (run / "figure.png").is_file() and (run / "figure.pdf").is_file()
 
 
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    write_split(folder, n=120, split="train")
-    write_split(folder, n=60, split="t10k")
-    return folder
-
-
 def test_units_that_do_not_read_the_swept_key_are_computed_once(images, tmp_path):
     """generalization swept over training.lr: the kernel units read no training key, so the grid
     computes them once (said in --list-units) and both points read them; the second point's
@@ -208,14 +198,6 @@ def test_an_interrupted_sweep_resumes_to_the_same_bytes(tmp_path):
             assert (final / "points" / point / name).read_bytes() == (
                 reference / "points" / point / name
             ).read_bytes()
-
-
-@pytest.fixture
-def digits(tmp_path) -> Path:
-    folder = tmp_path / "digits"
-    folder.mkdir()
-    write_split(folder, n=40)
-    return folder
 
 
 def tiny_sweeps(digits: Path) -> dict[str, list[str]]:
