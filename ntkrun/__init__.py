@@ -23,6 +23,8 @@ _FACE = {
     "empirical_nngp": "ntkrun.kernels",
     "analytic_kernels": "ntkrun.kernels",
     "analytic_kernel": "ntkrun.kernels",
+    "monte_carlo_kernels": "ntkrun.kernels",
+    "MonteCarloKernels": "ntkrun.kernels",
     "eigen": "ntkrun.dynamics",
     "predictor": "ntkrun.dynamics",
     "gaussian_process": "ntkrun.dynamics",

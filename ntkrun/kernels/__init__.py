@@ -12,6 +12,7 @@ from ntkrun.kernels import analytic
 from ntkrun.kernels.analytic import analytic_kernel
 from ntkrun.kernels.cnn import cnn_kernels
 from ntkrun.kernels.empirical import empirical_nngp, empirical_ntk
+from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
 from ntkrun.nonlinearities import Nonlinearity
 
 ARCHS = ("mlp", "cnn")
@@ -47,4 +48,12 @@ def analytic_kernels(
     )
 
 
-__all__ = ["analytic_kernel", "analytic_kernels", "cnn_kernels", "empirical_nngp", "empirical_ntk"]
+__all__ = [
+    "MonteCarloKernels",
+    "analytic_kernel",
+    "analytic_kernels",
+    "cnn_kernels",
+    "empirical_nngp",
+    "empirical_ntk",
+    "monte_carlo_kernels",
+]
