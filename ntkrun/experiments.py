@@ -15,7 +15,8 @@ from types import ModuleType
 from typing import Any
 
 from ntkrun.errors import SpecError
-from ntkrun.spec import RunSpec, load_spec, presets_of, read_yaml
+from ntkrun.presets import presets_of
+from ntkrun.spec import RunSpec, load_spec, read_yaml
 
 
 @dataclass(frozen=True)

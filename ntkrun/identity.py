@@ -16,13 +16,15 @@ from ntkrun.errors import UnitSpecMismatchError
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 IDENTITY = "identity.json"
+MODEL_SOURCE = "model source "  # the key of a network.module's source file among the digests
 
 
 @dataclass(frozen=True)
 class Identity:
     """What makes two results the same (docs/architecture.md, "Run identity"): the spec's hash
     (ntkrun.spec.spec_hash: every key but those that change no result) and the content digest of
-    each data file the run reads (ntkrun.data.digests; none for generated inputs)."""
+    each data file the run reads (ntkrun.data.digests; none for generated inputs), and of the source
+    file of a network.module (keyed "model source <path>")."""
 
     spec_hash: str
     data: dict[str, str] = field(default_factory=dict)
@@ -47,6 +49,11 @@ class Identity:
         if theirs is None:
             return None
         for name in sorted(set(theirs) | set(self.data)):
+            if theirs.get(name) != self.data.get(name) and name.startswith(MODEL_SOURCE):
+                return (
+                    f"was computed by another version of the model: {name.removeprefix(MODEL_SOURCE)} had "
+                    f"digest {theirs.get(name)}, now {self.data.get(name)} (the file was edited since)"
+                )
             if theirs.get(name) != self.data.get(name):
                 return (
                     f"was computed on other data: {name} had digest {theirs.get(name)}, the data "

@@ -57,11 +57,18 @@ def convergence_figure(
             )
         for ax in (ax_all, ax_mean):
             ax.plot(limit["gamma"], limit["theta_inf"], color="black", lw=1.4, label=r"$\Theta^{(L)}_\infty$")
+            if "theta_inf_se" in limit:  # a Monte-Carlo limit: its +-2 standard errors
+                low, high = (
+                    limit["theta_inf"] - 2 * limit["theta_inf_se"],
+                    limit["theta_inf"] + 2 * limit["theta_inf_se"],
+                )
+                ax.fill_between(limit["gamma"], low, high, color="black", alpha=0.2, lw=0)
             ax.set_xlabel(r"$\gamma$")
             ax.set_xlim(-3.1416, 3.1416)
         handles = [plt.Line2D([], [], color=colors[w], label=f"n = {w}") for w in widths]
         handles += [plt.Line2D([], [], color="gray", ls=styles[s], label=f"t = {s * lr:g}") for s in steps]
-        handles += [plt.Line2D([], [], color="black", lw=1.4, label=r"limit $\Theta_\infty^{(L)}$")]
+        name = "Monte-Carlo limit +- 2 SE" if "theta_inf_se" in limit else r"limit $\Theta_\infty^{(L)}$"
+        handles += [plt.Line2D([], [], color="black", lw=1.4, label=name)]
         ax_all.legend(handles=handles, frameon=False, fontsize=8)
         ax_all.set_ylabel(r"$\Theta(x_0, x)$,  $x = (\cos\gamma, \sin\gamma)$")
         ax_all.set_title(f"{seeds} seeds per width")
@@ -291,4 +298,3 @@ def generalization_figure(
 def _legend(ax: plt.Axes) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=7)
-

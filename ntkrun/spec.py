@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ntkrun.errors import SpecError
+from ntkrun.presets import presets_of
 
 
 def as_list(value: Any) -> Any:
@@ -47,11 +47,18 @@ ARCH_NAMES = ("mlp", "cnn")
 PADDING_NAMES = ("same", "valid", "circular")
 READOUT_NAMES = ("flatten", "gap")
 CNN_KEYS = {"kernel_size": 3, "padding": "same", "readout": "flatten"}  # with their defaults
+MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # network.module: package.module:function
 
 
 def check_arch_keys(network: Any) -> Any:
     """A network block's architecture keys, together: the CNN's keys away from their defaults only
-    with arch cnn, and an odd kernel with 'same' or 'circular' padding. Raises ValueError."""
+    with arch cnn, and an odd kernel with 'same' or 'circular' padding; arch and module (the user's
+    own model, "package.module:function") exclusive. Raises ValueError."""
+    module = getattr(network, "module", None)
+    if module is not None and not MODULE_PATH.match(module):
+        raise ValueError(f"module: {module!r} is not of the form package.module:function")
+    if module is not None and network.arch != "mlp":
+        raise ValueError(f"arch and module are exclusive: arch {network.arch!r} is ntkrun's, module yours")
     if network.arch != "cnn":
         changed = [key for key, default in CNN_KEYS.items() if getattr(network, key) != default]
         if changed:
@@ -74,10 +81,18 @@ class NetworkSpec(Model):
     kernel_size: PositiveInt = 3  # cnn only: k x k convolutions, stride 1
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
     readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
+    module: str | None = None  # your own model, "package.module:function" (ntkrun.architectures.module)
 
     @model_validator(mode="after")
     def _cnn_keys(self) -> NetworkSpec:
         return check_arch_keys(self)
+
+
+class MonteCarloSpec(Model):
+    """The Monte-Carlo limit of a network.module (docs/science.md §10)."""
+
+    limit_width: PositiveInt | None = None  # its networks' width; default: the largest network.width
+    mc_samples: Annotated[int, Field(ge=2)] = 32  # networks averaged
 
 
 class TrainingSpec(Model):
@@ -144,27 +159,6 @@ class RunSpec(Model):
     def seed_values(self) -> range:
         """The seeds of the run: base_seed .. base_seed + seeds - 1."""
         return range(self.base_seed, self.base_seed + self.seeds)
-
-
-# --------------------------------------------------------------------------- presets
-
-
-def presets_root() -> Path:
-    return Path(str(resources.files("ntkrun"))) / "configs"
-
-
-def presets_of(experiment: str) -> dict[str, Path]:
-    """{preset name: path} of an experiment's preset files (configs/<experiment>/*.yaml)."""
-    folder = presets_root() / experiment
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
-
-
-def preset_description(path: Path) -> str:
-    """The first comment line of a preset file."""
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
 
 
 # --------------------------------------------------------------------------- loading
@@ -414,6 +408,9 @@ _NEWER_FIELDS = [
     ("network", "parametrization", "ntk"),
     ("network", "arch", "mlp"),
     *(("network", key, default) for key, default in CNN_KEYS.items()),
+    ("network", "module", None),
+    ("kernels", "limit_width", None),
+    ("kernels", "mc_samples", 32),
 ]
 
 
@@ -427,6 +424,8 @@ def spec_identity(data: dict[str, Any]) -> dict[str, Any]:
     for block, key, default in _NEWER_FIELDS:
         if isinstance(data.get(block), dict) and data[block].get(key, default) == default:
             data[block].pop(key, None)
+            if not data[block]:  # a block all of whose keys are newer, at their defaults
+                data.pop(block)
     if not data.get("sweep", True):  # no sweep: a plain run, whose identity predates the field
         data.pop("sweep")
     return data

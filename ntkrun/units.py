@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ntkrun import experiments, memory
+from ntkrun.architectures.module import accepted, load_factory, source_digest
 from ntkrun.data import digests
 from ntkrun.errors import (
     ExecutorError,
@@ -29,7 +30,7 @@ from ntkrun.errors import (
     ResourceError,
     SpecError,
 )
-from ntkrun.identity import Identity
+from ntkrun.identity import MODEL_SOURCE, Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import check_range, resolve_device
@@ -66,11 +67,28 @@ def find_unit(spec: RunSpec, key: str) -> Unit:
 
 
 def identity(spec: RunSpec) -> Identity:
-    """The identity of the spec's results: its hash and the content of the data files it reads
-    (the runner's `data_files(spec)`, if it reads any). Raises DataError if they cannot be read."""
+    """The identity of the spec's results: its hash, the content of the data files it reads (the
+    runner's `data_files(spec)`, if it reads any) and of a network.module's source file. Raises
+    DataError if they cannot be read, SpecError if the module cannot be imported."""
     files = getattr(runner(spec), "data_files", None)
     data = digests(files(spec)) if files is not None else {}
-    return Identity(spec_hash(spec), data, legacy_spec_hash(spec))
+    return Identity(spec_hash(spec), {**data, **model_sources(spec)}, legacy_spec_hash(spec))
+
+
+def model_sources(spec: RunSpec) -> dict[str, str]:
+    """{"model source <file>": its digest} of every network.module the spec (or its sweep) runs."""
+    found = {}
+    for point in runner(spec).grid(spec).points if spec.sweep else []:
+        found.update(model_sources(point.spec))
+    module = getattr(getattr(spec, "network", None), "module", None)
+    if module is not None:
+        try:
+            source = load_factory(module)[1]
+        except ValueError as err:
+            raise SpecError(f"network.module: {err}") from None
+        if source is not None:
+            found[f"{MODEL_SOURCE}{source}"] = source_digest(source)
+    return found
 
 
 # ---------------------------------------------------------------- before anything runs
@@ -86,8 +104,15 @@ def preflight(spec: RunSpec) -> None:
                 preflight(point.spec)
             except NtkrunError as err:
                 raise type(err)(f"sweep point {point.name} ({point.label}): {err}", err.exit_code) from None
+        check_swept_module(spec)
         return
-    check_range(spec)
+    module = getattr(spec.network, "module", None)  # type: ignore[attr-defined]
+    if module is not None and not getattr(runner(spec), "MODULES", False):
+        raise SpecError(
+            f"network.module: {spec.experiment} does not run a user's model yet (convergence does)"
+        )
+    if module is None:
+        check_range(spec)
     supported = getattr(runner(spec), "PARAMETRIZATIONS", ("ntk",))
     chosen = spec.network.parametrization  # type: ignore[attr-defined]
     if chosen not in supported:
@@ -106,6 +131,21 @@ def preflight(spec: RunSpec) -> None:
     check = getattr(runner(spec), "check", None)
     if check is not None:
         check(spec)
+
+
+def check_swept_module(spec: RunSpec) -> None:
+    """A sweep over network.depth or network.width of a model whose factory takes no such keyword
+    would run the same network at every point: refused."""
+    module = getattr(spec.network, "module", None)  # type: ignore[attr-defined]
+    swept = {key.split(".")[1] for key in spec.sweep if key in ("network.depth", "network.width")}
+    if module is None or not swept:
+        return
+    missing = sorted(set(swept) - set(accepted(load_factory(module)[0])))
+    if missing:
+        raise SpecError(
+            f"sweep: network.{missing[0]}: {module} takes no {missing[0]!r} parameter (it would build the "
+            "same network at every point)"
+        )
 
 
 def memory_estimate(spec: RunSpec, unit: Unit) -> int:
@@ -230,6 +270,11 @@ def finish(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     table = aggregate(spec, run)
     run.meta.setdefault("units", len(units(spec)))
     run.meta.setdefault("executor", spec.executor.kind)
+    models = {
+        k.removeprefix(MODEL_SOURCE): v for k, v in run.identity.data.items() if k.startswith(MODEL_SOURCE)
+    }
+    if models:  # provenance: which code made the run (network.module in spec.yaml, its file's digest here)
+        run.meta.setdefault("model_sources", models)
     run.finalize(str(resolve_device(spec.device)))
     return table
 

@@ -61,6 +61,15 @@ class KernelFit:
 
 
 @dataclass(frozen=True)
+class MonteCarloLimit:
+    """`count` of the networks (from the `start`-th) whose mean kernel is the limit of a user's model
+    (ntkrun.kernels.monte_carlo): a share of kernels.mc_samples, so that executors spread them."""
+
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
 class PointWork:
     """A unit of one point of a sweep (ntkrun.sweep): that point's own unit, run with its spec."""
 
@@ -68,7 +77,7 @@ class PointWork:
     unit: Unit
 
 
-Work = Reference | TrainNet | KernelFit | PointWork
+Work = Reference | TrainNet | KernelFit | MonteCarloLimit | PointWork
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ntkrun import CNN, MLP, analytic_kernels, empirical_ntk
-from ntkrun.kernels.monte_carlo import monte_carlo_kernels, output_covariance, z_scores
+from ntkrun.kernels.monte_carlo import chunks, combine, monte_carlo_kernels, output_covariance, z_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -103,3 +103,16 @@ def test_any_module_and_its_mistakes():
         monte_carlo_kernels(plain, X, n_samples=1)
     with pytest.raises(ValueError, match=r"output has shape \(5, 2, 1\)"):
         monte_carlo_kernels(lambda s: torch.nn.Sequential(plain(s), torch.nn.Unflatten(1, (2, 1))), X)
+
+
+def test_estimates_of_disjoint_seeds_combine_into_the_estimate_of_all():
+    X, factory = inputs(), mlp_factory(8, 3, "erf", n_out=2)
+    whole = monte_carlo_kernels(factory, X, n_samples=11, seed=4)
+    parts = [monte_carlo_kernels(factory, X, n_samples=c, seed=4 + s) for s, c in chunks(11, 4)]
+    assert [p.n_samples for p in parts] == [4, 4, 3]
+    both = combine(parts)
+    assert both.n_samples == 11
+    for a, b in ((both.ntk, whole.ntk), (both.ntk_stderr, whole.ntk_stderr), (both.nngp, whole.nngp),
+                 (both.nngp_stderr, whole.nngp_stderr)):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+    assert chunks(9, 8) == [(0, 9)] and chunks(32) == [(0, 8), (8, 8), (16, 8), (24, 8)]

@@ -12,7 +12,7 @@ from ntkrun.cli.experiments import report
 from ntkrun.cli.report import frame_table, heavy, out, reported, say
 from ntkrun.errors import IncompleteRunError, NtkrunError, SpecError
 from ntkrun.experiments import EXPERIMENTS, experiment_of
-from ntkrun.spec import preset_description
+from ntkrun.presets import preset_description
 
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory.")]
 

@@ -94,6 +94,32 @@ def monte_carlo_kernels(
     return MonteCarloKernels(nngp.mean, ntk.mean, nngp.stderr(), ntk.stderr(), n_samples)
 
 
+def combine(parts: list[MonteCarloKernels]) -> MonteCarloKernels:
+    """The estimate over all the networks of several estimates (disjoint seeds), as if computed in
+    one pass (Chan et al.'s pairwise update of the means and the sums of squared deviations)."""
+    n, means, m2s = 0, [torch.zeros(())] * 2, [torch.zeros(())] * 2
+    for part in parts:
+        k = part.n_samples
+        for i, (mean, se) in enumerate(((part.nngp, part.nngp_stderr), (part.ntk, part.ntk_stderr))):
+            m2 = se.double() ** 2 * k * (k - 1)
+            delta = mean.double() - means[i]
+            means[i] = means[i] + delta * k / (n + k)
+            m2s[i] = m2s[i] + m2 + delta**2 * n * k / (n + k)
+        n += k
+    nngp_se, ntk_se = ((m2 / (n - 1) / n).sqrt() for m2 in m2s)
+    return MonteCarloKernels(means[0], means[1], nngp_se, ntk_se, n)
+
+
+def chunks(n_samples: int, size: int = 8) -> list[tuple[int, int]]:
+    """(start, count) shares of n_samples networks for units, each of at least 2 (a standard error)."""
+    starts = list(range(0, n_samples, size))
+    shares = [(s, min(size, n_samples - s)) for s in starts]
+    if len(shares) > 1 and shares[-1][1] < 2:
+        (s, c), (_, last) = shares[-2], shares.pop()
+        shares[-1] = (s, c + last)
+    return shares
+
+
 def z_scores(estimate: MonteCarloKernels, nngp: torch.Tensor, ntk: torch.Tensor) -> tuple[float, float]:
     """The largest |estimate - reference| / SE over the entries of each kind (entries with a zero
     standard error and no difference count as 0): how many standard errors the Monte-Carlo means

@@ -76,7 +76,8 @@ def architecture(spec: RunSpec, input_shape: tuple[int, ...], depth: int | None 
     """The description of spec.network (ntkrun.architectures) on inputs of `input_shape` (from the
     data); SpecError naming network.* for a geometry that cannot work on them."""
     try:
-        return describe(spec.network, input_shape, depth)  # type: ignore[attr-defined]
+        network, limit = spec.network, getattr(spec, "kernels", None)  # type: ignore[attr-defined]
+        return describe(network, input_shape, depth, limit)
     except ValueError as err:
         raise SpecError(f"network: {err} (inputs of shape {tuple(input_shape)})") from None
 
@@ -115,6 +116,8 @@ def build_net(
 def network_caption(net: Any) -> str:
     """'depth 4 relu, beta 0.1' (a cnn: 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'): a
     figure's account of spec.network."""
+    if getattr(net, "module", None) is not None:
+        return f"{net.module} (depth {net.depth})"
     if getattr(net, "arch", "mlp") == "cnn":
         k = net.kernel_size
         geometry = f"{k}x{k} {net.padding}, {net.readout}"

@@ -7,6 +7,7 @@ each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic l
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -14,13 +15,16 @@ import pandas as pd
 import torch
 
 from ntkrun import resources
+from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.module import check_module
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
-from ntkrun.errors import DivergenceError
+from ntkrun.errors import DivergenceError, SpecError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.network import layer_sizes
+from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    architecture,
     build_net,
     gd_flops,
     network_caption,
@@ -30,11 +34,12 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
-from ntkrun.spec import GridSpec, NetworkSpec, RunSpec, TrainingSpec
-from ntkrun.work import Progress, TrainNet, Unit, UnitContext
+from ntkrun.spec import GridSpec, MonteCarloSpec, NetworkSpec, RunSpec, TrainingSpec
+from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
+MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
 
 
 class ConvergenceSpec(RunSpec):
@@ -42,9 +47,21 @@ class ConvergenceSpec(RunSpec):
     network: NetworkSpec = NetworkSpec()
     training: TrainingSpec = TrainingSpec()
     grid: GridSpec = GridSpec()
+    kernels: MonteCarloSpec = MonteCarloSpec()  # the limit of a network.module
 
 
 Spec = ConvergenceSpec
+
+
+def arch(spec: ConvergenceSpec) -> Architecture:
+    """The description of spec.network on points of the circle."""
+    return architecture(spec, (2,))
+
+
+def grid_points(spec: ConvergenceSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gammas (n_angles,), x0 (1, 2), the circle points (n_angles, 2)), float64."""
+    gammas = grid_angles(spec.grid.n_angles)
+    return gammas, circle([spec.grid.x0_angle]), circle(gammas)
 
 
 def train_unit(
@@ -55,8 +72,8 @@ def train_unit(
     tr = spec.training
     X = gaussian_inputs(tr.n_train, 2, seed)
     X, y = X.to(device, dtype), product_target(X).to(device, dtype)
-    gammas = grid_angles(spec.grid.n_angles)
-    Xg, x0 = circle(gammas).to(device, dtype), circle([spec.grid.x0_angle]).to(device, dtype)
+    gammas, x0, Xg = grid_points(spec)
+    Xg, x0 = Xg.to(device, dtype), x0.to(device, dtype)
     net = build_net(spec, 2, width, seed, device)
     label = f"width {width}, seed {seed}"
     kernel_rows: list[dict] = []
@@ -123,32 +140,68 @@ def metrics(kernels: pd.DataFrame, summary: pd.DataFrame, losses: pd.DataFrame) 
     return pd.DataFrame(rows)
 
 
+def check(spec: ConvergenceSpec) -> None:
+    """A network.module, tried before anything is written (ntkrun.architectures.module.check_module)."""
+    if spec.network.module is None:
+        return
+    varies = {"width"} if len(set(spec.network.width)) > 1 else set()
+    try:
+        check_module(arch(spec), spec.network.width, 1, varies)
+    except ValueError as err:
+        raise SpecError(f"network.module: {err}") from None
+
+
 def step_cost(spec: ConvergenceSpec, width: int) -> float:
-    """FLOPs of one GD step on the training set."""
-    return gd_flops(spec.training.n_train, 2, width, spec.network.depth)
+    """FLOPs of one GD step on the training set (the MLP's, for an arch this experiment refuses at
+    its preflight: the units are listed before it)."""
+    if spec.network.module is None:
+        return gd_flops(spec.training.n_train, 2, width, spec.network.depth)
+    return arch(spec).gd_flops(spec.training.n_train, width)
 
 
 def units(spec: ConvergenceSpec) -> list[Unit]:
+    """One unit per (width, seed); for a network.module also the shares of its Monte-Carlo limit."""
     seeds = spec.seed_values
-    return [
+    nets = [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
         for w in spec.network.width
         for s in seeds
     ]
+    if spec.network.module is None:
+        return nets
+    samples, cost = spec.kernels.mc_samples, arch(spec).kernel_flops(1, spec.grid.n_angles)
+    shares = chunks(samples)
+    return nets + [
+        Unit(f"limit_{i}", cost * c / samples, MonteCarloLimit(s, c)) for i, (s, c) in enumerate(shares)
+    ]
 
 
 def memory(spec: ConvergenceSpec, unit: Unit) -> int:
-    """Peak bytes of one unit: network, a GD step on the training set, Theta(x0, grid)."""
-    sizes = layer_sizes(2, unit.work.width, spec.network.depth)
-    b = resources.dtype_bytes(spec.dtype)
+    """Peak bytes of one unit: network, a GD step on the training set, Theta(x0, grid); or a share of
+    the Monte-Carlo limit."""
+    description, n = arch(spec), spec.grid.n_angles
+    if isinstance(unit.work, MonteCarloLimit):
+        return description.kernel_bytes(1, n)
+    w, b = unit.work.width, resources.dtype_bytes(spec.dtype)
     return (
-        resources.network_bytes(sizes, b)
-        + resources.training_bytes(spec.training.n_train, sizes, b)
-        + resources.empirical_ntk_bytes(1, spec.grid.n_angles, sizes, b)
+        description.network_bytes(w, 1, b)
+        + description.training_bytes(spec.training.n_train, w, 1, b)
+        + description.empirical_ntk_bytes(1, n, w, 1, b)
     )
 
 
+def monte_carlo_limit(spec: ConvergenceSpec, work: MonteCarloLimit) -> MonteCarloKernels:
+    """A share of the Monte-Carlo limit Theta(x0, grid) of a network.module."""
+    _, x0, Xg = grid_points(spec)
+    description = arch(spec)
+    return replace(description, mc_samples=work.count).monte_carlo(x0, Xg, first=work.start)
+
+
 def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+    if isinstance(unit.work, MonteCarloLimit):
+        estimate = monte_carlo_limit(spec, unit.work)
+        return {"n": estimate.n_samples, "ntk": estimate.ntk, "ntk_se": estimate.ntk_stderr,
+                "nngp": estimate.nngp, "nngp_se": estimate.nngp_stderr}  # fmt: skip
     width, seed = unit.work.width, unit.work.seed
     device = resolve_device(spec.device)
     kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))
@@ -157,15 +210,23 @@ def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Prog
 
 def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
     """kernels.csv, losses.csv, summary.csv, metrics.csv and Figure 1; -> metrics."""
-    kernels = unpack(*(r["kernels"] for r in results.values()))
-    losses = unpack(*(r["losses"] for r in results.values()))
-    gammas = grid_angles(spec.grid.n_angles)
+    trained = [r for name, r in results.items() if not name.startswith("limit_")]
+    kernels = unpack(*(r["kernels"] for r in trained))
+    losses = unpack(*(r["losses"] for r in trained))
+    gammas, x0, Xg = grid_points(spec)
     net = spec.network
-    _, theta = analytic_kernels(
-        circle([spec.grid.x0_angle]), circle(gammas), net.depth, net.nonlinearity, net.beta
-    )
-    theta_inf = pd.Series(theta[0].numpy(), index=gammas.numpy())
-    summary = summarize(kernels, theta_inf)
+    if net.module is None:
+        _, theta = analytic_kernels(x0, Xg, net.depth, net.nonlinearity, net.beta)
+        summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
+    else:  # the Monte-Carlo limit: its mean, and its standard error beside it
+        parts = [r for name, r in results.items() if name.startswith("limit_")]
+        limit = combine(
+            [MonteCarloKernels(r["nngp"], r["ntk"], r["nngp_se"], r["ntk_se"], r["n"]) for r in parts]
+        )
+        summary = summarize(kernels, pd.Series(limit.ntk[0].numpy(), index=gammas.numpy()))
+        summary["theta_inf_se"] = summary["gamma"].map(
+            pd.Series(limit.ntk_stderr[0].numpy(), index=gammas.numpy())
+        )
     table = metrics(kernels, summary, losses)
     run.write_csv("kernels.csv", kernels)
     run.write_csv("losses.csv", losses)

@@ -1,0 +1,225 @@
+"""The user's own torch model as an architecture description (`network.module: "pkg.mod:factory"`).
+
+The factory is called for each width, depth and seed with those of the keywords `width`, `depth`,
+`in_shape` (one input's shape), `n_out` and `seed` that its signature accepts, under
+`torch.manual_seed(seed)` (so a model left to torch's default initialization is drawn from the seed
+too). Its limiting kernels have no closed form here: they are Monte-Carlo means over `mc_samples`
+networks of `limit_width` (`ntkrun.kernels.monte_carlo`, docs/science.md §10); its costs come from a
+probe of one network (torch's FLOP counter, its parameters and its activations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ntkrun.architectures.base import Architecture
+from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
+from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
+
+KEYWORDS = ("width", "depth", "in_shape", "n_out", "seed")
+MC_SEED = 1_000_000  # the Monte-Carlo limit's networks: seeds MC_SEED .. MC_SEED + mc_samples - 1
+TRAINING_COPIES = 3  # per activation number in a forward/backward pass through autograd
+
+
+def load_factory(path: str) -> tuple[Callable[..., Any], Path | None]:
+    """'package.module:function' -> (the function, its source file), importable from the working
+    directory or PYTHONPATH. ValueError naming the reason."""
+    name, _, attr = path.partition(":")
+    if os.getcwd() not in sys.path:  # `ntkrun` as a console script does not put it there itself
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(name)
+    except Exception as err:  # a missing module, or the user's module failing as it loads
+        raise ValueError(
+            f"cannot import {name!r} ({type(err).__name__}: {err}); it must be importable from the "
+            "working directory or PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"module {name!r} ({getattr(module, '__file__', '?')}) has no {attr!r}")
+    if not callable(factory):
+        raise ValueError(f"{path} is a {type(factory).__name__}, not a function")
+    source = getattr(module, "__file__", None)
+    return factory, Path(source).resolve() if source else None
+
+
+def accepted(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The keywords of KEYWORDS the factory takes (all of them with **kwargs)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return KEYWORDS
+    names = {p.name for p in parameters}
+    return tuple(k for k in KEYWORDS if k in names)
+
+
+def source_digest(path: Path) -> str:
+    """SHA-256 (16 hex digits) of the factory's source file: part of a run's identity."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModuleArchitecture(Architecture):
+    """The model of `module` on inputs of input_shape; its limit by Monte Carlo."""
+
+    module: str = ""
+    limit_width: int = 1024
+    mc_samples: int = 32
+    name: ClassVar[str] = "module"
+
+    def net(
+        self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
+    ) -> nn.Module:
+        factory, _ = load_factory(self.module)
+        values = {
+            "width": width,
+            "depth": self.depth,
+            "in_shape": self.input_shape,
+            "n_out": n_out,
+            "seed": seed,
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = factory(**{key: values[key] for key in accepted(factory)})
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"{self.module} returned {type(net).__name__}, not a torch.nn.Module")
+        return net.to(device=device, dtype=dtype)
+
+    def monte_carlo(
+        self, X: torch.Tensor, X2: torch.Tensor | None = None, first: int = 0
+    ) -> MonteCarloKernels:
+        """Both kernels with their standard errors, over mc_samples networks of limit_width (seeds
+        MC_SEED + first onwards: a share of them, for a unit)."""
+
+        def factory(seed: int) -> nn.Module:
+            return self.net(self.limit_width, seed, dtype=torch.float64, device="cpu")
+
+        X2 = None if X2 is None else self.inputs(X2).double()
+        return monte_carlo_kernels(factory, self.inputs(X).double(), X2, self.mc_samples, MC_SEED + first)
+
+    def kernel(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kind: str = "ntk",
+        out_dtype: torch.dtype = torch.float64,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        self.check_kernel(kind)
+        r0, r1 = rows if rows is not None else (0, X.shape[0])
+        estimate = self.monte_carlo(X[r0:r1], X2 if X2 is not None else X)
+        block = (estimate.ntk if kind == "ntk" else estimate.nngp).to(out_dtype)
+        if out is None:
+            return block
+        out[r0:r1] = block
+        return out
+
+    @lru_cache(maxsize=64)  # noqa: B019 (a frozen description: the cache lives as long as it does)
+    def probe(self, width: int, n_out: int) -> tuple[float, int, int]:
+        """(FLOPs of one input's forward pass, parameters, activation numbers per input) of one
+        float32 network of `width`; NaN and zeros for a model that cannot be built or run here
+        (units are listed before the checks, which then name the problem: check_module)."""
+        try:
+            net = self.net(width, 0, dtype=torch.float32, device="cpu", n_out=n_out)
+            numbers = [0]
+
+            def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor):
+                    numbers[0] += output.numel()
+
+            hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                net(torch.zeros(2, *self.input_shape))
+            for hook in hooks:
+                hook.remove()
+        except Exception:
+            return math.nan, 0, 0
+        return float(counter.get_total_flops()) / 2, sum(p.numel() for p in net.parameters()), numbers[0] // 2
+
+    def forward_flops(self, width: int, n_out: int = 1) -> float:
+        return self.probe(width, n_out)[0]
+
+    def ntk_flops(self, n1: int, n2: int, width: int, n_out: int = 1) -> float:
+        """Jacobians of both sets (about 3 forward passes an output) and their contraction."""
+        flops, params, _ = self.probe(width, n_out)
+        return 3.0 * (n1 + n2) * n_out * flops + 2.0 * n1 * n2 * n_out * params
+
+    def kernel_flops(self, n1: int, n2: int) -> float:
+        """mc_samples forward passes and empirical NTKs at limit_width."""
+        return self.mc_samples * (
+            self.ntk_flops(n1, n2, self.limit_width) + (n1 + n2) * self.forward_flops(self.limit_width)
+        )
+
+    def kernel_bytes(self, n1: int, n2: int) -> int:
+        """One network of limit_width, one kernel sample and four float64 accumulators per pair."""
+        net = self.network_bytes(self.limit_width, 1, 8)
+        return net + self.empirical_ntk_bytes(n1, n2, self.limit_width, 1, 8) + 6 * n1 * n2 * 8
+
+    def network_bytes(self, width: int, n_out: int, b: int) -> int:
+        return 2 * self.probe(width, n_out)[1] * b  # the parameters and their float64 draw
+
+    def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
+        _, params, numbers = self.probe(width, n_out)
+        return TRAINING_COPIES * n * numbers * b + 2 * params * b
+
+    def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
+        """The generic engine's output, a float64 copy, and its Jacobian blocks (within its budget)."""
+        params = self.probe(width, n_out)[1]
+        return n1 * n2 * (b + 8) + min(DEFAULT_MEMORY_BUDGET, (n1 + n2) * n_out * params * b)
+
+
+def check_module(description: ModuleArchitecture, widths: list[int], n_out: int, varies: set[str]) -> None:
+    """Everything about a user model that can be known before a run: importable, callable, takes
+    the keywords the spec varies, returns a module with trainable parameters whose output on a
+    batch of 3 inputs is (3,) or (3, n_out), sample by sample independent of its batch. ValueError
+    with one line saying what and why."""
+    factory, _ = load_factory(description.module)
+    missing = [key for key in sorted(varies) if key not in accepted(factory)]
+    if missing:
+        raise ValueError(
+            f"the spec varies {', '.join(missing)}, but {description.module} takes no {missing[0]!r} "
+            "parameter (it would build the same network for each value)"
+        )
+    shape, width = description.input_shape, min(widths)
+    net = description.net(width, 0, dtype=torch.float64, device="cpu", n_out=n_out)
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError(f"{description.module} built a network without trainable parameters")
+    X = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out, pair = net(X), net(X[[0, 2]])
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{description.module} (width {width}) rejects inputs of shape {(3, *shape)}: {first}"
+        ) from None
+    expected = [(3,)] if n_out == 1 else []
+    expected.append((3, n_out))
+    if tuple(out.shape) not in expected:
+        want = " or ".join(str(e) for e in expected)
+        raise ValueError(
+            f"{description.module} returns outputs of shape {tuple(out.shape)} on 3 inputs, not {want}"
+        )
+    if not torch.allclose(out[[0, 2]], pair, rtol=1e-9, atol=1e-12):
+        raise ValueError(
+            f"{description.module}: the output of a sample changes with its batch (BatchNorm in training "
+            "mode, dropout?): the NTK needs samples treated independently"
+        )
+    if not math.isfinite(float(out.abs().sum())):
+        raise ValueError(f"{description.module} returns non-finite outputs at initialization")

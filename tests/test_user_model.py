@@ -1,0 +1,161 @@
+"""The user's own torch model (`network.module: "pkg.mod:factory"`): a residual MLP written with
+plain nn.Linear runs through `convergence` from a folder on PYTHONPATH, its limit by Monte Carlo
+with a standard error; its source file is part of the run's identity (an edited model is refused on
+resume, naming the file); every way a factory can be wrong is one line at --check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+
+RESIDUAL = '''
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    """x -> x + W2 tanh(W1 x) blocks between an input and a readout layer, torch's default init."""
+
+    def __init__(self, n0, width, depth, n_out):
+        super().__init__()
+        self.inp = nn.Linear(n0, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(max(depth - 2, 0)))
+        self.out = nn.Linear(width, n_out)
+        self.n_out = n_out
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h)) / len(self.blocks)
+        y = self.out(h)
+        return y[:, 0] if self.n_out == 1 else y
+
+
+def residual(width, depth, in_shape, n_out):
+    return Residual(in_shape[0], width, depth, n_out)
+'''
+TINY = ["convergence", "--preset", "quick", "--set", "network.width=[16, 64]", "--seeds", "2", "--steps", "5",
+        "--set", "grid.n_angles=16", "--set", "training.n_train=10", "--set", "training.lr=0.05",
+        "--set", "kernels.mc_samples=10", "--quiet"]  # fmt: skip
+
+
+def ntkrun(cwd: Path, models: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(models)}
+    command = [sys.executable, "-m", "ntkrun", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def folders(tmp_path) -> tuple[Path, Path]:
+    models, work = tmp_path / "models", tmp_path / "work"
+    models.mkdir()
+    work.mkdir()
+    (models / "usermodel.py").write_text(RESIDUAL)
+    return models, work
+
+
+def test_a_user_model_runs_through_convergence_with_a_monte_carlo_limit(folders):
+    models, work = folders
+    result = ntkrun(
+        work, models, *TINY, "--set", "network.module=usermodel:residual", "--set", "network.depth=3"
+    )
+    assert result.returncode == 0, result.stderr
+    run = (work / "outputs" / "convergence" / "latest").resolve()
+    summary = pd.read_csv(run / "summary.csv")
+    assert (summary["theta_inf_se"] > 0).all() and summary["theta_inf"].notna().all()
+    assert sorted(p.name for p in (run / "units").glob("limit_*.pt")) == ["limit_0.pt", "limit_1.pt"]
+    source = str((models / "usermodel.py").resolve())
+    meta = json.loads((run / "meta.json").read_text())
+    assert list(meta["model_sources"]) == [source]
+    assert (
+        json.loads((run / "identity.json").read_text())["data"][f"model source {source}"]
+        == meta["model_sources"][source]
+    )
+    # the networks trained (torch's default initialization: the standard parametrization, whose
+    # stable learning rate shrinks with the width) and their kernels moved by a little
+    metrics = pd.read_csv(run / "metrics.csv").set_index(["width", "step"])
+    for width in (16, 64):
+        assert metrics.loc[(width, 5), "loss"] < metrics.loc[(width, 0), "loss"]
+        assert 0 < metrics.loc[(width, 5), "rel_change_from_first"] < 0.5
+    assert (run / "figure.png").is_file()
+
+
+def test_an_edited_model_is_refused_on_resume_naming_its_file(folders):
+    models, work = folders
+    shared = work / "shared-run"
+    first = ntkrun(
+        work, models, *TINY, "--set", "network.module=usermodel:residual", "--unit", "0", "--run-dir", shared
+    )
+    assert first.returncode == 0, first.stderr
+    with open(models / "usermodel.py", "a") as fh:
+        fh.write("\n# edited\n")
+    resumed = ntkrun(work, models, "resume", shared, "--quiet")
+    assert resumed.returncode == 2, resumed.stderr
+    assert "was computed by another version of the model: " in resumed.stderr
+    assert (
+        str((models / "usermodel.py").resolve()) in resumed.stderr
+        and "(the file was edited since)" in resumed.stderr
+    )
+    assert "Traceback" not in resumed.stderr
+
+
+BAD = {  # (the factory's source, network.module, the error's words)
+    "missing": ("", "nosuchmodel_{u}:f", "cannot import 'nosuchmodel_{u}' (ModuleNotFoundError"),
+    "no attribute": ("x = 1\n", "{m}:factory", "has no 'factory'"),
+    "not callable": ("factory = 3\n", "{m}:factory", "usermodel_bad_{u}:factory is a int, not a function"),
+    "not a module": ("def factory(width):\n    return [width]\n", "{m}:factory",
+                     "returned list, not a torch.nn.Module"),
+    "output shape": ("import torch\ndef factory(width, in_shape):\n"
+                     "    return torch.nn.Linear(in_shape[0], 3)\n", "{m}:factory",
+                     "returns outputs of shape (3, 3) on 3 inputs, not (3,) or (3, 1)"),
+    "input shape": ("import torch\ndef factory(width):\n    return torch.nn.Linear(5, 1)\n", "{m}:factory",
+                    "rejects inputs of shape (3, 2): mat1 and mat2 shapes cannot be multiplied"),
+    "batch-dependent": ("import torch\nfrom torch import nn\ndef factory(width, in_shape):\n"
+                        "    return nn.Sequential(nn.Linear(in_shape[0], width), nn.BatchNorm1d(width),"
+                        " nn.Linear(width, 1), nn.Flatten(0))\n", "{m}:factory",
+                        "the output of a sample changes with its batch"),
+    "frozen": ("import torch\ndef factory(width, in_shape):\n    net = torch.nn.Linear(in_shape[0], 1)\n"
+               "    net.requires_grad_(False)\n    return net\n", "{m}:factory",
+               "without trainable parameters"),
+    "width ignored": ("import torch\ndef factory(in_shape):\n    return torch.nn.Linear(in_shape[0], 1)\n",
+                      "{m}:factory", "the spec varies width, but usermodel_bad_{u}:factory takes no 'width'"),
+    "form": ("", "usermodel.factory", "network: module: 'usermodel.factory' is not of the form"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_model_is_one_line_at_check(case, tmp_path, monkeypatch):
+    source, path, message = BAD[case]
+    u = uuid.uuid4().hex[:8]  # a module name of its own: imports are cached per process
+    name = f"usermodel_bad_{u}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)  # importable from the working directory
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = path.format(m=name, u=u)
+    result = CliRunner().invoke(
+        app, [*TINY, "--set", f"network.module={spec}", "--check", "-o", tmp_path / "out"]
+    )
+    assert result.exit_code == 2, result.output
+    assert message.format(u=u) in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_experiment_without_user_models_refuses_one(tmp_path):
+    result = CliRunner().invoke(
+        app, ["regression", "--preset", "quick", "--set", "network.module=a.b:c", "--check"]
+    )
+    assert (
+        result.exit_code == 2
+        and "network.module: regression does not run a user's model yet" in result.stderr
+    )
