@@ -131,6 +131,7 @@ def regression_figure(
 
 SCALING_TITLES = {
     "dist_init": r"$\|\Theta_n(0) - \Theta_\infty\| / \|\Theta_\infty\|$",
+    "spread_init": r"$\|\Theta_n(0) - \overline{\Theta_n(0)}\| / \|\overline{\Theta_n(0)}\|$ (seeds)",
     "change_T": r"$\|\Theta_n(T) - \Theta_n(0)\| / \|\Theta_n(0)\|$",
     "func_dist_T": r"$\|f_T - f^{lin}_T\| / \|f^{lin}_T - f_0\|$",
 }

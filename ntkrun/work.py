@@ -67,6 +67,8 @@ class MonteCarloLimit:
 
     start: int
     count: int
+    depth: int | None = None  # where the limit differs by depth and by seed (scaling: on each
+    seed: int | None = None  # seed's training set), else None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Unit:
 
     @property
     def stage(self) -> int:
-        """0 for the Reference the others read (it runs first), else 1."""
+        """0 for the Reference (or Monte-Carlo limit) the others read: it runs first; else 1."""
         if isinstance(self.work, PointWork):
             return self.work.unit.stage
-        return 0 if isinstance(self.work, Reference) else 1
+        return 0 if isinstance(self.work, (Reference, MonteCarloLimit)) else 1

@@ -18,11 +18,12 @@ def run(args: list[str], root):
 def test_quick_preset_shape(tmp_path):
     run_dir = run(["--preset", "quick", "--set", "network.width=[16, 32, 64]", "--seeds", "3"], tmp_path)
     table = pd.read_csv(run_dir / "scaling.csv")
-    assert list(table.columns) == ["depth", "width", "seed", "dist_init", "change_T", "func_dist_T"]
-    assert len(table) == 2 * 3 * 3 and (table[["dist_init", "change_T", "func_dist_T"]] > 0).all().all()
+    metrics = ["dist_init", "spread_init", "change_T", "func_dist_T"]
+    assert list(table.columns) == ["depth", "width", "seed", *metrics]
+    assert len(table) == 2 * 3 * 3 and (table[metrics] > 0).all().all()
     fits = pd.read_csv(run_dir / "fits.csv")
     assert (
-        len(fits) == 2 * 3
+        len(fits) == 2 * 4
         and (fits["ci_low"] <= fits["slope"]).all()
         and (fits["slope"] <= fits["ci_high"]).all()
     )
@@ -32,12 +33,13 @@ def test_quick_preset_shape(tmp_path):
 def test_distance_at_init_decays_like_width_to_the_minus_half(tmp_path):
     """Theorem 1 with its CLT rate: the fitted slope of ||Theta_n - Theta_inf|| / ||Theta_inf||
     over widths 128..2048 (16 seeds each) has a 95% bootstrap interval containing -1/2, for
-    depths 2 and 3, and that interval excludes 0 and -1 (the test can tell rates apart)."""
+    depths 2 and 3, and that interval excludes 0 and -1 (the test can tell rates apart); so has the
+    seed spread, which needs no limit."""
     run_dir = run(["--set", "network.depth=[2, 3]", "--set", "network.width=[128, 256, 512, 1024, 2048]",
                    "--seeds", "16", "--steps", "1", "--set", "training.n_train=8"], tmp_path)  # fmt: skip
     fits = pd.read_csv(run_dir / "fits.csv")
-    init = fits[fits["metric"] == "dist_init"]
-    assert len(init) == 2
+    init = fits[fits["metric"].isin(["dist_init", "spread_init"])]
+    assert len(init) == 4
     for row in init.itertuples():
         assert row.ci_low <= -0.5 <= row.ci_high, row
         assert row.ci_high < 0 and row.ci_low > -1, row

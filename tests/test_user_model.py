@@ -159,3 +159,24 @@ def test_an_experiment_without_user_models_refuses_one(tmp_path):
         result.exit_code == 2
         and "network.module: regression does not run a user's model yet" in result.stderr
     )
+
+
+def test_a_user_model_runs_through_scaling_with_rates_that_need_no_limit(folders):
+    """`scaling --preset quick` on the residual MLP (two depths, so the factory's depth parameter is
+    used): its Monte-Carlo limit is one unit per (depth, seed) that the seed's networks read, and
+    the seed spread of the NTK at init is fitted beside the distance to that limit."""
+    models, work = folders
+    args = ["scaling", "--preset", "quick", "--set", "network.module=usermodel:residual", "--set",
+            "network.width=[16, 32, 64]", "--seeds", "3", "--steps", "3", "--set", "training.lr=0.05",
+            "--set", "kernels.mc_samples=4", "--set", "n_boot=50", "--quiet"]  # fmt: skip
+    listed = ntkrun(work, models, *args, "--list-units")
+    assert listed.returncode == 0, listed.stderr
+    assert "limit_d2_s0" in listed.stdout and "(stage 0: before the others)" in listed.stdout
+    result = ntkrun(work, models, *args)
+    assert result.returncode == 0, result.stderr
+    run = (work / "outputs" / "scaling" / "latest").resolve()
+    table = pd.read_csv(run / "scaling.csv")
+    assert len(table) == 2 * 3 * 3 and (table[["dist_init", "spread_init", "change_T"]] > 0).all().all()
+    fits = pd.read_csv(run / "fits.csv")
+    assert set(fits["metric"]) == {"dist_init", "spread_init", "change_T", "func_dist_T"}
+    assert len(list((run / "units").glob("limit_d*_s*.pt"))) == 2 * 3

@@ -20,7 +20,9 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.module import check_module
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
+from ntkrun.errors import SpecError
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import scaling_figure
@@ -39,6 +41,7 @@ from ntkrun.spec import (
     PADDING_NAMES,
     READOUT_NAMES,
     Model,
+    MonteCarloSpec,
     NonlinearityName,
     NonNegativeFloat,
     PositiveFloat,
@@ -47,7 +50,7 @@ from ntkrun.spec import (
     as_list,
     check_arch_keys,
 )
-from ntkrun.work import Progress, TrainNet, Unit, UnitContext
+from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 ARCHS = ("mlp", "cnn")
@@ -65,6 +68,7 @@ class ScalingNetworkSpec(Model):
     kernel_size: PositiveInt = 3  # cnn only
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
     readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
+    module: str | None = None  # your own model, "package.module:function" (ntkrun.architectures.module)
 
     @model_validator(mode="after")
     def _cnn_keys(self) -> ScalingNetworkSpec:
@@ -92,6 +96,7 @@ class ScalingSpec(RunSpec):
     training: ScalingTrainingSpec = ScalingTrainingSpec()  # the regression task of §5.1
     data: ScalingDataSpec = ScalingDataSpec()
     n_boot: PositiveInt = 2000  # bootstrap resamples for the slope intervals
+    kernels: MonteCarloSpec = MonteCarloSpec()  # the limit of a network.module
 
     @model_validator(mode="after")
     def _inputs(self) -> ScalingSpec:
@@ -107,7 +112,10 @@ class ScalingSpec(RunSpec):
 
 
 Spec = ScalingSpec
-METRICS = {"dist_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}  # reference slopes (see README)
+# reference slopes (see README); spread_init needs no limit: ||Theta_s(0) - mean_s Theta_s(0)|| / ||mean||
+# over the seeds of one width (Theorem 1's fluctuation, fair to a model whose kernel grows with width)
+METRICS = {"dist_init": -0.5, "spread_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}
+MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
 
 
 def fixed_inputs(spec: ScalingSpec) -> torch.Tensor:
@@ -142,9 +150,16 @@ def arch(spec: ScalingSpec, depth: int) -> Architecture:
 
 def check(spec: ScalingSpec) -> None:
     """Before a run directory is made: every depth's geometry on the images (a 'valid' CNN may
-    shrink them away)."""
-    for depth in spec.network.depth:
+    shrink them away); a network.module tried (ntkrun.architectures.module.check_module)."""
+    net = spec.network
+    for depth in net.depth:
         arch(spec, depth)
+    if net.module is not None:
+        varies = {key for key, values in (("width", net.width), ("depth", net.depth)) if len(set(values)) > 1}
+        try:
+            check_module(arch(spec, net.depth[0]), net.width, 1, varies)
+        except ValueError as err:
+            raise SpecError(f"network.module: {err}") from None
 
 
 def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
@@ -153,37 +168,63 @@ def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
 
 
 def unit_cost(spec: ScalingSpec, depth: int, width: int) -> float:
-    """FLOPs of one unit: its GD steps, Theta on Z twice, and the limit on X and Z."""
+    """FLOPs of one unit: its GD steps, Theta on Z twice, and the limit on X and Z (a network.module's
+    Monte-Carlo limit is a unit of its own)."""
     n, z, description = spec.training.n_train, spec.data.n_points, arch(spec, depth)
-    limit = description.kernel_flops(n + z, n + z) + eigen_flops(n)
+    limit = eigen_flops(n) + (description.kernel_flops(n + z, n + z) if spec.network.module is None else 0.0)
     kernels = 2 * description.ntk_flops(z, z, width)
     return step_cost(spec, depth, width) * spec.training.steps + kernels + limit
 
 
 def units(spec: ScalingSpec) -> list[Unit]:
-    net = spec.network
-    return [
+    """One unit per (depth, width, seed); for a network.module first its Monte-Carlo limit on Z and
+    each seed's training set, one unit per (depth, seed), which that seed's networks read."""
+    net, n, z = spec.network, spec.training.n_train, spec.data.n_points
+    nets = [
         Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), TrainNet(w, s, depth=d))
         for d in net.depth
         for w in net.width
         for s in spec.seed_values
     ]
+    if net.module is None:
+        return nets
+    samples = spec.kernels.mc_samples
+    limits = [
+        Unit(limit_name(d, s), arch(spec, d).kernel_flops(n + z, n + z), MonteCarloLimit(0, samples, d, s))
+        for d in net.depth
+        for s in spec.seed_values
+    ]
+    return limits + nets
 
 
-def limit_kernels(spec: ScalingSpec, depth: int, Z: torch.Tensor, X: torch.Tensor) -> dict:
-    """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X)."""
+def limit_name(depth: int, seed: int) -> str:
+    return f"limit_d{depth}_s{seed}"
+
+
+def limit_kernels(
+    spec: ScalingSpec, depth: int, seed: int, Z: torch.Tensor, X: torch.Tensor, ctx: UnitContext
+) -> dict:
+    """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X): analytic, or the
+    Monte-Carlo limit unit's (a network.module) on Z and X together."""
     description = arch(spec, depth)
-    return {
-        "eig": dynamics.eigen(description.kernel(X)),
-        "theta_zx": description.kernel(Z, X),
-        "theta_zz": description.kernel(Z),
-    }
+    if spec.network.module is None:
+        return {
+            "eig": dynamics.eigen(description.kernel(X)),
+            "theta_zx": description.kernel(Z, X),
+            "theta_zz": description.kernel(Z),
+        }
+    z, K = Z.shape[0], ctx.require(limit_name(depth, seed))["theta"]
+    return {"eig": dynamics.eigen(K[z:, z:]), "theta_zx": K[:z, z:], "theta_zz": K[:z, :z]}
 
 
 def memory(spec: ScalingSpec, unit: Unit) -> int:
-    """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z."""
-    description, w = arch(spec, unit.work.depth), unit.work.width
+    """Peak bytes of one unit: network, GD step, Theta on Z, the analytic limit on X and Z; or the
+    Monte-Carlo limit of a network.module."""
+    description = arch(spec, unit.work.depth)
     b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
+    if isinstance(unit.work, MonteCarloLimit):
+        return description.kernel_bytes(n + z, n + z) + resources.eigen_bytes(n)
+    w = unit.work.width
     return (
         description.network_bytes(w, 1, b)
         + description.training_bytes(max(n, z), w, 1, b)
@@ -195,14 +236,18 @@ def memory(spec: ScalingSpec, unit: Unit) -> int:
 
 
 def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
-    """The three distances of one (depth, width, seed) network."""
-    depth, width, seed = unit.work.depth, unit.work.width, unit.work.seed
+    """The distances of one (depth, width, seed) network (its Theta on Z at init kept for the seed
+    spread), or the Monte-Carlo limit of a network.module on Z and one seed's training set."""
+    depth, seed = unit.work.depth, unit.work.seed
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     tr = spec.training
     Z64 = fixed_inputs(spec)
     X = gaussian_inputs(tr.n_train, Z64.shape[1], seed)
-    y = product_target(X)
-    limit = limit_kernels(spec, depth, Z64, X)
+    if isinstance(unit.work, MonteCarloLimit):
+        estimate = arch(spec, depth).monte_carlo(torch.cat([Z64, X]))
+        return {"theta": estimate.ntk, "theta_se": estimate.ntk_stderr}
+    width, y = unit.work.width, product_target(X)
+    limit = limit_kernels(spec, depth, seed, Z64, X, ctx)
     description = arch(spec, depth)
     Z, Xd = description.inputs(Z64).to(device, dtype), description.inputs(X).to(device, dtype)
     net = description.net(width, seed, dtype=dtype, device=device)
@@ -234,7 +279,21 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
         "func_dist_T": float((f_T - f_lin).norm() / (f_lin - f0_Z).norm()),
     }
     LOG.info("%s", row)
-    return {"rows": pack([row])}
+    return {"rows": pack([row]), "theta_0": theta_0}
+
+
+def seed_spread(table: pd.DataFrame, results: dict[str, dict]) -> list[float]:
+    """Per row (network): ||Theta_s(0) - mean|| / ||mean||, the mean over the seeds of its depth and
+    width: a fluctuation measured without a limit."""
+    if any("theta_0" not in r for r in results.values()):  # unit files of a run begun before it existed
+        return [math.nan] * len(table)
+    thetas = [r["theta_0"] for r in results.values()]
+    keys = list(zip(table["depth"], table["width"], strict=True))
+    means = {
+        key: torch.stack([t for k, t in zip(keys, thetas, strict=True) if k == key]).mean(0)
+        for key in set(keys)
+    }
+    return [rel(theta, means[key]) for key, theta in zip(keys, thetas, strict=True)]
 
 
 def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
@@ -244,7 +303,9 @@ def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
 
 def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
     """scaling.csv, fits.csv and the figure; -> fits."""
-    table = unpack(*(r["rows"] for r in results.values()))
+    trained = {name: r for name, r in results.items() if "rows" in r}
+    table = unpack(*(r["rows"] for r in trained.values()))
+    table.insert(table.columns.get_loc("dist_init") + 1, "spread_init", seed_spread(table, trained))
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
