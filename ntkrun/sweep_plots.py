@@ -176,7 +176,7 @@ def sweep_figure(experiment: str, tables: dict[str, pd.DataFrame], keys: list[st
     """The figure comparing a sweep's points, from its concatenated tables (one column per swept key)."""
     with plt.rc_context(plots.STYLE):
         if experiment == "scaling":
-            fig = plt.figure(figsize=(13, 6.5))
+            fig = plt.figure(figsize=(4.3 * len(plots.SCALING_TITLES), 6.5))
             _scaling_sweep(tables, keys, fig)
         elif experiment == "generalization":
             fig = plt.figure(figsize=(11, 4))
