@@ -63,7 +63,8 @@ def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Fi
         ref = fits[fits["metric"] == metric]["reference_slope"].iloc[0]
         for depth in depths:
             g = fits[(fits["metric"] == metric) & (fits["depth"] == depth)].sort_values("_x")
-            err = [g["slope"] - g["ci_low"], g["ci_high"] - g["slope"]]
+            # a percentile interval of few seeds may miss the point estimate: no negative bar
+            err = [(g["slope"] - g["ci_low"]).clip(lower=0), (g["ci_high"] - g["slope"]).clip(lower=0)]
             name = f"L = {depth}" if len(depths) > 1 else "fitted slope, 95% bootstrap interval"
             top.errorbar(
                 g["_x"], g["slope"], yerr=err, fmt="o-", ms=3.5, capsize=2, color=colors[depth], label=name
