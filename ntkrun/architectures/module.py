@@ -131,26 +131,30 @@ class ModuleArchitecture(Architecture):
 
     @lru_cache(maxsize=64)  # noqa: B019 (a frozen description: the cache lives as long as it does)
     def probe(self, width: int, n_out: int) -> tuple[float, int, int]:
-        """(FLOPs of one input's forward pass, parameters, activation numbers per input) of one
-        float32 network of `width`; NaN and zeros for a model that cannot be built or run here
-        (units are listed before the checks, which then name the problem: check_module)."""
+        """(FLOPs of one input's forward pass, parameters, numbers autograd saves per input for the
+        backward pass) of one float32 network of `width`; NaN and zeros for a model that cannot be
+        built or run here (units are listed before the checks, which then name the problem)."""
         try:
             net = self.net(width, 0, dtype=torch.float32, device="cpu", n_out=n_out)
-            numbers = [0]
-
-            def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                if isinstance(output, torch.Tensor):
-                    numbers[0] += output.numel()
-
-            hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
-                net(torch.zeros(2, *self.input_shape))
-            for hook in hooks:
-                hook.remove()
+                net(torch.zeros(1, *self.input_shape))
+
+            def saved(n: int) -> int:  # what a forward pass on n inputs keeps for the backward pass
+                total = [0]
+
+                def pack(t: torch.Tensor) -> torch.Tensor:
+                    total[0] += t.numel()
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    net(torch.zeros(n, *self.input_shape))
+                return total[0]
+
+            numbers = max(saved(2) - saved(1), 1)  # the difference leaves out the saved weights
         except Exception:
             return math.nan, 0, 0
-        return float(counter.get_total_flops()) / 2, sum(p.numel() for p in net.parameters()), numbers[0] // 2
+        return float(counter.get_total_flops()), sum(p.numel() for p in net.parameters()), numbers
 
     def forward_flops(self, width: int, n_out: int = 1) -> float:
         return self.probe(width, n_out)[0]
