@@ -5,7 +5,7 @@ The grid is the product of the swept keys' value lists, in the order they were g
 combination is a point, a plain spec of the experiment (its `sweep` emptied). The sweep's units are
 its points' units, named `<point>.<unit>` (`p00.w500_s0`), run by the same executors into the one run
 directory. A unit whose work does not read the keys on which two points differ (the runner's
-`SHARED`: {work type: the spec keys it ignores}) is computed once, by the first point that has it,
+`shared(spec)`: {work type: the spec keys it ignores}) is computed once, by the first point that has it,
 and read by the others. Aggregation runs each point's own aggregate into `points/<point>/` (the
 CSVs and figure a plain run of that spec writes), concatenates each CSV into the run's top level
 with one column per swept key, and draws the comparison figure (ntkrun.sweep_plots).
@@ -125,10 +125,10 @@ class Sweep:
 
     def _grid(self, spec: RunSpec) -> Grid:
         grid = Grid(points(spec))
-        shared = getattr(self.module, "SHARED", {})
+        shared_of = getattr(self.module, "shared", lambda spec: {})
         first: dict[tuple[str, str], str] = {}  # (unit, what it reads) -> the sweep unit computing it
         for point in grid.points:
-            identity = _flat(spec_identity(spec_dict(point.spec)))
+            identity, shared = _flat(spec_identity(spec_dict(point.spec))), shared_of(point.spec)
             for unit in sorted(self.module.units(point.spec), key=lambda u: u.stage):
                 name = f"{point.name}.{unit.name}"
                 ignored = shared.get(type(unit.work))

@@ -109,7 +109,8 @@ def preflight(spec: RunSpec) -> None:
     module = getattr(spec.network, "module", None)  # type: ignore[attr-defined]
     if module is not None and not getattr(runner(spec), "MODULES", False):
         raise SpecError(
-            f"network.module: {spec.experiment} does not run a user's model yet (convergence does)"
+            f"network.module: {spec.experiment} does not run a user's model yet "
+            "(convergence, scaling and pca do)"
         )
     if module is None:
         check_range(spec)

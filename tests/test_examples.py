@@ -42,3 +42,35 @@ def test_the_standard_parametrized_cnn_runs_through_scaling(examples_on_path, tm
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "scaling" / "latest" / "scaling.csv")
     assert len(table) == 3 * 2 and table[["spread_init", "change_T"]].notna().all().all()
+
+
+def pca_args(digits: Path, tmp_path: Path) -> list[str]:
+    return ["pca", "--preset", "quick", "--data-dir", str(digits), "--set", "data.split=test", "--set",
+            "data.n_points=24", "--set", "network.module=models:residual_mlp", "--set", "kernel=analytic",
+            "--set", "kernels.mc_samples=4", "--width", "16", "--seeds", "1", "--steps", "8", "--set",
+            "training.record_every=4", "--quiet", "-o", str(tmp_path)]  # fmt: skip
+
+
+def test_a_user_model_runs_through_pca_on_its_monte_carlo_kernel(examples_on_path, digits, tmp_path):
+    result = CliRunner().invoke(app, pca_args(digits, tmp_path))
+    assert result.exit_code == 0, result.output
+    eig = pd.read_csv(tmp_path / "pca" / "latest" / "eigenvalues.csv")
+    assert (eig["rel_diff"] < 1e-8).all() and eig["lambda_power"].is_monotonic_decreasing
+
+
+def test_a_monte_carlo_reference_is_shared_only_where_its_width_is_fixed(examples_on_path, digits, tmp_path):
+    """pca's reference ignores the networks' widths, except a module's Monte-Carlo limit, whose
+    width defaults to the largest of them: a sweep over network.width shares it only once
+    kernels.limit_width fixes it; a sweep over training.lr always does."""
+
+    def shared(*sweep: str) -> bool:
+        args = pca_args(digits, tmp_path)
+        if "network.width" in sweep[1]:  # the width is swept, not given
+            del args[args.index("--width") : args.index("--width") + 2]
+        listed = CliRunner().invoke(app, [*args, *sweep, "--list-units"])
+        assert listed.exit_code == 0, listed.output
+        return "p00.reference" in listed.output and "p01.reference" not in listed.output
+
+    assert not shared("--sweep", "network.width=[16],[32]")
+    assert shared("--sweep", "network.width=[16],[32]", "--set", "kernels.limit_width=64")
+    assert shared("--sweep", "training.lr=0.5,1.0")

@@ -58,10 +58,15 @@ from ntkrun.work import KernelFit, Progress, Reference, TrainNet, Unit, UnitCont
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)
 ARCHS = ("mlp", "cnn")
-# In a sweep, a kernel unit is computed once for points that differ only in keys it does not read
-# (ntkrun.sweep): the networks' widths, seeds and training (training.n_train only sizes the seeded
-# order whose prefixes are the kernels' training sets), and the bootstrap.
-SHARED = {KernelFit: ("network.width", "seeds", "base_seed", "training", "n_boot")}
+
+
+def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
+    """In a sweep, a kernel unit is computed once for points that differ only in keys it does not
+    read (ntkrun.sweep): the networks' widths, seeds and training (training.n_train only sizes the
+    seeded order whose prefixes are the kernels' training sets), and the bootstrap."""
+    return {KernelFit: ("network.width", "seeds", "base_seed", "training", "n_boot")}
+
+
 CLASSES = 10
 
 

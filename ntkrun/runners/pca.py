@@ -22,8 +22,9 @@ from pydantic import Field
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.module import check_module
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
-from ntkrun.errors import DataError
+from ntkrun.errors import DataError, SpecError
 from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
@@ -39,6 +40,7 @@ from ntkrun.runners.common import (
 )
 from ntkrun.spec import (
     Model,
+    MonteCarloSpec,
     NetworkSpec,
     NonNegativeInt,
     PositiveFloat,
@@ -49,9 +51,17 @@ from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 ARCHS = ("mlp", "cnn")
-# In a sweep, the reference (the kernel and its components) is computed once for points that differ
-# only in keys it does not read (ntkrun.sweep): the networks' widths, seeds and training.
-SHARED = {Reference: ("network.width", "seeds", "base_seed", "training")}
+MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
+
+
+def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:
+    """In a sweep, the reference (the kernel and its components) is computed once for points that
+    differ only in keys it does not read (ntkrun.sweep): the seeds, training, and the networks'
+    widths (unless a network.module's Monte-Carlo limit takes its width from them)."""
+    ignored = ("seeds", "base_seed", "training")
+    if spec.network.module is None or spec.kernels.limit_width is not None:
+        ignored += ("network.width",)
+    return {Reference: ignored}
 
 
 class PCADataSpec(Model):
@@ -81,6 +91,7 @@ class PCASpec(RunSpec):
     component: Annotated[int, Field(ge=1, le=3)] = 2  # the target moves along f(component)
     target_scale: PositiveFloat = 0.5  # f* = f_theta(0) + target_scale * f(component)
     power_tol: PositiveFloat = 1e-10
+    kernels: MonteCarloSpec = MonteCarloSpec()  # the limit (kernel: analytic) of a network.module
 
 
 Spec = PCASpec
@@ -91,7 +102,15 @@ def check(spec: PCASpec) -> None:
     digits asked for (DataError otherwise). Reads the IDX headers only."""
     info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
     check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
-    arch(spec)  # the network's geometry on these images (e.g. a 'valid' CNN that shrinks them away)
+    description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
+    if spec.network.module is not None:
+        widths = (
+            [*spec.network.width, spec.kernel_width] if spec.kernel == "empirical" else spec.network.width
+        )
+        try:
+            check_module(description, widths, 1, {"width"} if len(set(widths)) > 1 else set())
+        except ValueError as err:
+            raise SpecError(f"network.module: {err}") from None
 
 
 def arch(spec: PCASpec) -> Architecture:
