@@ -110,7 +110,7 @@ def preflight(spec: RunSpec) -> None:
     if module is not None and not getattr(runner(spec), "MODULES", False):
         raise SpecError(
             f"network.module: {spec.experiment} does not run a user's model yet "
-            "(convergence, scaling and pca do)"
+            "(convergence, scaling, pca and generalization do)"
         )
     if module is None:
         check_range(spec)

@@ -74,3 +74,20 @@ def test_a_monte_carlo_reference_is_shared_only_where_its_width_is_fixed(example
     assert not shared("--sweep", "network.width=[16],[32]")
     assert shared("--sweep", "network.width=[16],[32]", "--set", "kernels.limit_width=64")
     assert shared("--sweep", "training.lr=0.5,1.0")
+
+
+def test_a_user_model_runs_through_generalization_beside_the_mlp(examples_on_path, images, tmp_path):
+    """The residual MLP's Monte-Carlo NTK and NNGP (one unit per N_train: one pass gives both), the
+    MLP's analytic NTK on the same points, and trained residual networks with 10 outputs."""
+    args = ["generalization", "--preset", "quick", "--data-dir", str(images), "--set", "device=cpu",
+            "--set", "network.module=models:residual_mlp", "--set", "network.width=[16]", "--seeds", "2",
+            "--set", "predictors=[ntk, nngp, mlp_ntk, net]", "--set", "data.n_train=[40]", "--set",
+            "data.n_test=30", "--set", "training.n_train=40", "--set", "training.steps=3", "--set",
+            "training.lr=1.0", "--set", "kernels.mc_samples=4", "--quiet", "-o", str(tmp_path)]  # fmt: skip
+    listed = CliRunner().invoke(app, [*args, "--list-units"])
+    assert listed.exit_code == 0 and "ntk+nngp_n40" in listed.output, listed.output
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    acc = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
+    assert {"ntk", "nngp", "mlp_ntk", "net", "ntk_t"} <= set(acc["predictor"])
+    assert acc["test_accuracy"].between(0, 1).all()

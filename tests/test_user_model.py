@@ -155,7 +155,7 @@ def test_an_experiment_without_user_models_refuses_one(tmp_path):
     result = CliRunner().invoke(
         app, ["regression", "--preset", "quick", "--set", "network.module=a.b:c", "--check"]
     )
-    message = "network.module: regression does not run a user's model yet (convergence, scaling and pca do)"
+    message = "network.module: regression does not run a user's model yet (convergence, scaling, pca and"
     assert result.exit_code == 2 and message in result.stderr
 
 

@@ -16,7 +16,7 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +79,7 @@ class ModuleArchitecture(Architecture):
     limit_width: int = 1024
     mc_samples: int = 32
     name: ClassVar[str] = "module"
+    JOINT_KERNELS: ClassVar[bool] = True  # one Monte-Carlo pass gives the NNGP and the NTK
 
     def net(
         self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
@@ -120,14 +121,31 @@ class ModuleArchitecture(Architecture):
         out: torch.Tensor | None = None,
         rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        self.check_kernel(kind)
+        return self.kernels(X, X2, kinds=[kind], out_dtype=out_dtype, outs=[out], rows=rows)[0]
+
+    def kernels(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kinds: Sequence[str],
+        out_dtype: torch.dtype = torch.float64,
+        outs: Sequence[torch.Tensor | None] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> list[torch.Tensor]:
+        """The Monte-Carlo means of `kinds` from one pass over the networks (JOINT_KERNELS); with
+        rows=(r0, r1), whole rows r0 .. r1 of the Gram (or into `outs` there)."""
+        for kind in kinds:
+            self.check_kernel(kind)
         r0, r1 = rows if rows is not None else (0, X.shape[0])
         estimate = self.monte_carlo(X[r0:r1], X2 if X2 is not None else X)
-        block = (estimate.ntk if kind == "ntk" else estimate.nngp).to(out_dtype)
-        if out is None:
-            return block
-        out[r0:r1] = block
-        return out
+        found = []
+        for kind, out in zip(kinds, outs if outs is not None else [None] * len(kinds), strict=True):
+            block = (estimate.ntk if kind == "ntk" else estimate.nngp).to(out_dtype)
+            if out is not None:
+                out[r0:r1] = block
+            found.append(block if out is None else out)
+        return found
 
     @lru_cache(maxsize=64)  # noqa: B019 (a frozen description: the cache lives as long as it does)
     def probe(self, width: int, n_out: int) -> tuple[float, int, int]:

@@ -24,9 +24,10 @@ from pydantic import BeforeValidator, Field, model_validator
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
+from ntkrun.architectures.module import ModuleArchitecture, check_module
 from ntkrun.architectures.registry import ARCHITECTURES
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
-from ntkrun.errors import DataError
+from ntkrun.errors import DataError, SpecError
 from ntkrun.fits import slope_table
 from ntkrun.linalg import kernel_solve_, solve_bytes
 from ntkrun.plots import generalization_figure
@@ -58,13 +59,18 @@ from ntkrun.work import KernelFit, Progress, Reference, TrainNet, Unit, UnitCont
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)
 ARCHS = ("mlp", "cnn")
+MODULES = True  # runs a network.module, its kernels by Monte Carlo (docs/science.md §10)
 
 
 def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     """In a sweep, a kernel unit is computed once for points that differ only in keys it does not
     read (ntkrun.sweep): the networks' widths, seeds and training (training.n_train only sizes the
-    seeded order whose prefixes are the kernels' training sets), and the bootstrap."""
-    return {KernelFit: ("network.width", "seeds", "base_seed", "training", "n_boot")}
+    seeded order whose prefixes are the kernels' training sets), and the bootstrap; not the widths
+    where a network.module's Monte-Carlo limit takes its width from them."""
+    ignored = ("seeds", "base_seed", "training", "n_boot")
+    if spec.network.module is None or spec.kernels.limit_width is not None:
+        ignored += ("network.width",)
+    return {KernelFit: ignored}
 
 
 CLASSES = 10
@@ -92,6 +98,10 @@ class GenKernelSpec(Model):
     nngp_noise: NonNegativeFloat = 1e-5
     dtype: Literal["auto", "float32", "float64"] = "auto"  # Gram storage; auto: float64 up to 20000 points
     checkpoint_rows: PositiveInt = 4096  # Gram rows per checkpointed block (larger Grams only)
+    # the Monte-Carlo limit of a network.module (docs/science.md §10): its networks' width (default:
+    # the largest network.width) and how many are averaged
+    limit_width: PositiveInt | None = None
+    mc_samples: Annotated[int, Field(ge=2)] = 32
 
 
 class GenTrainingSpec(Model):
@@ -123,9 +133,10 @@ class GenSpec(RunSpec):
         if "net" in self.predictors and not self.network.width:
             raise ValueError("network.width is empty but the predictor 'net' is requested")
         baselines = [p for p in self.predictors if p.startswith("mlp_")]
-        if baselines and self.network.arch == "mlp":
+        if baselines and self.network.arch == "mlp" and self.network.module is None:
             raise ValueError(
-                f"predictors: {', '.join(baselines)} compare another arch with the MLP; arch is mlp"
+                f"predictors: {', '.join(baselines)} compare another arch (or a network.module) with the "
+                "MLP; arch is mlp"
             )
         if len(set(self.data.n_train)) != len(self.data.n_train):
             raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")
@@ -148,7 +159,13 @@ def check(spec: GenSpec) -> None:
             f"{test_info.images}: {test_info.rows}x{test_info.cols} images, but the train split's are "
             f"{train_info.rows}x{train_info.cols}"
         )
-    arch(spec)  # the network's geometry on these images (e.g. a 'valid' CNN that shrinks them away)
+    description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
+    if spec.network.module is not None:
+        varies = {"width"} if len(set(spec.network.width)) > 1 else set()
+        try:
+            check_module(description, spec.network.width, CLASSES, varies)
+        except ValueError as err:
+            raise SpecError(f"network.module: {err}") from None
 
 
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
@@ -247,7 +264,8 @@ def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
     groups: list[tuple[str, ...]] = []
     for baseline in (False, True):
         family = tuple(k for k in wanted if k.startswith("mlp_") == baseline)
-        joint = (MLPArchitecture if baseline else ARCHITECTURES[spec.network.arch]).JOINT_KERNELS
+        own = ModuleArchitecture if spec.network.module is not None else ARCHITECTURES[spec.network.arch]
+        joint = (MLPArchitecture if baseline else own).JOINT_KERNELS
         groups.extend([family] if joint and len(family) > 1 else [(k,) for k in family])
     return groups
 
