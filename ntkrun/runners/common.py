@@ -12,6 +12,7 @@ import torch
 
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flops  # noqa: F401 (the runners' costs)
+from ntkrun.architectures.module import check_module
 from ntkrun.architectures.registry import describe
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels import analytic_kernels
@@ -80,6 +81,18 @@ def architecture(spec: RunSpec, input_shape: tuple[int, ...], depth: int | None 
         return describe(network, input_shape, depth, limit)
     except ValueError as err:
         raise SpecError(f"network: {err} (inputs of shape {tuple(input_shape)})") from None
+
+
+def check_user_model(
+    description: Architecture, widths: list[int], n_out: int = 1, depths: list[int] | tuple[int, ...] = ()
+) -> None:
+    """A network.module tried before anything is written (ntkrun.architectures.module.check_module),
+    with the widths (and depths) the spec varies; SpecError naming network.module."""
+    varies = {key for key, values in (("width", widths), ("depth", depths)) if len(set(values)) > 1}
+    try:
+        check_module(description, list(widths), n_out, varies)
+    except ValueError as err:
+        raise SpecError(f"network.module: {err}") from None
 
 
 class UnknownCost:

@@ -16,9 +16,8 @@ import torch
 
 from ntkrun import resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.architectures.module import check_module
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
-from ntkrun.errors import DivergenceError, SpecError
+from ntkrun.errors import DivergenceError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine
 from ntkrun.plots import convergence_figure
@@ -26,6 +25,7 @@ from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
     build_net,
+    check_user_model,
     gd_flops,
     network_caption,
     pack,
@@ -144,11 +144,7 @@ def check(spec: ConvergenceSpec) -> None:
     """A network.module, tried before anything is written (ntkrun.architectures.module.check_module)."""
     if spec.network.module is None:
         return
-    varies = {"width"} if len(set(spec.network.width)) > 1 else set()
-    try:
-        check_module(arch(spec), spec.network.width, 1, varies)
-    except ValueError as err:
-        raise SpecError(f"network.module: {err}") from None
+    check_user_model(arch(spec), spec.network.width)
 
 
 def step_cost(spec: ConvergenceSpec, width: int) -> float:

@@ -24,10 +24,10 @@ from pydantic import BeforeValidator, Field, model_validator
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
-from ntkrun.architectures.module import ModuleArchitecture, check_module
+from ntkrun.architectures.module import ModuleArchitecture
 from ntkrun.architectures.registry import ARCHITECTURES
-from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
-from ntkrun.errors import DataError, SpecError
+from ntkrun.data import check_request, files_of, resolve_data_dir, split_info
+from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
 from ntkrun.linalg import kernel_solve_, solve_bytes
 from ntkrun.plots import generalization_figure
@@ -35,6 +35,7 @@ from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     UnknownCost,
     architecture,
+    check_user_model,
     eigen_flops,
     network_caption,
     pack,
@@ -44,6 +45,7 @@ from ntkrun.runners.common import (
     unpack,
 )
 from ntkrun.runners.grams import checkpointed_grams
+from ntkrun.runners.labelled import CLASSES, KERNEL_KINDS, dataset, n_train_sizes, scores, targets
 from ntkrun.spec import (
     Model,
     NetworkSpec,
@@ -71,9 +73,6 @@ def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     if spec.network.module is None or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
     return {KernelFit: ignored}
-
-
-CLASSES = 10
 
 
 class GenDataSpec(Model):
@@ -144,7 +143,6 @@ class GenSpec(RunSpec):
 
 
 Spec = GenSpec
-KERNEL_KINDS = ("ntk", "nngp", "mlp_ntk", "mlp_nngp")  # the kernel predictors (mlp_: the MLP's)
 AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
 
 
@@ -161,11 +159,7 @@ def check(spec: GenSpec) -> None:
         )
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
     if spec.network.module is not None:
-        varies = {"width"} if len(set(spec.network.width)) > 1 else set()
-        try:
-            check_module(description, spec.network.width, CLASSES, varies)
-        except ValueError as err:
-            raise SpecError(f"network.module: {err}") from None
+        check_user_model(description, spec.network.width, CLASSES)
 
 
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
@@ -195,52 +189,10 @@ def data_files(spec: GenSpec) -> list[Path]:
     return files_of(spec.data.dir, ["train", "test"])
 
 
-def n_train_sizes(spec: GenSpec) -> list[int]:
-    """Every training-set size a unit uses (kernels' list, and the networks' set)."""
-    kernel = spec.data.n_train if set(spec.predictors) & set(KERNEL_KINDS) else []
-    net = [spec.training.n_train] if "net" in spec.predictors else []
-    return [*kernel, *net]
-
-
 def gram_dtype(spec: GenSpec, n: int) -> torch.dtype:
     if spec.kernels.dtype == "auto":
         return torch.float64 if n <= AUTO_FLOAT64_POINTS else torch.float32
     return resolve_dtype(spec.kernels.dtype)
-
-
-# ---------------------------------------------------------------- data
-
-
-def dataset(spec: GenSpec, n_train: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(X (n_train, n0), labels, X_test (M, n0), test labels), float64; the training points are a
-    prefix of one seeded order, so the learning curve's sets are nested."""
-    folder = resolve_data_dir(spec.data.dir)
-    images, labels = load_idx_dataset(folder, "train")
-    X, y = choose_points(images, labels, max(n_train_sizes(spec)), spec.data.seed, nested=True)
-    X, y = X[:n_train], y[:n_train]
-    images, labels = load_idx_dataset(folder, "test")
-    m = spec.data.n_test or images.shape[0]
-    Xt, yt = choose_points(images, labels, m, spec.data.seed)
-    if spec.data.scaling == "standardize":  # statistics of the training points, applied to both
-        mean, std = X.mean(0), X.std(0)
-        std = torch.where(std > 0, std, 1.0)
-        X, Xt = (X - mean) / std, (Xt - mean) / std
-    return X, y, Xt, yt
-
-
-def targets(spec: GenSpec, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) class labels -> (N, 10) centered one-hot targets."""
-    Y = torch.full((len(labels), CLASSES), spec.data.target_off, dtype=torch.float64)
-    Y[torch.arange(len(labels)), labels] = spec.data.target_on
-    return Y
-
-
-def scores(spec: GenSpec, pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Test accuracy (argmax over the 10 outputs) and test MSE (mean over points and outputs)."""
-    return {
-        "test_accuracy": float((pred.argmax(1) == labels).double().mean()),
-        "test_mse": float(((pred - targets(spec, labels)) ** 2).mean()),
-    }
 
 
 # ---------------------------------------------------------------- kernel units

@@ -22,15 +22,15 @@ from pydantic import Field
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.architectures.module import check_module
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
-from ntkrun.errors import DataError, SpecError
+from ntkrun.errors import DataError
 from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     UnknownCost,
     architecture,
+    check_user_model,
     eigen_flops,
     pack,
     resolve_device,
@@ -104,13 +104,8 @@ def check(spec: PCASpec) -> None:
     check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
     if spec.network.module is not None:
-        widths = (
-            [*spec.network.width, spec.kernel_width] if spec.kernel == "empirical" else spec.network.width
-        )
-        try:
-            check_module(description, widths, 1, {"width"} if len(set(widths)) > 1 else set())
-        except ValueError as err:
-            raise SpecError(f"network.module: {err}") from None
+        wide = [spec.kernel_width] if spec.kernel == "empirical" else []
+        check_user_model(description, [*spec.network.width, *wide])
 
 
 def arch(spec: PCASpec) -> Architecture:

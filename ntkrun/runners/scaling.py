@@ -20,15 +20,14 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.architectures.module import check_module
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
-from ntkrun.errors import SpecError
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
+    check_user_model,
     eigen_flops,
     pack,
     resolve_device,
@@ -155,11 +154,7 @@ def check(spec: ScalingSpec) -> None:
     for depth in net.depth:
         arch(spec, depth)
     if net.module is not None:
-        varies = {key for key, values in (("width", net.width), ("depth", net.depth)) if len(set(values)) > 1}
-        try:
-            check_module(arch(spec, net.depth[0]), net.width, 1, varies)
-        except ValueError as err:
-            raise SpecError(f"network.module: {err}") from None
+        check_user_model(arch(spec, net.depth[0]), net.width, 1, net.depth)
 
 
 def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
