@@ -138,7 +138,9 @@ SCALING_TITLES = {
 
 
 def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title: str) -> None:
-    """Log-log panels per metric: seed mean +- SE per width and depth, fitted lines, reference slope."""
+    """Log-log panels per metric: seed mean +- SE per width and depth, fitted lines, reference slope;
+    where the limit is a Monte-Carlo estimate, twice the jackknife SE its noise adds to a metric
+    ({metric}_se: a metric near that line measures the estimate's noise, not the network)."""
     depths = sorted(table["depth"].unique())
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
     metrics = list(SCALING_TITLES)
@@ -153,10 +155,15 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title
                 ax.errorbar(mean.index, mean, yerr=se, fmt="o", ms=3.5, color=colors[depth], label=label)
                 w = np.array(mean.index, float)
                 ax.plot(w, np.exp(fit["intercept"]) * w ** fit["slope"], "-", color=colors[depth], lw=1)
+                if f"{metric}_se" in table:  # a Monte-Carlo limit: how far its noise reaches
+                    noise = 2 * table[table["depth"] == depth].groupby("width")[f"{metric}_se"].mean()
+                    ax.plot(noise.index, noise, "--", color=colors[depth], lw=0.8, alpha=0.7)
             w = np.array(sorted(table["width"].unique()), float)
             ref = fits[fits["metric"] == metric]["reference_slope"].iloc[0]
             anchor = table[table["width"] == w[0]][metric].mean()
             ax.plot(w, anchor * (w / w[0]) ** ref, ":", color="gray", label=f"slope {ref:g} (reference)")
+            if f"{metric}_se" in table:
+                ax.plot([], [], "--", color="gray", lw=0.8, label="2 SE of the Monte-Carlo limit")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("width n")

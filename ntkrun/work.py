@@ -69,6 +69,7 @@ class MonteCarloLimit:
     count: int
     depth: int | None = None  # where the limit differs by depth and by seed (scaling: on each
     seed: int | None = None  # seed's training set), else None
+    n_train: int | None = None  # generalization: the kernels on the first n_train training points
 
 
 @dataclass(frozen=True)

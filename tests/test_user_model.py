@@ -73,7 +73,7 @@ def test_a_user_model_runs_through_convergence_with_a_monte_carlo_limit(folders)
     run = (work / "outputs" / "convergence" / "latest").resolve()
     summary = pd.read_csv(run / "summary.csv")
     assert (summary["theta_inf_se"] > 0).all() and summary["theta_inf"].notna().all()
-    assert sorted(p.name for p in (run / "units").glob("limit_*.pt")) == ["limit_0.pt", "limit_1.pt"]
+    assert sorted(p.name for p in (run / "units").glob("limit_*.pt")) == [f"limit_{i}.pt" for i in range(4)]
     source = str((models / "usermodel.py").resolve())
     meta = json.loads((run / "meta.json").read_text())
     assert list(meta["model_sources"]) == [source]
@@ -161,7 +161,7 @@ def test_an_experiment_without_user_models_refuses_one(tmp_path):
 
 def test_a_user_model_runs_through_scaling_with_rates_that_need_no_limit(folders):
     """`scaling --preset quick` on the residual MLP (two depths, so the factory's depth parameter is
-    used): its Monte-Carlo limit is one unit per (depth, seed) that the seed's networks read, and
+    used): its Monte-Carlo limit is shares of units per (depth, seed) that the seed's networks read, and
     the seed spread of the NTK at init is fitted beside the distance to that limit."""
     models, work = folders
     args = ["scaling", "--preset", "quick", "--set", "network.module=usermodel:residual", "--set",
@@ -169,7 +169,7 @@ def test_a_user_model_runs_through_scaling_with_rates_that_need_no_limit(folders
             "--set", "kernels.mc_samples=4", "--set", "n_boot=50", "--quiet"]  # fmt: skip
     listed = ntkrun(work, models, *args, "--list-units")
     assert listed.returncode == 0, listed.stderr
-    assert "limit_d2_s0" in listed.stdout and "(stage 0: before the others)" in listed.stdout
+    assert "limit_d2_s0_1" in listed.stdout and "(stage 0: before the others)" in listed.stdout
     result = ntkrun(work, models, *args)
     assert result.returncode == 0, result.stderr
     run = (work / "outputs" / "scaling" / "latest").resolve()
@@ -177,4 +177,7 @@ def test_a_user_model_runs_through_scaling_with_rates_that_need_no_limit(folders
     assert len(table) == 2 * 3 * 3 and (table[["dist_init", "spread_init", "change_T"]] > 0).all().all()
     fits = pd.read_csv(run / "fits.csv")
     assert set(fits["metric"]) == {"dist_init", "spread_init", "change_T", "func_dist_T"}
-    assert len(list((run / "units").glob("limit_d*_s*.pt"))) == 2 * 3
+    assert len(list((run / "units").glob("limit_d*_s*_*.pt"))) == 2 * 3 * 2  # 4 networks: 2 shares
+    # the metrics that read the limit carry its jackknife standard error over the 2 shares
+    assert (table[["dist_init_se", "func_dist_T_se"]] > 0).all().all()
+    assert table[["dist_init_se", "func_dist_T_se"]].notna().all().all()

@@ -110,14 +110,30 @@ def combine(parts: list[MonteCarloKernels]) -> MonteCarloKernels:
     return MonteCarloKernels(means[0], means[1], nngp_se, ntk_se, n)
 
 
-def chunks(n_samples: int, size: int = 8) -> list[tuple[int, int]]:
-    """(start, count) shares of n_samples networks for units, each of at least 2 (a standard error)."""
-    starts = list(range(0, n_samples, size))
-    shares = [(s, min(size, n_samples - s)) for s in starts]
-    if len(shares) > 1 and shares[-1][1] < 2:
-        (s, c), (_, last) = shares[-2], shares.pop()
-        shares[-1] = (s, c + last)
-    return shares
+def chunks(n_samples: int, size: int = 8, least: int = 4) -> list[tuple[int, int]]:
+    """(start, count) shares of n_samples networks for units: about `size` each, but at least
+    `least` shares where every share can keep 2 networks (a standard error per share, and groups
+    for the jackknife of a statistic of the mean kernel); near-equal counts."""
+    groups = max(math.ceil(n_samples / size), min(least, n_samples // 2), 1)
+    base, extra = divmod(n_samples, groups)
+    counts = [base + (g < extra) for g in range(groups)]
+    return [(sum(counts[:g]), c) for g, c in enumerate(counts)]
+
+
+def leave_one_out(parts: list[MonteCarloKernels]) -> list[MonteCarloKernels]:
+    """For each share g, the estimate from all the other shares: the jackknife's replicates."""
+    return [combine(parts[:g] + parts[g + 1 :]) for g in range(len(parts))]
+
+
+def jackknife_se(replicates: list[float]) -> float:
+    """The delete-a-group jackknife standard error of a statistic of the mean kernel from its G
+    leave-one-share-out values: sqrt((G - 1) / G * sum_g (s_g - mean s)^2) (docs/science.md §10);
+    NaN with fewer than 2 shares."""
+    values = torch.tensor(replicates, dtype=torch.float64)
+    g = values.numel()
+    if g < 2:
+        return math.nan
+    return float(((g - 1) / g * ((values - values.mean()) ** 2).sum()).sqrt())
 
 
 def z_scores(estimate: MonteCarloKernels, nngp: torch.Tensor, ntk: torch.Tensor) -> tuple[float, float]:

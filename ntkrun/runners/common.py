@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -16,9 +17,10 @@ from ntkrun.architectures.module import check_module
 from ntkrun.architectures.registry import describe
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels import analytic_kernels
+from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine, leave_one_out
 from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
-from ntkrun.work import Progress
+from ntkrun.work import MonteCarloLimit, Progress, Unit
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,3 +188,41 @@ def unpack(*tables: dict[str, list]) -> pd.DataFrame:
 def eigen_flops(n: int) -> float:
     """A dense symmetric eigendecomposition of an (n, n) matrix, about 9 n^3."""
     return 9.0 * n**3
+
+
+# ---------------------------------------------------------------- Monte-Carlo limits as units
+
+
+def limit_units(prefix: str, samples: int, cost: float, **where: int) -> list[Unit]:
+    """The shares (kernels.monte_carlo.chunks) of a Monte-Carlo limit over `samples` networks, as
+    units prefix_0, prefix_1, ...; cost: the FLOPs of all of them; `where`: MonteCarloLimit's depth,
+    seed or n_train."""
+    return [
+        Unit(f"{prefix}_{i}", cost * count / samples, MonteCarloLimit(start, count, **where))
+        for i, (start, count) in enumerate(chunks(samples))
+    ]
+
+
+def limit_names(prefix: str, samples: int) -> list[str]:
+    return [f"{prefix}_{i}" for i in range(len(chunks(samples)))]
+
+
+def limit_share(
+    description: Architecture, work: MonteCarloLimit, X: torch.Tensor, X2: torch.Tensor | None = None
+) -> dict:
+    """One share's Monte-Carlo kernels (a ModuleArchitecture's networks work.start onwards) as a
+    unit result."""
+    estimate = replace(description, mc_samples=work.count).monte_carlo(X, X2, first=work.start)  # type: ignore[type-var]
+    return {"n": estimate.n_samples, "ntk": estimate.ntk, "ntk_se": estimate.ntk_stderr,
+            "nngp": estimate.nngp, "nngp_se": estimate.nngp_stderr}  # fmt: skip
+
+
+def limit_estimate(
+    read: Callable[[str], dict], names: list[str]
+) -> tuple[MonteCarloKernels, list[MonteCarloKernels]]:
+    """The shares' results (read by name: UnitContext.require, or a results dict's __getitem__) ->
+    (the estimate over all of them, the jackknife's leave-one-share-out estimates)."""
+    parts = [
+        MonteCarloKernels(r["nngp"], r["ntk"], r["nngp_se"], r["ntk_se"], r["n"]) for r in map(read, names)
+    ]
+    return combine(parts), leave_one_out(parts) if len(parts) > 1 else []

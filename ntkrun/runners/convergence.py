@@ -7,7 +7,6 @@ each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic l
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -19,7 +18,6 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.errors import DivergenceError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -27,6 +25,10 @@ from ntkrun.runners.common import (
     build_net,
     check_user_model,
     gd_flops,
+    limit_estimate,
+    limit_names,
+    limit_share,
+    limit_units,
     network_caption,
     pack,
     resolve_device,
@@ -165,11 +167,9 @@ def units(spec: ConvergenceSpec) -> list[Unit]:
     ]
     if spec.network.module is None:
         return nets
-    samples, cost = spec.kernels.mc_samples, arch(spec).kernel_flops(1, spec.grid.n_angles)
-    shares = chunks(samples)
-    return nets + [
-        Unit(f"limit_{i}", cost * c / samples, MonteCarloLimit(s, c)) for i, (s, c) in enumerate(shares)
-    ]
+    return nets + limit_units(
+        "limit", spec.kernels.mc_samples, arch(spec).kernel_flops(1, spec.grid.n_angles)
+    )
 
 
 def memory(spec: ConvergenceSpec, unit: Unit) -> int:
@@ -186,18 +186,10 @@ def memory(spec: ConvergenceSpec, unit: Unit) -> int:
     )
 
 
-def monte_carlo_limit(spec: ConvergenceSpec, work: MonteCarloLimit) -> MonteCarloKernels:
-    """A share of the Monte-Carlo limit Theta(x0, grid) of a network.module."""
-    _, x0, Xg = grid_points(spec)
-    description = arch(spec)
-    return replace(description, mc_samples=work.count).monte_carlo(x0, Xg, first=work.start)
-
-
 def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     if isinstance(unit.work, MonteCarloLimit):
-        estimate = monte_carlo_limit(spec, unit.work)
-        return {"n": estimate.n_samples, "ntk": estimate.ntk, "ntk_se": estimate.ntk_stderr,
-                "nngp": estimate.nngp, "nngp_se": estimate.nngp_stderr}  # fmt: skip
+        _, x0, Xg = grid_points(spec)  # a share of the Monte-Carlo limit Theta(x0, grid)
+        return limit_share(arch(spec), unit.work, x0, Xg)
     width, seed = unit.work.width, unit.work.seed
     device = resolve_device(spec.device)
     kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))
@@ -215,10 +207,7 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> p
         _, theta = analytic_kernels(x0, Xg, net.depth, net.nonlinearity, net.beta)
         summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
     else:  # the Monte-Carlo limit: its mean, and its standard error beside it
-        parts = [r for name, r in results.items() if name.startswith("limit_")]
-        limit = combine(
-            [MonteCarloKernels(r["nngp"], r["ntk"], r["nngp_se"], r["ntk_se"], r["n"]) for r in parts]
-        )
+        limit, _ = limit_estimate(results.__getitem__, limit_names("limit", spec.kernels.mc_samples))
         summary = summarize(kernels, pd.Series(limit.ntk[0].numpy(), index=gammas.numpy()))
         summary["theta_inf_se"] = summary["gamma"].map(
             pd.Series(limit.ntk_stderr[0].numpy(), index=gammas.numpy())

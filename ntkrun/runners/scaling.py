@@ -23,12 +23,17 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
+from ntkrun.kernels.monte_carlo import chunks, jackknife_se
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
     check_user_model,
     eigen_flops,
+    limit_estimate,
+    limit_names,
+    limit_share,
+    limit_units,
     pack,
     resolve_device,
     resolve_dtype,
@@ -185,9 +190,12 @@ def units(spec: ScalingSpec) -> list[Unit]:
         return nets
     samples = spec.kernels.mc_samples
     limits = [
-        Unit(limit_name(d, s), arch(spec, d).kernel_flops(n + z, n + z), MonteCarloLimit(0, samples, d, s))
+        unit
         for d in net.depth
         for s in spec.seed_values
+        for unit in limit_units(
+            limit_name(d, s), samples, arch(spec, d).kernel_flops(n + z, n + z), depth=d, seed=s
+        )
     ]
     return limits + nets
 
@@ -198,18 +206,27 @@ def limit_name(depth: int, seed: int) -> str:
 
 def limit_kernels(
     spec: ScalingSpec, depth: int, seed: int, Z: torch.Tensor, X: torch.Tensor, ctx: UnitContext
-) -> dict:
-    """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X): analytic, or the
-    Monte-Carlo limit unit's (a network.module) on Z and X together."""
+) -> list[dict]:
+    """Theta_inf on Z x Z, Z x X and the eigen-decomposition of Theta_inf(X, X): analytic, or from
+    the Monte-Carlo limit's shares (a network.module) on Z and X together, then the same from each
+    leave-one-share-out estimate (the jackknife's replicates, docs/science.md §10)."""
     description = arch(spec, depth)
     if spec.network.module is None:
-        return {
-            "eig": dynamics.eigen(description.kernel(X)),
-            "theta_zx": description.kernel(Z, X),
-            "theta_zz": description.kernel(Z),
-        }
-    z, K = Z.shape[0], ctx.require(limit_name(depth, seed))["theta"]
-    return {"eig": dynamics.eigen(K[z:, z:]), "theta_zx": K[:z, z:], "theta_zz": K[:z, :z]}
+        return [
+            {
+                "eig": dynamics.eigen(description.kernel(X)),
+                "theta_zx": description.kernel(Z, X),
+                "theta_zz": description.kernel(Z),
+            }
+        ]
+    z = Z.shape[0]
+    whole, replicates = limit_estimate(
+        ctx.require, limit_names(limit_name(depth, seed), spec.kernels.mc_samples)
+    )
+    return [
+        {"eig": dynamics.eigen(K[z:, z:]), "theta_zx": K[:z, z:], "theta_zz": K[:z, :z]}
+        for K in (e.ntk for e in [whole, *replicates])
+    ]
 
 
 def memory(spec: ScalingSpec, unit: Unit) -> int:
@@ -218,9 +235,10 @@ def memory(spec: ScalingSpec, unit: Unit) -> int:
     description = arch(spec, unit.work.depth)
     b, n, z = resources.dtype_bytes(spec.dtype), spec.training.n_train, spec.data.n_points
     if isinstance(unit.work, MonteCarloLimit):
-        return description.kernel_bytes(n + z, n + z) + resources.eigen_bytes(n)
+        return description.kernel_bytes(n + z, n + z)
     w = unit.work.width
-    return (
+    shares = len(chunks(spec.kernels.mc_samples)) if spec.network.module is not None else 0
+    return shares * 4 * (n + z) ** 2 * 8 + (
         description.network_bytes(w, 1, b)
         + description.training_bytes(max(n, z), w, 1, b)
         + description.empirical_ntk_bytes(z, z, w, 1, b)
@@ -239,10 +257,9 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
     Z64 = fixed_inputs(spec)
     X = gaussian_inputs(tr.n_train, Z64.shape[1], seed)
     if isinstance(unit.work, MonteCarloLimit):
-        estimate = arch(spec, depth).monte_carlo(torch.cat([Z64, X]))
-        return {"theta": estimate.ntk, "theta_se": estimate.ntk_stderr}
+        return limit_share(arch(spec, depth), unit.work, torch.cat([Z64, X]))
     width, y = unit.work.width, product_target(X)
-    limit = limit_kernels(spec, depth, seed, Z64, X, ctx)
+    limits = limit_kernels(spec, depth, seed, Z64, X, ctx)
     description = arch(spec, depth)
     Z, Xd = description.inputs(Z64).to(device, dtype), description.inputs(X).to(device, dtype)
     net = description.net(width, seed, dtype=dtype, device=device)
@@ -264,15 +281,22 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
     theta_T = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
         f_T = net(Z).double().cpu()
-    f_lin = dynamics.linearized(limit["eig"], limit["theta_zx"], y, f0_X, f0_Z, tr.steps * tr.lr, lr=tr.lr)
-    row = {
-        "depth": depth,
-        "width": width,
-        "seed": seed,
-        "dist_init": rel(theta_0, limit["theta_zz"]),
-        "change_T": rel(theta_T, theta_0),
-        "func_dist_T": float((f_T - f_lin).norm() / (f_lin - f0_Z).norm()),
-    }
+
+    def against(limit: dict) -> dict[str, float]:  # the metrics that read the limit
+        t = tr.steps * tr.lr
+        f_lin = dynamics.linearized(limit["eig"], limit["theta_zx"], y, f0_X, f0_Z, t, lr=tr.lr)
+        return {
+            "dist_init": rel(theta_0, limit["theta_zz"]),
+            "func_dist_T": float((f_T - f_lin).norm() / (f_lin - f0_Z).norm()),
+        }
+
+    measured = against(limits[0])
+    row = {"depth": depth, "width": width, "seed": seed, "dist_init": measured["dist_init"],
+           "change_T": rel(theta_T, theta_0), "func_dist_T": measured["func_dist_T"]}  # fmt: skip
+    if len(limits) > 1:  # a Monte-Carlo limit: the jackknife standard error of what reads it
+        replicates = [against(limit) for limit in limits[1:]]
+        for key in measured:
+            row[f"{key}_se"] = jackknife_se([r[key] for r in replicates])
     LOG.info("%s", row)
     return {"rows": pack([row]), "theta_0": theta_0}
 
