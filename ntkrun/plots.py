@@ -174,10 +174,19 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title
 
 
 def pca_figure(
-    components: pd.DataFrame, traj: pd.DataFrame, stem: Path, *, lam_k: float, c: float, k: int, kernel: str
+    components: pd.DataFrame,
+    traj: pd.DataFrame,
+    stem: Path,
+    *,
+    lam_k: float,
+    c: float,
+    k: int,
+    kernel: str,
+    lam_se: float | None = None,
 ) -> None:
     """Paper Figure 3: (a) digits at (f(2), f(3)) by label (the `kernel` named); (b) ||h_t||
-    against ||g_t||; (c) ||g_t|| against t with the limit c exp(-lambda_k t)."""
+    against ||g_t||; (c) ||g_t|| against t with the limit c exp(-lambda_k t) (and, for a
+    Monte-Carlo lambda_k, the band of lambda_k +- 2 lam_se)."""
     widths = sorted(traj["width"].unique())
     colors = {w: plt.get_cmap("plasma")(i / max(len(widths), 1) * 0.85) for i, w in enumerate(widths)}
     with plt.rc_context(STYLE):
@@ -198,6 +207,11 @@ def pca_figure(
         ax_c.plot(
             t, c * np.exp(-lam_k * t), "--", color="black", label=rf"${c:g}\,e^{{-\lambda_{k} t}}$ (limit)"
         )
+        if lam_se is not None:
+            low, high = c * np.exp(-(lam_k + 2 * lam_se) * t), c * np.exp(-(lam_k - 2 * lam_se) * t)
+            ax_c.fill_between(
+                t, low, high, color="gray", alpha=0.25, lw=0, label=rf"$\lambda_{k} \pm$ 2 SE (Monte Carlo)"
+            )
         ax_b.plot([c, 0], [0, 0], "--", color="black", lw=1, label="limit")
         ax_b.set_xlabel(r"$\|g_t\|$")
         ax_b.set_ylabel(r"$\|h_t\|$")

@@ -56,6 +56,10 @@ def test_a_user_model_runs_through_pca_on_its_monte_carlo_kernel(examples_on_pat
     assert result.exit_code == 0, result.output
     eig = pd.read_csv(tmp_path / "pca" / "latest" / "eigenvalues.csv")
     assert (eig["rel_diff"] < 1e-8).all() and eig["lambda_power"].is_monotonic_decreasing
+    # the limit in 2 shares of 2 networks: each eigenvalue's jackknife standard error, and lambda_k's
+    assert (eig["lambda_se"] > 0).all() and eig["lambda_se"].notna().all()
+    metrics = pd.read_csv(tmp_path / "pca" / "latest" / "metrics.csv")
+    assert (metrics["lambda_k_se"] == eig["lambda_se"][1]).all()  # component 2 (the preset's)
 
 
 def test_a_monte_carlo_reference_is_shared_only_where_its_width_is_fixed(examples_on_path, digits, tmp_path):

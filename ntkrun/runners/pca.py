@@ -25,6 +25,7 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.kernels import empirical_ntk
+from ntkrun.kernels.monte_carlo import chunks, jackknife_se
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -32,6 +33,10 @@ from ntkrun.runners.common import (
     architecture,
     check_user_model,
     eigen_flops,
+    limit_estimate,
+    limit_names,
+    limit_share,
+    limit_units,
     pack,
     resolve_device,
     resolve_dtype,
@@ -47,7 +52,7 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
 )
-from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
+from ntkrun.work import MonteCarloLimit, Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 ARCHS = ("mlp", "cnn")
@@ -61,7 +66,7 @@ def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:
     ignored = ("seeds", "base_seed", "training")
     if spec.network.module is None or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
-    return {Reference: ignored}
+    return {Reference: ignored, MonteCarloLimit: ignored}
 
 
 class PCADataSpec(Model):
@@ -129,8 +134,14 @@ def data_files(spec: PCASpec) -> list[Path]:
     return files_of(spec.data.dir, [spec.data.split])
 
 
+def monte_carlo(spec: PCASpec) -> bool:
+    """Whether the reference is a network.module's Monte-Carlo limit (kernel: analytic), in shares."""
+    return spec.network.module is not None and spec.kernel == "analytic"
+
+
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """K = Theta(X, X): (N, n0) -> (N, N) float64 on the CPU."""
+    """K = Theta(X, X): (N, n0) -> (N, N) float64 on the CPU (not a Monte-Carlo limit: see
+    reference_unit)."""
     description = arch(spec)
     if spec.kernel == "analytic":
         return description.kernel(X)
@@ -138,6 +149,20 @@ def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> to
     wide = description.net(spec.kernel_width, spec.kernel_seed, dtype=dtype, device=device)
     K = empirical_ntk(wide, description.inputs(X).to(device)).double().cpu()
     return (K + K.T) / 2
+
+
+def reference_unit(spec: PCASpec, X: torch.Tensor, device: torch.device, ctx: UnitContext) -> dict:
+    """The reference kernel's top eigenpairs; for a Monte-Carlo limit, from its shares, with the
+    jackknife standard error of each eigenvalue over them (eigenvalues.csv's lambda_se)."""
+    if not monte_carlo(spec):
+        K = reference_kernel(spec, X, device)
+        eig_table, lam, f = principal_components(spec, K)
+        return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f}
+    whole, replicates = limit_estimate(ctx.require, limit_names("limit", spec.kernels.mc_samples))
+    eig_table, lam, f = principal_components(spec, (whole.ntk + whole.ntk.T) / 2)
+    lams = [dynamics.kernel_pca_dense((e.ntk + e.ntk.T) / 2, 3)[0] for e in replicates]
+    eig_table["lambda_se"] = [jackknife_se([float(r[i]) for r in lams]) for i in range(3)]
+    return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f}
 
 
 def principal_components(spec: PCASpec, K: torch.Tensor) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
@@ -275,15 +300,23 @@ def step_cost(spec: PCASpec, width: int) -> float:
 def units(spec: PCASpec) -> list[Unit]:
     """`reference` (kernel and its principal components), then one unit per (width, trial)."""
     seeds, n, description = spec.seed_values, spec.data.n_points, cost_model(spec)
+    limits = []
     if spec.kernel == "empirical":
         ref_cost = description.ntk_flops(n, n, spec.kernel_width) + 2 * eigen_flops(n)
+    elif monte_carlo(spec):
+        limits = limit_units("limit", spec.kernels.mc_samples, description.kernel_flops(n, n))
+        ref_cost = (2 + len(limits)) * eigen_flops(n)
     else:
         ref_cost = description.kernel_flops(n, n) + 2 * eigen_flops(n)
-    return [Unit("reference", ref_cost, Reference())] + [
-        Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
-        for w in spec.network.width
-        for s in seeds
-    ]
+    return (
+        limits
+        + [Unit("reference", ref_cost, Reference())]
+        + [
+            Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
+            for w in spec.network.width
+            for s in seeds
+        ]
+    )
 
 
 def memory(spec: PCASpec, unit: Unit) -> int:
@@ -292,8 +325,12 @@ def memory(spec: PCASpec, unit: Unit) -> int:
     n, b, description = spec.data.n_points, resources.dtype_bytes(spec.dtype), arch(spec)
     count = split_info(resolve_data_dir(spec.data.dir), spec.data.split).count
     data = count * description.n0 + n * description.n0 * 8  # the split's uint8 images, the float64 digits
+    if isinstance(unit.work, MonteCarloLimit):
+        return data + description.kernel_bytes(n, n)
     if isinstance(unit.work, Reference):
-        if spec.kernel == "analytic":
+        if monte_carlo(spec):  # the shares' four (N, N) tensors, each replicate's K
+            kernel = (4 * len(chunks(spec.kernels.mc_samples)) + 2) * n * n * 8
+        elif spec.kernel == "analytic":
             kernel = description.kernel_bytes(n, n)
         else:
             w = spec.kernel_width
@@ -306,11 +343,12 @@ def memory(spec: PCASpec, unit: Unit) -> int:
 def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
     device = resolve_device(spec.device)
     X, y_labels = digits(spec)
+    if isinstance(unit.work, MonteCarloLimit):
+        return limit_share(arch(spec), unit.work, X)
     if isinstance(unit.work, Reference):
-        K = reference_kernel(spec, X, device)
-        eig_table, lam, f = principal_components(spec, K)
-        LOG.info("lambda_1..3 = %s", lam.tolist())
-        return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": y_labels.clone()}
+        reference = reference_unit(spec, X, device, ctx)
+        LOG.info("lambda_1..3 = %s", reference["lambda"].tolist())
+        return {**reference, "labels": y_labels.clone()}
     reference = ctx.require("reference")
     f_k = reference["f"][:, spec.component - 1]
     width, seed = unit.work.width, unit.work.seed
@@ -332,9 +370,13 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
         }
     )
     k = spec.component - 1
-    traj = unpack(*(r["trajectory"] for name, r in results.items() if name != "reference"))
+    traj = unpack(*(r["trajectory"] for r in results.values() if "trajectory" in r))
     table = metrics(traj, spec, float(lam[k]))
-    run.write_csv("eigenvalues.csv", unpack(reference["eigenvalues"]))
+    eigenvalues = unpack(reference["eigenvalues"])
+    lam_se = float(eigenvalues["lambda_se"][k]) if "lambda_se" in eigenvalues else None
+    if lam_se is not None:
+        table.insert(table.columns.get_loc("lambda_k") + 1, "lambda_k_se", lam_se)
+    run.write_csv("eigenvalues.csv", eigenvalues)
     run.write_csv("components.csv", components)
     run.write_csv("trajectories.csv", traj)
     run.write_csv("metrics.csv", table)
@@ -343,6 +385,7 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
         traj,
         run.path / "figure",
         lam_k=float(lam[k]),
+        lam_se=lam_se,
         c=spec.target_scale,
         k=spec.component,
         kernel=spec.kernel,
