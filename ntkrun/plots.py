@@ -244,8 +244,9 @@ def generalization_figure(
     n_net: int,
     title: str,
 ) -> None:
-    """(a) learning curves: test accuracy vs N_train, a line per kernel, the nets (trained on
-    n_net points) as points; (b) test accuracy vs width, the kernel predictors at n_net as lines;
+    """(a) learning curves: test accuracy vs N_train, a line per kernel (a Monte-Carlo kernel's with
+    its +-2 jackknife SE band), the nets (trained on n_net points) as points; (b) test accuracy vs
+    width, the kernel predictors at n_net as lines;
     (c) distance of the nets to the NTK predictor vs width (log-log) with the fitted slopes."""
     nets = accuracy[accuracy["predictor"] == "net"]
     with plt.rc_context(STYLE):
@@ -257,6 +258,9 @@ def generalization_figure(
                 color, label = KERNEL_STYLES[kind]
                 style = "o--" if kind.startswith("mlp_") else "o-"
                 ax.plot(g["n_train"], g["test_accuracy"], style, color=color, ms=3.5, label=label)
+                if "test_accuracy_se" in g and g["test_accuracy_se"].notna().any():  # Monte-Carlo kernels
+                    low, high = (g["test_accuracy"] + k * 2 * g["test_accuracy_se"] for k in (-1, 1))
+                    ax.fill_between(g["n_train"], low, high, color=color, alpha=0.2, lw=0)
         widths = sorted(nets["width"].unique())
         shades = {
             w: plt.get_cmap("Greys")(0.35 + 0.6 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)

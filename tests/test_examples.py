@@ -95,3 +95,13 @@ def test_a_user_model_runs_through_generalization_beside_the_mlp(examples_on_pat
     acc = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
     assert {"ntk", "nngp", "mlp_ntk", "net", "ntk_t"} <= set(acc["predictor"])
     assert acc["test_accuracy"].between(0, 1).all()
+    # the module's kernels (4 networks in 2 shares): each score with its jackknife standard error
+    assert (
+        "limit_n40_1" in listed.output
+        and len(list((tmp_path / "generalization" / "latest" / "units").glob("limit_n40_*.pt"))) == 2
+    )
+    own = acc[acc["predictor"].isin(["ntk", "nngp"])]
+    assert (own["test_mse_se"] > 0).all() and (own["test_accuracy_se"] >= 0).all()
+    assert (
+        acc[~acc["predictor"].isin(["ntk", "nngp"])][["test_accuracy_se", "test_mse_se"]].isna().all().all()
+    )

@@ -32,6 +32,7 @@ from ntkrun.fits import slope_table
 from ntkrun.linalg import kernel_solve_, solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
+from ntkrun.runners import generalization_mc as mc
 from ntkrun.runners.common import (
     UnknownCost,
     architecture,
@@ -56,7 +57,7 @@ from ntkrun.spec import (
     RunSpec,
     as_list,
 )
-from ntkrun.work import KernelFit, Progress, Reference, TrainNet, Unit, UnitContext
+from ntkrun.work import KernelFit, MonteCarloLimit, Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)
@@ -72,7 +73,7 @@ def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     ignored = ("seeds", "base_seed", "training", "n_boot")
     if spec.network.module is None or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
-    return {KernelFit: ignored}
+    return {KernelFit: ignored, MonteCarloLimit: ignored}
 
 
 class GenDataSpec(Model):
@@ -222,6 +223,11 @@ def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
     return groups
 
 
+def monte_carlo(spec: GenSpec, predictors: tuple[str, ...]) -> bool:
+    """Whether a kernel unit fits a network.module's Monte-Carlo kernels (runners.generalization_mc)."""
+    return spec.network.module is not None and not predictors[0].startswith("mlp_")
+
+
 def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:
     """ntk_n500 for one predictor (as every earlier run named it), ntk+nngp_n500 for a pair."""
     return f"{'+'.join(predictors)}_n{n}"
@@ -344,6 +350,9 @@ def units(spec: GenSpec) -> list[Unit]:
         model = cost_model(spec, predictors[0])
         for n in spec.data.n_train:
             cost = model.kernel_flops(n, n) / 2 + len(predictors) * n**3 / 3 + model.kernel_flops(m, n)
+            if monte_carlo(spec, predictors):  # the module's kernels in shares, then their fit
+                out.extend(mc.share_units(spec, model, n, m))
+                cost = mc.fit_cost(spec, predictors, n, m)
             out.append(Unit(kernel_unit_name(predictors, n), cost, KernelFit(predictors, n)))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
@@ -371,6 +380,10 @@ def memory(spec: GenSpec, unit: Unit) -> int:
     description, m = arch(spec), n_test(spec)
     n0, images = description.n0, split_info(folder, "train").count + split_info(folder, "test").count
     data = images * n0 + (max(n_train_sizes(spec)) + 2 * m) * n0 * 8
+    if isinstance(unit.work, MonteCarloLimit):
+        return data + mc.share_bytes(description, unit.work.n_train, m)
+    if isinstance(unit.work, KernelFit) and monte_carlo(spec, unit.work.predictors):
+        return data + mc.fit_bytes(spec, unit.work.n_train, m)
     if isinstance(unit.work, KernelFit):
         n, k = unit.work.n_train, len(unit.work.predictors)
         model, b = kernel_of(spec, unit.work.predictors[0])[0], gram_dtype(spec, n).itemsize
@@ -388,6 +401,10 @@ def memory(spec: GenSpec, unit: Unit) -> int:
 
 
 def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+    if isinstance(unit.work, MonteCarloLimit):
+        return mc.share(spec, arch(spec), unit.work)
+    if isinstance(unit.work, KernelFit) and monte_carlo(spec, unit.work.predictors):
+        return mc.fit(spec, unit, ctx, progress)
     if isinstance(unit.work, KernelFit):
         return kernel_unit(spec, unit, ctx, progress)
     if isinstance(unit.work, Reference):
@@ -403,7 +420,7 @@ def fits(distance: pd.DataFrame, spec: GenSpec) -> pd.DataFrame:
 
 def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
     """accuracy.csv, distance.csv, fits.csv and the figure; -> accuracy."""
-    accuracy = unpack(*(r["rows"] for r in results.values()))
+    accuracy = unpack(*(r["rows"] for r in results.values() if "rows" in r))
     accuracy = accuracy.sort_values(["predictor", "n_train", "width", "seed"], kind="stable").reset_index(
         drop=True
     )
