@@ -264,9 +264,11 @@ def _jacobian(
             out[r, c] = block
             if symmetric and j != i:
                 out[c, r] = _mirror(block)
+            del J_j, block  # before the next block's Jacobians: two blocks live, never three
             done += 1
             if progress is not None:
                 progress(done, total)
+        del J_i
 
 
 def _ntvp(
@@ -299,3 +301,4 @@ def _ntvp(
                 progress(done, total)
         if symmetric and c0 > 0:
             out[c0:e, :c0] = _mirror(out[:c0, c0:e])
+        del tangents  # before the next group's: one group's tangents live, never two
