@@ -1,10 +1,13 @@
 """The fully connected network (docs/science.md §1, §7) and full-batch gradient descent.
 
-NTK parametrization (the paper's, the default) and standard parametrization:
+NTK parametrization (the paper's, the default), standard parametrization, and the maximal-update
+parametrization (muP; `meanfield`: muP of one hidden layer, docs/science.md §11):
 
     ntk:       z(l+1) = W(l) a(l) / sqrt(n_l) + beta * b(l),   W, b iid N(0, 1)
     standard:  z(l+1) = W(l) a(l) + b(l),   W ~ N(0, 1 / n_l), b ~ N(0, beta^2)
-    a(l) = sigma(z(l)),   f(x) = z(L) in R^k (k = n_out outputs)
+    mup:       as ntk, but the output layer z(L) = W(L-1) a(L-1) / n + beta * b(L-1), and GD moves
+               every weight and hidden bias with the learning rate lr * n (the output bias: lr)
+    a(l) = sigma(z(l)),   f(x) = z(L) in R^k (k = n_out outputs), n the hidden width
 
 The standard parameters are drawn as W_ntk / sqrt(n_l) and beta * b_ntk from the same random
 numbers, so one seed gives the same function at initialization in both; their gradients (and so
@@ -23,7 +26,7 @@ from torch import nn
 
 from ntkrun.nonlinearities import Nonlinearity, get_nonlinearity
 
-PARAMETRIZATIONS = ("ntk", "standard")
+PARAMETRIZATIONS = ("ntk", "standard", "mup", "meanfield")
 
 
 @dataclass
@@ -68,7 +71,8 @@ class MLP(nn.Module):
     """Fully connected network: (N, n0) -> (N,) for n_out = 1, (N, k) for n_out = k > 1.
 
     `depth` is the number of weight matrices L; `width` is the hidden width (or a list of the
-    L - 1 hidden widths); `parametrization` is "ntk" (default) or "standard". Parameters are
+    L - 1 hidden widths); `parametrization` is "ntk" (default), "standard", "mup" or "meanfield"
+    (muP of depth 2; `fan` and `lr_scales` hold its multipliers and learning-rate factors). Parameters are
     drawn in float64 on the CPU from `seed`, then cast, so a seed gives the same network (up to
     rounding) on every device, in every dtype and in both parametrizations.
     """
@@ -100,6 +104,20 @@ class MLP(nn.Module):
         self.beta = float(beta)
         self.parametrization = parametrization
         self.standard = parametrization == "standard"
+        self.mup = parametrization in ("mup", "meanfield")
+        if parametrization == "meanfield" and depth != 2:
+            raise ValueError(
+                f"the meanfield parametrization has one hidden layer (depth 2), got depth {depth}"
+            )
+        if self.mup and len(set(self.sizes[1:-1])) > 1:
+            raise ValueError(f"muP scales with one hidden width; got widths {self.sizes[1:-1]}")
+        # fan[l]: W(l)'s multiplier is 1 / fan[l]; lr_scales[l]: (weight, bias) learning-rate factors
+        self.fan = [math.sqrt(n) for n in self.sizes[:-1]]
+        self.lr_scales = [(1.0, 1.0)] * depth
+        if self.mup:
+            n = float(self.sizes[-2])
+            self.fan[-1] = n
+            self.lr_scales = [(n, n)] * (depth - 1) + [(n, 1.0)]
         self.nonlinearity = get_nonlinearity(nonlinearity)
         gen = torch.Generator().manual_seed(seed)
         self.weights = nn.ParameterList()
@@ -133,7 +151,7 @@ class MLP(nn.Module):
             if self.standard:
                 z = torch.addmm(b[:, None], W, a.t()).t()
             else:
-                alpha = 1.0 / math.sqrt(self.sizes[l])
+                alpha = 1.0 / self.fan[l]
                 z = torch.addmm(b[:, None], W, a.t(), beta=self.beta, alpha=alpha).t()
             zs.append(z)
             if l < self.depth - 1:
@@ -161,7 +179,7 @@ class MLP(nn.Module):
         for l in range(self.depth - 1, 0, -1):
             scale = sigma_dot(cache.zs[l - 1])
             if not self.standard:
-                scale = scale / math.sqrt(self.sizes[l])
+                scale = scale / self.fan[l]
             d = torch.mm(self.weights[l].t(), d.t()).t() * scale
             out.append(d)
         return out[::-1]
@@ -226,6 +244,7 @@ def mlp_gd_step(net: MLP, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.
             W.addmm_(g[l].t(), cache.acts[l], alpha=-lr)
             b.sub_(g[l].sum(0), alpha=lr)
         else:
-            W.addmm_(g[l].t(), cache.acts[l], alpha=-lr / math.sqrt(net.sizes[l]))
-            b.sub_(g[l].sum(0), alpha=lr * net.beta)
+            r_w, r_b = net.lr_scales[l]  # 1 but for muP
+            W.addmm_(g[l].t(), cache.acts[l], alpha=-lr * r_w / net.fan[l])
+            b.sub_(g[l].sum(0), alpha=lr * r_b * net.beta)
     return cost

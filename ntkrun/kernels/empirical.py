@@ -3,10 +3,11 @@
     Theta_ab(x, x') = sum_{l=0}^{L-1} [a(l)(x).a(l)(x') / n_l + beta^2] * [delta_a(l+1)(x).delta_b(l+1)(x')]
 
 with delta_a backpropagated from output a (docs/science.md §7.1); the standard parametrization
-replaces the first factor by a(l)(x).a(l)(x') + 1. One forward pass and one backward pass of the
-deltas per input and output; no per-sample parameter gradient is ever formed. Inputs are
-processed in row blocks sized from a memory budget. Any other torch module goes through the
-generic torch.func path (ntkrun.kernels.generic).
+replaces the first factor by a(l)(x).a(l)(x') + 1; muP (docs/science.md §11) weights each term by
+the learning-rate factors of its parameters, so Theta is the kernel of its GD dynamics. One
+forward pass and one backward pass of the deltas per input and output; no per-sample parameter
+gradient is ever formed. Inputs are processed in row blocks sized from a memory budget. Any other
+torch module goes through the generic torch.func path (ntkrun.kernels.generic).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def _block_gram(
         k = acts_a[l] @ acts_b[l].t()
         if net.standard:
             k.add_(1.0)
+        elif net.mup:  # each parameter's gradient weighted by its learning-rate factor
+            r_w, r_b = net.lr_scales[l]
+            k.mul_(r_w / net.fan[l] ** 2).add_(r_b * beta2)
         else:
             k.mul_(1.0 / net.sizes[l]).add_(beta2)
         if k_out > 1 and l < net.depth - 1:

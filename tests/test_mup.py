@@ -1,0 +1,128 @@
+"""The maximal-update parametrization (muP) and mean-field of ntkrun.MLP against Yang & Hu's table
+(docs/science.md §11): the function at initialization, the kernel of its GD dynamics (against
+torch.func Jacobians weighted by each parameter's learning-rate factor), the GD step (against
+autograd with per-parameter learning rates), and the per-layer update sizes at two widths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from ntkrun.kernels import empirical_ntk
+from ntkrun.network import MLP, autograd_gd_step, gd_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+
+
+def inputs(n: int = 6, n0: int = 3) -> torch.Tensor:
+    return torch.randn(n, n0, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+
+def lr_factors(net: MLP) -> dict[str, float]:
+    """Each parameter's learning-rate factor by name (weights.l, biases.l)."""
+    out = {}
+    for l, (r_w, r_b) in enumerate(net.lr_scales):
+        out[f"weights.{l}"], out[f"biases.{l}"] = r_w, r_b
+    return out
+
+
+def weighted_ntk(net: MLP, X: torch.Tensor) -> torch.Tensor:
+    """sum_p r_p df/dp df/dp^T by torch.func per-sample Jacobians (one output)."""
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, p, (x[None],))[0]
+
+    J = vmap(jacrev(f), (None, 0))(params, X)
+    factors = lr_factors(net)
+    return sum(factors[k] * J[k].flatten(1) @ J[k].flatten(1).T for k in params)
+
+
+@pytest.mark.parametrize(("parametrization", "depth"), [("mup", 3), ("mup", 4), ("meanfield", 2), ("ntk", 3)])
+def test_the_fast_kernel_is_the_learning_rate_weighted_jacobian_gram(parametrization, depth):
+    net = MLP(3, 16, depth, "relu", beta=0.1, seed=2, dtype=F64, parametrization=parametrization)
+    X = inputs()
+    torch.testing.assert_close(empirical_ntk(net, X), weighted_ntk(net, X), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_mups_kernel_at_initialization_is_the_ntk_parametrizations(depth):
+    """With the same random numbers: the output multiplier 1/n (not 1/sqrt n) scales every
+    gradient below the output by n^-1/2 and the output layer's by n^-1/2 too; the learning-rate
+    factor n restores each term, and the output bias keeps its factor 1: Theta_mup(0) = Theta_ntk(0)
+    exactly (docs/science.md §11), while f_mup(0) is f_ntk(0) with its weight term divided by sqrt(n)."""
+    X = inputs()
+    ntk = MLP(3, 32, depth, "relu", beta=0.1, seed=3, dtype=F64)
+    mup = MLP(3, 32, depth, "relu", beta=0.1, seed=3, dtype=F64, parametrization="mup")
+    torch.testing.assert_close(empirical_ntk(mup, X), empirical_ntk(ntk, X), rtol=1e-12, atol=1e-14)
+    bias = 0.1 * ntk.biases[-1].detach()
+    with torch.no_grad():
+        torch.testing.assert_close(mup(X) - bias, (ntk(X) - bias) / math.sqrt(32), rtol=1e-12, atol=1e-14)
+
+
+def test_the_mup_output_at_initialization_vanishes_like_width_to_the_minus_half():
+    """Var f(x) = E[a.a] / n^2 summed over n units = E[a^2] / n (beta 0): over 400 seeds the
+    variance ratio between widths 64 and 256 is 4 (each estimate has relative error 0.07, the
+    ratio about 0.1: [3, 5.3] is > 3 of them); in NTK parametrization it is 1."""
+    X = inputs(2)
+
+    def variance(width: int, parametrization: str) -> float:
+        outs = [MLP(3, width, 3, "relu", beta=0.0, seed=s, dtype=F64, parametrization=parametrization)(X)[0]
+                for s in range(400)]  # fmt: skip
+        return float(torch.stack(outs).detach().var())
+
+    assert 3.0 < variance(64, "mup") / variance(256, "mup") < 5.3
+    assert 0.75 < variance(64, "ntk") / variance(256, "ntk") < 1.33
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "meanfield", "ntk"])
+def test_the_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
+    depth = 2 if parametrization == "meanfield" else 3
+    X, y = inputs(), torch.sin(inputs()[:, 0])
+    fast = MLP(3, 16, depth, "tanh", beta=0.1, seed=4, dtype=F64, parametrization=parametrization)
+    slow = MLP(3, 16, depth, "tanh", beta=0.1, seed=4, dtype=F64, parametrization=parametrization)
+    gd_step(fast, X, y, lr=0.1)
+    before = {k: v.detach().clone() for k, v in slow.named_parameters()}
+    autograd_gd_step(slow, X, y, lr=0.1)  # every parameter with lr 0.1: the factor applied below
+    with torch.no_grad():
+        for name, p in slow.named_parameters():
+            p.copy_(before[name] + lr_factors(slow)[name] * (p - before[name]))
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def update_sizes(width: int, parametrization: str, seeds: int = 6) -> list[float]:
+    """RMS over units (and inputs) of the change of each hidden pre-activation z(l) after one GD
+    step of lr 0.5 on 8 points (towards y + f_0, so every width starts from the residual -y),
+    averaged over seeds: the feature updates of docs/science.md §11."""
+    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    y = torch.sign(X[:, 0] * X[:, 1])
+    sizes = torch.zeros(2)
+    for seed in range(seeds):
+        net = MLP(4, width, 3, "relu", beta=0.1, seed=seed, dtype=F64, parametrization=parametrization)
+        cache = net.forward_cache(X)
+        z0 = [z.detach() for z in cache.zs[:2]]
+        gd_step(net, X, y + cache.f.detach(), lr=0.5)  # centered: the residual is -y at any width
+        z1 = [z.detach() for z in net.forward_cache(X).zs[:2]]
+        sizes += torch.tensor([float((b - a).pow(2).mean().sqrt()) for a, b in zip(z0, z1, strict=True)])
+    return (sizes / seeds).tolist()
+
+
+def test_mup_moves_the_features_by_order_one_and_ntk_by_width_to_the_minus_half():
+    """Widths 256 and 1024: per hidden layer, the RMS feature update's ratio is 1 in muP and
+    1/2 (= 4^-1/2) in NTK parametrization (measured 0.97-1.01 and 0.48-0.51; bounds +-20%)."""
+    mup = [a / b for a, b in zip(update_sizes(1024, "mup"), update_sizes(256, "mup"), strict=True)]
+    ntk = [a / b for a, b in zip(update_sizes(1024, "ntk"), update_sizes(256, "ntk"), strict=True)]
+    assert all(0.8 < r < 1.25 for r in mup), mup
+    assert all(0.4 < r < 0.6 for r in ntk), ntk
+
+
+def test_meanfield_needs_one_hidden_layer_and_mup_one_width():
+    with pytest.raises(ValueError, match="meanfield parametrization has one hidden layer"):
+        MLP(3, 8, 3, parametrization="meanfield")
+    with pytest.raises(ValueError, match="muP scales with one hidden width"):
+        MLP(3, [8, 16], 3, parametrization="mup")
