@@ -112,6 +112,13 @@ EXPERIMENTS = {
             summary_tables=("accuracy.csv", "fits.csv"),
             flags=(DATA_DIR_FLAG,),
         ),
+        Experiment(
+            "features",
+            "ntkrun.runners.features",
+            "Where the kernel regime ends: kernel change vs width (NTK, muP), output scale, depth/width.",
+            summary_tables=("fits.csv",),
+            flags=(DATA_DIR_FLAG,),
+        ),
     )
 }
 

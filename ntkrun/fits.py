@@ -55,20 +55,26 @@ FIT_COLUMNS = ["metric", "slope", "ci_low", "ci_high", "intercept", "reference_s
 
 
 def slope_table(
-    table: pd.DataFrame, references: dict[str, float], *, n_boot: int, seed: int, by: str | None = None
+    table: pd.DataFrame,
+    references: dict[str, float],
+    *,
+    n_boot: int,
+    seed: int,
+    by: str | None = None,
+    x: str = "width",
 ) -> pd.DataFrame:
     """One fit_power_law row per metric (and per value of the column `by`): the log-log slope in
-    width of each metric of `table` (columns width, seed, the metrics, `by`), its bootstrap
-    interval over seeds, and the metric's reference slope. No rows for a group of fewer than
-    two widths (a slope needs two)."""
+    `x` (the width, or another column such as an output scale) of each metric of `table` (columns
+    x, seed, the metrics, `by`), its bootstrap interval over seeds, and the metric's reference
+    slope. No rows for a group of fewer than two values of x (a slope needs two)."""
     rows = []
     groups = table.groupby(by, sort=True) if by is not None else [(None, table)]
     for key, g in groups:
-        widths = np.array(sorted(g["width"].unique()), float)
+        widths = np.array(sorted(g[x].unique()), float)
         if len(widths) < 2:
             continue
         for metric, reference in references.items():
-            samples = g.pivot(index="width", columns="seed", values=metric).loc[widths].to_numpy()
+            samples = g.pivot(index=x, columns="seed", values=metric).loc[widths].to_numpy()
             fit = fit_power_law(widths, samples, n_boot=n_boot, seed=seed)
             rows.append(
                 {

@@ -40,6 +40,8 @@ class UnitContext(Protocol):
 class Reference:
     """The kernel (or limit) the other units of the run read: computed first, in stage 0."""
 
+    depth: int | None = None  # where the run has one per depth (features), else None
+
 
 @dataclass(frozen=True)
 class TrainNet:
@@ -73,6 +75,18 @@ class MonteCarloLimit:
 
 
 @dataclass(frozen=True)
+class FeatureNet:
+    """One network of `ntkrun features`: its parametrization, output scale alpha, depth, width and
+    seed; trained, its kernel measured before and after."""
+
+    parametrization: str
+    alpha: float
+    depth: int
+    width: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class PointWork:
     """A unit of one point of a sweep (ntkrun.sweep): that point's own unit, run with its spec."""
 
@@ -80,7 +94,7 @@ class PointWork:
     unit: Unit
 
 
-Work = Reference | TrainNet | KernelFit | MonteCarloLimit | PointWork
+Work = Reference | TrainNet | KernelFit | MonteCarloLimit | FeatureNet | PointWork
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+"""`ntkrun features` (docs/science.md §11): the output scale's GD against its definition and its
+closed form at alpha -> infinity, and the experiment end to end (units, tables, fits, figure, bad
+input). The muP table itself is tests/test_mup.py."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ntkrun import dynamics
+from ntkrun.cli import app
+from ntkrun.kernels import empirical_ntk
+from ntkrun.network import MLP, gd_step, mse_cost
+from ntkrun.runners.features import alignment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+
+
+def task(n: int = 16, m: int = 64) -> tuple[torch.Tensor, ...]:
+    X = torch.randn(n + m, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = torch.sign(X[:, 0] * X[:, 1])
+    return X[:n], y[:n], X[n:], y[n:]
+
+
+def test_gd_on_the_scaled_model_is_gd_towards_f0_plus_y_over_alpha():
+    """d/dtheta [C(alpha (f - f_0), y) / alpha^2] = d/dtheta C(f, f_0 + y / alpha) (§11.2), by autograd."""
+    X, y, _, _ = task()
+    net = MLP(3, 32, 3, "tanh", seed=1, dtype=F64)
+    with torch.no_grad():
+        f0 = net(X)
+    for alpha in (0.5, 3.0, 40.0):
+        scaled = mse_cost(alpha * (net(X) - f0), y) / alpha**2
+        plain = mse_cost(net(X), f0 + y / alpha)
+        for a, b in zip(torch.autograd.grad(scaled, list(net.parameters())),
+                        torch.autograd.grad(plain, list(net.parameters())), strict=True):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def lazy_distance(alpha: float) -> float:
+    """||f_alpha - f_lin|| / ||f_lin|| on test points after 50 GD steps: f_lin the network's own
+    linearization (kernel regression with its Theta_0 from g_0 = 0, the alpha -> infinity limit)."""
+    X, y, Xt, _ = task()
+    net = MLP(3, 128, 3, "tanh", seed=2, dtype=F64)
+    theta_0, theta_test = empirical_ntk(net, X), empirical_ntk(net, Xt, X)
+    with torch.no_grad():
+        f0, f0_test = net(X), net(Xt)
+    for _ in range(50):
+        gd_step(net, X, f0 + y / alpha, lr=1.0)
+    with torch.no_grad():
+        f = alpha * (net(Xt) - f0_test)
+    zeros = torch.zeros(len(y), dtype=F64), torch.zeros(len(Xt), dtype=F64)
+    f_lin = dynamics.linearized(dynamics.eigen(theta_0), theta_test, y, *zeros, 50.0, lr=1.0)
+    return float((f - f_lin).norm() / f_lin.norm())
+
+
+def test_the_scaled_model_meets_its_linearization_like_one_over_alpha():
+    """Chizat et al.: the distance to the closed form at alpha = infinity is O(1/alpha) for a smooth
+    model: doubling alpha from 32 to 64 to 128 halves it (measured 0.503, 0.502; bounds +-10%), and at
+    alpha 128 it is below 1e-3 (measured 2.3e-4)."""
+    d32, d64, d128 = lazy_distance(32.0), lazy_distance(64.0), lazy_distance(128.0)
+    assert 0.45 < d64 / d32 < 0.55 and 0.45 < d128 / d64 < 0.55
+    assert d128 < 1e-3
+
+
+def test_alignment_is_one_for_the_label_kernel_and_scale_free():
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=F64)
+    assert alignment(torch.outer(y, y), y) == pytest.approx(1.0)
+    K = torch.eye(4, dtype=F64) + 0.3
+    assert alignment(7 * K, y) == pytest.approx(alignment(K, y))
+
+
+TINY = ["features", "--preset", "quick", "--width", "16", "--width", "32", "--seeds", "2", "--steps", "5",
+        "--set", "training.output_scales=[1, 4]", "--set", "training.output_scale_width=16",
+        "--set", "depth_width=[[2, 8], [3, 16], [2, 16], [3, 32]]", "--set", "data.n_train=8",
+        "--set", "data.n_test=16", "--set", "n_boot=20", "--quiet"]  # fmt: skip
+
+
+def test_features_runs_its_three_arms_with_fits_and_figure(tmp_path):
+    listed = CliRunner().invoke(app, [*TINY, "-o", str(tmp_path), "--list-units"])
+    assert listed.exit_code == 0, listed.output
+    assert "limit_d3" in listed.output and "mup_d3_w32_a1_s1" in listed.output
+    result = CliRunner().invoke(app, [*TINY, "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "features" / "latest"
+    table = pd.read_csv(run / "features.csv")
+    # arm (a) 2 x 2 widths, (b) alpha 4 (alpha 1 at width 16 is arm (a)'s), (c) 2 new pairs; 2 seeds
+    assert len(table) == (4 + 1 + 2) * 2
+    assert set(table["parametrization"]) == {"ntk", "mup"}
+    assert (table[["change_T", "spread_0", "lin_dist_T"]] > 0).all().all()
+    assert table[["acc_net", "acc_ntk", "align_0", "align_T"]].apply(lambda c: c.between(-1, 1)).all().all()
+    fits = pd.read_csv(run / "fits.csv")
+    assert set(zip(fits["arm"], fits["group"], fits["metric"], strict=True)) == {
+        ("width", "ntk", "change_T"), ("width", "mup", "change_T"), ("alpha", "ntk", "change_T"),
+        ("alpha", "ntk", "lin_dist_T"), ("ratio", "depth 2", "spread_0"), ("ratio", "depth 2", "change_T"),
+        ("ratio", "depth 3", "spread_0"), ("ratio", "depth 3", "change_T"),
+    }  # fmt: skip
+    assert (run / "figure.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["depth_width=[[1, 8]]"], "depth_width: a depth must be at least 2"),
+        (["network.parametrizations=[ntk, sp]"], "network.parametrizations"),
+        (["training.output_scales=[0]"], "training.output_scales"),
+        (["network.parametrization=mup"], "network.parametrization"),
+    ],
+)
+def test_bad_features_specs_are_refused_in_one_line(tmp_path, sets, message):
+    args = [*TINY, "-o", str(tmp_path)]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, [*args, "--check"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "features").exists()
