@@ -44,6 +44,27 @@ def _point_colors(labels: pd.Series) -> dict[str, tuple]:
     return {p: plt.get_cmap("viridis")(i / max(len(order) - 1, 1) * 0.9) for i, p in enumerate(order)}
 
 
+def _features_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Figure) -> None:
+    """Per fitted slope of `ntkrun features` (an arm, its group, a metric): the slope with its
+    interval against the swept key, beside the papers' slope."""
+    fits = tables["fits.csv"]
+    x, label, ticks = _sweep_axis(fits, keys)
+    fits = fits.assign(_x=x)
+    panels = list(dict.fromkeys(zip(fits["arm"], fits["group"], fits["metric"], strict=True)))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharex=True))
+    for ax, (arm, group, metric) in zip(axes, panels, strict=True):
+        g = fits[(fits["arm"] == arm) & (fits["group"] == group) & (fits["metric"] == metric)].sort_values(
+            "_x"
+        )
+        err = [(g["slope"] - g["ci_low"]).clip(lower=0), (g["ci_high"] - g["slope"]).clip(lower=0)]
+        ax.errorbar(g["_x"], g["slope"], yerr=err, fmt="o-", ms=3.5, capsize=2, color="tab:blue")
+        ax.axhline(g["reference_slope"].iloc[0], ls=":", color="gray")
+        ax.set_title(f"{metric} in {arm} ({group})", fontsize=8)
+        ax.set_xlabel(label)
+        _set_sweep_ticks(ax, ticks)
+    axes[0].set_ylabel("slope (dotted: the papers')")
+
+
 def _scaling_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig: plt.Figure) -> None:
     """Per metric, against the swept key: the fitted slope in width with its interval (top), and
     the constant at the reference rate, C = geometric mean over widths and seeds of metric x
@@ -182,6 +203,9 @@ def sweep_figure(experiment: str, tables: dict[str, pd.DataFrame], keys: list[st
         elif experiment == "generalization":
             fig = plt.figure(figsize=(11, 4))
             _generalization_sweep(tables, keys, fig)
+        elif experiment == "features":
+            fig = plt.figure(figsize=(16, 3.6))
+            _features_sweep(tables, keys, fig)
         else:
             fig = plt.figure(figsize=(10, 3.8))
             _width_sweep(WIDTH_PANELS[experiment], tables, keys, fig)

@@ -116,3 +116,11 @@ def test_bad_features_specs_are_refused_in_one_line(tmp_path, sets, message):
     result = CliRunner().invoke(app, [*args, "--check"])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "features").exists()
+
+
+def test_a_features_sweep_compares_its_points_slopes(tmp_path):
+    result = CliRunner().invoke(app, [*TINY, "-o", str(tmp_path), "--sweep", "training.lr=0.5,1.0"])
+    assert result.exit_code == 0, result.output
+    fits = pd.read_csv(tmp_path / "features" / "latest" / "fits.csv")
+    assert list(fits.columns[:2]) == ["training.lr", "arm"] and set(fits["training.lr"]) == {0.5, 1.0}
+    assert (tmp_path / "features" / "latest" / "figure.png").is_file()
