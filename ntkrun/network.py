@@ -216,15 +216,26 @@ def gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torc
     return autograd_gd_step(net, X, y, lr)
 
 
+def lr_factor(net: nn.Module, name: str) -> float:
+    """The learning-rate factor of parameter `name` ("weights.l" or "biases.l") of a network with
+    per-layer `lr_scales` (muP, docs/science.md §11.1); 1 for any other."""
+    scales = getattr(net, "lr_scales", None)
+    kind, _, layer = name.partition(".")
+    if scales is None or kind not in ("weights", "biases") or not layer.isdigit():
+        return 1.0
+    return scales[int(layer)][0 if kind == "weights" else 1]
+
+
 def autograd_gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-    """gd_step through autograd, for any module: p <- p - lr dC/dp; returns C before the step."""
-    params = [p for p in net.parameters() if p.requires_grad]
+    """gd_step through autograd, for any module: p <- p - lr r_p dC/dp (r_p = lr_factor: 1 but for
+    muP); returns C before the step."""
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     with torch.enable_grad():
         cost = mse_cost(net(X), y)
-        grads = torch.autograd.grad(cost, params)
+        grads = torch.autograd.grad(cost, [p for _, p in named])
     with torch.no_grad():
-        for p, g in zip(params, grads, strict=True):
-            p.sub_(g, alpha=lr)
+        for (name, p), g in zip(named, grads, strict=True):
+            p.sub_(g, alpha=lr * lr_factor(net, name))
     return cost.detach()
 
 

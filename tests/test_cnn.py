@@ -414,7 +414,7 @@ def test_bad_network_inputs_raise_one_clear_value_error():
          "kernel_size 3 with padding 'valid' shrinks the 4x4 image below one pixel: 2 conv layers"),
         (lambda: CNN(1, 3, 2, padding="zeros", image_size=4), "padding must be one of"),
         (lambda: CNN(1, 3, 2, readout="mean", image_size=4), "readout must be one of"),
-        (lambda: CNN(1, 3, 2, parametrization="mup", image_size=4), "parametrization must be one of"),
+        (lambda: CNN(1, 3, 2, parametrization="meanfield", image_size=4), "parametrization must be one of"),
         (lambda: CNN(1, 3, 2, kernel_size=4, padding="circular", image_size=4), "kernel_size must be odd"),
         (lambda: CNN(1, 3, 2), "image_size: the 'flatten' readout needs"),
         (lambda: CNN(1, 3, 2, readout="gap", padding="valid")(torch.zeros(1, 1, 2, 2)), "shrinks the 2x2"),

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from ntkrun.architectures.cnn import CNN
 from ntkrun.kernels import empirical_ntk
-from ntkrun.network import MLP, autograd_gd_step, gd_step
+from ntkrun.network import MLP, autograd_gd_step, gd_step, mse_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -79,20 +80,38 @@ def test_the_mup_output_at_initialization_vanishes_like_width_to_the_minus_half(
     assert 0.75 < variance(64, "ntk") / variance(256, "ntk") < 1.33
 
 
+def expected_factors(net: torch.nn.Module, width: int) -> dict[str, float]:
+    """Yang & Hu's table in ntkrun's form (docs/science.md §11.1), written out: muP moves every weight
+    and hidden bias with lr * n, the output bias with lr; NTK every parameter with lr."""
+    names = [name for name, _ in net.named_parameters()]
+    if net.parametrization == "ntk":
+        return dict.fromkeys(names, 1.0)
+    last = f"biases.{net.depth - 1}"
+    return {name: 1.0 if name == last else float(width) for name in names}
+
+
 @pytest.mark.parametrize("parametrization", ["mup", "meanfield", "ntk"])
 def test_the_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
+    """The MLP's hand-written step and the generic autograd step (the CNN's) against p - lr r_p dC/dp."""
     depth = 2 if parametrization == "meanfield" else 3
     X, y = inputs(), torch.sin(inputs()[:, 0])
-    fast = MLP(3, 16, depth, "tanh", beta=0.1, seed=4, dtype=F64, parametrization=parametrization)
-    slow = MLP(3, 16, depth, "tanh", beta=0.1, seed=4, dtype=F64, parametrization=parametrization)
-    gd_step(fast, X, y, lr=0.1)
-    before = {k: v.detach().clone() for k, v in slow.named_parameters()}
-    autograd_gd_step(slow, X, y, lr=0.1)  # every parameter with lr 0.1: the factor applied below
+    nets = [
+        MLP(3, 16, depth, "tanh", beta=0.1, seed=4, dtype=F64, parametrization=parametrization)
+        for _ in range(3)
+    ]
+    fast, generic, manual = nets
+    factors = expected_factors(manual, 16)
+    grads = torch.autograd.grad(mse_cost(manual(X), y), list(manual.parameters()))
     with torch.no_grad():
-        for name, p in slow.named_parameters():
-            p.copy_(before[name] + lr_factors(slow)[name] * (p - before[name]))
-    for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+        for (name, p), g in zip(manual.named_parameters(), grads, strict=True):
+            p.sub_(0.1 * factors[name] * g)
+    gd_step(fast, X, y, lr=0.1)
+    autograd_gd_step(generic, X, y, lr=0.1)
+    for (name, a), b, c in zip(
+        fast.named_parameters(), generic.parameters(), manual.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14, msg=name)
 
 
 def update_sizes(width: int, parametrization: str, seeds: int = 6) -> list[float]:
@@ -126,3 +145,67 @@ def test_meanfield_needs_one_hidden_layer_and_mup_one_width():
         MLP(3, 8, 3, parametrization="meanfield")
     with pytest.raises(ValueError, match="muP scales with one hidden width"):
         MLP(3, [8, 16], 3, parametrization="mup")
+
+
+# ---------------------------------------------------------------- the CNN (n: its channels)
+
+
+def cnn(channels: int, parametrization: str, seed: int = 3, readout: str = "flatten") -> CNN:
+    return CNN(1, channels, 3, readout=readout, beta=0.1, seed=seed, image_size=(5, 5), dtype=F64,
+               parametrization=parametrization)  # fmt: skip
+
+
+def images(n: int = 5) -> torch.Tensor:
+    return torch.randn(n, 1, 5, 5, generator=torch.Generator().manual_seed(6), dtype=F64)
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+def test_the_cnns_mup_kernel_is_its_learning_rate_weighted_jacobian_gram_and_ntks_at_init(readout):
+    net, X = cnn(6, "mup", readout=readout), images()
+    theta = empirical_ntk(net, X)
+    torch.testing.assert_close(theta, weighted_ntk(net, X), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(
+        theta, empirical_ntk(cnn(6, "ntk", readout=readout), X), rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "ntk"])
+def test_the_cnns_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
+    X, y = images(), torch.sin(images().sum((1, 2, 3)))
+    net, manual = cnn(6, parametrization), cnn(6, parametrization)
+    factors = expected_factors(manual, 6)
+    grads = torch.autograd.grad(mse_cost(manual(X), y), list(manual.parameters()))
+    with torch.no_grad():
+        for (name, p), g in zip(manual.named_parameters(), grads, strict=True):
+            p.sub_(0.1 * factors[name] * g)
+    gd_step(net, X, y, lr=0.1)
+    for (name, a), b in zip(net.named_parameters(), manual.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def cnn_update_sizes(channels: int, parametrization: str, seeds: int = 6) -> list[float]:
+    """update_sizes for the CNN's two convolutions' pre-activations (RMS over channels, pixels, images)."""
+    X = images(8)
+    y = torch.sign(X[:, 0, 1, 1] * X[:, 0, 3, 3])
+    sizes = torch.zeros(2)
+    for seed in range(seeds):
+        net = cnn(channels, parametrization, seed=seed)
+        cache = net.forward_cache(X)
+        h0 = [h.detach() for h in cache.pre]
+        gd_step(net, X, y + cache.f.detach(), lr=0.5)
+        h1 = [h.detach() for h in net.forward_cache(X).pre]
+        sizes += torch.tensor([float((b - a).pow(2).mean().sqrt()) for a, b in zip(h0, h1, strict=True)])
+    return (sizes / seeds).tolist()
+
+
+def test_the_cnns_mup_moves_features_by_order_one_and_ntk_by_channels_to_the_minus_half():
+    """Channels 64 and 256 (measured ratios: muP 1.03, 1.07; NTK 0.51, 0.53; bounds +-20%)."""
+    mup = [a / b for a, b in zip(cnn_update_sizes(256, "mup"), cnn_update_sizes(64, "mup"), strict=True)]
+    ntk = [a / b for a, b in zip(cnn_update_sizes(256, "ntk"), cnn_update_sizes(64, "ntk"), strict=True)]
+    assert all(0.8 < r < 1.25 for r in mup), mup
+    assert all(0.4 < r < 0.6 for r in ntk), ntk
+
+
+def test_the_cnn_refuses_meanfield():
+    with pytest.raises(ValueError, match="parametrization must be one of ntk, standard, mup"):
+        cnn(4, "meanfield")

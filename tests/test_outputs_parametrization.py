@@ -193,7 +193,7 @@ def test_a_kernel_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     ("call", "match"),
     [
         (lambda: MLP(3, 4, 2, n_out=0), "n_out"),
-        (lambda: MLP(3, 4, 2, parametrization="mup"), "parametrization"),
+        (lambda: MLP(3, 4, 2, parametrization="sp"), "parametrization"),
         (lambda: analytic_kernels(torch.ones(2, 2), parametrization="standard"), "widths"),
         (lambda: analytic_kernels(torch.ones(2, 2), 3, parametrization="standard", widths=[4]), "widths"),
         (lambda: analytic_kernels(torch.ones(2, 2), parametrization="mup"), "parametrization"),

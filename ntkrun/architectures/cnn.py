@@ -167,8 +167,8 @@ class CNN(nn.Module):
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if n_out < 1:
             raise ValueError(f"n_out must be >= 1, got {n_out}")
-        if parametrization not in PARAMETRIZATIONS:
-            names = ", ".join(PARAMETRIZATIONS)
+        if parametrization not in PARAMETRIZATIONS or parametrization == "meanfield":
+            names = ", ".join(p for p in PARAMETRIZATIONS if p != "meanfield")
             raise ValueError(f"parametrization must be one of {names}, got {parametrization!r}")
         if image_size is None and readout == "flatten":
             raise ValueError("image_size: the 'flatten' readout needs the image size (H, W) of its inputs")
@@ -179,8 +179,17 @@ class CNN(nn.Module):
         self.beta = float(beta)
         self.parametrization = parametrization
         self.standard = parametrization == "standard"
+        self.mup = parametrization == "mup"
         self.nonlinearity = get_nonlinearity(nonlinearity)
         self.n_out = n_out
+        # muP (docs/science.md §11.1, n the channels): the readout's multiplier 1 / (n sqrt(fan_in / n)),
+        # i.e. readout_scale / sqrt(fan_in); learning-rate factors (weight, bias) per layer
+        self.readout_scale, self.lr_scales = 1.0, [(1.0, 1.0)] * depth
+        if self.mup:
+            if len(set(self.channels[1:])) > 1:
+                raise ValueError(f"muP scales with one hidden width; got channels {self.channels[1:]}")
+            c = float(self.channels[-1])
+            self.readout_scale, self.lr_scales = 1.0 / math.sqrt(c), [(c, c)] * (depth - 1) + [(c, 1.0)]
         h, w = self.sizes[-1] if self.sizes else (1, 1)
         self.fan_ins = [c * kernel_size**2 for c in self.channels[:-1]]
         self.fan_ins.append(self.channels[-1] * (h * w if readout == "flatten" else 1))
@@ -250,7 +259,9 @@ class CNN(nn.Module):
         if self.standard:
             out = torch.addmm(b, feats, W.t())
         else:
-            out = torch.addmm(b, feats, W.t(), beta=self.beta, alpha=1.0 / math.sqrt(self.fan_ins[-1]))
+            out = torch.addmm(
+                b, feats, W.t(), beta=self.beta, alpha=self.readout_scale / math.sqrt(self.fan_ins[-1])
+            )
         return CNNCache(acts, pre, feats, out)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
@@ -261,4 +272,4 @@ class CNN(nn.Module):
         """The readout features r(alpha(L-1)) / sqrt(fan_in), (N, fan_in): their Gram plus beta^2
         is the finite-width estimate of Sigma(L) (the covariance of each output at init)."""
         with torch.no_grad():
-            return self.forward_cache(X).feats / math.sqrt(self.fan_ins[-1])
+            return self.forward_cache(X).feats * (self.readout_scale / math.sqrt(self.fan_ins[-1]))

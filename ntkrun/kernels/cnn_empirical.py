@@ -79,7 +79,7 @@ def gradient_features(cnn: CNN, X: torch.Tensor) -> tuple[torch.Tensor, torch.Te
             a = cnn.nonlinearity.sigma(h)
             acts.append(a)
         feats = a.flatten(1) if cnn.readout == "flatten" else a.mean((2, 3))
-        scale = 1.0 if cnn.standard else 1.0 / math.sqrt(cnn.fan_ins[-1])
+        scale = 1.0 if cnn.standard else cnn.readout_scale / math.sqrt(cnn.fan_ins[-1])
         out = feats @ weights[-1].t() * scale  # the bias does not affect the deltas
         rows = []
         padded = [pad_image(acts[l].detach(), cnn.kernel_size, cnn.padding) for l in range(len(pres))]
@@ -91,9 +91,12 @@ def gradient_features(cnn: CNN, X: torch.Tensor) -> tuple[torch.Tensor, torch.Te
                 db = delta.sum((2, 3))
                 if not cnn.standard:
                     dW, db = dW * (1.0 / math.sqrt(cnn.fan_ins[l])), db * cnn.beta
+                if cnn.mup:  # each gradient weighted by the square root of its learning-rate factor
+                    dW, db = dW * math.sqrt(cnn.lr_scales[l][0]), db * math.sqrt(cnn.lr_scales[l][1])
                 parts += [dW, db]
             rows.append(torch.cat(parts, 1) if parts else X.new_zeros(n, 0))
-    return torch.stack(rows).detach(), feats.detach() * scale
+    readout = feats.detach() * scale * (math.sqrt(cnn.lr_scales[-1][0]) if cnn.mup else 1.0)
+    return torch.stack(rows).detach(), readout
 
 
 def cnn_empirical_ntk(
@@ -146,6 +149,7 @@ def cnn_empirical_ntk(
             out[r, c] = block
             if symmetric and i != j:
                 out[c, r] = block.transpose(0, 1) if len(shape) == 2 else block.permute(1, 0, 3, 2)
+            del gj, rj  # before the next block's features: two blocks live, never three
             done += 1
             if progress is not None:
                 progress(done, total)
