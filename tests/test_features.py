@@ -124,3 +124,14 @@ def test_a_features_sweep_compares_its_points_slopes(tmp_path):
     fits = pd.read_csv(tmp_path / "features" / "latest" / "fits.csv")
     assert list(fits.columns[:2]) == ["training.lr", "arm"] and set(fits["training.lr"]) == {0.5, 1.0}
     assert (tmp_path / "features" / "latest" / "figure.png").is_file()
+
+
+def test_features_runs_a_cnn_in_both_parametrizations_on_gaussian_images(tmp_path):
+    args = [*TINY, "-o", str(tmp_path), "--set", "network.arch=cnn", "--set", "data.image=[1, 3, 3]",
+            "--set", "network.nonlinearity=relu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "features" / "latest" / "features.csv")
+    assert set(table["parametrization"]) == {"ntk", "mup"} and (table["change_T"] > 0).all()
+    refused = CliRunner().invoke(app, [*TINY, "-o", str(tmp_path), "--set", "network.arch=cnn", "--check"])
+    assert refused.exit_code == 2 and "a cnn takes images" in refused.output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +24,7 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
-from ntkrun.architectures.mlp import MLPArchitecture
+from ntkrun.architectures.base import Architecture
 from ntkrun.data import (
     check_request,
     files_of,
@@ -37,8 +38,11 @@ from ntkrun.features_plots import features_figure
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import pack, resolve_device, resolve_dtype, train, unpack
+from ntkrun.runners.common import architecture, pack, resolve_device, resolve_dtype, train, unpack
 from ntkrun.spec import (
+    ARCH_NAMES,
+    PADDING_NAMES,
+    READOUT_NAMES,
     Model,
     NonlinearityName,
     NonNegativeFloat,
@@ -47,11 +51,13 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
     as_list,
+    check_arch_keys,
 )
 from ntkrun.work import FeatureNet, Progress, Reference, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 PARAMETRIZATIONS = ("ntk",)  # network.parametrization: arms (b) and (c); arm (a) lists its own
+ARCHS = ("mlp", "cnn")
 # the papers' slopes (docs/science.md §11): kernel change in width (NTK -1: Dyer & Gur-Ari 2020, within
 # Theorem 2's bound n^-1/2; muP and mean-field 0: Yang & Hu 2021), in alpha (-1: Chizat et al. 2019),
 # and in depth/width the fluctuation (+1/2) and the change (+1) of Hanin & Nica 2019
@@ -63,6 +69,10 @@ PositiveFloats = Annotated[list[PositiveFloat], Field(min_length=1), BeforeValid
 
 
 class FeaturesNetworkSpec(Model):
+    arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # cnn: on images (data.image or data.inputs images)
+    kernel_size: PositiveInt = 3  # cnn only
+    padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
+    readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
     depth: PositiveInt = 3  # arms (a) and (b) (mean-field: 2)
     width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(as_list)] = [
         64,
@@ -80,6 +90,12 @@ class FeaturesNetworkSpec(Model):
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
 
+    @model_validator(mode="after")
+    def _arch(self) -> FeaturesNetworkSpec:
+        if self.arch == "cnn" and "meanfield" in self.parametrizations:
+            raise ValueError("parametrizations: meanfield is the one-hidden-layer MLP's, not a cnn's")
+        return check_arch_keys(self)
+
 
 class FeaturesTrainingSpec(Model):
     lr: PositiveFloat = 1.0  # muP: lr * n for its width-connected parameters (§11.1)
@@ -92,6 +108,9 @@ class FeaturesTrainingSpec(Model):
 class FeaturesDataSpec(Model):
     inputs: Literal["gaussian", "images"] = "gaussian"  # images: two classes of an IDX dataset
     dim: PositiveInt = 4  # gaussian: x ~ N(0, I_dim), label sign(x1 x2)
+    # gaussian images (channels, rows, cols) for a cnn, every pixel N(0, 1) (dim unused), label the
+    # sign of the product of the first two pixels
+    image: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None = None
     n_train: PositiveInt = 64
     n_test: PositiveInt = 512
     dir: str | None = None  # images: IDX folder with a train and a test split (Fashion-MNIST)
@@ -115,6 +134,12 @@ class FeaturesSpec(RunSpec):
     def _pairs(self) -> FeaturesSpec:
         if any(depth < 2 for depth, _ in self.depth_width):
             raise ValueError("depth_width: a depth must be at least 2 (one hidden layer)")
+        if self.data.image is not None and self.data.inputs != "gaussian":
+            raise ValueError("data.image: the images of data.inputs images come from the files")
+        if self.network.arch == "cnn" and self.data.inputs == "gaussian" and self.data.image is None:
+            raise ValueError(
+                "network.arch: a cnn takes images; set data.image: [C, H, W] or data.inputs: images"
+            )
         return self
 
 
@@ -142,22 +167,22 @@ def unit_name(work: FeatureNet) -> str:
     return f"{work.parametrization}_d{work.depth}_w{work.width}_a{work.alpha:g}_s{work.seed}"
 
 
-def description(spec: FeaturesSpec, work: FeatureNet) -> MLPArchitecture:
-    net = spec.network
-    return MLPArchitecture((n0(spec),), work.depth, net.nonlinearity, net.beta, work.parametrization)
+def input_shape(spec: FeaturesSpec) -> tuple[int, ...]:
+    """One input's shape: (dim,), the Gaussian image, or (1, rows, cols) of the IDX files."""
+    if spec.data.inputs == "images":
+        info = split_info(resolve_data_dir(spec.data.dir), "train")
+        return (1, info.rows, info.cols)
+    return tuple(spec.data.image) if spec.data.image is not None else (spec.data.dim,)
 
 
-def n0(spec: FeaturesSpec) -> int:
-    if spec.data.inputs == "gaussian":
-        return spec.data.dim
-    info = split_info(resolve_data_dir(spec.data.dir), "train")
-    return info.rows * info.cols
+def limit(spec: FeaturesSpec, depth: int) -> Architecture:
+    """The network of a depth in NTK parametrization: its limit is the NTK predictor's kernel (muP's
+    at initialization is the same, §11.1). SpecError for a geometry that cannot work."""
+    return architecture(spec, input_shape(spec), depth)
 
 
-def limit(spec: FeaturesSpec, depth: int) -> MLPArchitecture:
-    """The infinite-width NTK of a depth (muP's at initialization is the same, §11.1)."""
-    net = spec.network
-    return MLPArchitecture((n0(spec),), depth, net.nonlinearity, net.beta)
+def description(spec: FeaturesSpec, work: FeatureNet) -> Architecture:
+    return replace(limit(spec, work.depth), parametrization=work.parametrization)
 
 
 def unit_cost(spec: FeaturesSpec, work: FeatureNet | Reference) -> float:
@@ -202,11 +227,14 @@ def memory(spec: FeaturesSpec, unit: Unit) -> int:
 
 
 def check(spec: FeaturesSpec) -> None:
-    """Images: both splits there and holding enough of the two classes (IDX headers only)."""
+    """Images: both splits there (IDX headers only); every depth's geometry on the inputs (a 'valid'
+    CNN may shrink them away)."""
     if spec.data.inputs == "images":
         folder = resolve_data_dir(spec.data.dir)
         check_request(split_info(folder, "train"), "train", spec.data.n_train, "data.n_train")
         check_request(split_info(folder, "test"), "test", spec.data.n_test, "data.n_test")
+    for depth in sorted({w.depth for arm in arm_units(spec).values() for w in arm}):
+        limit(spec, depth)
 
 
 def data_files(spec: FeaturesSpec) -> list[Path]:
@@ -218,7 +246,7 @@ def task(spec: FeaturesSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     points, or the two classes' images (pixel / 255)."""
     d = spec.data
     if d.inputs == "gaussian":
-        X = gaussian_inputs(d.n_train + d.n_test, d.dim, d.seed)
+        X = gaussian_inputs(d.n_train + d.n_test, math.prod(input_shape(spec)), d.seed)
         y = torch.sign(X[:, 0] * X[:, 1])
         return X[: d.n_train], y[: d.n_train], X[d.n_train :], y[d.n_train :]
     folder, out = resolve_data_dir(d.dir), []
@@ -258,7 +286,7 @@ def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progres
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     X64, y, Xt64, yt = task(spec)
     model = description(spec, work)
-    X, Xt = X64.to(device, dtype), Xt64.to(device, dtype)
+    X, Xt = model.inputs(X64).to(device, dtype), model.inputs(Xt64).to(device, dtype)
     net = model.net(work.width, work.seed, dtype=dtype, device=device)
     theta_0 = empirical_ntk(net, X).double().cpu()
     theta_test = empirical_ntk(net, Xt, X).double().cpu()  # for the network's own linearization
@@ -340,10 +368,14 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: dict[str, dict]) -> pd.D
     run.write_csv("features.csv", table)
     run.write_csv("fits.csv", fit_table)
     net, tr = spec.network, spec.training
-    task_name = f"sign(x1 x2), {spec.data.dim}-d Gaussian" if spec.data.inputs == "gaussian" else (
+    shape = "x".join(str(s) for s in input_shape(spec))
+    task_name = f"sign(x1 x2), {shape} Gaussian" if spec.data.inputs == "gaussian" else (
         f"classes {spec.data.classes[0]} vs {spec.data.classes[1]}")  # fmt: skip
+    what = (
+        f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout}, " if net.arch == "cnn" else ""
+    )
     title = (
-        f"{net.nonlinearity}, beta {net.beta:g}; {task_name}, {spec.data.n_train} points; "
+        f"{what}{net.nonlinearity}, beta {net.beta:g}; {task_name}, {spec.data.n_train} points; "
         f"{tr.steps} GD steps (lr {tr.lr:g}); {spec.seeds} seeds"
     )
     arms = {arm: arm_table(table, spec, arm) for arm in ("width", "alpha", "ratio")}
