@@ -91,9 +91,21 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def idx_dims(path: Path) -> tuple[int, ...]:
-    """The dimensions in an IDX file's header (gzipped or raw), reading only the header; checks
-    the magic number and the payload's size. Raises DataError."""
+    """The dimensions in an IDX file's header (gzipped or raw); checks the magic number and the
+    payload's size (which reads, and decompresses, the whole file: the answer is cached per path,
+    size and modification time, as `digest` is, for runners that ask once per unit). Raises DataError."""
     path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err})") from None
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIMS:
+        _DIMS[key] = _read_idx_dims(path)
+    return _DIMS[key]
+
+
+def _read_idx_dims(path: Path) -> tuple[int, ...]:
     with open(path, "rb") as fh:
         gzipped = fh.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
@@ -233,6 +245,7 @@ def choose_points(
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {}  # idx_dims by (path, size, mtime)
 
 
 def digest(path: Path) -> str:

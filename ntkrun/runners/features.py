@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -171,16 +170,9 @@ def unit_name(work: FeatureNet) -> str:
 def input_shape(spec: FeaturesSpec) -> tuple[int, ...]:
     """One input's shape: (dim,), the Gaussian image, or (1, rows, cols) of the IDX files."""
     if spec.data.inputs == "images":
-        return image_shape(str(resolve_data_dir(spec.data.dir)))
+        info = split_info(resolve_data_dir(spec.data.dir), "train")
+        return (1, info.rows, info.cols)
     return tuple(spec.data.image) if spec.data.image is not None else (spec.data.dim,)
-
-
-@lru_cache(maxsize=8)
-def image_shape(folder: str) -> tuple[int, int, int]:
-    """(1, rows, cols) from the train split's IDX header, read once per folder: split_info checks
-    the whole (decompressed) payload, and every unit's cost, memory and network ask for it."""
-    info = split_info(Path(folder), "train")
-    return (1, info.rows, info.cols)
 
 
 def limit(spec: FeaturesSpec, depth: int) -> Architecture:

@@ -217,6 +217,7 @@ MODEL_NEGATIVES = {  # what the model validators refuse, beyond single-field con
     "scaling": [("data.dim", "3")],
     "pca": [],
     "generalization": [("data.n_train", "[20, 20]"), ("network.width", "[]")],
+    "features": [("depth_width", "[[1, 8]]"), ("network.arch", "cnn"), ("network.kernel_size", "5")],
 }  # fmt: skip
 NEGATIVES = [
     (experiment, key, value)
