@@ -57,7 +57,7 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
             xscale="log", yscale="log", xlabel="width n", title=r"(a) $\|\Theta_T-\Theta_0\|/\|\Theta_0\|$"
         )
         ax = axes[1]
-        distance = r"$\|f_\alpha - f_{lin}\|/\|f_{lin}\|$ (its own linearization)"
+        distance = "distance to its linearization"
         for metric, color, name in (
             ("change_T", "tab:blue", "kernel change"),
             ("lin_dist_T", "tab:green", distance),
@@ -88,6 +88,8 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
             ax.plot(r, anchor * (r / r[0]) ** 0.5, ":", color="gray", label="slope 1/2 (Hanin & Nica)")
         ax.set(xscale="log", yscale="log", xlabel="(depth - 1) / width",
                title=r"(c) seed fluctuation of $\Theta_0$")  # fmt: skip
+        ratios = sorted(ratio["ratio"].unique())
+        ax.set_xticks(ratios, [f"1/{1 / x:.3g}" for x in ratios])  # often within one decade
         ax = axes[3]
         for p, g in width.groupby("parametrization", sort=False):
             _band(ax, g, "width", "acc_net", fmt="o-", color=COLORS[p], label=f"nets, {NAMES[p]}")
@@ -103,7 +105,7 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
                     label=f"{NAMES[p]}, at initialization")  # fmt: skip
         ax.set(xscale="log", xlabel="width n", title=r"(e) alignment $y^T\Theta y/(\|\Theta\|\,\|y\|^2)$")
         for ax in axes:
-            ax.legend(frameon=False, fontsize=7, loc="best")
             ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.legend(frameon=False, fontsize=7, loc="lower left" if ax is axes[1] else "best")
         fig.suptitle(title, fontsize=10)
         _save(fig, stem)
