@@ -6,6 +6,7 @@ autograd with per-parameter learning rates), and the per-layer update sizes at t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -114,30 +115,44 @@ def test_the_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
         torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14, msg=name)
 
 
-def update_sizes(width: int, parametrization: str, seeds: int = 6) -> list[float]:
-    """RMS over units (and inputs) of the change of each hidden pre-activation z(l) after one GD
-    step of lr 0.5 on 8 points (towards y + f_0, so every width starts from the residual -y),
-    averaged over seeds: the feature updates of docs/science.md §11."""
-    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
-    y = torch.sign(X[:, 0] * X[:, 1])
-    sizes = torch.zeros(2)
-    for seed in range(seeds):
-        net = MLP(4, width, 3, "relu", beta=0.1, seed=seed, dtype=F64, parametrization=parametrization)
-        cache = net.forward_cache(X)
-        z0 = [z.detach() for z in cache.zs[:2]]
-        gd_step(net, X, y + cache.f.detach(), lr=0.5)  # centered: the residual is -y at any width
-        z1 = [z.detach() for z in net.forward_cache(X).zs[:2]]
-        sizes += torch.tensor([float((b - a).pow(2).mean().sqrt()) for a, b in zip(z0, z1, strict=True)])
-    return (sizes / seeds).tolist()
+def hidden(net: torch.nn.Module, X: torch.Tensor) -> list[torch.Tensor]:
+    """The first two hidden layers' pre-activations: the MLP's z(1), z(2), the CNN's h(1), h(2)."""
+    cache = net.forward_cache(X)
+    return [h.detach() for h in (cache.pre if isinstance(net, CNN) else cache.zs)[:2]]
 
 
-def test_mup_moves_the_features_by_order_one_and_ntk_by_width_to_the_minus_half():
+def update_ratios(make: Callable[[int, int], torch.nn.Module], X: torch.Tensor, y: torch.Tensor,
+                  widths: tuple[int, int], seeds: int = 6) -> list[float]:  # fmt: skip
+    """Per hidden layer, the RMS over units (and pixels and inputs) of its pre-activations' change
+    after one GD step of lr 0.5 towards y + f_0 (every width starts from the residual -y), averaged
+    over seeds: the feature updates of docs/science.md §11.1; -> their ratio, wide over narrow."""
+
+    def sizes(width: int) -> torch.Tensor:
+        total = torch.zeros(2)
+        for seed in range(seeds):
+            net = make(width, seed)
+            before = hidden(net, X)
+            gd_step(net, X, y + net(X).detach(), lr=0.5)
+            total += torch.tensor(
+                [float((b - a).pow(2).mean().sqrt()) for a, b in zip(before, hidden(net, X), strict=True)]
+            )
+        return total / seeds
+
+    return (sizes(widths[1]) / sizes(widths[0])).tolist()
+
+
+@pytest.mark.parametrize(("parametrization", "low", "high"), [("mup", 0.8, 1.25), ("ntk", 0.4, 0.6)])
+def test_mup_moves_the_features_by_order_one_and_ntk_by_width_to_the_minus_half(parametrization, low, high):
     """Widths 256 and 1024: per hidden layer, the RMS feature update's ratio is 1 in muP and
     1/2 (= 4^-1/2) in NTK parametrization (measured 0.97-1.01 and 0.48-0.51; bounds +-20%)."""
-    mup = [a / b for a, b in zip(update_sizes(1024, "mup"), update_sizes(256, "mup"), strict=True)]
-    ntk = [a / b for a, b in zip(update_sizes(1024, "ntk"), update_sizes(256, "ntk"), strict=True)]
-    assert all(0.8 < r < 1.25 for r in mup), mup
-    assert all(0.4 < r < 0.6 for r in ntk), ntk
+    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    y = torch.sign(X[:, 0] * X[:, 1])
+
+    def make(width: int, seed: int) -> MLP:
+        return MLP(4, width, 3, "relu", beta=0.1, seed=seed, dtype=F64, parametrization=parametrization)
+
+    ratios = update_ratios(make, X, y, (256, 1024))
+    assert all(low < r < high for r in ratios), ratios
 
 
 def test_meanfield_needs_one_hidden_layer_and_mup_one_width():
@@ -183,27 +198,15 @@ def test_the_cnns_gd_step_moves_each_parameter_by_its_learning_rate(parametrizat
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
 
 
-def cnn_update_sizes(channels: int, parametrization: str, seeds: int = 6) -> list[float]:
-    """update_sizes for the CNN's two convolutions' pre-activations (RMS over channels, pixels, images)."""
+@pytest.mark.parametrize(("parametrization", "low", "high"), [("mup", 0.8, 1.25), ("ntk", 0.4, 0.6)])
+def test_the_cnns_mup_moves_features_by_order_one_and_ntk_by_channels_to_the_minus_half(
+    parametrization, low, high
+):
+    """Channels 64 and 256 (measured ratios: muP 1.03, 1.07; NTK 0.51, 0.53; bounds +-20%)."""
     X = images(8)
     y = torch.sign(X[:, 0, 1, 1] * X[:, 0, 3, 3])
-    sizes = torch.zeros(2)
-    for seed in range(seeds):
-        net = cnn(channels, parametrization, seed=seed)
-        cache = net.forward_cache(X)
-        h0 = [h.detach() for h in cache.pre]
-        gd_step(net, X, y + cache.f.detach(), lr=0.5)
-        h1 = [h.detach() for h in net.forward_cache(X).pre]
-        sizes += torch.tensor([float((b - a).pow(2).mean().sqrt()) for a, b in zip(h0, h1, strict=True)])
-    return (sizes / seeds).tolist()
-
-
-def test_the_cnns_mup_moves_features_by_order_one_and_ntk_by_channels_to_the_minus_half():
-    """Channels 64 and 256 (measured ratios: muP 1.03, 1.07; NTK 0.51, 0.53; bounds +-20%)."""
-    mup = [a / b for a, b in zip(cnn_update_sizes(256, "mup"), cnn_update_sizes(64, "mup"), strict=True)]
-    ntk = [a / b for a, b in zip(cnn_update_sizes(256, "ntk"), cnn_update_sizes(64, "ntk"), strict=True)]
-    assert all(0.8 < r < 1.25 for r in mup), mup
-    assert all(0.4 < r < 0.6 for r in ntk), ntk
+    ratios = update_ratios(lambda width, seed: cnn(width, parametrization, seed=seed), X, y, (64, 256))
+    assert all(low < r < high for r in ratios), ratios
 
 
 def test_the_cnn_refuses_meanfield():
