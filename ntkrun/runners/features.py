@@ -81,7 +81,7 @@ class FeaturesNetworkSpec(Model):
         512,
         1024,
     ]
-    parametrization: Literal["ntk"] = "ntk"  # arms (b) and (c)
+    parametrization: Literal["ntk", "standard"] = "ntk"  # arms (b), (c): ntk (standard is refused)
     # arm (a): each over the widths (docs/science.md §11.1)
     parametrizations: Annotated[list[Literal["ntk", "mup", "meanfield"]], Field(min_length=1)] = [
         "ntk",
