@@ -13,7 +13,7 @@ import torch
 
 from ntkrun import resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.kernels.analytic import analytic_kernel
+from ntkrun.kernels.analytic import CLOSED_FORMS, analytic_kernel
 from ntkrun.network import MLP, layer_sizes
 
 
@@ -89,7 +89,7 @@ class MLPArchitecture(Architecture):
         return analytic_flops(n1, n2, self.n0, self.depth)
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
-        return resources.analytic_bytes(n1, n2, self.depth)
+        return resources.analytic_bytes(n1, n2, self.depth, closed_form=self.nonlinearity in CLOSED_FORMS)
 
     def network_bytes(self, width: int, n_out: int, b: int) -> int:
         return resources.network_bytes(self.sizes(width, n_out), b)

@@ -56,7 +56,13 @@ def erf_expectations(
 CLOSED_FORMS: dict[str, Expectations] = {"relu": relu_expectations, "erf": erf_expectations}
 
 
-def quadrature_expectations(nl: Nonlinearity, order: int = 64, chunk_elems: int = 2**24) -> Expectations:
+QUADRATURE_ORDER = 64  # Gauss-Hermite nodes per dimension (the default quadrature_order)
+QUADRATURE_CHUNK = 2**24  # numbers per (entries, order) array of one chunk of entries
+
+
+def quadrature_expectations(
+    nl: Nonlinearity, order: int = QUADRATURE_ORDER, chunk_elems: int = QUADRATURE_CHUNK
+) -> Expectations:
     """E[sigma(u) sigma(v)] and E[sigma_dot(u) sigma_dot(v)] by order x order Gauss-Hermite.
 
     With z1, z2 iid N(0, 1): u = sqrt(sxx) z1, v = sqrt(syy) (rho z1 + sqrt(1 - rho^2) z2).

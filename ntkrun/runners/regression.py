@@ -21,6 +21,7 @@ from ntkrun import dynamics, resources
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
+from ntkrun.kernels.analytic import CLOSED_FORMS
 from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
@@ -241,7 +242,11 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     if isinstance(unit.work, Reference):
         pairs = [(n, n), (g, n), (g, g)]
         if spec.kernel == "analytic":
-            return sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
+            kernels = (
+                sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
+            )
+            closed = spec.network.nonlinearity in CLOSED_FORMS  # else the quadrature's chunk, one at a time
+            return kernels + (0 if closed else max(resources.quadrature_bytes(*p, depth) for p in pairs))
         sizes = layer_sizes(2, spec.kernel_width, depth)
         return (
             resources.network_bytes(sizes, b)
