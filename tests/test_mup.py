@@ -91,6 +91,15 @@ def expected_factors(net: torch.nn.Module, width: int) -> dict[str, float]:
     return {name: 1.0 if name == last else float(width) for name in names}
 
 
+def manual_step(net: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, width: int) -> None:
+    """p <- p - 0.1 r_p dC/dp by autograd, with expected_factors' r_p."""
+    factors = expected_factors(net, width)
+    grads = torch.autograd.grad(mse_cost(net(X), y), list(net.parameters()))
+    with torch.no_grad():
+        for (name, p), g in zip(net.named_parameters(), grads, strict=True):
+            p.sub_(0.1 * factors[name] * g)
+
+
 @pytest.mark.parametrize("parametrization", ["mup", "meanfield", "ntk"])
 def test_the_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
     """The MLP's hand-written step and the generic autograd step (the CNN's) against p - lr r_p dC/dp."""
@@ -101,11 +110,7 @@ def test_the_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
         for _ in range(3)
     ]
     fast, generic, manual = nets
-    factors = expected_factors(manual, 16)
-    grads = torch.autograd.grad(mse_cost(manual(X), y), list(manual.parameters()))
-    with torch.no_grad():
-        for (name, p), g in zip(manual.named_parameters(), grads, strict=True):
-            p.sub_(0.1 * factors[name] * g)
+    manual_step(manual, X, y, 16)
     gd_step(fast, X, y, lr=0.1)
     autograd_gd_step(generic, X, y, lr=0.1)
     for (name, a), b, c in zip(
@@ -188,11 +193,7 @@ def test_the_cnns_mup_kernel_is_its_learning_rate_weighted_jacobian_gram_and_ntk
 def test_the_cnns_gd_step_moves_each_parameter_by_its_learning_rate(parametrization):
     X, y = images(), torch.sin(images().sum((1, 2, 3)))
     net, manual = cnn(6, parametrization), cnn(6, parametrization)
-    factors = expected_factors(manual, 6)
-    grads = torch.autograd.grad(mse_cost(manual(X), y), list(manual.parameters()))
-    with torch.no_grad():
-        for (name, p), g in zip(manual.named_parameters(), grads, strict=True):
-            p.sub_(0.1 * factors[name] * g)
+    manual_step(manual, X, y, 6)
     gd_step(net, X, y, lr=0.1)
     for (name, a), b in zip(net.named_parameters(), manual.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
