@@ -171,6 +171,16 @@ def check_range(spec: RunSpec, q0: float = 0.1) -> None:
 # ---------------------------------------------------------------- unit results as plain data
 
 
+def seed_spread(keys: list[tuple], thetas: list[torch.Tensor]) -> list[float]:
+    """Per network: ||Theta_s(0) - mean|| / ||mean||, the mean over the networks of its key (all it
+    is but its seed): the NTK's seed fluctuation at initialization, measured without a limit."""
+    means = {
+        key: torch.stack([t for k, t in zip(keys, thetas, strict=True) if k == key]).mean(0)
+        for key in set(keys)
+    }
+    return [float((t - means[k]).norm() / means[k].norm()) for k, t in zip(keys, thetas, strict=True)]
+
+
 def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> dict[str, list]:
     """Rows (or a DataFrame) -> {column: list of Python scalars}, storable by torch.save."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)

@@ -38,7 +38,15 @@ from ntkrun.features_plots import features_figure
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.rundir import RunDir
-from ntkrun.runners.common import architecture, pack, resolve_device, resolve_dtype, train, unpack
+from ntkrun.runners.common import (
+    architecture,
+    pack,
+    resolve_device,
+    resolve_dtype,
+    seed_spread,
+    train,
+    unpack,
+)
 from ntkrun.spec import (
     ARCH_NAMES,
     PADDING_NAMES,
@@ -270,12 +278,10 @@ def alignment(theta: torch.Tensor, y: torch.Tensor) -> float:
 
 def predictor(spec: FeaturesSpec, depth: int) -> dict:
     """The NTK predictor on the test points at the nets' time, from g_0 = 0 (docs/science.md §4)."""
-    X, y, Xt, yt = task(spec)
+    X, y, Xt, _ = task(spec)
     tr, model = spec.training, limit(spec, depth)
-    zeros = torch.zeros(len(y), dtype=torch.float64), torch.zeros(len(yt), dtype=torch.float64)
-    f = dynamics.linearized(
-        dynamics.eigen(model.kernel(X)), model.kernel(Xt, X), y, *zeros, tr.steps * tr.lr, lr=tr.lr
-    )
+    eig = dynamics.eigen(model.kernel(X))
+    f = dynamics.predictor(eig, model.kernel(Xt, X), tr.steps * tr.lr, lr=tr.lr) @ y
     return {"f_test": f}
 
 
@@ -302,8 +308,7 @@ def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progres
         f_test = (work.alpha * (net(Xt) - f0_test)).double().cpu()
     f_ntk = ctx.require(f"limit_d{work.depth}")["f_test"]
     # the alpha -> infinity limit of this network: its linearization, kernel regression with its Theta_0
-    zeros = torch.zeros(len(y), dtype=torch.float64), torch.zeros(len(yt), dtype=torch.float64)
-    f_lin = dynamics.linearized(dynamics.eigen(theta_0), theta_test, y, *zeros, tr.steps * tr.lr, lr=tr.lr)
+    f_lin = dynamics.predictor(dynamics.eigen(theta_0), theta_test, tr.steps * tr.lr, lr=tr.lr) @ y
     row = {
         "parametrization": work.parametrization,
         "alpha": work.alpha,
@@ -320,17 +325,6 @@ def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progres
     }
     LOG.info("%s", row)
     return {"rows": pack([row]), "theta_0": theta_0}
-
-
-def spread(table: pd.DataFrame, results: dict[str, dict]) -> list[float]:
-    """Per row: ||Theta_s(0) - mean|| / ||mean|| over the seeds of its network (all but the seed)."""
-    keys = list(zip(table["parametrization"], table["alpha"], table["depth"], table["width"], strict=True))
-    thetas = [r["theta_0"] for r in results.values()]
-    means = {
-        key: torch.stack([t for k, t in zip(keys, thetas, strict=True) if k == key]).mean(0)
-        for key in set(keys)
-    }
-    return [float((t - means[k]).norm() / means[k].norm()) for k, t in zip(keys, thetas, strict=True)]
 
 
 def arm_table(table: pd.DataFrame, spec: FeaturesSpec, arm: str) -> pd.DataFrame:
@@ -363,7 +357,12 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: dict[str, dict]) -> pd.D
     """features.csv, fits.csv and the figure; -> fits."""
     nets = {name: r for name, r in results.items() if "rows" in r}
     table = unpack(*(r["rows"] for r in nets.values()))
-    table.insert(table.columns.get_loc("change_T"), "spread_0", spread(table, nets))
+    keys = list(zip(table["parametrization"], table["alpha"], table["depth"], table["width"], strict=True))
+    table.insert(
+        table.columns.get_loc("change_T"),
+        "spread_0",
+        seed_spread(keys, [r["theta_0"] for r in nets.values()]),
+    )
     fit_table = fits(table, spec)
     run.write_csv("features.csv", table)
     run.write_csv("fits.csv", fit_table)

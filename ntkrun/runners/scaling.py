@@ -37,6 +37,7 @@ from ntkrun.runners.common import (
     pack,
     resolve_device,
     resolve_dtype,
+    seed_spread,
     train,
     unpack,
 )
@@ -301,18 +302,13 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
     return {"rows": pack([row]), "theta_0": theta_0}
 
 
-def seed_spread(table: pd.DataFrame, results: dict[str, dict]) -> list[float]:
+def spread_init(table: pd.DataFrame, results: dict[str, dict]) -> list[float]:
     """Per row (network): ||Theta_s(0) - mean|| / ||mean||, the mean over the seeds of its depth and
     width: a fluctuation measured without a limit."""
     if any("theta_0" not in r for r in results.values()):  # unit files of a run begun before it existed
         return [math.nan] * len(table)
-    thetas = [r["theta_0"] for r in results.values()]
     keys = list(zip(table["depth"], table["width"], strict=True))
-    means = {
-        key: torch.stack([t for k, t in zip(keys, thetas, strict=True) if k == key]).mean(0)
-        for key in set(keys)
-    }
-    return [rel(theta, means[key]) for key, theta in zip(keys, thetas, strict=True)]
+    return seed_spread(keys, [r["theta_0"] for r in results.values()])
 
 
 def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
@@ -324,7 +320,7 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
     """scaling.csv, fits.csv and the figure; -> fits."""
     trained = {name: r for name, r in results.items() if "rows" in r}
     table = unpack(*(r["rows"] for r in trained.values()))
-    table.insert(table.columns.get_loc("dist_init") + 1, "spread_init", seed_spread(table, trained))
+    table.insert(table.columns.get_loc("dist_init") + 1, "spread_init", spread_init(table, trained))
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
