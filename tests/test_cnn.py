@@ -16,6 +16,7 @@ from ntkrun.architectures import CNN
 from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.kernels.analytic import relu_expectations
 from ntkrun.kernels.cnn import cnn_kernels, patch_sum, relu_expectations_
+from ntkrun.linalg import mirror_
 from ntkrun.network import MLP
 from ntkrun.nonlinearities import get_nonlinearity
 
@@ -356,12 +357,20 @@ def test_duplicate_input_symmetric_psd_and_blocks(readout):
         assert torch.allclose(C.diagonal(), K.diagonal(), rtol=1e-7, atol=0)
     one = cnn_kernels(X[2:3], depth=3, readout=readout)  # the exact diagonal alone
     assert torch.allclose(one[1][0, 0], theta[2, 2], rtol=1e-14, atol=0)
-    blocked = cnn_kernels(X, depth=3, readout=readout, block_rows=3)
-    for b, K in zip(blocked, (sigma, theta), strict=True):
-        assert torch.allclose(b, K, rtol=1e-14, atol=0)
-    blocked = cnn_kernels(X, X[:5], depth=3, readout=readout, block_rows=2, out_dtype=torch.float32)
-    assert blocked[1].dtype == torch.float32
-    assert torch.allclose(blocked[1].double(), cross[1][:, :5], rtol=1e-6, atol=0)
+    narrow = cnn_kernels(X, X[:5], depth=3, readout=readout, out_dtype=torch.float32)
+    assert narrow[1].dtype == torch.float32
+    assert torch.allclose(narrow[1].double(), cross[1][:, :5], rtol=1e-6, atol=0)
+    # row ranges that cut the tiles anywhere: the whole Gram's numbers bit for bit (ntkrun.kernels.tiles)
+    small = 2**14  # tiles of 1-6 pairs, so the ranges cut them
+    for X2 in (None, X[:5]):
+        ref = cnn_kernels(X, X2, depth=3, readout=readout, memory_budget=small)
+        outs = [torch.full(K.shape, math.nan, dtype=torch.float64) for K in ref]
+        for rows in ((0, 3), (3, 4), (4, 7), (7, X.shape[0])):
+            cnn_kernels(X, X2, depth=3, readout=readout, outs=outs, rows=rows, memory_budget=small)
+        for out, K in zip(outs, ref, strict=True):
+            if X2 is None:
+                mirror_(out, to_lower=True)
+            assert torch.equal(out, K)
 
 
 def test_relu_diagonal_of_a_constant_circular_image_is_the_mlp_diagonal():

@@ -3,6 +3,7 @@ independent reference: per-sample Jacobians from torch.func, autograd gradients,
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -170,10 +171,30 @@ def test_float32_storage_and_row_ranges_rebuild_the_same_gram():
             analytic_kernel(X, depth=4, kind=kind, out_dtype=torch.float32, out=out, rows=rows)
         mirror_(out, to_lower=True)
         assert torch.equal(out, ref.float())
-    whole = analytic_kernel(X, depth=4, out_dtype=torch.float32, block_rows=8)  # no rows: mirrored
+    whole = analytic_kernel(X, depth=4, out_dtype=torch.float32)  # no rows: mirrored
     assert torch.equal(whole, theta.float())
-    cross = analytic_kernel(X[:9], X, depth=4, kind="ntk", block_rows=4)
-    assert torch.equal(cross, analytic_kernels(X[:9], X, depth=4)[1])
+
+
+@pytest.mark.parametrize("n", [70, 600])  # one tile of rows (2**18 // 600 = 436 rows), and two
+def test_a_grams_numbers_do_not_depend_on_how_its_rows_are_split(n):
+    """The promise of ntkrun.kernels.tiles: every entry comes out of the same tile of a grid fixed by
+    the Gram's size, so row ranges that cut tiles anywhere (a unit's block, a checkpoint part) give
+    the whole Gram's numbers bit for bit, on any CPU: no tolerance, since the arithmetic is the same
+    (BLAS and the vectorized loops pick their kernels by shape; shapes are the tiles')."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 6, dtype=torch.float64, generator=g)
+    X2 = torch.randn(n // 2 + 3, 6, dtype=torch.float64, generator=g)
+    sigma, theta = analytic_kernels(X, depth=3)
+    cross = analytic_kernels(X, X2, depth=3)
+    for cuts in ([0, 9, 25, 26, n - 1, n], [0, 4, min(437, n - 1), n], [0, n // 3, n]):
+        for kind, ref, ref_cross in (("ntk", theta, cross[1]), ("nngp", sigma, cross[0])):
+            out = torch.full((n, n), math.nan, dtype=torch.float64)
+            out2 = torch.full(ref_cross.shape, math.nan, dtype=torch.float64)
+            for rows in itertools.pairwise(cuts):
+                analytic_kernel(X, depth=3, kind=kind, out=out, rows=rows)
+                analytic_kernel(X, X2, depth=3, kind=kind, out=out2, rows=rows)
+            mirror_(out, to_lower=True)
+            assert torch.equal(out, ref) and torch.equal(out2, ref_cross)
 
 
 def test_a_kernel_that_cannot_fit_is_refused_before_allocating(monkeypatch):

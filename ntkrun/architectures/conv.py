@@ -56,15 +56,6 @@ class CNNArchitecture(Architecture):
             dtype, device,
         )  # fmt: skip
 
-    def _kernels(
-        self, X: torch.Tensor, X2: torch.Tensor | None, kinds: Sequence[str], out_dtype: torch.dtype
-    ) -> list[torch.Tensor]:
-        sigma, theta = cnn_kernels(
-            X, X2, self.depth, self.nonlinearity, self.beta, kernel_size=self.kernel_size,
-            padding=self.padding, readout=self.readout, out_dtype=out_dtype,
-        )  # fmt: skip
-        return [theta if kind == "ntk" else sigma for kind in kinds]
-
     def kernel(
         self,
         X: torch.Tensor,
@@ -92,28 +83,19 @@ class CNNArchitecture(Architecture):
             self.check_kernel(kind)
         X = self.inputs(X)
         X2 = None if X2 is None else self.inputs(X2)
-        n1 = X.shape[0]
-        n2 = n1 if X2 is None else X2.shape[0]
-        r0, r1 = rows or (0, n1)
         outs = list(outs) if outs is not None else [None] * len(kinds)
-        for i, out in enumerate(outs):
+        pair: list[torch.Tensor | None] = [None, None]  # (sigma, theta) outputs where asked for
+        for kind, out in zip(kinds, outs, strict=True):
+            pair[kind == "ntk"] = out
+        n2 = X.shape[0] if X2 is None else X2.shape[0]
+        for kind, out in zip(kinds, outs, strict=True):
             if out is None:
-                (outs[i],) = empty_checked([(n1, n2)], out_dtype, "cpu", "the CNN kernel")
-
-        def fill(rows_: slice, cols: slice, parts: list[torch.Tensor]) -> None:
-            for out, part in zip(outs, parts, strict=True):
-                out[rows_, cols] = part
-
-        every = slice(None)
-        if X2 is not None:
-            fill(slice(r0, r1), every, self._kernels(X[r0:r1], X2, kinds, out_dtype))
-        elif rows is None:
-            fill(every, every, self._kernels(X, None, kinds, out_dtype))
-        else:  # the upper triangle of rows r0 .. r1: their symmetric block, then the columns after it
-            fill(slice(r0, r1), slice(r0, r1), self._kernels(X[r0:r1], None, kinds, out_dtype))
-            if r1 < n1:
-                fill(slice(r0, r1), slice(r1, None), self._kernels(X[r0:r1], X[r1:], kinds, out_dtype))
-        return outs
+                (pair[kind == "ntk"],) = empty_checked([(X.shape[0], n2)], out_dtype, "cpu", "the CNN kernel")
+        sigma, theta = cnn_kernels(
+            X, X2, self.depth, self.nonlinearity, self.beta, kernel_size=self.kernel_size,
+            padding=self.padding, readout=self.readout, out_dtype=out_dtype, outs=pair, rows=rows,
+        )  # fmt: skip
+        return [theta if kind == "ntk" else sigma for kind in kinds]
 
     def forward_flops(self, width: int, n_out: int = 1) -> float:
         c, k = self.channels(width), self.kernel_size

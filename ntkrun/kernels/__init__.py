@@ -34,7 +34,7 @@ def analytic_kernels(
     """Limiting kernels (Sigma(L), Theta(L)), each (N1, N2), of the MLP (arch "mlp": X (N1, n0),
     `ntkrun.kernels.analytic.analytic_kernels`) or of `ntkrun.CNN` (arch "cnn": images
     X (N1, C, H, W) with its kernel_size, padding and readout, `ntkrun.kernels.cnn.cnn_kernels`).
-    The other keywords (parametrization, widths, out_dtype, closed_form, block_rows, progress, ...)
+    The other keywords (parametrization, widths, out_dtype, closed_form, progress, ...)
     are those functions'; all_layers is the MLP's only."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")

@@ -6,8 +6,8 @@
     (u, v) ~ N(0, [[Sigma(l)(x,x), Sigma(l)(x,x')], [Sigma(l)(x,x'), Sigma(l)(x',x')]]).
 
 ReLU and erf use closed forms; every other nonlinearity uses 2-D Gauss-Hermite quadrature.
-Computed in float64, in row blocks: each entry's recursion needs only its own covariance and
-the two diagonals.
+Computed in float64, in tiles of rows at fixed offsets (`ntkrun.kernels.tiles`): each entry's
+recursion needs only its own covariance and the two diagonals.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ntkrun.kernels.tiles import grid
 from ntkrun.linalg import empty_checked, mirror_
 from ntkrun.network import hidden_widths
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
@@ -113,12 +114,12 @@ def _as_float64(X: torch.Tensor | np.ndarray, name: str, shape: str = "(N, n0)")
 MIRROR_BLOCK = 1024  # block edge of the copy of a symmetric Gram's upper triangle onto the lower
 
 
-def block_rows_for(n2: int, depth: int, all_layers: bool = False, memory_budget: int = 2**30) -> int:
-    """Rows per block: as many as keep each (rows, N2) float64 intermediate near the cache (2 MB;
-    64 rows at N2 = 4096, measured 0.67 s there against 0.91-3.3 s for blocks of 16 rows or of
-    1 GiB), and never more than `memory_budget` for the ~16 of them (more with all_layers)."""
-    per_row = 8 * n2 * (16 + (2 * depth if all_layers else 0))
-    return max(1, min(memory_budget // per_row, max(8, 2**18 // n2)))
+def tile_rows_for(n2: int) -> int:
+    """Rows of a tile of a Gram with N2 columns (`ntkrun.kernels.tiles`): fixed by N2 alone, so an
+    entry's arithmetic never depends on how the Gram's rows are split. Cache-sized: each (rows, N2)
+    float64 intermediate near 2 MB (64 rows at N2 = 4096, measured 0.67 s there against 0.91-3.3 s
+    for blocks of 16 rows or of 1 GiB); about 16 of them live, 32 MB."""
+    return max(8, 2**18 // max(1, n2))
 
 
 PARAMETRIZATIONS = ("ntk", "standard")
@@ -232,8 +233,6 @@ def analytic_kernels(
     quadrature_order: int = 64,
     closed_form: bool = True,
     all_layers: bool = False,
-    block_rows: int | None = None,
-    memory_budget: int = 2**30,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Limiting kernels: X (N1, n0), X2 (N2, n0) or None (= X) -> (Sigma(L), Theta(L)), (N1, N2).
@@ -243,9 +242,9 @@ def analytic_kernels(
     limit is Theta(L) (x) I_k: each output is an independent copy (docs/science.md §7.1).
     parametrization="standard" gives the kernel of a standard-parametrized network of the given
     hidden `widths` (it grows with them; Sigma is the same in both). `closed_form=False` forces
-    quadrature (used to check the closed forms). Rows are processed in blocks of `block_rows`
-    (default: `block_rows_for`, cache-sized and within `memory_budget` bytes besides the output);
-    `progress(done, total)` is called per block. With X2 = None only the upper triangle is
+    quadrature (used to check the closed forms). Computed in tiles of `tile_rows_for(N2)` rows at
+    fixed offsets (`ntkrun.kernels.tiles`): `analytic_kernel`'s row ranges give the same numbers bit
+    for bit. `progress(done, total)` is called per tile. With X2 = None only the upper triangle is
     computed (the result is exactly symmetric) and the diagonal is exact.
     """
     X, X2, rec = _setup(
@@ -255,14 +254,12 @@ def analytic_kernels(
     d1, t1 = rec.diagonals(X)
     d2 = d1 if symmetric else rec.diagonals(X2)[0]
     n1, n2 = X.shape[0], X2.shape[0]
-    rows = block_rows or block_rows_for(n2, depth, all_layers, memory_budget)
     shape = (depth, n1, n2) if all_layers else (n1, n2)
     dtype = _out_dtype(out_dtype)
     sigma_out, theta_out = empty_checked([shape, shape], dtype, X.device, "analytic_kernels")
-    nblocks = math.ceil(n1 / rows)
-    for k, r0 in enumerate(range(0, n1, rows), start=1):
-        r = slice(r0, min(r0 + rows, n1))
-        c = slice(r0 if symmetric else 0, n2)  # symmetric: the upper triangle only, mirrored below
+    tiles = grid(n1, n2, tile_rows_for(n2), n2, symmetric)
+    for k, tile in enumerate(tiles, start=1):
+        r, c = tile.rows, tile.cols
         layers = rec.block(X[r], X2[c], [d[r] for d in d1], [d[c] for d in d2])
         if all_layers:
             sigma_out[:, r, c] = torch.stack([s for s, _ in layers])
@@ -270,7 +267,7 @@ def analytic_kernels(
         else:
             sigma_out[r, c], theta_out[r, c] = layers[-1]
         if progress is not None:
-            progress(k, nblocks)
+            progress(k, len(tiles))
     if symmetric:
         for out, diag in ((sigma_out, d1), (theta_out, t1)):
             for square in out.view(-1, n1, n1):  # each layer's with all_layers
@@ -295,7 +292,6 @@ def analytic_kernel(
     rows: tuple[int, int] | None = None,
     quadrature_order: int = 64,
     closed_form: bool = True,
-    block_rows: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """One limiting kernel, Theta(L) (kind "ntk") or Sigma(L) ("nngp"): -> (N1, N2) in out_dtype.
@@ -305,7 +301,8 @@ def analytic_kernel(
     checkpoint the Gram block by block; with X2 = None only their upper-triangle part (columns
     >= row) and their exact diagonal are written, and `ntkrun.linalg.mirror_(out, to_lower=True)`
     completes the matrix once every row is done (without `rows`, the whole symmetric matrix is
-    returned).
+    returned). Whatever the row ranges, every entry is that of `analytic_kernels`, bit for bit
+    (the same tiles; a range that starts or ends inside a tile computes that tile whole).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -314,29 +311,24 @@ def analytic_kernel(
     )
     symmetric = X2 is X
     n1, n2 = X.shape[0], X2.shape[0]
+    tiles = grid(n1, n2, tile_rows_for(n2), n2, symmetric, rows)  # checks rows
     r0, r1 = rows if rows is not None else (0, n1)
-    if not 0 <= r0 <= r1 <= n1:
-        raise ValueError(f"rows must satisfy 0 <= r0 <= r1 <= {n1}, got {rows}")
     dtype = _out_dtype(out_dtype)
     if out is None:
         (out,) = empty_checked([(n1, n2)], dtype, X.device, "analytic_kernel")
     elif out.shape != (n1, n2) or out.dtype != dtype:
         raise ValueError(f"out must be a ({n1}, {n2}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
-    d1, t1 = rec.diagonals(X[r0:r1])
-    d2 = rec.diagonals(X2)[0]
-    step = block_rows or block_rows_for(n2, depth)
-    nblocks = math.ceil((r1 - r0) / step)
-    for k, b0 in enumerate(range(r0, r1, step), start=1):
-        r = slice(b0, min(b0 + step, r1))
-        c = slice(b0 if symmetric else 0, n2)
-        local = slice(r.start - r0, r.stop - r0)
-        sigma, theta = rec.block(X[r], X2[c], [d[local] for d in d1], [d[c] for d in d2])[-1]
-        out[r, c] = theta if kind == "ntk" else sigma
+    d1, t1 = rec.diagonals(X)  # of every point, as analytic_kernels computes them
+    d2 = d1 if symmetric else rec.diagonals(X2)[0]
+    for k, tile in enumerate(tiles, start=1):
+        r, c = tile.rows, tile.cols
+        sigma, theta = rec.block(X[r], X2[c], [d[r] for d in d1], [d[c] for d in d2])[-1]
+        out[tile.out, c] = (theta if kind == "ntk" else sigma)[tile.keep]
         if progress is not None:
-            progress(k, nblocks)
+            progress(k, len(tiles))
     if symmetric:
         index = torch.arange(r0, r1)
-        out[index, index] = (t1[-1] if kind == "ntk" else d1[-1]).to(dtype)
+        out[index, index] = (t1[-1] if kind == "ntk" else d1[-1])[r0:r1].to(dtype)
         if rows is None:
             mirror_(out, to_lower=True, block=MIRROR_BLOCK)
     return out

@@ -34,6 +34,7 @@ from ntkrun.kernels.analytic import (
     _as_float64,
     quadrature_expectations,
 )
+from ntkrun.kernels.tiles import grid
 from ntkrun.linalg import empty_checked
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 
@@ -349,20 +350,16 @@ def _factors(
     return [float(c * k * k) for c in channels[:-1]] + [float(dense)]
 
 
-def tile_shape(
-    n1: int, n2: int, per_pair: int, memory_budget: int, block_rows: int | None, symmetric: bool
-) -> tuple[int, int]:
-    """(rows, cols) of a tile of input pairs: about TILE_NUMBERS numbers per intermediate (cache
-    sized; measured in benchmarks/bench_cnn.py) and LIVE_COPIES of them within memory_budget.
-    Symmetric Grams use square tiles (the upper triangle of tiles is computed, then mirrored)."""
+def tile_shape(n2: int, per_pair: int, memory_budget: int = 2**30) -> tuple[int, int]:
+    """(rows, cols) of a tile of input pairs (`ntkrun.kernels.tiles`): about TILE_NUMBERS numbers per
+    intermediate (cache sized; measured in benchmarks/bench_cnn.py) and LIVE_COPIES of them within
+    memory_budget. Fixed by N2 and the pair's size alone, never by the rows asked for, so a Gram's
+    entries do not depend on how its rows are split. Square where N2 allows (a symmetric Gram
+    computes the tiles on and above the diagonal, then mirrors them)."""
     pairs = max(1, min(TILE_NUMBERS, memory_budget // (8 * LIVE_COPIES)) // per_pair)
-    if block_rows is not None:
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        rows = min(block_rows, n1)
-        return rows, (rows if symmetric else max(1, min(n2, pairs // rows)))
-    rows = max(1, min(n1, math.isqrt(pairs)))
-    return rows, (rows if symmetric else max(1, min(n2, pairs // rows)))
+    edge = max(1, math.isqrt(pairs))
+    cols = min(n2, edge)
+    return max(1, pairs // cols) if cols < edge else edge, cols
 
 
 def cnn_kernels(
@@ -378,23 +375,28 @@ def cnn_kernels(
     parametrization: str = "ntk",
     widths: int | Sequence[int] | None = None,
     out_dtype: torch.dtype = torch.float64,
+    outs: Sequence[torch.Tensor | None] | None = None,
+    rows: tuple[int, int] | None = None,
     quadrature_order: int = 64,
     closed_form: bool = True,
-    block_rows: int | None = None,
     memory_budget: int = 2**30,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Limiting kernels of `ntkrun.architectures.CNN`: X (N1, C, H, W), X2 (N2, C, H, W) or None
-    (= X) -> (Sigma(L), Theta(L)), each (N1, N2), computed in float64 and stored in out_dtype.
+    (= X) -> (Sigma(L), Theta(L)), each (N1, N2), computed in float64 and stored in out_dtype
+    (into `outs` where given: a pair of (N1, N2) tensors, None for a kernel not wanted, which
+    then comes back as None).
 
     depth, kernel_size, padding, readout, nonlinearity, beta as for the CNN (docs/science.md §9).
     ReLU and erf use closed forms, any other nonlinearity Gauss-Hermite quadrature of
     `quadrature_order` (closed_form=False forces it). parametrization="standard" needs the hidden
     channel counts `widths` (an int or L - 1 ints); its Theta grows with them, Sigma is unchanged.
-    Input pairs are processed in tiles of `block_rows` rows (default: cache sized) within about
-    `memory_budget` bytes of intermediates; `progress(done, total)` is called per tile. With
+    Input pairs are processed in tiles of `tile_shape` (cache sized, within about `memory_budget`
+    bytes of intermediates) at fixed offsets; `progress(done, total)` is called per tile. With
     X2 = None only the tiles on and above the diagonal are computed and mirrored (exactly
-    symmetric) and the diagonal is exact (correlation 1 on same pixels).
+    symmetric) and the diagonal is exact (correlation 1 on same pixels). `rows=(r0, r1)` computes
+    those rows only, as `ntkrun.analytic_kernel` does (symmetric: their part on and above the
+    diagonal, `ntkrun.linalg.mirror_` completes it); every entry is the whole Gram's, bit for bit.
     """
     check_geometry(kernel_size, padding, readout, depth)
     X = _as_images(X, "X")
@@ -415,31 +417,42 @@ def cnn_kernels(
     expect = expect or quadrature_expectations(nl, quadrature_order)
     rec = _Recursion(expect, depth, beta, kernel_size, padding, readout, factors)
 
-    v1 = rec.variances(X)
-    v2 = v1 if symmetric else rec.variances(X2)
     n1, n2 = X.shape[0], X2.shape[0]
     per_pair = h * w * (h * w if readout == "gap" else 1)
-    rows, cols = tile_shape(n1, n2, per_pair, memory_budget, block_rows, symmetric)
-    sigma_out, theta_out = empty_checked([(n1, n2), (n1, n2)], out_dtype, X.device, "cnn_kernels")
-    tiles = [(r0, c0_) for r0 in range(0, n1, rows) for c0_ in range(r0 if symmetric else 0, n2, cols)]
-    for done, (r0, q0) in enumerate(tiles, start=1):
-        r, c = slice(r0, min(r0 + rows, n1)), slice(q0, min(q0 + cols, n2))
+    tile_rows, tile_cols = tile_shape(n2, per_pair, memory_budget)
+    if symmetric:
+        tile_rows = tile_cols  # square tiles, on and above the diagonal
+    tiles = grid(n1, n2, tile_rows, tile_cols, symmetric, rows)  # checks rows
+    if outs is None:
+        outs = empty_checked([(n1, n2), (n1, n2)], out_dtype, X.device, "cnn_kernels")
+    for out in outs:
+        if out is not None and (out.shape != (n1, n2) or out.dtype != out_dtype):
+            got = f"{tuple(out.shape)} {out.dtype}"
+            raise ValueError(f"outs must be ({n1}, {n2}) {out_dtype} tensors, got {got}")
+    targets = [(i, out) for i, out in enumerate(outs) if out is not None]
+    v1 = rec.variances(X)  # of every input, whatever rows are asked for
+    v2 = v1 if symmetric else rec.variances(X2)
+    for done, tile in enumerate(tiles, start=1):
+        r, c = tile.rows, tile.cols
         xa, xb = X[r], X2[c]
         if readout == "gap":
             A0 = torch.einsum("ichw,jcab->ijhwab", xa, xb) / c0
         else:
             A0 = torch.einsum("ichw,jchw->ijhw", xa, xb) / c0
         s, t = rec.run(A0, [u[r, None] for u in v1], [u[None, c] for u in v2], readout == "gap")
-        if symmetric and r0 == q0:  # a diagonal tile: its upper triangle, mirrored
+        if symmetric and r.start == c.start:  # a diagonal tile: its upper triangle, mirrored
             s, t = s.triu() + s.triu(1).t(), t.triu() + t.triu(1).t()
-        sigma_out[r, c], theta_out[r, c] = s, t
-        if symmetric and r0 != q0:
-            sigma_out[c, r], theta_out[c, r] = s.t(), t.t()
+        for i, out in targets:
+            out[tile.out, c] = (s, t)[i][tile.keep]
+            if symmetric and r.start != c.start and rows is None:
+                out[c, r] = (s, t)[i].t()
         if progress is not None:
             progress(done, len(tiles))
     if symmetric:
         rec.pool.free.clear()  # the tiles' buffers go before the self pairs' (of another shape) come
-        s, t = rec.self_kernels(X, v1)
-        index = torch.arange(n1, device=X.device)
-        sigma_out[index, index], theta_out[index, index] = s.to(out_dtype), t.to(out_dtype)
-    return sigma_out, theta_out
+        r0, r1 = rows if rows is not None else (0, n1)
+        s, t = rec.self_kernels(X, v1)  # of every input, chunked as always
+        index = torch.arange(r0, r1, device=X.device)
+        for i, out in targets:
+            out[index, index] = (s, t)[i][r0:r1].to(out_dtype)
+    return outs[0], outs[1]
