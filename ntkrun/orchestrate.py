@@ -37,11 +37,13 @@ from ntkrun.units import (
     aggregate_once,
     check_memory,
     compute_unit,
+    describe_mixed,
     done_units,
     find_unit,
     finish,
     identity,
     maybe_finish,
+    mixed_provenance,
     preflight,
     runner,
     units,
@@ -100,7 +102,7 @@ def resolve(req: Request) -> RunSpec:
             sweeps=req.sweeps,
         )
         check_size(spec, req.max_points)
-        return spec
+        return with_threads(spec)
     if is_complete(req.resume):
         raise SpecError(f"{req.resume}: run is complete, nothing to resume")
     saved = experiments.load_run_spec(req.resume)
@@ -112,7 +114,18 @@ def resolve(req: Request) -> RunSpec:
             f"{req.resume}: on resume only executor.* and data.dir may change (the other keys would "
             "change the results of the run); start a new run with the changed spec instead"
         )
-    return spec
+    return with_threads(spec)
+
+
+def with_threads(spec: RunSpec) -> RunSpec:
+    """The spec with executor.threads fixed where it was left to the machine: this machine's torch
+    threads, or slurm.cpus for SLURM (each unit then computes with that many, whichever executor
+    runs it, and a resume keeps it: spec.yaml records it)."""
+    ex = spec.executor
+    if ex.threads is not None:
+        return spec
+    threads = ex.slurm.cpus if ex.kind == "slurm" else torch.get_num_threads()
+    return spec.model_copy(update={"executor": ex.model_copy(update={"threads": threads})})
 
 
 def plan(req: Request, *, checks: bool = True) -> Plan:
@@ -346,6 +359,7 @@ class Status:
     aggregator: str | None  # who holds the aggregation lock
     runner: str | None  # who holds the RUNNING lock
     points: pd.DataFrame | None = None  # a sweep's points: point, values, units done of the units it reads
+    mixed: str | None = None  # the units came from different devices or thread counts (one line)
 
 
 def status(run_dir: Path) -> Status:
@@ -357,7 +371,9 @@ def status(run_dir: Path) -> Status:
     aggregator = None if complete else lock_holder(run.path / AGGREGATE_LOCK, STALE_LOCK_S, remove=False)
     holder = None if complete else lock_holder(run.path / RUNNING, remove=False)
     table = unit_status(spec, run)
-    return Status(table, complete, aggregator, holder, point_status(spec, table) if spec.sweep else None)
+    points = point_status(spec, table) if spec.sweep else None
+    mixed = mixed_provenance(spec, run)
+    return Status(table, complete, aggregator, holder, points, describe_mixed(mixed) if mixed else None)
 
 
 def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:

@@ -135,10 +135,11 @@ class SlurmSpec(Model):
 
 
 class ExecutorSpec(Model):
-    """Where the units run. Not part of the spec hash: it does not change any result."""
+    """Where the units run. Not hashed: it changes no result beyond the last bits `threads` fixes."""
 
     kind: Literal["inline", "local", "slurm"] = "inline"  # this process / a process pool / SLURM
     jobs: PositiveInt = 2  # local: worker processes
+    threads: PositiveInt | None = None  # every unit's torch threads (default: this machine's, slurm.cpus)
     slurm: SlurmSpec = SlurmSpec()
 
 

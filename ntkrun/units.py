@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,21 +213,37 @@ class _UnitProgress:
         self.progress.advance(self.unit.name, max(self.unit.cost - self.done, 0.0))
 
 
+@contextmanager
+def unit_threads(threads: int | None) -> Iterator[None]:
+    """torch computes with `threads` threads inside (None: as it is), then as before."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> dict[str, Any]:
-    """The unit's saved result, or run it now and save it."""
+    """The unit's saved result, or run it now, with the run's executor.threads, and save it."""
     result = run.load_unit(unit.name)
     if result is None:
         t0 = time.time()
         tracker = _UnitProgress(progress, unit)
         try:
-            result = runner(spec).run_unit(spec, unit, _Context(spec, run), tracker)
+            with unit_threads(spec.executor.threads):
+                threads = torch.get_num_threads()
+                result = runner(spec).run_unit(spec, unit, _Context(spec, run), tracker)
         except NumericalError as err:
             raise NumericalError(f"unit {unit.name}: {err}") from err
+        device = resolve_device(spec.device)
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "device": str(resolve_device(spec.device)),
-            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": device_name(device),
+            "threads": threads,
             "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "")),
             "slurm_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
             "wall_time_s": round(time.time() - t0, 3),
@@ -236,15 +255,48 @@ def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> 
     return result
 
 
+def device_name(device: torch.device) -> str:
+    """The kind of device a unit ran on, as its last bits depend on it: the GPU's name, or the CPU
+    and the kernels torch picks on it (AVX2, AVX512)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"cpu: {names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def mixed_provenance(spec: RunSpec, run: RunDir) -> dict[str, dict[str, int]]:
+    """Where the done units of a run disagree on what moves their last bits: {"device_name" or
+    "threads": {value: units}} for each of them that has more than one value (empty: none)."""
+    seen: dict[str, dict[str, int]] = {"device_name": {}, "threads": {}}
+    for unit in units(spec):
+        info = run.unit_info(unit.name) or {}
+        for key, counts in seen.items():
+            if key in info:
+                counts[str(info[key])] = counts.get(str(info[key]), 0) + 1
+    return {key: counts for key, counts in seen.items() if len(counts) > 1}
+
+
+def describe_mixed(mixed: dict[str, dict[str, int]]) -> str:
+    """One line: the units came from different devices / thread counts, how many of each."""
+    what = {"device_name": "devices", "threads": "thread counts"}
+    parts = [
+        f"{what[key]}: " + ", ".join(f"{value} ({n} units)" for value, n in counts.items())
+        for key, counts in mixed.items()
+    ]
+    return "units computed on different " + "; ".join(parts) + " (their last bits differ)"
+
+
 def done_units(spec: RunSpec, run: RunDir) -> set[str]:
     return {u.name for u in units(spec) if run.load_unit(u.name) is not None}
 
 
-def unit_main(run_dir: str, name: str, threads: int | None = None) -> str:
+def unit_main(run_dir: str, name: str) -> str:
     """Compute one unit of the shared run at run_dir (entry point of pool workers and SLURM jobs),
-    logging to units/<name>.log."""
-    if threads:
-        torch.set_num_threads(threads)
+    logging to units/<name>.log; with the threads its spec.yaml fixes (executor.threads)."""
     path = Path(run_dir)
     spec = experiments.load_run_spec(path)
     run = RunDir.shared(path, spec, identity(spec))  # refused if this machine's data are not the run's
@@ -269,6 +321,10 @@ def aggregate(spec: RunSpec, run: RunDir) -> pd.DataFrame:
 def finish(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     """Aggregate the units into CSVs and figures and mark the run complete (meta.json last)."""
     table = aggregate(spec, run)
+    mixed = mixed_provenance(spec, run)
+    if mixed:
+        run.meta["mixed_units"] = mixed
+        LOG.warning("%s", describe_mixed(mixed))
     run.meta.setdefault("units", len(units(spec)))
     run.meta.setdefault("executor", spec.executor.kind)
     models = {

@@ -140,11 +140,11 @@ if __name__ == "__main__":
     main()
 
 
-def unit_main_or_die(run_dir: str, name: str, threads: int | None = None) -> str:
+def unit_main_or_die(run_dir: str, name: str) -> str:
     """A pool worker's entry point that kills its own process (SIGKILL, as the out-of-memory
     killer would) when given the unit named in $FAULT_DIE_UNIT; any other unit runs as usual."""
     if name == os.environ.get("FAULT_DIE_UNIT"):
         os.kill(os.getpid(), signal.SIGKILL)
     from ntkrun.units import unit_main
 
-    return unit_main(run_dir, name, threads)
+    return unit_main(run_dir, name)

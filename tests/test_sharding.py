@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,11 @@ TINY = {
         "--set", "data.n_test=30", "--set", "training.n_train=40", "--set", "network.width=[16, 32]",
         "--seeds", "2", "--steps", "5", "--set", "n_boot=50", "--set", "device=cpu", "--quiet",
     ],
+    "features": [  # muP at this learning rate amplifies BLAS's last bits (docs/science.md §11.6)
+        "features", "--preset", "quick", "--set", "network.width=[64, 512]", "--seeds", "2", "--steps", "60",
+        "--set", "training.output_scales=[1.0, 4.0]", "--set", "depth_width=[[2, 64], [3, 128]]",
+        "--set", "n_boot=50", "--quiet",
+    ],
 }  # fmt: skip
 CSVS = {
     "convergence": ["kernels.csv", "losses.csv", "summary.csv", "metrics.csv"],
@@ -46,6 +53,7 @@ CSVS = {
     "scaling": ["scaling.csv", "fits.csv"],
     "pca": ["eigenvalues.csv", "components.csv", "trajectories.csv", "metrics.csv"],
     "generalization": ["accuracy.csv", "distance.csv", "fits.csv"],
+    "features": ["features.csv", "fits.csv"],
 }
 
 
@@ -115,6 +123,19 @@ def test_local_pool_gives_the_same_csvs(inline_runs, tmp_path):
     assert sorted(p.name for p in (run / "units").glob("*.pt")) == [
         "w32_s0.pt", "w32_s1.pt", "w8_s0.pt", "w8_s1.pt"
     ]  # fmt: skip
+
+
+def test_a_pool_computes_each_unit_with_the_runs_threads_and_gives_the_inline_bytes(inline_runs, tmp_path):
+    """A unit's arithmetic does not depend on the executor: each unit computes with the run's
+    executor.threads (this machine's, recorded in spec.yaml), in a pool as inline. The muP networks
+    of `features` turn any difference in BLAS's last bits into other networks (with 1 thread a
+    worker, as the pool once gave them, change_T moved by up to 51% in the quick preset)."""
+    result = invoke(*TINY["features"], "--executor", "local", "--jobs", "2", "--output-root", tmp_path)
+    assert result.exit_code == 0, result.output
+    run = complete_run(tmp_path, "features")
+    assert_same_csvs(run, inline_runs["features"], "features")
+    infos = [torch.load(p, weights_only=False)["info"] for p in (run / "units").glob("*.pt")]
+    assert {info["threads"] for info in infos} == {torch.get_num_threads()}
 
 
 def test_status_aggregate_and_resume_of_a_sharded_run(inline_runs, tmp_path):
@@ -256,3 +277,31 @@ def test_resume_of_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(failed)
     result = invoke("resume", ".")
     assert result.exit_code == 1 and "training diverged" in result.stderr  # resumed, not "complete"
+
+
+def test_units_of_different_thread_counts_are_reported_by_status_and_aggregate(tmp_path):
+    """The thread count (and the device) a unit ran with is recorded; a run whose units disagree
+    says so in `status` and in meta.json, since their last bits differ."""
+    shared = tmp_path / "run"
+    args = [*TINY["convergence"], "--run-dir", shared]
+    assert invoke(*args, "--unit", "w8_s0", "--set", "executor.threads=1").exit_code == 0
+    for unit in ("w8_s1", "w32_s0"):
+        assert invoke(*args, "--unit", unit, "--set", "executor.threads=2").exit_code == 0
+    status = invoke("status", shared)
+    assert status.exit_code == 0, status.output
+    assert "units computed on different thread counts: 1 (1 units), 2 (2 units)" in status.stdout
+    assert invoke(*args, "--unit", "w32_s1").exit_code == 0  # the last one aggregates
+    meta = json.loads((shared / "meta.json").read_text())
+    expected = Counter(["1", "2", "2", str(torch.get_num_threads())])  # the last: this machine's
+    assert meta["mixed_units"]["threads"] == dict(expected)
+    info = torch.load(shared / "units" / "w8_s0.pt", weights_only=False)["info"]
+    assert info["threads"] == 1 and info["device_name"].startswith("cpu: ")
+
+
+def test_resolving_the_device_turns_tf32_off():
+    """cuDNN's convolutions round float32 to a 10-bit mantissa (TF32) unless told not to."""
+    from ntkrun.runners.common import resolve_device
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    resolve_device("cpu")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

@@ -38,6 +38,8 @@ def print_status(run_dir: Path) -> None:
         else "not aggregated"
     )
     say(f"{len(found.table)} units: {summary}; run {state}")
+    if found.mixed:
+        say(found.mixed)
     if found.runner:
         say(f"being run by {found.runner}")
 

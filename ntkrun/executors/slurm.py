@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -76,8 +75,7 @@ class SlurmUnit:
     """
 
     def __call__(self, run_dir: str, name: str) -> str:
-        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or None
-        unit_main(run_dir, name, threads)
+        unit_main(run_dir, name)
         path = Path(run_dir)
         spec = load_run_spec(path)
         maybe_finish(spec, RunDir.shared(path, spec, identity(spec)))

@@ -42,8 +42,6 @@ Progress = Callable[[int, int], None]
 
 TILE_NUMBERS = 2**17  # numbers per tile intermediate: 1 MB in float64, cache sized (see tile_shape)
 LIVE_COPIES = 12  # intermediates of one tile alive at once (maps, expectations, patch sums)
-
-
 TWO_PI = 2 * math.pi
 
 
@@ -352,10 +350,8 @@ def _factors(
 
 def tile_shape(n2: int, per_pair: int, memory_budget: int = 2**30) -> tuple[int, int]:
     """(rows, cols) of a tile of input pairs (`ntkrun.kernels.tiles`): about TILE_NUMBERS numbers per
-    intermediate (cache sized; measured in benchmarks/bench_cnn.py) and LIVE_COPIES of them within
-    memory_budget. Fixed by N2 and the pair's size alone, never by the rows asked for, so a Gram's
-    entries do not depend on how its rows are split. Square where N2 allows (a symmetric Gram
-    computes the tiles on and above the diagonal, then mirrors them)."""
+    intermediate (cache sized; benchmarks/bench_cnn.py), LIVE_COPIES of them within memory_budget.
+    Fixed by N2 and the pair's size alone, never by the rows asked for; square where N2 allows."""
     pairs = max(1, min(TILE_NUMBERS, memory_budget // (8 * LIVE_COPIES)) // per_pair)
     edge = max(1, math.isqrt(pairs))
     cols = min(n2, edge)
@@ -388,15 +384,11 @@ def cnn_kernels(
     then comes back as None).
 
     depth, kernel_size, padding, readout, nonlinearity, beta as for the CNN (docs/science.md §9).
-    ReLU and erf use closed forms, any other nonlinearity Gauss-Hermite quadrature of
-    `quadrature_order` (closed_form=False forces it). parametrization="standard" needs the hidden
-    channel counts `widths` (an int or L - 1 ints); its Theta grows with them, Sigma is unchanged.
-    Input pairs are processed in tiles of `tile_shape` (cache sized, within about `memory_budget`
-    bytes of intermediates) at fixed offsets; `progress(done, total)` is called per tile. With
-    X2 = None only the tiles on and above the diagonal are computed and mirrored (exactly
-    symmetric) and the diagonal is exact (correlation 1 on same pixels). `rows=(r0, r1)` computes
-    those rows only, as `ntkrun.analytic_kernel` does (symmetric: their part on and above the
-    diagonal, `ntkrun.linalg.mirror_` completes it); every entry is the whole Gram's, bit for bit.
+    ReLU and erf use closed forms, other nonlinearities quadrature (closed_form=False forces it).
+    parametrization="standard" needs the hidden channel counts `widths` (an int or L - 1 ints).
+    Pairs are computed in tiles of `tile_shape` at fixed offsets (`progress(done, total)` per tile);
+    with X2 = None those on and above the diagonal, mirrored, and an exact diagonal. `rows=(r0, r1)`
+    computes those rows only, as `ntkrun.analytic_kernel` does, each entry the whole Gram's bit for bit.
     """
     check_geometry(kernel_size, padding, readout, depth)
     X = _as_images(X, "X")
@@ -425,11 +417,9 @@ def cnn_kernels(
     tiles = grid(n1, n2, tile_rows, tile_cols, symmetric, rows)  # checks rows
     if outs is None:
         outs = empty_checked([(n1, n2), (n1, n2)], out_dtype, X.device, "cnn_kernels")
-    for out in outs:
-        if out is not None and (out.shape != (n1, n2) or out.dtype != out_dtype):
-            got = f"{tuple(out.shape)} {out.dtype}"
-            raise ValueError(f"outs must be ({n1}, {n2}) {out_dtype} tensors, got {got}")
     targets = [(i, out) for i, out in enumerate(outs) if out is not None]
+    if any(out.shape != (n1, n2) or out.dtype != out_dtype for _, out in targets):
+        raise ValueError(f"outs must be ({n1}, {n2}) {out_dtype} tensors or None")
     v1 = rec.variances(X)  # of every input, whatever rows are asked for
     v2 = v1 if symmetric else rec.variances(X2)
     for done, tile in enumerate(tiles, start=1):

@@ -24,7 +24,12 @@ from ntkrun.work import MonteCarloLimit, Progress, Unit
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error. Turns TF32 off:
+    torch lets cuDNN's convolutions (and may let matmuls) round float32 inputs to a 10-bit
+    mantissa, an error of 1e-3 relative, large next to the kernel distances ntkrun measures."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
