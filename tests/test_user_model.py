@@ -181,3 +181,95 @@ def test_a_user_model_runs_through_scaling_with_rates_that_need_no_limit(folders
     # the metrics that read the limit carry its jackknife standard error over the 2 shares
     assert (table[["dist_init_se", "func_dist_T_se"]] > 0).all().all()
     assert table[["dist_init_se", "func_dist_T_se"]].notna().all().all()
+
+
+HEAD = '''
+import math
+
+import torch
+from torch import nn
+
+import ntkrun
+
+
+def plain(width, in_shape, n_out):
+    """The usual torch model: nn.Linear(width, 1) as its head, outputs (N, 1)."""
+    n0 = math.prod(in_shape)
+    return nn.Sequential(nn.Flatten(), nn.Linear(n0, width), nn.Tanh(), nn.Linear(width, n_out))
+
+
+class Column(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[:, None]
+
+
+def mlp_column(width, depth, in_shape, n_out, seed):
+    """ntkrun's own MLP (the same weights as network.arch mlp draws), its one output as (N, 1)."""
+    net = ntkrun.MLP(in_shape[0], width, depth, seed=seed, n_out=n_out)
+    return Column(net) if n_out == 1 else net
+'''
+
+
+@pytest.fixture
+def head_model(tmp_path, monkeypatch) -> str:
+    (tmp_path / "headmodel.py").write_text(HEAD)
+    monkeypatch.chdir(tmp_path)  # importable from the working directory
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return "headmodel"
+
+
+def test_a_model_with_an_n_by_1_head_trains_through_every_experiment_that_takes_modules(
+    head_model, digits, images, tmp_path
+):
+    """nn.Linear(width, 1) returns (N, 1): one output, squeezed once at the description (it used to
+    pass --check and then fail mid-run: an (N, N, 1, 1) NTK, pca's target broadcast to (N, N))."""
+    runs = {
+        "convergence": [*TINY],
+        "scaling": ["scaling", "--preset", "quick", "--set", "network.width=[16, 32]", "--set",
+                    "network.depth=[2]", "--seeds", "2", "--steps", "3", "--set", "kernels.mc_samples=4",
+                    "--set", "training.lr=0.05",
+                    "--set", "n_boot=20", "--quiet"],
+        "pca": ["pca", "--preset", "quick", "--data-dir", str(digits), "--set", "data.split=test", "--set",
+                "data.n_points=24", "--set", "kernels.mc_samples=4", "--width", "16", "--seeds", "1",
+                "--steps", "8", "--set", "training.record_every=4", "--set", "training.lr=0.05", "--quiet"],
+        "generalization": ["generalization", "--preset", "quick", "--data-dir", str(images), "--set",
+                           "device=cpu", "--set", "network.width=[16]", "--seeds", "2", "--set",
+                           "predictors=[ntk, net]", "--set", "data.n_train=[40]", "--set", "data.n_test=30",
+                           "--set", "training.n_train=40", "--set", "training.steps=3", "--set",
+                           "kernels.mc_samples=4", "--set", "training.lr=0.002", "--quiet"],
+    }  # fmt: skip
+    for experiment, args in runs.items():
+        out = tmp_path / "out"
+        result = CliRunner().invoke(app, [*args, "--set", f"network.module={head_model}:plain", "-o", out])
+        assert result.exit_code == 0, (experiment, result.output)
+        assert (out / experiment / "latest" / "meta.json").is_file()
+
+
+def test_a_user_models_distance_to_its_limit_is_the_mlps_within_its_standard_error(head_model, tmp_path):
+    """ntkrun's MLP as a user model (with an (N, 1) output): its networks are the built-in MLP's, so
+    its dist_init differs from the built-in run's only by the Monte-Carlo limit's error, which the
+    run reports (dist_init_se), plus that limit's finite-width bias (1/limit_width = 0.4%). A
+    factor-2 error in a module's dist_init fails this."""
+    args = ["scaling", "--preset", "quick", "--set", "network.width=[16, 64]", "--set", "network.depth=[3]",
+            "--seeds", "3", "--steps", "3", "--set", "n_boot=20", "--quiet"]  # fmt: skip
+    tables = []
+    for extra in (
+        ["--set", f"network.module={head_model}:mlp_column", "--set", "kernels.mc_samples=32",
+         "--set", "kernels.limit_width=256"],
+        [],
+    ):  # fmt: skip
+        out = tmp_path / f"out{len(tables)}"
+        result = CliRunner().invoke(app, [*args, *extra, "-o", out])
+        assert result.exit_code == 0, result.output
+        tables.append(pd.read_csv(out / "scaling" / "latest" / "scaling.csv").set_index(["width", "seed"]))
+    module, mlp = tables
+    assert (module["spread_init"] - mlp["spread_init"]).abs().max() < 1e-4 * mlp["spread_init"].max()
+    gap = (module["dist_init"] - mlp["dist_init"]).abs()
+    assert (gap <= 4 * module["dist_init_se"] + 0.004 * mlp["dist_init"]).all(), pd.concat(
+        [module["dist_init"], mlp["dist_init"], module["dist_init_se"]], axis=1
+    )
+    assert (module["dist_init_se"] < 0.25 * module["dist_init"]).all()  # a test with teeth

@@ -71,6 +71,19 @@ def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+class OneOutput(nn.Module):
+    """A model of one output as every experiment takes it, (N, ...) -> (N,): torch's usual head,
+    nn.Linear(width, 1), returns (N, 1), squeezed here once for all of them."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y.squeeze(-1) if y.dim() == 2 and y.shape[-1] == 1 else y
+
+
 @dataclass(frozen=True)
 class ModuleArchitecture(Architecture):
     """The model of `module` on inputs of input_shape; its limit by Monte Carlo."""
@@ -97,7 +110,8 @@ class ModuleArchitecture(Architecture):
             net = factory(**{key: values[key] for key in accepted(factory)})
         if not isinstance(net, nn.Module):
             raise ValueError(f"{self.module} returned {type(net).__name__}, not a torch.nn.Module")
-        return net.to(device=device, dtype=dtype)
+        net = net.to(device=device, dtype=dtype)
+        return OneOutput(net) if n_out == 1 else net
 
     def monte_carlo(
         self, X: torch.Tensor, X2: torch.Tensor | None = None, first: int = 0
@@ -231,10 +245,8 @@ def check_module(description: ModuleArchitecture, widths: list[int], n_out: int,
         raise ValueError(
             f"{description.module} (width {width}) rejects inputs of shape {(3, *shape)}: {first}"
         ) from None
-    expected = [(3,)] if n_out == 1 else []
-    expected.append((3, n_out))
-    if tuple(out.shape) not in expected:
-        want = " or ".join(str(e) for e in expected)
+    if tuple(out.shape) != ((3,) if n_out == 1 else (3, n_out)):  # (3, 1) is (3,) here (OneOutput)
+        want = "(3,) or (3, 1)" if n_out == 1 else str((3, n_out))
         raise ValueError(
             f"{description.module} returns outputs of shape {tuple(out.shape)} on 3 inputs, not {want}"
         )
