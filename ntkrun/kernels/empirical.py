@@ -191,11 +191,20 @@ def empirical_ntk(
 
 
 def empirical_nngp(net: MLP, X: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
-    """Finite-width estimate of Sigma(L): a(L-1)(x).a(L-1)(x') / n_{L-1} + beta^2 -> (N1, N2)
-    (the same in both parametrizations: it is the covariance of each output at initialization)."""
+    """Finite-width estimate of Sigma(L), the covariance of each output over the readout's draw
+    given the hidden layers: a(L-1)(x).a(L-1)(x') c^2 + beta^2 -> (N1, N2), c the readout's
+    multiplier on its N(0, 1) weights (1/sqrt(n_{L-1}) in the NTK and, folded into the weights, the
+    standard parametrization; 1/n in muP and mean-field, whose outputs shrink with the width). An
+    `ntkrun.MLP` only (a CNN or a module: `ntkrun.monte_carlo_kernels` gives their NNGP)."""
+    if not isinstance(net, MLP):
+        raise TypeError(
+            f"empirical_nngp takes an ntkrun.MLP, got {type(net).__name__}; for other networks "
+            "ntkrun.monte_carlo_kernels estimates the NNGP over seeds"
+        )
     X = _prepare(net, X)
     X2 = X if X2 is None else _prepare(net, X2)
     with torch.no_grad():
         a = net.forward_cache(X).acts[-1]
         a2 = a if X2 is X else net.forward_cache(X2).acts[-1]
-    return a @ a2.t() / net.sizes[-2] + net.beta**2
+    c2 = 1.0 / net.sizes[-2] if net.standard else 1.0 / net.fan[-1] ** 2
+    return a @ a2.t() * c2 + net.beta**2
