@@ -37,6 +37,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def distinct_names(key: str, values: list[float], where: str) -> None:
+    """ValueError where two values print alike (f"{v:g}") in `where` (unit names, column names)."""
+    seen: dict[str, float] = {}
+    for v in values:
+        if seen.setdefault(f"{v:g}", v) != v:
+            raise ValueError(
+                f"{key}: {seen[f'{v:g}']!r} and {v!r} are both {v:g} in {where}; "
+                "give values that differ within 6 significant digits"
+            )
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 

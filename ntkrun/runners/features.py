@@ -40,6 +40,7 @@ from ntkrun.kernels import empirical_ntk
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
+    distinct_names,
     pack,
     resolve_device,
     resolve_dtype,
@@ -140,6 +141,8 @@ class FeaturesSpec(RunSpec):
 
     @model_validator(mode="after")
     def _pairs(self) -> FeaturesSpec:
+        scales = [*self.training.output_scales, self.training.output_scale]
+        distinct_names("training.output_scales", scales, "unit names (a{alpha})")
         if any(depth < 2 for depth, _ in self.depth_width):
             raise ValueError("depth_width: a depth must be at least 2 (one hidden layer)")
         if self.data.image is not None and self.data.inputs != "gaussian":

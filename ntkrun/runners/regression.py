@@ -28,6 +28,7 @@ from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     analytic_flops,
     build_net,
+    distinct_names,
     gd_flops,
     ntk_flops,
     pack,
@@ -105,6 +106,11 @@ class RegressionSpec(RunSpec):
     kernel_seed: NonNegativeInt = 0
     percentiles: Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=2)] = [10, 50, 90]
     grid: CircleGridSpec = CircleGridSpec()
+
+    @model_validator(mode="after")
+    def _named_percentiles(self) -> RegressionSpec:
+        distinct_names("percentiles", self.percentiles, "the column names of functions.csv (p{p})")
+        return self
 
 
 Spec = RegressionSpec
