@@ -17,14 +17,16 @@ from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 IDENTITY = "identity.json"
 MODEL_SOURCE = "model source "  # the key of a network.module's source file among the digests
+RESULTS_VERSION = "results version "  # + the experiment: its runner's RESULTS_VERSION (1 if absent)
 
 
 @dataclass(frozen=True)
 class Identity:
     """What makes two results the same (docs/architecture.md, "Run identity"): the spec's hash
     (ntkrun.spec.spec_hash: every key but those that change no result) and the content digest of
-    each data file the run reads (ntkrun.data.digests; none for generated inputs), and of the source
-    file of a network.module (keyed "model source <path>")."""
+    each data file the run reads (ntkrun.data.digests; none for generated inputs), of the source
+    of a network.module (keyed "model source <path>": its file, or its package's files), and the
+    runner's results version (keyed "results version <experiment>")."""
 
     spec_hash: str
     data: dict[str, str] = field(default_factory=dict)
@@ -49,11 +51,24 @@ class Identity:
         if theirs is None:
             return None
         for name in sorted(set(theirs) | set(self.data)):
+            if name.startswith(RESULTS_VERSION):  # tags made before versions existed: version 1
+                old, new = theirs.get(name, "1"), self.data.get(name, "1")
+                if old != new:
+                    return (
+                        f"was computed by results version {old} of ntkrun's "
+                        f"{name.removeprefix(RESULTS_VERSION)} runner, this ntkrun's is {new} (an "
+                        "upgrade changed its results: start a new run of the same spec)"
+                    )
+                continue
             if theirs.get(name) != self.data.get(name) and name.startswith(MODEL_SOURCE):
-                return (
-                    f"was computed by another version of the model: {name.removeprefix(MODEL_SOURCE)} had "
-                    f"digest {theirs.get(name)}, now {self.data.get(name)} (the file was edited since)"
-                )
+                file, was, now = name.removeprefix(MODEL_SOURCE), theirs.get(name), self.data.get(name)
+                change = (
+                    "the model did not import it then" if was is None
+                    else "the model does not import it now" if now is None
+                    else "the file was edited since"
+                )  # fmt: skip
+                what = f"{file} had digest {was}, now {now} ({change})"
+                return f"was computed by another version of the model: {what}"
             if theirs.get(name) != self.data.get(name):
                 return (
                     f"was computed on other data: {name} had digest {theirs.get(name)}, the data "

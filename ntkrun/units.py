@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ntkrun import experiments, memory
-from ntkrun.architectures.module import accepted, load_factory, source_digest
+from ntkrun.architectures.module import accepted, load_factory, source_digest, source_files
 from ntkrun.data import digests
 from ntkrun.errors import (
     ExecutorError,
@@ -33,7 +33,7 @@ from ntkrun.errors import (
     ResourceError,
     SpecError,
 )
-from ntkrun.identity import MODEL_SOURCE, Identity
+from ntkrun.identity import MODEL_SOURCE, RESULTS_VERSION, Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import check_range, resolve_device
@@ -75,22 +75,24 @@ def identity(spec: RunSpec) -> Identity:
     DataError if they cannot be read, SpecError if the module cannot be imported."""
     files = getattr(runner(spec), "data_files", None)
     data = digests(files(spec)) if files is not None else {}
-    return Identity(spec_hash(spec), {**data, **model_sources(spec)}, legacy_spec_hash(spec))
+    version = experiments.get(spec.experiment).module.RESULTS_VERSION
+    version = {f"{RESULTS_VERSION}{spec.experiment}": str(version)}
+    return Identity(spec_hash(spec), {**data, **model_sources(spec), **version}, legacy_spec_hash(spec))
 
 
 def model_sources(spec: RunSpec) -> dict[str, str]:
-    """{"model source <file>": its digest} of every network.module the spec (or its sweep) runs."""
+    """{"model source <file>": its digest} of every network.module the spec (or its sweep) runs:
+    the factory's file and the files it imports from its package (`source_files`)."""
     found = {}
     for point in runner(spec).grid(spec).points if spec.sweep else []:
         found.update(model_sources(point.spec))
     module = getattr(getattr(spec, "network", None), "module", None)
     if module is not None:
         try:
-            source = load_factory(module)[1]
+            sources = source_files(module)
         except ValueError as err:
             raise SpecError(f"network.module: {err}") from None
-        if source is not None:
-            found[f"{MODEL_SOURCE}{source}"] = source_digest(source)
+        found.update({f"{MODEL_SOURCE}{source}": source_digest(source) for source in sources})
     return found
 
 

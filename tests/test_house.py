@@ -204,3 +204,12 @@ def test_help_does_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "False"]
+
+
+def test_every_runner_has_a_results_version():
+    """docs/architecture.md, "Run identity": bumped by a change that alters a runner's results."""
+    from ntkrun.experiments import EXPERIMENTS
+
+    for record in EXPERIMENTS.values():
+        version = getattr(record.module, "RESULTS_VERSION", None)
+        assert isinstance(version, int) and version >= 1, record.name

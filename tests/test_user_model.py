@@ -109,6 +109,32 @@ def test_an_edited_model_is_refused_on_resume_naming_its_file(folders):
     assert "Traceback" not in resumed.stderr
 
 
+def test_an_edited_helper_of_a_model_package_is_refused_on_resume_naming_it(tmp_path):
+    """The model's identity covers the files it imports from its package, not only the factory's."""
+    models, work = tmp_path / "models", tmp_path / "work"
+    (models / "mypkg").mkdir(parents=True)
+    work.mkdir()
+    (models / "mypkg" / "__init__.py").write_text("")
+    (models / "mypkg" / "blocks.py").write_text("import torch\nSCALE = 1.0\n")
+    (models / "mypkg" / "nets.py").write_text(
+        "import torch\nfrom mypkg.blocks import SCALE\n\n\ndef net(width, in_shape):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(in_shape[0], width), torch.nn.Tanh(),"
+        " torch.nn.Linear(width, 1))\n"
+    )
+    shared = work / "shared-run"
+    args = [*TINY, "--set", "network.module=mypkg.nets:net"]
+    first = ntkrun(work, models, *args, "--unit", "0", "--run-dir", shared)
+    assert first.returncode == 0, first.stderr
+    sources = json.loads((shared / "identity.json").read_text())["data"]
+    helper = str((models / "mypkg" / "blocks.py").resolve())
+    assert f"model source {helper}" in sources
+    (models / "mypkg" / "blocks.py").write_text("import torch\nSCALE = 2.0\n")
+    resumed = ntkrun(work, models, "resume", shared, "--quiet")
+    assert resumed.returncode == 2, resumed.stderr
+    assert f"another version of the model: {helper} had digest" in resumed.stderr
+    assert "(the file was edited since)" in resumed.stderr
+
+
 BAD = {  # (the factory's source, network.module, the error's words)
     "missing": ("", "nosuchmodel_{u}:f", "cannot import 'nosuchmodel_{u}' (ModuleNotFoundError"),
     "no attribute": ("x = 1\n", "{m}:factory", "has no 'factory'"),

@@ -67,8 +67,29 @@ def accepted(factory: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def source_digest(path: Path) -> str:
-    """SHA-256 (16 hex digits) of the factory's source file: part of a run's identity."""
+    """SHA-256 (16 hex digits) of one of the model's source files: part of a run's identity."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def source_files(path: str) -> list[Path]:
+    """The model's source: the factory's file, then every file it imported from its own package
+    (or, for a module outside a package, its own folder), as loaded now: an edit to a helper the
+    model imports changes its results as much as one to the factory. Imports made only when the
+    factory runs are not seen."""
+    factory, source = load_factory(path)
+    if source is None:
+        return []
+    module = sys.modules[factory.__module__] if factory.__module__ in sys.modules else None
+    top = (getattr(module, "__package__", None) or "").partition(".")[0]
+    package = sys.modules.get(top) if top else None
+    root = Path(package.__file__).resolve().parent if package and getattr(package, "__file__", None) else None
+    root = root or source.parent
+    found = {source}
+    for loaded in list(sys.modules.values()):
+        file = getattr(loaded, "__file__", None)
+        if file and file.endswith(".py") and Path(file).resolve().is_relative_to(root):
+            found.add(Path(file).resolve())
+    return [source, *sorted(found - {source})]
 
 
 class OneOutput(nn.Module):

@@ -40,6 +40,9 @@ from ntkrun.spec import GridSpec, MonteCarloSpec, NetworkSpec, RunSpec, Training
 from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
+# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
+# a run of an older version is then not resumed into mixed results.
+RESULTS_VERSION = 1
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
 MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
 

@@ -65,6 +65,9 @@ from ntkrun.spec import (
 from ntkrun.work import FeatureNet, Progress, Reference, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
+# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
+# a run of an older version is then not resumed into mixed results.
+RESULTS_VERSION = 2  # 2: the NTK predictor from g_0 = 0 through dynamics.predictor (1b669c1)
 PARAMETRIZATIONS = ("ntk",)  # network.parametrization: arms (b) and (c); arm (a) lists its own
 ARCHS = ("mlp", "cnn")
 # the papers' slopes (docs/science.md §11): kernel change in width (NTK -1: Dyer & Gur-Ari 2020, within

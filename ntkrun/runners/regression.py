@@ -49,6 +49,9 @@ from ntkrun.spec import (
 from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
+# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
+# a run of an older version is then not resumed into mixed results.
+RESULTS_VERSION = 1
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
 
 

@@ -58,6 +58,9 @@ from ntkrun.spec import (
 from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
+# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
+# a run of an older version is then not resumed into mixed results.
+RESULTS_VERSION = 1
 ARCHS = ("mlp", "cnn")
 
 
