@@ -21,6 +21,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ntkrun.errors import SpecError
 from ntkrun.presets import presets_of
+from ntkrun.yamlio import load_yaml as _load
+from ntkrun.yamlio import read_yaml
 
 
 def as_list(value: Any) -> Any:
@@ -71,12 +73,24 @@ def check_arch_keys(network: Any) -> Any:
     return network
 
 
+def _ntk_only(value: Any) -> Any:
+    if value == "standard":
+        raise ValueError(
+            "'standard' is not supported: its NTK grows with the width, and every experiment compares "
+            "networks of several widths against one width-independent limit (docs/science.md §7.2); use ntk"
+        )
+    return value
+
+
+NtkOnly = Annotated[Literal["ntk"], BeforeValidator(_ntk_only)]  # network.parametrization
+
+
 class NetworkSpec(Model):
     depth: PositiveInt = 4  # weight layers L (a cnn: L - 1 convolutions, then the dense layer)
     width: Widths = [500, 10000]  # one network per width (a cnn: channels)
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
-    parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
+    parametrization: NtkOnly = "ntk"  # docs/science.md §7.2
     arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # docs/science.md §9 for cnn
     kernel_size: PositiveInt = 3  # cnn only: k x k convolutions, stride 1
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
@@ -197,58 +211,6 @@ class Layers:
                 return self.origin[path[:n]]
         below = [src for p, src in self.origin.items() if p[: len(path)] == path]
         return below[-1] if below else "defaults"
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 and 1E6 as floats (YAML 1.2), as a user means them, and
-    refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # unhashable keys are refused by the base class
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; any problem becomes a one-line SpecError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a YAML file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise SpecError(f"{path}: cannot read: {reason}") from None
-    try:
-        data = _load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise SpecError(f"{path}: {where}{problem}") from None
-    if data is None:
-        raise SpecError(f"{path}: empty file, expected a YAML mapping of spec keys")
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a YAML mapping of spec keys, got {type(data).__name__}")
-    return data
 
 
 def parse_set(item: str) -> tuple[tuple[str, ...], Any]:

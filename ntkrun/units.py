@@ -119,14 +119,6 @@ def preflight(spec: RunSpec) -> None:
         )
     if module is None:
         check_range(spec)
-    supported = getattr(runner(spec), "PARAMETRIZATIONS", ("ntk",))
-    chosen = spec.network.parametrization  # type: ignore[attr-defined]
-    if chosen not in supported:
-        raise SpecError(
-            f"network.parametrization: {chosen!r} is not supported by {spec.experiment}, which compares "
-            "networks of several widths with one width-independent limit, while the standard "
-            "parametrization's NTK grows with the width (docs/science.md §7.2); use ntk"
-        )
     archs = getattr(runner(spec), "ARCHS", ("mlp",))
     arch = getattr(spec.network, "arch", "mlp")  # type: ignore[attr-defined]
     if arch not in archs:

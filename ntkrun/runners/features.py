@@ -56,6 +56,7 @@ from ntkrun.spec import (
     NonlinearityName,
     NonNegativeFloat,
     NonNegativeInt,
+    NtkOnly,
     PositiveFloat,
     PositiveInt,
     RunSpec,
@@ -68,7 +69,6 @@ LOG = logging.getLogger("ntkrun")
 # Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
 # a run of an older version is then not resumed into mixed results.
 RESULTS_VERSION = 2  # 2: the NTK predictor from g_0 = 0 through dynamics.predictor (1b669c1)
-PARAMETRIZATIONS = ("ntk",)  # network.parametrization: arms (b) and (c); arm (a) lists its own
 ARCHS = ("mlp", "cnn")
 # the papers' slopes (docs/science.md §11): kernel change in width (NTK -1: Dyer & Gur-Ari 2020, within
 # Theorem 2's bound n^-1/2; muP and mean-field 0: Yang & Hu 2021), in alpha (-1: Chizat et al. 2019),
@@ -93,7 +93,7 @@ class FeaturesNetworkSpec(Model):
         512,
         1024,
     ]
-    parametrization: Literal["ntk", "standard"] = "ntk"  # arms (b), (c): ntk (standard is refused)
+    parametrization: NtkOnly = "ntk"  # docs/science.md §7.2 (features: arms (b), (c))
     # arm (a): each over the widths (docs/science.md §11.1)
     parametrizations: Annotated[list[Literal["ntk", "mup", "meanfield"]], Field(min_length=1)] = [
         "ntk",

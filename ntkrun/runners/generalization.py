@@ -63,7 +63,6 @@ LOG = logging.getLogger("ntkrun")
 # Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
 # a run of an older version is then not resumed into mixed results.
 RESULTS_VERSION = 1
-PARAMETRIZATIONS = ("ntk",)
 ARCHS = ("mlp", "cnn")
 MODULES = True  # runs a network.module, its kernels by Monte Carlo (docs/science.md §10)
 

@@ -49,6 +49,7 @@ from ntkrun.spec import (
     MonteCarloSpec,
     NonlinearityName,
     NonNegativeFloat,
+    NtkOnly,
     PositiveFloat,
     PositiveInt,
     RunSpec,
@@ -71,7 +72,7 @@ class ScalingNetworkSpec(Model):
     ]  # a log grid: the slope needs at least two widths
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
-    parametrization: Literal["ntk", "standard"] = "ntk"  # docs/science.md §7.2
+    parametrization: NtkOnly = "ntk"  # docs/science.md §7.2 (features: arms (b), (c))
     arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # cnn: on Gaussian images (data.image)
     kernel_size: PositiveInt = 3  # cnn only
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
