@@ -104,10 +104,15 @@ class Unit:
     name: str  # file name in units/, e.g. w500_s3
     cost: float  # estimated floating-point operations (also the progress weight)
     work: Work  # what run_unit computes
+    needs: tuple[Unit, ...] = ()  # the units whose results it reads (ctx.require): it runs after them
 
     @property
     def stage(self) -> int:
-        """0 for the Reference (or Monte-Carlo limit) the others read: it runs first; else 1."""
+        """Its depth in the graph of `needs`: 1 + the latest stage it reads, so every executor runs it
+        after them (a pool or SLURM would otherwise compute them again inside it, serially). A unit
+        that declares nothing: 0 for a Reference or Monte-Carlo share, which others read; else 1."""
         if isinstance(self.work, PointWork):
             return self.work.unit.stage
+        if self.needs:
+            return 1 + max(u.stage for u in self.needs)
         return 0 if isinstance(self.work, (Reference, MonteCarloLimit)) else 1

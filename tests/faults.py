@@ -148,3 +148,29 @@ def unit_main_or_die(run_dir: str, name: str) -> str:
     from ntkrun.units import unit_main
 
     return unit_main(run_dir, name)
+
+
+def unit_main_counting(run_dir: str, name: str) -> str:
+    """A pool worker's entry point that appends to $COUNT_FILE the first network of every
+    Monte-Carlo share that pca computes in it, whichever unit asked (the share's own unit, or
+    another computing it inline because it was not there yet)."""
+    import ntkrun.runners.pca as pca
+
+    original = pca.limit_share
+
+    def counted(description, work, X, X2=None):
+        with open(os.environ["COUNT_FILE"], "a") as fh:
+            fh.write(f"{work.start}\n")
+        return original(description, work, X, X2)
+
+    if not hasattr(original, "counting"):  # once per worker process, which serves several units
+        counted.counting = True
+        pca.limit_share = counted
+    from ntkrun.units import unit_main
+
+    with open(os.environ["COUNT_FILE"] + ".events", "a") as fh:
+        fh.write(f"start {name}\n")
+    unit_main(run_dir, name)
+    with open(os.environ["COUNT_FILE"] + ".events", "a") as fh:
+        fh.write(f"end {name}\n")
+    return name

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -305,3 +306,37 @@ def test_resolving_the_device_turns_tf32_off():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     resolve_device("cpu")
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_a_pool_computes_each_monte_carlo_share_of_pcas_reference_once(tmp_path, monkeypatch):
+    """Units say what they read (`needs`) and run after it: pca's reference reads the Monte-Carlo
+    shares of a module's limit, so it runs in the stage after them, and the networks after it. With
+    both in stage 0, a worker that took the reference recomputed the shares inline, serially."""
+    from faults import unit_main_counting
+
+    import ntkrun.executors.local
+
+    (tmp_path / "poolmodel.py").write_text(
+        "import math\n\nimport torch\nfrom torch import nn\n\n\ndef net(width, in_shape):\n    return "
+        "nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width), nn.Tanh(), nn.Linear(width, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    counts = tmp_path / "counts"
+    monkeypatch.setenv("COUNT_FILE", str(counts))
+    monkeypatch.setattr(ntkrun.executors.local, "unit_main", unit_main_counting)
+    args = [*TINY["pca"], "--set", "network.module=poolmodel:net", "--set", "kernels.mc_samples=8",
+            "--set", "training.lr=0.05", "--executor", "local", "--jobs", "2",
+            "--output-root", tmp_path / "out"]  # fmt: skip
+    listed = invoke(*args, "--list-units")
+    assert listed.exit_code == 0, listed.output
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    starts = counts.read_text().split()
+    assert sorted(starts) == sorted(set(starts)) and len(starts) == 4, starts  # 4 shares, once each
+    # the reference starts once every share has ended, the networks once it has (a stage barrier:
+    # with the reference among the shares, it started while the other worker's share was running)
+    events = (tmp_path / "counts.events").read_text().splitlines()
+    shares_end = max(events.index(f"end limit_{i}") for i in range(4))
+    assert events.index("start reference") > shares_end, events
+    assert min(i for i, e in enumerate(events) if e.startswith("start w")) > events.index("end reference")

@@ -86,9 +86,10 @@ def source_files(path: str) -> list[Path]:
     root = root or source.parent
     found = {source}
     for loaded in list(sys.modules.values()):
-        file = getattr(loaded, "__file__", None)
-        if file and file.endswith(".py") and Path(file).resolve().is_relative_to(root):
-            found.add(Path(file).resolve())
+        file = getattr(loaded, "__file__", None)  # some are relative names of no file (torch._classes)
+        if file and file.endswith(".py") and Path(file).is_absolute() and Path(file).is_file():
+            if Path(file).resolve().is_relative_to(root):
+                found.add(Path(file).resolve())
     return [source, *sorted(found - {source})]
 
 

@@ -41,9 +41,10 @@ class SlurmExecutor(Executor):
         queued = queue_states(jobs.values())
         if queued is None:
             raise ExecutorError("squeue cannot be asked which jobs are still queued; try again")
-        stage0 = {u.name for u in units(spec) if u.stage == 0}
-        after = [job for name, job in jobs.items() if name in stage0 and job in queued]
         todo = [u for u in todo if jobs.get(u.name) not in queued]
+        last = max((u.stage for u in todo), default=0)
+        earlier = {u.name for u in units(spec) if u.stage < last}  # what the todo units may read
+        after = [job for name, job in jobs.items() if name in earlier and job in queued]
         try:
             submitted = submit_slurm(spec, run, todo, after) if todo else []
         except Exception as e:  # submitit raises its own errors for a refused sbatch
@@ -109,9 +110,9 @@ def slurm_parameters(spec: RunSpec) -> dict[str, Any]:
 def submit_slurm(
     spec: RunSpec, run: RunDir, todo: list[Unit], after: list[str] = ()
 ) -> list[tuple[str, str]]:
-    """Submit `todo` as job arrays, stage by stage: stage-1 units start after the stage-0 jobs
-    (those submitted here, or `after`: ids of stage-0 jobs still queued from before) and compute a
-    missing stage-0 result themselves. -> [(unit, job id)], each stage appended to
+    """Submit `todo` as job arrays, stage by stage: each stage starts after the previous one's jobs
+    (those submitted here, or `after`: ids of earlier stages' jobs still queued from before) and
+    computes a missing earlier result itself. -> [(unit, job id)], each stage appended to
     slurm/jobs.jsonl as soon as it is submitted."""
     import submitit
 

@@ -311,15 +311,16 @@ def units(spec: PCASpec) -> list[Unit]:
         ref_cost = (2 + len(limits)) * eigen_flops(n)
     else:
         ref_cost = description.kernel_flops(n, n) + 2 * eigen_flops(n)
-    return (
-        limits
-        + [Unit("reference", ref_cost, Reference())]
-        + [
-            Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
+    reference = Unit("reference", ref_cost, Reference(), needs=tuple(limits))
+    return [
+        *limits,
+        reference,
+        *(
+            Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s), needs=(reference,))
             for w in spec.network.width
             for s in seeds
-        ]
-    )
+        ),
+    ]
 
 
 def memory(spec: PCASpec, unit: Unit) -> int:
