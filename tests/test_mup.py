@@ -24,23 +24,26 @@ def inputs(n: int = 6, n0: int = 3) -> torch.Tensor:
     return torch.randn(n, n0, generator=torch.Generator().manual_seed(1), dtype=F64)
 
 
-def lr_factors(net: MLP) -> dict[str, float]:
-    """Each parameter's learning-rate factor by name (weights.l, biases.l)."""
-    out = {}
-    for l, (r_w, r_b) in enumerate(net.lr_scales):
-        out[f"weights.{l}"], out[f"biases.{l}"] = r_w, r_b
-    return out
+def expected_factors(net: torch.nn.Module, width: int) -> dict[str, float]:
+    """Yang & Hu's table in ntkrun's form (docs/science.md §11.1), written out: muP moves every weight
+    and hidden bias with lr * n, the output bias with lr; NTK every parameter with lr."""
+    names = [name for name, _ in net.named_parameters()]
+    if net.parametrization == "ntk":
+        return dict.fromkeys(names, 1.0)
+    last = f"biases.{net.depth - 1}"
+    return {name: 1.0 if name == last else float(width) for name in names}
 
 
-def weighted_ntk(net: MLP, X: torch.Tensor) -> torch.Tensor:
-    """sum_p r_p df/dp df/dp^T by torch.func per-sample Jacobians (one output)."""
+def weighted_ntk(net: MLP, X: torch.Tensor, width: int) -> torch.Tensor:
+    """sum_p r_p df/dp df/dp^T by torch.func per-sample Jacobians (one output), r_p from the table
+    written out in expected_factors (not the implementation's own lr_scales: that would be circular)."""
     params = {k: v.detach() for k, v in net.named_parameters()}
 
     def f(p: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(net, p, (x[None],))[0]
 
     J = vmap(jacrev(f), (None, 0))(params, X)
-    factors = lr_factors(net)
+    factors = expected_factors(net, width)
     return sum(factors[k] * J[k].flatten(1) @ J[k].flatten(1).T for k in params)
 
 
@@ -48,7 +51,7 @@ def weighted_ntk(net: MLP, X: torch.Tensor) -> torch.Tensor:
 def test_the_fast_kernel_is_the_learning_rate_weighted_jacobian_gram(parametrization, depth):
     net = MLP(3, 16, depth, "relu", beta=0.1, seed=2, dtype=F64, parametrization=parametrization)
     X = inputs()
-    torch.testing.assert_close(empirical_ntk(net, X), weighted_ntk(net, X), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(empirical_ntk(net, X), weighted_ntk(net, X, 16), rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
@@ -79,16 +82,6 @@ def test_the_mup_output_at_initialization_vanishes_like_width_to_the_minus_half(
 
     assert 3.0 < variance(64, "mup") / variance(256, "mup") < 5.3
     assert 0.75 < variance(64, "ntk") / variance(256, "ntk") < 1.33
-
-
-def expected_factors(net: torch.nn.Module, width: int) -> dict[str, float]:
-    """Yang & Hu's table in ntkrun's form (docs/science.md §11.1), written out: muP moves every weight
-    and hidden bias with lr * n, the output bias with lr; NTK every parameter with lr."""
-    names = [name for name, _ in net.named_parameters()]
-    if net.parametrization == "ntk":
-        return dict.fromkeys(names, 1.0)
-    last = f"biases.{net.depth - 1}"
-    return {name: 1.0 if name == last else float(width) for name in names}
 
 
 def manual_step(net: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, width: int) -> None:
@@ -183,7 +176,7 @@ def images(n: int = 5) -> torch.Tensor:
 def test_the_cnns_mup_kernel_is_its_learning_rate_weighted_jacobian_gram_and_ntks_at_init(readout):
     net, X = cnn(6, "mup", readout=readout), images()
     theta = empirical_ntk(net, X)
-    torch.testing.assert_close(theta, weighted_ntk(net, X), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(theta, weighted_ntk(net, X, 6), rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(
         theta, empirical_ntk(cnn(6, "ntk", readout=readout), X), rtol=1e-12, atol=1e-14
     )
