@@ -78,6 +78,39 @@ TINY = ["features", "--preset", "quick", "--width", "16", "--width", "32", "--se
         "--set", "data.n_test=16", "--set", "n_boot=20", "--quiet"]  # fmt: skip
 
 
+def check_against_the_units(run, table: pd.DataFrame) -> None:
+    """features.csv recomputed by other code from what the units saved and the task's definition:
+    the NTK predictor by GD iterated on the analytic kernel (f <- f - lr/N Theta (f - y) from f = 0,
+    as the paper's dynamics for the MSE cost 1/2N sum (f - y)^2) scored on the test labels; each
+    network's seed spread over the networks that differ only by their seed; the alignments."""
+    from ntkrun.experiments import spec_of
+    from ntkrun.kernels import analytic_kernels
+    from ntkrun.runners.features import task as features_task
+
+    spec = spec_of("features", config=run / "spec.yaml")
+    X, y, Xt, yt = features_task(spec)
+    for depth, rows in table.groupby("depth"):
+        _, K = analytic_kernels(torch.cat([X, Xt]), X, depth, spec.network.nonlinearity, spec.network.beta)
+        f, lr = torch.zeros(len(X) + len(Xt), dtype=F64), spec.training.lr
+        for _ in range(spec.training.steps):
+            f = f - lr / len(X) * K @ (f[: len(X)] - y)
+        saved = torch.load(run / "units" / f"limit_d{depth}.pt", weights_only=False)["result"]["f_test"]
+        # the runner goes through an eigendecomposition: float64 agreement to 1e-8 relative measured;
+        # a wrong time, rate or initial function (1b669c1's bug) moves the values by order one
+        torch.testing.assert_close(saved, f[len(X) :], rtol=1e-6, atol=1e-9)
+        assert (rows["acc_ntk"] == float((torch.sign(f[len(X) :]) == yt).double().mean())).all()
+    thetas = {}
+    for row in table.itertuples():
+        name = f"{row.parametrization}_d{row.depth}_w{row.width}_a{row.alpha:g}_s{row.seed}"
+        thetas[row.Index] = torch.load(run / "units" / f"{name}.pt", weights_only=False)["result"]["theta_0"]
+        theta = thetas[row.Index]
+        assert row.align_0 == pytest.approx(float(y @ theta @ y) / float(theta.norm() * (y @ y)), rel=1e-12)
+    for _, rows in table.groupby(["parametrization", "alpha", "depth", "width"]):
+        mean = sum(thetas[i] for i in rows.index) / len(rows)
+        for i in rows.index:
+            assert rows.loc[i, "spread_0"] == pytest.approx(float((thetas[i] - mean).norm() / mean.norm()))
+
+
 def test_features_runs_its_three_arms_with_fits_and_figure(tmp_path):
     listed = CliRunner().invoke(app, [*TINY, "-o", str(tmp_path), "--list-units"])
     assert listed.exit_code == 0, listed.output
@@ -90,7 +123,7 @@ def test_features_runs_its_three_arms_with_fits_and_figure(tmp_path):
     assert len(table) == (4 + 1 + 2) * 2
     assert set(table["parametrization"]) == {"ntk", "mup"}
     assert (table[["change_T", "spread_0", "lin_dist_T"]] > 0).all().all()
-    assert table[["acc_net", "acc_ntk", "align_0", "align_T"]].apply(lambda c: c.between(-1, 1)).all().all()
+    check_against_the_units(run, table)
     fits = pd.read_csv(run / "fits.csv")
     assert set(zip(fits["arm"], fits["group"], fits["metric"], strict=True)) == {
         ("width", "ntk", "change_T"), ("width", "mup", "change_T"), ("alpha", "ntk", "change_T"),
