@@ -165,3 +165,24 @@ def test_show_and_presets(tmp_path, monkeypatch):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "ntkrun", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convergence" in result.stdout
+
+
+def test_tables_print_whole_when_stdout_is_not_a_terminal():
+    """Piped or logged (the batch-script case), a wide table is not cut to 80 columns mid-number."""
+    import pandas as pd
+
+    from ntkrun.cli.report import frame_table, out
+
+    frame = pd.DataFrame({f"a_long_column_name_{i}": [-0.943218 * i] for i in range(10)})
+    with out.capture() as captured:
+        out.print(frame_table(frame, "wide"))
+    text = captured.get()
+    assert all(f"a_long_column_name_{i}" in text for i in range(10)) and "-8.489" in text
+    assert "…" not in text
+
+
+def test_version():
+    from ntkrun.version import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"ntkrun {__version__}"

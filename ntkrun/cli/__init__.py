@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from ntkrun.cli import data, experiments, runs
+from ntkrun.version import __version__
 
 app = typer.Typer(
     help="Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018).",
@@ -16,3 +17,18 @@ app = typer.Typer(
 )
 for module in (experiments, runs, data):
     module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ntkrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print ntkrun's version and exit."
+    ),
+) -> None:
+    """Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018)."""

@@ -6,6 +6,7 @@ import functools
 import importlib
 import math
 import os
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from ntkrun.errors import NtkrunError, Stop, signal_code, stopped
 if TYPE_CHECKING:
     import pandas as pd
 
-out = Console(soft_wrap=True)
+# Piped or logged (a batch script), tables print whole: rich would otherwise cut them to 80 columns.
+WIDE = None if sys.stdout.isatty() else 10_000
+out = Console(soft_wrap=True, width=WIDE)
 err = Console(stderr=True, soft_wrap=True)
 DEBUG_ENV = "NTKRUN_DEBUG"  # =1: an unexpected exception shows its traceback
 
