@@ -410,8 +410,12 @@ class Run:
     complete: bool
 
     def __getitem__(self, name: str) -> pd.DataFrame:
-        """run["metrics"] or run["metrics.csv"]: one of its tables."""
-        return self.tables[name.removesuffix(".csv")]
+        """run["metrics"] or run["metrics.csv"]: one of its tables (all of them: run.tables)."""
+        key = name.removesuffix(".csv")
+        if key not in self.tables:
+            have = ", ".join(sorted(self.tables)) or "none (the run is not complete)"
+            raise KeyError(f"{name!r}: this run has no such table; its tables: {have}")
+        return self.tables[key]
 
 
 def load_run(path: str | Path) -> Run:

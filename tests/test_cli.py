@@ -186,3 +186,13 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"ntkrun {__version__}"
+
+
+def test_show_refuses_a_folder_that_is_not_a_run_and_a_run_names_its_tables(tmp_path):
+    from ntkrun.rundir import Run
+
+    result = CliRunner().invoke(app, ["show", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run directory (no spec.yaml)" in result.output
+    run = Run(tmp_path, {}, {}, {"metrics": None}, True)
+    with pytest.raises(KeyError, match="'nope': this run has no such table; its tables: metrics"):
+        run["nope"]

@@ -84,8 +84,8 @@ def show(
             raise SpecError(
                 f"no complete run under {root}/ (run an experiment first, or name a run directory)"
             )
-    if not run_dir.is_dir():
-        raise SpecError(f"{run_dir}: not a run directory")
+    if not run_dir.is_dir() or not (run_dir / "spec.yaml").is_file():
+        raise SpecError(f"{run_dir}: not a run directory (no spec.yaml)")
     error = run_dir / "ERROR"
     state = "complete" if rundir.is_complete(run_dir) else "FAILED" if error.exists() else "incomplete"
     say(f"run:    {run_dir.resolve()}")
