@@ -156,6 +156,10 @@ BAD = {  # (the factory's source, network.module, the error's words)
     "width ignored": ("import torch\ndef factory(in_shape):\n    return torch.nn.Linear(in_shape[0], 1)\n",
                       "{m}:factory", "the spec varies width, but usermodel_bad_{u}:factory takes no 'width'"),
     "form": ("", "usermodel.factory", "network: module: 'usermodel.factory' is not of the form"),
+    "images on points": ("import torch\ndef factory(width, in_shape):\n    c, h, w = in_shape\n"
+                         "    return torch.nn.Conv2d(c, 1, 3)\n", "{m}:factory",
+                         "failed to build a network of width 16 for in_shape (2,) (ValueError: not enough "
+                         "values to unpack"),
 }  # fmt: skip
 
 

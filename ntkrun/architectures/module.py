@@ -255,7 +255,18 @@ def check_module(description: ModuleArchitecture, widths: list[int], n_out: int,
             "parameter (it would build the same network for each value)"
         )
     shape, width = description.input_shape, min(widths)
-    net = description.net(width, 0, dtype=torch.float64, device="cpu", n_out=n_out)
+    try:
+        net = description.net(width, 0, dtype=torch.float64, device="cpu", n_out=n_out)
+    except Exception as err:
+        if isinstance(err, ValueError) and "not a torch.nn.Module" in str(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{description.module} failed to build a network of width {width} for in_shape {shape} "
+            f"({type(err).__name__}: {first}); in_shape is one input's shape here: a model of images "
+            "needs images (scaling: data.image [C, H, W]; pca, generalization: the IDX images; "
+            "features: data.inputs images or data.image)"
+        ) from None
     if not any(p.requires_grad for p in net.parameters()):
         raise ValueError(f"{description.module} built a network without trainable parameters")
     X = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
