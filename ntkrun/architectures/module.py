@@ -133,7 +133,9 @@ class ModuleArchitecture(Architecture):
         if not isinstance(net, nn.Module):
             raise ValueError(f"{self.module} returned {type(net).__name__}, not a torch.nn.Module")
         net = net.to(device=device, dtype=dtype)
-        return OneOutput(net) if n_out == 1 else net
+        if n_out != 1 or type(net).__module__.startswith("ntkrun."):  # ntkrun's own nets return (N,)
+            return net  # (and keep their fast kernel and GD paths)
+        return OneOutput(net)
 
     def monte_carlo(
         self, X: torch.Tensor, X2: torch.Tensor | None = None, first: int = 0
