@@ -85,8 +85,8 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
-        """Compute `todo` in `jobs` worker processes, stage by stage. Each worker gets an equal
-        A unit computes with the run's executor.threads (as inline and on SLURM: the same bytes).
+        """Compute `todo` in `jobs` worker processes, stage by stage. A unit computes with the run's
+        executor.threads (as inline and on SLURM: the same bytes).
         Where the workers' threads outnumber the cores, their OpenMP threads sleep instead of
         spinning while they wait (OMP_WAIT_POLICY=PASSIVE: the features quick preset in 2 workers
         x 2 threads on 2 cores took 73 s spinning, 27 s passive, against 28 s inline). A unit's
