@@ -229,7 +229,8 @@ class RunDir:
         return blob["result"]
 
     def unit_info(self, name: str) -> dict[str, Any] | None:
-        blob = self._load(self.unit_file(name))
+        """Where and how the unit ran (host, device, threads, ...), without reading its tensors."""
+        blob = self._load(self.unit_file(name), mmap=True)
         return None if blob is None else blob.get("info", {})
 
     def checkpoint_file(self, name: str, part: str | None = None) -> Path:
@@ -256,11 +257,12 @@ class RunDir:
         return blob["state"]
 
     @staticmethod
-    def _load(path: Path) -> dict[str, Any] | None:
+    def _load(path: Path, mmap: bool = False) -> dict[str, Any] | None:
+        """The blob of a unit or checkpoint file (mmap: its tensors mapped, not read)."""
         if not path.is_file():
             return None
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = torch.load(path, weights_only=True, mmap=mmap)
         except Exception as err:  # torch raises RuntimeError, pickle/zip errors, EOFError ...
             LOG.warning("%s: unreadable (%s); computing it again", path, str(err).splitlines()[0][:200])
             return None
