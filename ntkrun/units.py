@@ -8,6 +8,7 @@ aggregate reads only the saved results, so the CSVs are the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -254,12 +255,18 @@ def device_name(device: torch.device) -> str:
     and the kernels torch picks on it (AVX2, AVX512)."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """This machine's CPU model name (read once a process, not once a unit)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"cpu: {names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+    return names[0] if names else platform.machine()
 
 
 def mixed_provenance(spec: RunSpec, run: RunDir) -> dict[str, dict[str, int]]:
