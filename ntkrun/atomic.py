@@ -17,8 +17,10 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
-    """write(tmp) into a temporary file beside `target`, then rename it over `target`.
+def atomic_write(target: Path, write: Callable[[Path], object], *, exclusive: bool = False) -> Path:
+    """write(tmp) into a temporary file beside `target`, then rename it over `target`; with
+    `exclusive`, link it there instead, raising FileExistsError if `target` exists (of two
+    processes creating it at once, exactly one succeeds, and readers only see it whole).
 
     A failure (a full disk, a signal) leaves `target` as it was and removes the temporary file.
     """
@@ -29,7 +31,11 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> Path:
     try:
         tmp.chmod(0o666 & ~umask())  # mkstemp's 0600 would hide results from collaborators
         write(tmp)
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

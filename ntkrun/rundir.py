@@ -148,18 +148,28 @@ class RunDir:
         run = cls(path, spec, name=path.name, fixed=True, link_latest=link, identity=identity)
         path.mkdir(parents=True, exist_ok=True)
         (path / "units").mkdir(exist_ok=True)
-        if (path / "spec.yaml").is_file():
+        if not (path / "spec.yaml").is_file() and run.claim():
+            run.write_spec()
+        else:  # another process's run, or one made at this moment by another process
             reason = run_mismatch(path, run.identity)
             if reason is not None:
                 raise UnitSpecMismatchError(
                     f"{path}: holds a run of another spec or data: it {reason}; use another --run-dir, "
                     "or `ntkrun resume` that run with its own spec and data"
                 )
-            if record:  # a resume records what it used; readers (status, units) write nothing
-                run.write_spec(only_if_changed=True)
-        else:
-            run.write_spec()
+            if record or not (path / "spec.yaml").is_file():  # a resume records what it used;
+                run.write_spec(only_if_changed=True)  # readers (status, units) write nothing
         return run
+
+    def claim(self) -> bool:
+        """Create identity.json, whole, if no process has: False if one did (even at this moment),
+        so two processes making one shared run never both write it, nor read it half written."""
+        text = json.dumps(self.identity.tag(), indent=2, sort_keys=True) + "\n"
+        try:
+            atomic_write(self.path / IDENTITY, lambda tmp: tmp.write_text(text), exclusive=True)
+        except FileExistsError:
+            return False
+        return True
 
     @classmethod
     def reopen(cls, path: Path, spec: RunSpec, identity: Identity | None = None) -> RunDir:

@@ -69,3 +69,22 @@ def test_a_stale_lock_is_recognised_by_pid_and_start_time(tmp_path):
     lock.write_text("fresh lock of another process\n")
     _remove_stale(lock, "the stale text read a moment ago")  # changed meanwhile: put back
     assert lock.read_text() == "fresh lock of another process\n"
+
+
+def test_two_processes_making_one_shared_run_never_mix_specs(tmp_path):
+    """Process A has created identity.json and not yet spec.yaml (the moment between the two
+    writes): B, of another spec, is refused instead of taking the run over, and B of the same spec
+    joins it. identity.json is created exclusively, whole: of two creators exactly one wins."""
+    from ntkrun.errors import UnitSpecMismatchError
+
+    a, other = ConvergenceSpec(), ConvergenceSpec(seeds=3)
+    path = tmp_path / "shared"
+    path.mkdir()
+    first = RunDir(path, a, name=path.name, fixed=True, link_latest=False)
+    assert first.claim() and not first.claim()  # the second creator loses
+    assert not (path / "spec.yaml").exists()
+    with pytest.raises(UnitSpecMismatchError, match="another spec"):
+        RunDir.shared(path, other)
+    RunDir.shared(path, a)  # joins, and writes the spec.yaml A had not written yet
+    assert (path / "spec.yaml").read_text().startswith("experiment: convergence")
+    assert sorted(p.name for p in path.iterdir()) == ["identity.json", "spec.yaml", "units"]
