@@ -16,6 +16,7 @@ import torch
 
 from ntkrun import experiments, memory
 from ntkrun.errors import (
+    DataError,
     ExecutorError,
     IncompleteRunError,
     NtkrunError,
@@ -27,7 +28,7 @@ from ntkrun.errors import (
 )
 from ntkrun.executors import make_executor
 from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available, unit_status
-from ntkrun.identity import Identity, recorded
+from ntkrun.identity import MODEL_SOURCE, RESULTS_VERSION, Identity, recorded
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
 from ntkrun.rundir import RunDir, is_complete, open_run
 from ntkrun.runners.common import resolve_device
@@ -336,9 +337,20 @@ def aggregate_run(spec: RunSpec, run: RunDir) -> Outcome:
 def open_for_aggregation(run_dir: Path) -> tuple[RunSpec, RunDir]:
     """The spec and run of `ntkrun aggregate RUN_DIR` (reopened unless it is complete)."""
     spec = experiments.load_run_spec(run_dir)
-    ident = identity(spec)
+    try:
+        ident = identity(spec)
+    except DataError:  # aggregation reads the units alone: the data's digests, as the run recorded
+        ident = data_as_recorded(spec, run_dir)  # them, when the files are not here to digest
     run = RunDir.shared(run_dir, spec, ident) if is_complete(run_dir) else RunDir.reopen(run_dir, spec, ident)
     return spec, run
+
+
+def data_as_recorded(spec: RunSpec, run_dir: Path) -> Identity:
+    """The spec's identity with the data digests its run directory recorded (the units were checked
+    against them as they were computed), when the data files are not here to digest."""
+    ours = (MODEL_SOURCE, RESULTS_VERSION)
+    data = {k: v for k, v in recorded(run_dir, spec).data.items() if not k.startswith(ours)}
+    return identity(spec, data)
 
 
 def summary(path: Path, spec: RunSpec) -> pd.DataFrame:

@@ -70,12 +70,14 @@ def find_unit(spec: RunSpec, key: str) -> Unit:
     )
 
 
-def identity(spec: RunSpec) -> Identity:
+def identity(spec: RunSpec, data: dict[str, str] | None = None) -> Identity:
     """The identity of the spec's results: its hash, the content of the data files it reads (the
-    runner's `data_files(spec)`, if it reads any) and of a network.module's source file. Raises
-    DataError if they cannot be read, SpecError if the module cannot be imported."""
-    files = getattr(runner(spec), "data_files", None)
-    data = digests(files(spec)) if files is not None else {}
+    runner's `data_files(spec)`, if it reads any; or `data`, their digests as a run recorded them)
+    and of a network.module's source file. Raises DataError if they cannot be read, SpecError if
+    the module cannot be imported."""
+    if data is None:
+        files = getattr(runner(spec), "data_files", None)
+        data = digests(files(spec)) if files is not None else {}
     version = experiments.get(spec.experiment).module.RESULTS_VERSION
     version = {f"{RESULTS_VERSION}{spec.experiment}": str(version)}
     return Identity(spec_hash(spec), {**data, **model_sources(spec), **version}, legacy_spec_hash(spec))

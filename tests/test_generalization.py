@@ -262,3 +262,24 @@ def test_trained_cnns_approach_the_cntk_predictor_as_channels_grow(images, tmp_p
     fits = pd.read_csv(latest / "fits.csv").set_index("metric")
     assert fits.loc["dist_t", "slope"] < 0 and fits.loc["dist_t", "ci_high"] < 0, fits
     assert "arch: cnn" in (latest / "spec.yaml").read_text() and (latest / "figure.png").exists()
+
+
+def test_aggregate_reads_the_units_alone_not_the_data(images, tmp_path):
+    """`ntkrun aggregate` of a run whose aggregation was killed, after its data folder is gone
+    (moved, or the aggregation runs on another machine): the data's digests are taken as the run
+    recorded them, and the tables equal those of a run aggregated where the data were."""
+    sets = ["predictors=[ntk]", "data.n_train=[50]", "data.n_test=40", "training.steps=20"]
+    shared = tmp_path / "shared"
+    args = ["generalization", "--preset", "quick", "--data-dir", str(images), "--run-dir", str(shared),
+            "--quiet", "--set", "device=cpu", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    proc = launch("aggregate", 1, "SIGKILL", tmp_path / "killed.marker", args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    assert not (shared / "meta.json").exists()
+    (shared / "accuracy.csv").unlink()
+    assert run(images, tmp_path / "whole", *sets).exit_code == 0
+    images.rename(tmp_path / "moved")
+    result = CliRunner().invoke(app, ["aggregate", str(shared), "--quiet"])
+    assert result.exit_code == 0, result.output
+    whole = tmp_path / "whole" / "generalization" / "latest" / "accuracy.csv"
+    assert (shared / "accuracy.csv").read_bytes() == whole.read_bytes()
