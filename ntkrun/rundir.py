@@ -260,7 +260,8 @@ class RunDir:
         blob = self._load(path)
         if blob is None:
             return None
-        reason = self.identity.mismatch(blob) if "state" in blob else "is of an older format"
+        old = "state" not in blob or "spec_hash" not in blob  # e.g. pca's {step, state, rows}, saved bare
+        reason = "is of an older format (untagged)" if old else self.identity.mismatch(blob)
         if reason is not None:
             LOG.warning("%s: checkpoint ignored: it %s", path, reason)
             return None

@@ -88,3 +88,19 @@ def test_two_processes_making_one_shared_run_never_mix_specs(tmp_path):
     RunDir.shared(path, a)  # joins, and writes the spec.yaml A had not written yet
     assert (path / "spec.yaml").read_text().startswith("experiment: convergence")
     assert sorted(p.name for p in path.iterdir()) == ["identity.json", "spec.yaml", "units"]
+
+
+def test_an_untagged_checkpoint_is_ignored_as_older(tmp_path, caplog):
+    """A checkpoint saved bare, before checkpoints carried the run's identity (pca saved its own
+    {step, state, rows}: a "state" key of its own), is ignored as of an older format, where it was
+    logged as "belongs to spec None"."""
+    import torch
+
+    run = RunDir.create(tmp_path, ConvergenceSpec())
+    (run.path / "units").mkdir()
+    torch.save({"step": 100, "state": {"w": torch.ones(2)}, "rows": []}, run.checkpoint_file("net_s0"))
+    with caplog.at_level("WARNING", logger="ntkrun"):
+        assert run.load_checkpoint("net_s0") is None
+    assert "is of an older format (untagged)" in caplog.text and "None" not in caplog.text
+    run.save_checkpoint("net_s0", {"step": 200})
+    assert run.load_checkpoint("net_s0") == {"step": 200}
