@@ -106,6 +106,13 @@ class Architecture(ABC):
             for kind, out in zip(kinds, outs, strict=True)
         ]
 
+    def range_values(self, q0: float) -> torch.Tensor:
+        """The limit's Sigma and Theta on the diagonal of one input with |x|^2 / n0 = q0 (constant
+        pixels), float64 -> (values,): the size of the activations and of the empirical NTK. Here
+        the output layer's; a description whose recursion gives every layer's returns them all."""
+        x = torch.full((1, self.n0), math.sqrt(q0), dtype=torch.float64)
+        return torch.cat([k.flatten() for k in self.kernels(x, kinds=("nngp", "ntk"))])
+
     @abstractmethod
     def forward_flops(self, width: int, n_out: int = 1) -> float:
         """FLOPs of one input's forward pass (2 per multiply-add)."""

@@ -5,6 +5,7 @@ Its costs are the ones ntkrun has always used; its kernels are `ntkrun.kernels.a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import ClassVar
@@ -13,7 +14,7 @@ import torch
 
 from ntkrun import resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.kernels.analytic import CLOSED_FORMS, analytic_kernel
+from ntkrun.kernels.analytic import CLOSED_FORMS, analytic_kernel, analytic_kernels
 from ntkrun.network import MLP, layer_sizes
 
 
@@ -75,6 +76,13 @@ class MLPArchitecture(Architecture):
             self.inputs(X), None if X2 is None else self.inputs(X2), self.depth, self.nonlinearity,
             self.beta, kind=kind, out_dtype=out_dtype, out=out, rows=rows,
         )  # fmt: skip
+
+    def range_values(self, q0: float) -> torch.Tensor:
+        x = torch.tensor([[math.sqrt(q0)]], dtype=torch.float64)  # |x|^2 / n0 is all that matters
+        sigma, theta = analytic_kernels(
+            x, depth=self.depth, nonlinearity=self.nonlinearity, beta=self.beta, all_layers=True
+        )
+        return torch.cat([sigma.flatten(), theta.flatten()])
 
     def forward_flops(self, width: int, n_out: int = 1) -> float:
         return 2.0 * mlp_macs(self.n0, width, self.depth)

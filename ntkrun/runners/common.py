@@ -16,7 +16,6 @@ from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flo
 from ntkrun.architectures.module import check_module
 from ntkrun.architectures.registry import describe
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
-from ntkrun.kernels import analytic_kernels
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine, leave_one_out
 from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
@@ -159,8 +158,9 @@ def network_caption(net: Any) -> str:
 def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     """Refuse depth/nonlinearity/beta/dtype combinations whose kernels leave the dtype's range.
 
-    The limiting Sigma(l)(x, x) and Theta(l)(x, x) of an input with |x|^2 / n0 = q0 (0.1: about
-    the smallest input scale of the experiments) tell the size of the activations and of the
+    The limiting Sigma and Theta on the diagonal of an input with |x|^2 / n0 = q0 (0.1: about the
+    smallest input scale of the experiments), as the architecture's description gives them
+    (`range_values`: every layer's for the MLP), tell the size of the activations and of the
     empirical NTK; e.g. ReLU with beta = 0 halves Sigma at every layer, so a depth-300 network
     computes an NTK of exactly 0 in float32.
     """
@@ -168,11 +168,9 @@ def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     depth = max(net.depth) if isinstance(net.depth, list) else net.depth
     info = torch.finfo(resolve_dtype(spec.dtype))
     low, high = info.tiny * 1e4, info.max / 1e4
-    x = torch.tensor([[math.sqrt(q0)]], dtype=torch.float64)
-    sigma, theta = analytic_kernels(
-        x, depth=depth, nonlinearity=net.nonlinearity, beta=net.beta, all_layers=True
-    )
-    values = torch.cat([sigma.flatten(), theta.flatten()])
+    image = getattr(getattr(spec, "data", None), "image", None)
+    shape = (1,) if getattr(net, "arch", "mlp") == "mlp" else tuple(image or (1, 28, 28))
+    values = architecture(spec, shape, depth).range_values(q0)
     smallest, largest = float(values.min()), float(values.max())
     if smallest < low or largest > high or not math.isfinite(largest):
         what = "underflow" if smallest < low else "overflow"

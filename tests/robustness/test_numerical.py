@@ -46,3 +46,18 @@ def test_float32_underflow_of_a_deep_relu_network_is_refused(tmp_path):
     assert "float32 would underflow" in result.stderr and "use dtype: float64" in result.stderr
     accepted = CliRunner().invoke(app, [*deep, "--set", "dtype=float64", "--check"])
     assert accepted.exit_code == 0, accepted.output
+
+
+def test_the_range_check_asks_the_architecture_not_the_mlp_recursion(tmp_path):
+    """A depth-109 ReLU (beta 0) network in float32: the MLP's Sigma(109) = 0.1 / 2^109 = 3.1e-34
+    stays above the 1.2e-34 the check keeps (tiny x 1e4), but a CNN's with zero padding loses
+    variance at the image's borders at every layer: its output's Sigma is 9.35e-35, refused, where
+    judging it by the MLP's recursion accepted it."""
+    base = ["scaling", "--preset", "quick", "--quiet", "--check", "--set", "network.depth=[109]",
+            "--set", "network.beta=0", "--set", "dtype=float32"]  # fmt: skip
+    mlp = CliRunner().invoke(app, base)
+    assert mlp.exit_code == 0, mlp.output
+    cnn = ["--set", "network.arch=cnn", "--set", "data.inputs=gaussian", "--set", "data.image=[1, 28, 28]"]
+    result = invoke(tmp_path, *base, *cnn)
+    assert result.exit_code == 2, result.output
+    assert "depth 109 with relu and beta 0.0 drives the kernels to 9.35e-35" in result.stderr
