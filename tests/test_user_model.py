@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import uuid
 from pathlib import Path
 
@@ -303,3 +304,28 @@ def test_a_user_models_distance_to_its_limit_is_the_mlps_within_its_standard_err
         [module["dist_init"], mlp["dist_init"], module["dist_init_se"]], axis=1
     )
     assert (module["dist_init_se"] < 0.25 * module["dist_init"]).all()  # a test with teeth
+
+
+def test_a_factory_without_depth_is_told_the_fix_and_captioned_without_one(tmp_path, monkeypatch):
+    """scaling's several depths on a factory that takes none: refused naming the key to set; and a
+    figure's caption names no depth for it (it said "(depth 4)" of a 2-layer model)."""
+    from ntkrun.runners.common import network_caption
+
+    u = uuid.uuid4().hex[:8]
+    (tmp_path / f"nodepth_{u}.py").write_text(
+        "import torch\ndef factory(width, in_shape):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(in_shape[0], width), torch.nn.Tanh(),"
+        " torch.nn.Linear(width, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    args = ["scaling", "--preset", "quick", "--set", f"network.module=nodepth_{u}:factory", "--check"]
+    result = CliRunner().invoke(app, [*args, "--set", "network.depth=[2, 3]"])
+    assert result.exit_code == 2, result.output
+    assert "give network.depth one value (--set network.depth=...)" in result.stderr
+    assert "or add 'depth' to the factory's parameters" in result.stderr
+    network = types.SimpleNamespace(module=f"nodepth_{u}:factory", depth=4)
+    assert network_caption(network) == f"nodepth_{u}:factory"
+    (tmp_path / f"withdepth_{u}.py").write_text("def factory(width, depth):\n    pass\n")
+    network = types.SimpleNamespace(module=f"withdepth_{u}:factory", depth=4)
+    assert network_caption(network) == f"withdepth_{u}:factory (depth 4)"

@@ -254,7 +254,8 @@ def check_module(description: ModuleArchitecture, widths: list[int], n_out: int,
     if missing:
         raise ValueError(
             f"the spec varies {', '.join(missing)}, but {description.module} takes no {missing[0]!r} "
-            "parameter (it would build the same network for each value)"
+            f"parameter (it would build the same network for each value): give network.{missing[0]} "
+            f"one value (--set network.{missing[0]}=...), or add {missing[0]!r} to the factory's parameters"
         )
     shape, width = description.input_shape, min(widths)
     try:

@@ -13,7 +13,7 @@ import torch
 
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flops  # noqa: F401 (the runners' costs)
-from ntkrun.architectures.module import check_module
+from ntkrun.architectures.module import accepted, check_module, load_factory
 from ntkrun.architectures.registry import describe
 from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine, leave_one_out
@@ -146,8 +146,12 @@ def build_net(
 def network_caption(net: Any) -> str:
     """'depth 4 relu, beta 0.1' (a cnn: 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'): a
     figure's account of spec.network."""
-    if getattr(net, "module", None) is not None:
-        return f"{net.module} (depth {net.depth})"
+    if getattr(net, "module", None) is not None:  # its depth, where the factory takes one
+        try:
+            takes = "depth" in accepted(load_factory(net.module)[0])
+        except ValueError:  # not importable here (the figure of a run made elsewhere)
+            takes = True
+        return f"{net.module} (depth {net.depth})" if takes else net.module
     if getattr(net, "arch", "mlp") == "cnn":
         k = net.kernel_size
         geometry = f"{k}x{k} {net.padding}, {net.readout}"
