@@ -188,14 +188,26 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 def split_files(folder: Path, split: str) -> tuple[Path, Path]:
     """The (images, labels) files of a split in folder; DataError saying how to get them if absent."""
+    where = f"(looked in --data-dir / spec data.dir, ${DATA_ENV}, ~/.cache/ntkrun)"
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not a folder; name the folder of the IDX files {where}")
     img_stem, lbl_stem = SPLIT_FILES[split]
     images, labels = _find(folder, img_stem), _find(folder, lbl_stem)
     if images is None or labels is None:
         missing = img_stem if images is None else lbl_stem
-        raise DataError(
-            f"{missing}(.gz) not found in {folder} (looked in --data-dir / spec data.dir, ${DATA_ENV}, "
-            f"~/.cache/ntkrun); get MNIST with: ntkrun data download mnist --data-dir {folder}"
-        )
+        other = "test" if split == "train" else "train"
+        if folder.is_dir() and all(_find(folder, stem) for stem in SPLIT_FILES[other]):
+            hint = (
+                f"the folder holds the {other} split only: an experiment with a data.split key runs on "
+                f"it with --set data.split={other}; `ntkrun data check --data-dir {folder}` lists its files"
+            )
+        else:
+            hint = (
+                f"get MNIST with: ntkrun data download mnist --data-dir {folder}; Fashion-MNIST with: "
+                "apt-get install dataset-fashion-mnist (then --data-dir /usr/share/datasets/fashion-mnist)"
+            )
+        there = "" if folder.is_dir() else " (no such folder)"
+        raise DataError(f"{missing}(.gz) not found in {folder}{there} {where}; {hint}")
     return images, labels
 
 

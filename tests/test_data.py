@@ -79,6 +79,21 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(DataError) as info:
         load_idx_dataset(tmp_path, "train")
     assert str(tmp_path) in str(info.value) and "ntkrun data download mnist" in str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)  # generalization's own data
+
+
+def test_a_data_dir_that_is_a_file_or_absent_or_test_only_is_named_as_such(tmp_path):
+    (tmp_path / "README.md").touch()
+    with pytest.raises(DataError, match=r"README\.md: is a file, not a folder; name the folder"):
+        load_idx_dataset(tmp_path / "README.md", "train")
+    with pytest.raises(DataError, match=r"not found in \S+/nowhere \(no such folder\)"):
+        load_idx_dataset(tmp_path / "nowhere", "train")
+    write_split(tmp_path, n=10, split="t10k")
+    with pytest.raises(DataError) as info:
+        load_idx_dataset(tmp_path, "train")
+    message = str(info.value)
+    assert "the folder holds the test split only" in message and "--set data.split=test" in message
+    assert "download" not in message  # the data are there: nothing to download
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
