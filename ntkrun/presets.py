@@ -3,6 +3,7 @@ to the top-level configs/ folder). Imports nothing of ntkrun."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -18,8 +19,14 @@ def presets_of(experiment: str) -> dict[str, Path]:
 
 
 def preset_description(path: Path) -> str:
-    """The first comment line of a preset file."""
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+    """The first sentence of a preset file's opening comment (which may span several lines)."""
+    lines = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("#")), len(lines))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#") or not line.lstrip("# ").strip():
+            break
+        block.append(line.lstrip("# ").strip())
+    text = " ".join(block)
+    end = re.search(r"(?<!\.)\.(?=\s|$)", text)  # a sentence's full stop, not a range's "2..8"
+    return text[: end.end()] if end else text

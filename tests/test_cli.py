@@ -159,7 +159,20 @@ def test_show_and_presets(tmp_path, monkeypatch):
     missing = CliRunner().invoke(app, ["show", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and f"{tmp_path / 'nope'}: not a run directory" in missing.stderr
     presets = CliRunner().invoke(app, ["presets"])
-    assert "convergence  paper " in presets.stdout and "convergence  quick " in presets.stdout
+    lines = presets.stdout.splitlines()
+    assert lines[0].startswith("convergence     paper        Paper Figure 1")
+    starts = {line.index(line.split()[2]) for line in lines}  # descriptions in one column
+    assert len(starts) == 1 and any(line.startswith("generalization  cnn-gap ") for line in lines), lines
+    features = next(line for line in lines if line.startswith("features        quick"))
+    assert features.endswith("200 GD steps of lr 0.5 on 32 points.")  # the first sentence, whole
+
+
+def test_a_preset_description_is_the_first_sentence_of_its_comment(tmp_path):
+    from ntkrun.presets import preset_description
+
+    path = tmp_path / "p.yaml"
+    path.write_text("# Widths 2^6..2^13, depths\n# 2-4. More, e.g. here.\n#\n# Other.\nseeds: 1\n")
+    assert preset_description(path) == "Widths 2^6..2^13, depths 2-4."
 
 
 def test_module_entry_point_runs():

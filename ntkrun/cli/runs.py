@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ntkrun.cli.experiments import report
-from ntkrun.cli.report import frame_table, heavy, out, reported, say
+from ntkrun.cli.report import WIDE, frame_table, heavy, out, reported, say
 from ntkrun.errors import IncompleteRunError, NtkrunError, SpecError
 from ntkrun.experiments import EXPERIMENTS, experiment_of
 from ntkrun.presets import preset_description
@@ -62,10 +64,16 @@ def aggregate(
 
 @reported
 def presets() -> None:
-    """List the presets of every experiment, one line each."""
-    for record in EXPERIMENTS.values():
-        for name, path in record.presets.items():
-            say(f"{record.name:<12} {name:<12} {preset_description(path)}")
+    """List the presets of every experiment, one line each (wrapped on a terminal, whole when piped)."""
+    rows = [(r.name, name, preset_description(path))
+            for r in EXPERIMENTS.values() for name, path in r.presets.items()]  # fmt: skip
+    w1, w2 = (max(len(row[i]) for row in rows) for i in (0, 1))
+    columns = shutil.get_terminal_size().columns if WIDE is None else None
+    for experiment, name, text in rows:
+        line = f"{experiment:<{w1}}  {name:<{w2}}  {text}"
+        if columns is not None and w1 + w2 + 24 < columns:
+            line = textwrap.fill(line, columns - 1, subsequent_indent=" " * (w1 + w2 + 4))
+        say(line)
 
 
 @reported
