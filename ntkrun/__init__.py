@@ -32,8 +32,8 @@ _FACE = {
     "percentiles": "ntkrun.dynamics",
     "kernel_pca_dense": "ntkrun.dynamics",
     "kernel_pca_power": "ntkrun.dynamics",
-    "load_run": "ntkrun.rundir",
-    "Run": "ntkrun.rundir",
+    "load_run": "ntkrun.results",
+    "Run": "ntkrun.results",
     "NtkrunError": "ntkrun.errors",
 }
 __all__ = ["__version__", *_FACE]

@@ -372,6 +372,7 @@ class Status:
     runner: str | None  # who holds the RUNNING lock
     points: pd.DataFrame | None = None  # a sweep's points: point, values, units done of the units it reads
     mixed: str | None = None  # the units came from different devices or thread counts (one line)
+    error: str | None = None  # the run's ERROR: why it failed (its first line)
 
 
 def status(run_dir: Path) -> Status:
@@ -385,7 +386,9 @@ def status(run_dir: Path) -> Status:
     table = unit_status(spec, run)
     points = point_status(spec, table) if spec.sweep else None
     mixed = mixed_provenance(spec, run)
-    return Status(table, complete, aggregator, holder, points, describe_mixed(mixed) if mixed else None)
+    error = (run.path / "ERROR").read_text().strip().splitlines() if (run.path / "ERROR").is_file() else None
+    return Status(table, complete, aggregator, holder, points, describe_mixed(mixed) if mixed else None,
+                  (error or ["failed"])[0] if error is not None else None)  # fmt: skip
 
 
 def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:

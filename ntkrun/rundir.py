@@ -29,7 +29,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -225,6 +224,26 @@ class RunDir:
         atomic_write(self.unit_file(name), lambda tmp: torch.save(blob, tmp))
         for path in (self.path / "units").glob(f"{name}.ckpt*.pt"):  # its checkpoint and its parts
             path.unlink(missing_ok=True)
+        self.failure_file(name).unlink(missing_ok=True)
+
+    def failure_file(self, name: str) -> Path:
+        return self.path / "units" / f"{name}.failed"
+
+    def save_failure(self, name: str, reason: str) -> None:
+        """Why the unit failed (one line), for `status`; gone once the unit is saved."""
+        line = (reason.strip().splitlines() or ["failed"])[0]
+        try:
+            (self.path / "units").mkdir(exist_ok=True)
+            self.write_text(f"units/{name}.failed", line + "\n")
+        except OSError:  # (a full disk: the failure being reported matters more than this note)
+            pass
+
+    def unit_failure(self, name: str) -> str | None:
+        """The reason the unit's last attempt failed, or None."""
+        try:
+            return self.failure_file(name).read_text().strip() or "failed"
+        except OSError:
+            return None
 
     def load_unit(self, name: str) -> dict[str, Any] | None:
         """The unit's result, or None if it has none yet. A file that cannot be read (corrupt,
@@ -410,35 +429,3 @@ def latest_run(root: Path) -> Path | None:
     """The most recently finished complete run under root, of any experiment."""
     runs = [p.resolve() for p in Path(root).glob("*/latest") if is_complete(p)]
     return max(runs, key=lambda p: (p / COMPLETE_MARKER).stat().st_mtime, default=None)
-
-
-@dataclass
-class Run:
-    """A run directory read back: its spec, its meta.json and each CSV as a DataFrame."""
-
-    path: Path
-    spec: dict[str, Any]
-    meta: dict[str, Any]
-    tables: dict[str, pd.DataFrame]
-    complete: bool
-
-    def __getitem__(self, name: str) -> pd.DataFrame:
-        """run["metrics"] or run["metrics.csv"]: one of its tables (all of them: run.tables)."""
-        key = name.removesuffix(".csv")
-        if key not in self.tables:
-            have = ", ".join(sorted(self.tables)) or "none (the run is not complete)"
-            raise KeyError(f"{name!r}: this run has no such table; its tables: {have}")
-        return self.tables[key]
-
-
-def load_run(path: str | Path) -> Run:
-    """Read a run directory (a path, or <root>/<experiment>/latest) for analysis in a notebook:
-    run.spec, run.meta, run["metrics"]. Raises SpecError if it is not a run directory."""
-    path = Path(path).resolve()
-    if not (path / "spec.yaml").is_file():
-        raise SpecError(f"{path}: not a run directory (no spec.yaml)")
-    spec = yaml.safe_load((path / "spec.yaml").read_text())
-    meta_file = path / COMPLETE_MARKER
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    tables = {p.stem: pd.read_csv(p) for p in sorted(path.glob("*.csv"))}
-    return Run(path, spec, meta, tables, is_complete(path))

@@ -233,7 +233,11 @@ def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> 
                 threads = torch.get_num_threads()
                 result = runner(spec).run_unit(spec, unit, _Context(spec, run), tracker)
         except NumericalError as err:
+            run.save_failure(unit.name, f"{type(err).__name__}: {err}")
             raise NumericalError(f"unit {unit.name}: {err}") from err
+        except Exception as err:  # (an interrupt is no failure of the unit's: it is "not started")
+            run.save_failure(unit.name, f"{type(err).__name__}: {err}")
+            raise
         device = resolve_device(spec.device)
         info = {
             "host": socket.gethostname(),

@@ -202,7 +202,7 @@ def test_version():
 
 
 def test_show_refuses_a_folder_that_is_not_a_run_and_a_run_names_its_tables(tmp_path):
-    from ntkrun.rundir import Run
+    from ntkrun.results import Run
 
     result = CliRunner().invoke(app, ["show", str(tmp_path)])
     assert result.exit_code == 2 and "not a run directory (no spec.yaml)" in result.output

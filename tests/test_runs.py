@@ -104,3 +104,11 @@ def test_an_untagged_checkpoint_is_ignored_as_older(tmp_path, caplog):
     assert "is of an older format (untagged)" in caplog.text and "None" not in caplog.text
     run.save_checkpoint("net_s0", {"step": 200})
     assert run.load_checkpoint("net_s0") == {"step": 200}
+
+
+def test_a_units_failure_note_goes_when_it_is_saved(tmp_path):
+    run = RunDir.create(tmp_path, ConvergenceSpec())
+    run.save_failure("w8_s0", "DivergenceError: width 8, seed 0: training diverged\nmore")
+    assert run.unit_failure("w8_s0") == "DivergenceError: width 8, seed 0: training diverged"
+    run.save_unit("w8_s0", {"x": 1}, {})
+    assert run.unit_failure("w8_s0") is None and run.load_unit("w8_s0") == {"x": 1}

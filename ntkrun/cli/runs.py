@@ -44,6 +44,8 @@ def print_status(run_dir: Path) -> None:
         say(found.mixed)
     if found.runner:
         say(f"being run by {found.runner}")
+    if found.error is not None and not found.complete:
+        say(f"run FAILED: {found.error} ({Path(run_dir) / 'ERROR'}); resume with: ntkrun resume {run_dir}")
 
 
 @reported

@@ -61,3 +61,18 @@ def test_the_range_check_asks_the_architecture_not_the_mlp_recursion(tmp_path):
     result = invoke(tmp_path, *base, *cnn)
     assert result.exit_code == 2, result.output
     assert "depth 109 with relu and beta 0.0 drives the kernels to 9.35e-35" in result.stderr
+
+
+def test_status_of_a_failed_run_names_the_failed_unit_and_the_error(tmp_path):
+    """The unit that crashed is "failed" with its reason (it said "not started"), and the run's
+    ERROR is pointed at with the command that resumes it; once resumed and done, the note goes."""
+    result = invoke(tmp_path, "convergence", *QUICK, "--set", "training.lr=100")
+    assert result.exit_code == 1
+    (run,) = (tmp_path / "convergence").iterdir()
+    status = CliRunner().invoke(app, ["status", str(run)])
+    assert status.exit_code == 0, status.output
+    row = next(line for line in status.stdout.splitlines() if "w64_s0" in line)
+    assert "failed" in row and "DivergenceError" in row and "not started" not in row
+    assert "run FAILED: DivergenceError: width 64, seed 0: training diverged at step" in status.stdout
+    assert f"({run / 'ERROR'}); resume with: ntkrun resume {run}" in status.stdout
+    assert (run / "units" / "w64_s0.failed").is_file()
