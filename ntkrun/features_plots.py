@@ -63,7 +63,7 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
             ("lin_dist_T", "tab:green", distance),
         ):
             _band(ax, alpha, "alpha", metric, fmt="o", color=color,
-                  label=f"{name}{_fit_label(fits, 'alpha', 'ntk', metric)}")  # fmt: skip
+                  label=f"{name}\n{_fit_label(fits, 'alpha', 'ntk', metric).removeprefix(': ')}")  # fmt: skip
             _fit_line(
                 ax, fits, "alpha", "ntk", metric, np.array(sorted(alpha["alpha"].unique()), float), color
             )

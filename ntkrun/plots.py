@@ -50,7 +50,7 @@ def convergence_figure(
         for (width, step, _seed), g in kernels.groupby(["width", "step", "seed"], sort=True):
             ax_all.plot(g["gamma"], g["theta"], styles[step], color=colors[width], lw=0.7, alpha=0.6)
         for (width, step), g in summary.groupby(["width", "step"], sort=True):
-            label = f"n = {width}, t = {step * lr:g}"
+            label = f"n = {width}, step {step} (t = {step * lr:g})"
             ax_mean.plot(g["gamma"], g["mean"], styles[step], color=colors[width], lw=1.2, label=label)
             ax_mean.fill_between(
                 g["gamma"], g["mean"] - g["std"], g["mean"] + g["std"], color=colors[width], alpha=0.15
@@ -66,13 +66,14 @@ def convergence_figure(
             ax.set_xlabel(r"$\gamma$")
             ax.set_xlim(-3.1416, 3.1416)
         handles = [plt.Line2D([], [], color=colors[w], label=f"n = {w}") for w in widths]
-        handles += [plt.Line2D([], [], color="gray", ls=styles[s], label=f"t = {s * lr:g}") for s in steps]
+        handles += [plt.Line2D([], [], color="gray", ls=styles[s], label=f"step {s} (t = {s * lr:g})")
+                    for s in steps]  # fmt: skip
         name = "Monte-Carlo limit +- 2 SE" if "theta_inf_se" in limit else r"limit $\Theta_\infty^{(L)}$"
         handles += [plt.Line2D([], [], color="black", lw=1.4, label=name)]
         ax_all.legend(handles=handles, frameon=False, fontsize=8)
         ax_all.set_ylabel(r"$\Theta(x_0, x)$,  $x = (\cos\gamma, \sin\gamma)$")
         ax_all.set_title(f"{seeds} seeds per width")
-        ax_mean.set_title(r"seed mean $\pm$ 1 std")
+        ax_mean.set_title(rf"seed mean $\pm$ 1 std;  t = lr $\times$ steps, lr {lr:g}")
         fig.suptitle(title, fontsize=10)
         _save(fig, stem)
 
@@ -145,7 +146,7 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title
     colors = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
     metrics = list(SCALING_TITLES)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.6))
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.8), layout="constrained")
         for ax, metric in zip(axes, metrics, strict=True):
             for depth in depths:
                 g = table[table["depth"] == depth].groupby("width")[metric]
@@ -168,7 +169,7 @@ def scaling_figure(table: pd.DataFrame, fits: pd.DataFrame, stem: Path, *, title
             ax.set_yscale("log")
             ax.set_xlabel("width n")
             ax.set_title(SCALING_TITLES[metric], fontsize=9)
-            ax.legend(frameon=False, fontsize=7)
+            ax.legend(frameon=False, fontsize=7, loc="lower left")  # the points fall to the right
         fig.suptitle(title, fontsize=10)
         _save(fig, stem)
 
@@ -202,7 +203,8 @@ def pca_figure(
             ax_b.plot(g["g_norm"], g["h_norm"], color=colors[width], lw=1)
             ax_c.plot(g["t"], g["g_norm"], color=colors[width], lw=1)
         for w in widths:
-            ax_b.plot([], [], color=colors[w], label=f"n = {w}")
+            for ax in (ax_b, ax_c):
+                ax.plot([], [], color=colors[w], label=f"n = {w}")
         t = np.linspace(0, traj["t"].max(), 200)
         ax_c.plot(
             t, c * np.exp(-lam_k * t), "--", color="black", label=rf"${c:g}\,e^{{-\lambda_{k} t}}$ (limit)"
@@ -217,7 +219,7 @@ def pca_figure(
         ax_b.set_ylabel(r"$\|h_t\|$")
         ax_b.set_title(f"(b) trajectory along / off $f^{{({k})}}$")
         ax_b.invert_xaxis()
-        ax_c.set_xlabel("t")
+        ax_c.set_xlabel(r"t = lr $\times$ GD steps")
         ax_c.set_ylabel(r"$\|g_t\|$")
         ax_c.set_yscale("log")
         ax_c.set_title(rf"(c) decay along $f^{{({k})}}$, $\lambda_{k}$ = {lam_k:.3g}")

@@ -112,9 +112,15 @@ def _generalization_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig:
     styles = {"ntk": "-", "nngp": "--", "mlp_ntk": "-.", "mlp_nngp": ":", "ntk_t": ":"}
     ax_curve, ax_key = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3})
     kernels = acc[acc["predictor"].isin(["ntk", "nngp", "mlp_ntk", "mlp_nngp"])]
-    for (point, kind), g in kernels.groupby(["_point", "predictor"], sort=False):
-        g = g.sort_values("n_train")
-        ax_curve.plot(g["n_train"], g["test_accuracy"], "o" + styles[kind], ms=3, color=colors[point])
+    same = []  # predictors whose curve the swept keys do not change: drawn once, in black, and said
+    for kind, by_kind in kernels.groupby("predictor", sort=False):
+        curves = {point: g.sort_values("n_train") for point, g in by_kind.groupby("_point", sort=False)}
+        shapes = {(tuple(g["n_train"]), tuple(g["test_accuracy"])) for g in curves.values()}
+        if len(curves) > 1 and len(shapes) == 1:
+            curves, same = dict(list(curves.items())[:1]), [*same, plots.KERNEL_STYLES[kind][1]]
+        for point, g in curves.items():
+            color = "black" if same and same[-1] == plots.KERNEL_STYLES[kind][1] else colors[point]
+            ax_curve.plot(g["n_train"], g["test_accuracy"], "o" + styles[kind], ms=3, color=color)
     if len(kernels):
         ax_curve.set_xscale("log")
         sizes = sorted({int(n) for n in kernels["n_train"]})
@@ -124,6 +130,8 @@ def _generalization_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig:
     handles = [Line2D([], [], color=c, marker="o", ms=3, label=p) for p, c in colors.items()]
     handles += [Line2D([], [], color="gray", ls=styles[k], label=plots.KERNEL_STYLES[k][1])
                 for k in dict.fromkeys(kernels["predictor"])]  # fmt: skip
+    if same:
+        handles.append(Line2D([], [], color="black", label=f"the same at every point: {', '.join(same)}"))
     if handles:
         ax_curve.legend(handles=handles, frameon=False, fontsize=7, ncol=2)
     ax_curve.set_xlabel("training points N_train")

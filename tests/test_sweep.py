@@ -230,3 +230,24 @@ def test_every_experiment_sweeps_in_a_pool(experiment, digits, tmp_path):
         assert own.complete and own.tables.keys() == run.tables.keys() - {"points"}
     if experiment == "pca":  # the reference reads no training key: one unit for both points
         assert [p.name for p in (run.path / "units").glob("*reference.pt")] == ["p00.reference.pt"]
+
+
+def test_curves_that_the_swept_key_does_not_change_are_drawn_once_and_said_so():
+    """A sweep over training.lr leaves the kernel predictors' learning curves identical at every
+    point: panel (a) draws such a curve once, in black, and its legend says so (it listed a colour
+    per point over curves that hid each other); the nets' curves, which differ, keep a colour each."""
+    import matplotlib.pyplot as plt
+
+    from ntkrun.sweep_plots import _generalization_sweep
+
+    rows = [{"training.lr": lr, "predictor": kind, "n_train": n, "width": float("nan"),
+             "test_accuracy": 0.5 + n / 1000 + (lr / 10 if kind == "nngp" else 0.0)}
+            for lr in (0.5, 1.0, 2.0) for kind in ("ntk", "nngp") for n in (40, 80)]  # fmt: skip
+    fig = plt.figure()
+    _generalization_sweep({"accuracy.csv": pd.DataFrame(rows)}, ["training.lr"], fig)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "the same at every point: NTK (t = inf)" in texts, texts
+    assert len(ax.get_lines()) == 1 + 3  # the NTK's once, the NNGP's per point
+    assert sum(line.get_color() == "black" for line in ax.get_lines()) == 1
+    plt.close(fig)
