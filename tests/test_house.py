@@ -19,7 +19,7 @@ from ntkrun import experiments
 from ntkrun.cli import app
 
 PACKAGE = Path(ntkrun.__file__).parent
-REPO = PACKAGE.parent
+REPO = Path(__file__).resolve().parents[1]
 MATH = ("kernels", "dynamics", "network", "nonlinearities", "fits", "resources")
 TINY = [
     "convergence", "--preset", "quick", "--set", "network.width=[8]", "--seeds", "1", "--steps", "2",
@@ -28,7 +28,7 @@ TINY = [
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -213,3 +213,15 @@ def test_every_runner_has_a_results_version():
     for record in EXPERIMENTS.values():
         version = getattr(record.module, "RESULTS_VERSION", None)
         assert isinstance(version, int) and version >= 1, record.name
+
+
+def test_a_clone_named_ntkrun_beside_a_script_does_not_shadow_the_package(tmp_path):
+    """The README clones into ntkrun/: a script in the folder that holds the clone imports the
+    installed package, not the clone as a namespace package (`cannot import name 'MLP'` before the
+    src/ layout, whose editable install put a finder behind the script's own folder)."""
+    clone = tmp_path / "ntkrun"
+    (clone / "src" / "ntkrun").mkdir(parents=True)
+    (clone / "README.md").write_text("a clone\n")
+    (tmp_path / "script.py").write_text("from ntkrun import MLP\nprint(type(MLP(2, 8, 2)).__name__)\n")
+    out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "MLP", out.stderr
