@@ -386,9 +386,11 @@ def status(run_dir: Path) -> Status:
     table = unit_status(spec, run)
     points = point_status(spec, table) if spec.sweep else None
     mixed = mixed_provenance(spec, run)
-    error = (run.path / "ERROR").read_text().strip().splitlines() if (run.path / "ERROR").is_file() else None
-    return Status(table, complete, aggregator, holder, points, describe_mixed(mixed) if mixed else None,
-                  (error or ["failed"])[0] if error is not None else None)  # fmt: skip
+    error = None
+    if (run.path / "ERROR").is_file():
+        error = ((run.path / "ERROR").read_text().strip().splitlines() or ["failed"])[0]
+    mixed_line = describe_mixed(mixed) if mixed else None
+    return Status(table, complete, aggregator, holder, points, mixed_line, error)
 
 
 def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:

@@ -116,10 +116,12 @@ def _generalization_sweep(tables: dict[str, pd.DataFrame], keys: list[str], fig:
     for kind, by_kind in kernels.groupby("predictor", sort=False):
         curves = {point: g.sort_values("n_train") for point, g in by_kind.groupby("_point", sort=False)}
         shapes = {(tuple(g["n_train"]), tuple(g["test_accuracy"])) for g in curves.values()}
-        if len(curves) > 1 and len(shapes) == 1:
-            curves, same = dict(list(curves.items())[:1]), [*same, plots.KERNEL_STYLES[kind][1]]
+        identical = len(curves) > 1 and len(shapes) == 1
+        if identical:
+            curves = dict(list(curves.items())[:1])
+            same.append(plots.KERNEL_STYLES[kind][1])
         for point, g in curves.items():
-            color = "black" if same and same[-1] == plots.KERNEL_STYLES[kind][1] else colors[point]
+            color = "black" if identical else colors[point]
             ax_curve.plot(g["n_train"], g["test_accuracy"], "o" + styles[kind], ms=3, color=color)
     if len(kernels):
         ax_curve.set_xscale("log")

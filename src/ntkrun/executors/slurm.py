@@ -239,8 +239,8 @@ def unit_status(spec: RunSpec, run: RunDir) -> pd.DataFrame:
         elif job:
             state = "failed"
             detail = f"job ended without a result; see {_job_log(run, job)}"
-        elif run.unit_failure(unit.name) is not None:
-            state, detail = "failed", run.unit_failure(unit.name)
+        elif (failure := run.unit_failure(unit.name)) is not None:
+            state, detail = "failed", failure
         else:
             state = "not started"
         if ckpt is not None and "step" in ckpt:

@@ -173,6 +173,7 @@ def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     info = torch.finfo(resolve_dtype(spec.dtype))
     low, high = info.tiny * 1e4, info.max / 1e4
     image = getattr(getattr(spec, "data", None), "image", None)
+    # |x|^2 / n0 is all an MLP sees; a CNN its image, else the 28x28 images of the data experiments
     shape = (1,) if getattr(net, "arch", "mlp") == "mlp" else tuple(image or (1, 28, 28))
     values = architecture(spec, shape, depth).range_values(q0)
     smallest, largest = float(values.min()), float(values.max())
