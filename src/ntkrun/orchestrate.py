@@ -6,7 +6,6 @@ every failure is an NtkrunError whose message says what was kept and how to cont
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 
 from ntkrun import experiments, memory
+from ntkrun.costs import rates
 from ntkrun.errors import (
     DataError,
     ExecutorError,
@@ -47,6 +47,7 @@ from ntkrun.units import (
     mixed_provenance,
     preflight,
     runner,
+    unit_threads,
     units,
 )
 from ntkrun.work import Progress, Unit
@@ -152,28 +153,19 @@ def plan(req: Request, *, checks: bool = True) -> Plan:
     return Plan(req, spec, found, chosen, note, ident)
 
 
-def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
-    """This machine's float32 matrix-product rate in FLOP/s (the best of a few n^3 products)."""
-    a = torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def unit_table(p: Plan) -> pd.DataFrame:
-    """Index, name, stage, estimated GFLOP and seconds at this machine's matmul rate, per unit."""
-    rate = matmul_rate()
+    """Index, name, stage, GFLOP and the seconds estimated at this machine's rates, per unit (the
+    timed probes of ntkrun.costs run here, at the executor's threads per unit)."""
     readers = runner(p.spec).grid(p.spec).readers if p.spec.sweep else {}
-    rows = [
-        {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.cost / 1e9, "seconds": u.cost / rate,
-         "shared": ", ".join(readers.get(u.name, [])[1:])}
-        for i, u in enumerate(p.units)
-    ]  # fmt: skip
+    with unit_threads(p.spec.executor.threads):
+        speed = rates()
+        rows = [
+            {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.flops / 1e9,
+             "seconds": speed.seconds(u.cost), "shared": ", ".join(readers.get(u.name, [])[1:])}
+            for i, u in enumerate(p.units)
+        ]  # fmt: skip
     table = pd.DataFrame(rows)
-    table.attrs["gflops"] = rate / 1e9
+    table.attrs["gflops"] = speed.gemm / 1e9
     return table
 
 
@@ -265,7 +257,7 @@ def _units_here(p: Plan, progress: Progress) -> Outcome:
     run = None
     try:
         run = RunDir.shared(run_dir, spec, p.identity)
-        progress.start(sum(u.cost for u in p.chosen) or float(len(p.chosen)))
+        progress.start(sum(u.flops for u in p.chosen) or float(len(p.chosen)))
         for unit in p.chosen:
             compute_unit(spec, run, unit, progress)
         maybe_finish(spec, run)

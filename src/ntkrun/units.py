@@ -207,7 +207,7 @@ class _UnitProgress:
         self.progress.advance(description, amount)
 
     def finish(self) -> None:
-        self.progress.advance(self.unit.name, max(self.unit.cost - self.done, 0.0))
+        self.progress.advance(self.unit.name, max(self.unit.flops - self.done, 0.0))
 
 
 @contextmanager
@@ -252,7 +252,7 @@ def compute_unit(spec: RunSpec, run: RunDir, unit: Unit, progress: Progress) -> 
         run.save_unit(unit.name, result, info)
         tracker.finish()
     else:
-        progress.advance(unit.name, unit.cost)
+        progress.advance(unit.name, unit.flops)
     return result
 
 

@@ -1,12 +1,14 @@
 """What a unit of work is, for the runners that define units and the layers that run them
 (ntkrun.units, the executors, ntkrun.orchestrate): the Unit, what it computes (typed: the runner
 dispatches on the type of `unit.work`, never on the unit's name), its progress and its context.
-Imports nothing of ntkrun."""
+Imports nothing of ntkrun but ntkrun.costs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from ntkrun.costs import Cost, as_cost
 
 
 class Progress(Protocol):
@@ -102,9 +104,14 @@ class Unit:
     """One independent piece of an experiment."""
 
     name: str  # file name in units/, e.g. w500_s3
-    cost: float  # estimated floating-point operations (also the progress weight)
+    cost: float | Cost  # what it costs (ntkrun.costs; a bare number: FLOPs of large products)
     work: Work  # what run_unit computes
     needs: tuple[Unit, ...] = ()  # the units whose results it reads (ctx.require): it runs after them
+
+    @property
+    def flops(self) -> float:
+        """Its floating-point operations: the progress bars' weight."""
+        return as_cost(self.cost).flops
 
     @property
     def stage(self) -> int:

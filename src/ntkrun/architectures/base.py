@@ -25,6 +25,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ntkrun.costs import Cost, Probe
+
 
 @dataclass(frozen=True)
 class Architecture(ABC):
@@ -66,6 +68,14 @@ class Architecture(ABC):
         """One full-batch GD step on n inputs: the forward pass, then the backward pass (about
         twice its FLOPs: the deltas and the weight gradients)."""
         return 3.0 * n * self.forward_flops(width, n_out)
+
+    def gd_cost(self, n: int, width: int, n_out: int = 1) -> Cost:
+        """One GD step on n inputs, as this machine runs it (timed: ntkrun.costs.Probe)."""
+        return Cost(probes=((Probe("gd", n, width=width, n_out=n_out, description=self), 1.0),))
+
+    def kernel_cost(self, n1: int, n2: int) -> Cost:
+        """One limiting kernel on (n1, n2) input pairs, as this machine computes it (timed)."""
+        return Cost(probes=((Probe("kernel", n1, n2=n2, description=self), 1.0),))
 
     @abstractmethod
     def net(

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ntkrun.architectures.base import Architecture
+from ntkrun.costs import Cost
 from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
 
@@ -225,6 +226,10 @@ class ModuleArchitecture(Architecture):
         return self.mc_samples * (
             self.ntk_flops(n1, n2, self.limit_width) + (n1 + n2) * self.forward_flops(self.limit_width)
         )
+
+    def kernel_cost(self, n1: int, n2: int) -> Cost:
+        """mc_samples networks' NTKs: large products (timing one would build mc_samples networks)."""
+        return Cost(gemm=self.kernel_flops(n1, n2))
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
         """One network of limit_width, one kernel sample and four float64 accumulators per pair."""

@@ -149,7 +149,7 @@ def run(request: orchestrate.Request, quiet: bool, list_units: bool = False, che
     if check:
         spec = plan.spec
         grid = f" over {math.prod(len(v) for v in spec.sweep.values())} sweep points" if spec.sweep else ""
-        flop = sum(u.cost for u in plan.units)
+        flop = sum(u.flops for u in plan.units)
         cost = f"{flop / 1e9:.3g} GFLOP" if math.isfinite(flop) else "cost unknown"
         return say(
             f"spec ok: {spec.experiment}, hash {spec_hash(spec)}, {len(plan.units)} units{grid} ({cost}), "
@@ -175,8 +175,9 @@ def print_units(plan: orchestrate.Plan) -> None:
     """Index, name, stage and cost of every unit (for an sbatch --array range)."""
     table = heavy("ntkrun.orchestrate").unit_table(plan)
     say(
-        f"{len(table)} units (sbatch --array=0-{len(table) - 1}); cost in GFLOP, time estimated at this "
-        f"machine's float32 matmul rate ({table.attrs['gflops']:.0f} GFLOP/s; small widths run slower):"
+        f"{len(table)} units (sbatch --array=0-{len(table) - 1}); cost in GFLOP, time estimated on this "
+        "machine (its GD steps, kernels, solves and data reads timed at a small size; products at "
+        f"{table.attrs['gflops']:.0f} GFLOP/s):"
     )
     for row in table.itertuples(index=False):
         stage = " (stage 0: before the others)" if row.stage == 0 else ""

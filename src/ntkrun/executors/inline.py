@@ -11,7 +11,7 @@ from ntkrun.work import Progress, Unit
 
 class InlineExecutor(Executor):
     def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
-        progress.start(sum(u.cost for u in todo) or float(len(todo)))
+        progress.start(sum(u.flops for u in todo) or float(len(todo)))
         for unit in todo:
             compute_unit(spec, run, unit, progress)
         return Dispatch(finished=True)

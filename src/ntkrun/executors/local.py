@@ -94,7 +94,7 @@ class LocalExecutor(Executor):
         SIGTERM terminates every worker."""
         threads = spec.executor.threads or 1
         passive = min(self.jobs, len(todo)) * threads > (os.cpu_count() or 1)
-        progress.start(sum(u.cost for u in todo) or float(len(todo)))
+        progress.start(sum(u.flops for u in todo) or float(len(todo)))
         if not todo:
             return Dispatch(finished=True)
         context = multiprocessing.get_context("spawn")
@@ -133,7 +133,7 @@ class LocalExecutor(Executor):
                         _died(run, worker)
                     if err is not None:
                         raise err
-                    progress.advance(name, worker.unit.cost or 1.0)
+                    progress.advance(name, worker.unit.flops or 1.0)
                     worker.unit = None
                 elif worker.process.sentinel in ready:
                     _died(run, worker)

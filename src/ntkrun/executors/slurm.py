@@ -194,14 +194,14 @@ def wait_slurm(
     """Block until none of `job_ids` is queued or running, advancing the bar as units finish.
     squeue failing `patience` times in a row is an ExecutorError."""
     todo = {u.name: u for u in units(spec)}
-    progress.start(sum(u.cost or 1.0 for u in todo.values()))
+    progress.start(sum(u.flops or 1.0 for u in todo.values()))
     seen: set[str] = set()
     failures = 0
     while True:
         active = queue_states(job_ids)
         for name in done_units(spec, run) - seen:
             seen.add(name)
-            progress.advance(name, todo[name].cost or 1.0)
+            progress.advance(name, todo[name].flops or 1.0)
         failures = failures + 1 if active is None else 0
         if failures >= patience:
             raise ExecutorError(f"squeue kept failing; the jobs may go on (ntkrun status {run.path})")

@@ -15,7 +15,9 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flops  # noqa: F401 (the runners' costs)
 from ntkrun.architectures.module import accepted, check_module, load_factory
 from ntkrun.architectures.registry import describe
-from ntkrun.errors import DivergenceError, NumericalRangeError, SpecError
+from ntkrun.costs import Cost, Probe
+from ntkrun.data import resolve_data_dir, split_files
+from ntkrun.errors import DataError, DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine, leave_one_out
 from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
@@ -116,6 +118,8 @@ class UnknownCost:
     """The cost model of a description whose inputs' shape is unknown here (its data are absent):
     every FLOP count is NaN, never a guess."""
 
+    JOINT_KERNELS = False
+
     def gd_flops(self, n: int, width: int, n_out: int = 1) -> float:
         return math.nan
 
@@ -124,6 +128,12 @@ class UnknownCost:
 
     def kernel_flops(self, n1: int, n2: int) -> float:
         return math.nan
+
+    def gd_cost(self, n: int, width: int, n_out: int = 1) -> Cost:
+        return Cost(gemm=math.nan)
+
+    def kernel_cost(self, n1: int, n2: int) -> Cost:
+        return Cost(gemm=math.nan)
 
 
 def build_net(
@@ -214,20 +224,35 @@ def unpack(*tables: dict[str, list]) -> pd.DataFrame:
 # ---------------------------------------------------------------- cost in floating-point operations
 
 
-def eigen_flops(n: int) -> float:
-    """A dense symmetric eigendecomposition of an (n, n) matrix, about 9 n^3."""
-    return 9.0 * n**3
+def eigen_cost(n: int) -> Cost:
+    """That eigendecomposition, as this machine runs it (timed: ntkrun.costs.Probe)."""
+    return Cost(probes=((Probe("eigh", n), 1.0),))
+
+
+def cholesky_cost(n: int) -> Cost:
+    """A Cholesky factorization of an (n, n) matrix (n^3 / 3 FLOPs), as this machine runs it."""
+    return Cost(probes=((Probe("cholesky", n), 1.0),))
+
+
+def read_cost(data_dir: str | None, splits: Collection[str]) -> Cost:
+    """Reading these splits' files (timed: ntkrun.costs.Probe); nothing where they are absent."""
+    try:
+        folder = resolve_data_dir(data_dir)
+        files = [path for split in splits for path in split_files(folder, split)]
+    except DataError:
+        return Cost()
+    return Cost(probes=tuple((Probe("read", 1, description=path), 1.0) for path in files))
 
 
 # ---------------------------------------------------------------- Monte-Carlo limits as units
 
 
-def limit_units(prefix: str, samples: int, cost: float, **where: int) -> list[Unit]:
+def limit_units(prefix: str, samples: int, cost: float | Cost, **where: int) -> list[Unit]:
     """The shares (kernels.monte_carlo.chunks) of a Monte-Carlo limit over `samples` networks, as
     units prefix_0, prefix_1, ...; cost: the FLOPs of all of them; `where`: MonteCarloLimit's depth,
     seed or n_train."""
     return [
-        Unit(f"{prefix}_{i}", cost * count / samples, MonteCarloLimit(start, count, **where))
+        Unit(f"{prefix}_{i}", cost * (count / samples), MonteCarloLimit(start, count, **where))
         for i, (start, count) in enumerate(chunks(samples))
     ]
 

@@ -15,6 +15,7 @@ import torch
 
 from ntkrun import resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.costs import Cost
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.errors import DivergenceError
 from ntkrun.kernels import analytic_kernels, empirical_ntk
@@ -152,12 +153,12 @@ def check(spec: ConvergenceSpec) -> None:
     check_user_model(arch(spec), spec.network.width)
 
 
-def step_cost(spec: ConvergenceSpec, width: int) -> float:
-    """FLOPs of one GD step on the training set (the MLP's, for an arch this experiment refuses at
+def step_cost(spec: ConvergenceSpec, width: int) -> Cost:
+    """One GD step on the training set (the MLP's FLOPs, for an arch this experiment refuses at
     its preflight: the units are listed before it)."""
-    if spec.network.module is None:
-        return gd_flops(spec.training.n_train, 2, width, spec.network.depth)
-    return arch(spec).gd_flops(spec.training.n_train, width)
+    if spec.network.module is None and getattr(spec.network, "arch", "mlp") != "mlp":
+        return Cost(gemm=gd_flops(spec.training.n_train, 2, width, spec.network.depth))
+    return arch(spec).gd_cost(spec.training.n_train, width)
 
 
 def units(spec: ConvergenceSpec) -> list[Unit]:
@@ -195,7 +196,7 @@ def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Prog
         return limit_share(arch(spec), unit.work, x0, Xg)
     width, seed = unit.work.width, unit.work.seed
     device = resolve_device(spec.device)
-    kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width))
+    kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width).flops)
     return {"kernels": pack(kernel_rows), "losses": pack(loss_rows)}
 
 

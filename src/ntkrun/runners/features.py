@@ -25,11 +25,13 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.costs import Cost
 from ntkrun.data import (
     check_request,
     files_of,
+    flat_pixels,
     gaussian_inputs,
-    load_idx_dataset,
+    load_split,
     resolve_data_dir,
     split_info,
 )
@@ -41,6 +43,7 @@ from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
     distinct_names,
+    eigen_cost,
     pack,
     resolve_device,
     resolve_dtype,
@@ -185,7 +188,7 @@ def input_shape(spec: FeaturesSpec) -> tuple[int, ...]:
     """One input's shape: (dim,), the Gaussian image, or (1, rows, cols) of the IDX files."""
     if spec.data.inputs == "images":
         info = split_info(resolve_data_dir(spec.data.dir), "train")
-        return (1, info.rows, info.cols)
+        return info.shape
     return tuple(spec.data.image) if spec.data.image is not None else (spec.data.dim,)
 
 
@@ -199,22 +202,18 @@ def description(spec: FeaturesSpec, work: FeatureNet) -> Architecture:
     return replace(limit(spec, work.depth), parametrization=work.parametrization)
 
 
-def unit_cost(spec: FeaturesSpec, work: FeatureNet | Reference) -> float:
+def unit_cost(spec: FeaturesSpec, work: FeatureNet | Reference) -> Cost:
     """A network's GD steps, its Theta on the training points twice and on test x train, its own
     linearization; or a depth's limit on train and test with its predictor."""
     n, m = spec.data.n_train, spec.data.n_test
     try:
         if isinstance(work, Reference):
-            return limit(spec, work.depth).kernel_flops(n + m, n) + 3 * n**3
+            return limit(spec, work.depth).kernel_cost(n + m, n) + eigen_cost(n)
         model = description(spec, work)
     except DataError:
-        return math.nan
-    return (
-        model.gd_flops(n, work.width) * spec.training.steps
-        + model.ntk_flops(n + m, n, work.width)
-        + model.ntk_flops(n, n, work.width)
-        + 3 * n**3
-    )
+        return Cost(gemm=math.nan)
+    ntks = model.ntk_flops(n + m, n, work.width) + model.ntk_flops(n, n, work.width)
+    return model.gd_cost(n, work.width) * spec.training.steps + Cost(gemm=ntks) + eigen_cost(n)
 
 
 def units(spec: FeaturesSpec) -> list[Unit]:
@@ -257,7 +256,7 @@ def data_files(spec: FeaturesSpec) -> list[Path]:
 
 def task(spec: FeaturesSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(X (n, n0), y (n,), X_test (m, n0), y_test (m,)) float64, labels +-1: sign(x1 x2) of Gaussian
-    points, or the two classes' images (pixel / 255)."""
+    points, or the two classes' images (ntkrun.data.flat_pixels)."""
     d = spec.data
     if d.inputs == "gaussian":
         X = gaussian_inputs(d.n_train + d.n_test, math.prod(input_shape(spec)), d.seed)
@@ -265,14 +264,14 @@ def task(spec: FeaturesSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         return X[: d.n_train], y[: d.n_train], X[d.n_train :], y[d.n_train :]
     folder, out = resolve_data_dir(d.dir), []
     for split, count in (("train", d.n_train), ("test", d.n_test)):
-        images, labels = load_idx_dataset(folder, split)
+        images, labels = load_split(folder, split)
         idx = np.flatnonzero(np.isin(labels, d.classes))
         if count > len(idx):
             raise DataError(
                 f"data.n_{split}: {count} points, but the {split} split has {len(idx)} of {d.classes}"
             )
         idx = np.sort(np.random.default_rng(d.seed).choice(idx, size=count, replace=False))
-        X = torch.from_numpy(images[idx].reshape(count, -1).astype(np.float64) / 255.0)
+        X = flat_pixels(images[idx])
         out += [X, torch.from_numpy(np.where(labels[idx] == d.classes[0], 1.0, -1.0))]
     return out[0], out[1], out[2], out[3]
 

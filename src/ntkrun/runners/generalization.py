@@ -37,9 +37,11 @@ from ntkrun.runners.common import (
     UnknownCost,
     architecture,
     check_user_model,
-    eigen_flops,
+    cholesky_cost,
+    eigen_cost,
     network_caption,
     pack,
+    read_cost,
     resolve_device,
     resolve_dtype,
     train,
@@ -155,10 +157,9 @@ def check(spec: GenSpec) -> None:
     train_info, test_info = split_info(folder, "train"), split_info(folder, "test")
     check_request(train_info, "train", max(n_train_sizes(spec)), "data.n_train")
     check_request(test_info, "test", spec.data.n_test or 1, "data.n_test")
-    if (test_info.rows, test_info.cols) != (train_info.rows, train_info.cols):
+    if test_info.shape != train_info.shape:
         raise DataError(
-            f"{test_info.images}: {test_info.rows}x{test_info.cols} images, but the train split's are "
-            f"{train_info.rows}x{train_info.cols}"
+            f"{test_info.images}: {test_info.size} test images, but the train split's are {train_info.size}"
         )
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
     if spec.network.module is not None:
@@ -168,7 +169,7 @@ def check(spec: GenSpec) -> None:
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
     """(channels, rows, cols) of one image, from the train split's IDX header."""
     info = split_info(resolve_data_dir(spec.data.dir), "train")
-    return (1, info.rows, info.cols)
+    return info.shape
 
 
 def arch(spec: GenSpec) -> Architecture:
@@ -297,7 +298,7 @@ def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
     for label, t in (("inf", math.inf), ("t", tr.steps * tr.lr)):
         lr = None if math.isinf(t) else tr.lr
         out[label] = (dynamics.predictor(eig, k_test, t, lr) @ Y).float()
-    progress.advance("reference", unit.cost)
+    progress.advance("reference", unit.flops)
     # the NTK predictor at the nets' training time, scored like them ("ntk_t" in accuracy.csv)
     row = {"predictor": "ntk_t", "n_train": tr.n_train, "width": math.nan, "seed": -1}
     row.update(scores(spec, out["t"].double(), labels_t), ridge=0.0, gram_dtype="float64")
@@ -347,22 +348,25 @@ def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
 def units(spec: GenSpec) -> list[Unit]:
     """Kernel units (kind, N_train), then `reference` and the (width, seed) networks."""
     description, m = cost_model(spec), spec.data.n_test or 10000
+    read = read_cost(spec.data.dir, ("train", "test"))
     out = []
     for predictors in kernel_groups(spec):
         model = cost_model(spec, predictors[0])
+        grams = 1 if model.JOINT_KERNELS else len(predictors)  # (UnknownCost: NaN all the same)
         for n in spec.data.n_train:
-            cost = model.kernel_flops(n, n) / 2 + len(predictors) * n**3 / 3 + model.kernel_flops(m, n)
+            cost = grams * (model.kernel_cost(n, n) * 0.5 + model.kernel_cost(m, n))
+            cost = read + cost + cholesky_cost(n) * len(predictors)
             if monte_carlo(spec, predictors):  # the module's kernels in shares, then their fit
                 out.extend(mc.share_units(spec, model, n, m))
-                cost = mc.fit_cost(spec, predictors, n, m)
+                cost = read + mc.fit_cost(spec, predictors, n, m)
             out.append(Unit(kernel_unit_name(predictors, n), cost, KernelFit(predictors, n)))
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
-        ref_cost = description.kernel_flops(n + m, n) + eigen_flops(n)
+        ref_cost = read + description.kernel_cost(n + m, n) + eigen_cost(n)
         out.append(Unit("reference", ref_cost, Reference()))
         for w in spec.network.width:
             for s in spec.seed_values:
-                cost = description.gd_flops(n, w, CLASSES) * tr.steps
+                cost = read + description.gd_cost(n, w, CLASSES) * tr.steps
                 out.append(Unit(f"w{w}_s{s}", cost, TrainNet(w, s)))
     return out
 

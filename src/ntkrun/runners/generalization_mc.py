@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ntkrun.architectures.base import Architecture
+from ntkrun.costs import Cost
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, jackknife_se
 from ntkrun.linalg import kernel_solve_, solve_bytes
-from ntkrun.runners.common import limit_estimate, limit_names, limit_share, limit_units, pack
+from ntkrun.runners.common import cholesky_cost, limit_estimate, limit_names, limit_share, limit_units, pack
 from ntkrun.runners.labelled import CLASSES, dataset, scores, targets
 from ntkrun.work import MonteCarloLimit, Progress, Unit, UnitContext
 
@@ -29,15 +30,13 @@ def limit_prefix(n: int) -> str:
 
 def share_units(spec: Any, description: Architecture, n: int, m: int) -> list[Unit]:
     """The shares of the Monte-Carlo kernels on the first n training points and the m test points."""
-    return limit_units(
-        limit_prefix(n), spec.kernels.mc_samples, description.kernel_flops(n + m, n), n_train=n
-    )
+    return limit_units(limit_prefix(n), spec.kernels.mc_samples, description.kernel_cost(n + m, n), n_train=n)
 
 
-def fit_cost(spec: Any, predictors: tuple[str, ...], n: int, m: int) -> float:
-    """FLOPs of a fit: per kind, a solve and a test prediction for the estimate and each replicate."""
+def fit_cost(spec: Any, predictors: tuple[str, ...], n: int, m: int) -> Cost:
+    """A fit: per kind, a solve and a test prediction for the estimate and each replicate."""
     solves = len(chunks(spec.kernels.mc_samples)) + 1
-    return len(predictors) * solves * (n**3 / 3 + 2 * m * n * CLASSES)
+    return (cholesky_cost(n) + Cost(gemm=2.0 * m * n * CLASSES)) * (len(predictors) * solves)
 
 
 def share_bytes(description: Architecture, n: int, m: int) -> int:
@@ -93,7 +92,7 @@ def fit(spec: Any, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
         ]
         for key in ("test_accuracy", "test_mse"):
             row[f"{key}_se"] = jackknife_se([s[key] for s in again]) if again else math.nan
-        progress.advance(f"{unit.name}: {predictor}", unit.cost / len(predictors))
+        progress.advance(f"{unit.name}: {predictor}", unit.flops / len(predictors))
         all_notes.extend(f"{predictor}: {note}" for note in notes)
         LOG.info("%s", row)
         rows.append(row)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ntkrun.data import choose_points, load_idx_dataset, resolve_data_dir
+from ntkrun.data import choose_points, load_split, resolve_data_dir
 
 CLASSES = 10
 KERNEL_KINDS = ("ntk", "nngp", "mlp_ntk", "mlp_nngp")  # the kernel predictors (mlp_: the MLP's)
@@ -24,10 +24,10 @@ def dataset(spec: Any, n_train: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     """(X (n_train, n0), labels, X_test (M, n0), test labels), float64; the training points are a
     prefix of one seeded order, so the learning curve's sets are nested."""
     folder = resolve_data_dir(spec.data.dir)
-    images, labels = load_idx_dataset(folder, "train")
+    images, labels = load_split(folder, "train")
     X, y = choose_points(images, labels, max(n_train_sizes(spec)), spec.data.seed, nested=True)
     X, y = X[:n_train], y[:n_train]
-    images, labels = load_idx_dataset(folder, "test")
+    images, labels = load_split(folder, "test")
     m = spec.data.n_test or images.shape[0]
     Xt, yt = choose_points(images, labels, m, spec.data.seed)
     if spec.data.scaling == "standardize":  # statistics of the training points, applied to both

@@ -22,7 +22,8 @@ from pydantic import Field
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.data import check_request, choose_points, files_of, load_idx_dataset, resolve_data_dir, split_info
+from ntkrun.costs import Cost
+from ntkrun.data import check_request, choose_points, files_of, load_split, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.kernels import empirical_ntk
 from ntkrun.kernels.monte_carlo import chunks, jackknife_se
@@ -32,12 +33,13 @@ from ntkrun.runners.common import (
     UnknownCost,
     architecture,
     check_user_model,
-    eigen_flops,
+    eigen_cost,
     limit_estimate,
     limit_names,
     limit_share,
     limit_units,
     pack,
+    read_cost,
     resolve_device,
     resolve_dtype,
     train,
@@ -119,7 +121,7 @@ def check(spec: PCASpec) -> None:
 def arch(spec: PCASpec) -> Architecture:
     """The description of spec.network on the split's images (channels, rows, cols), from its header."""
     info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
-    return architecture(spec, (1, info.rows, info.cols))
+    return architecture(spec, info.shape)
 
 
 def cost_model(spec: PCASpec) -> Architecture | UnknownCost:
@@ -291,32 +293,32 @@ def metrics(traj: pd.DataFrame, spec: PCASpec, lam_k: float) -> pd.DataFrame:
 
 def digits(spec: PCASpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded choice of N digits: (N, rows * cols) inputs, (N,) labels."""
-    images, labels = load_idx_dataset(resolve_data_dir(spec.data.dir), spec.data.split)
+    images, labels = load_split(resolve_data_dir(spec.data.dir), spec.data.split)
     return choose_points(images, labels, spec.data.n_points, spec.data.seed, spec.data.scaling)
 
 
-def step_cost(spec: PCASpec, width: int) -> float:
-    """FLOPs of one GD step on the N digits (NaN without the data: see cost_model)."""
-    return cost_model(spec).gd_flops(spec.data.n_points, width)
+def step_cost(spec: PCASpec, width: int) -> Cost:
+    """One GD step on the N digits (NaN without the data: see cost_model)."""
+    return cost_model(spec).gd_cost(spec.data.n_points, width)
 
 
 def units(spec: PCASpec) -> list[Unit]:
     """`reference` (kernel and its principal components), then one unit per (width, trial)."""
     seeds, n, description = spec.seed_values, spec.data.n_points, cost_model(spec)
-    limits = []
+    read, limits, steps = read_cost(spec.data.dir, (spec.data.split,)), [], spec.training.steps
     if spec.kernel == "empirical":
-        ref_cost = description.ntk_flops(n, n, spec.kernel_width) + 2 * eigen_flops(n)
+        ref_cost = read + description.ntk_flops(n, n, spec.kernel_width) + eigen_cost(n) * 2
     elif monte_carlo(spec):
-        limits = limit_units("limit", spec.kernels.mc_samples, description.kernel_flops(n, n))
-        ref_cost = (2 + len(limits)) * eigen_flops(n)
+        limits = limit_units("limit", spec.kernels.mc_samples, read + description.kernel_cost(n, n))
+        ref_cost = read + eigen_cost(n) * (2 + len(limits))
     else:
-        ref_cost = description.kernel_flops(n, n) + 2 * eigen_flops(n)
+        ref_cost = read + description.kernel_cost(n, n) + eigen_cost(n) * 2
     reference = Unit("reference", ref_cost, Reference(), needs=tuple(limits))
     return [
         *limits,
         reference,
         *(
-            Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s), needs=(reference,))
+            Unit(f"w{w}_s{s}", read + step_cost(spec, w) * steps, TrainNet(w, s), needs=(reference,))
             for w in spec.network.width
             for s in seeds
         ),
@@ -356,7 +358,7 @@ def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
     reference = ctx.require("reference")
     f_k = reference["f"][:, spec.component - 1]
     width, seed = unit.work.width, unit.work.seed
-    rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width))
+    rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width).flops)
     return {"trajectory": pack(rows)}
 
 

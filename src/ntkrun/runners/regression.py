@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ntkrun import dynamics, resources
+from ntkrun.costs import Cost
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.errors import NumericalError
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
@@ -26,10 +27,9 @@ from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
-    analytic_flops,
+    architecture,
     build_net,
     distinct_names,
-    gd_flops,
     ntk_flops,
     pack,
     resolve_device,
@@ -220,9 +220,9 @@ def n_train(spec: RegressionSpec) -> int:
     return len(data.train_angles) if data.train_angles is not None else data.n_train or 1
 
 
-def step_cost(spec: RegressionSpec, width: int) -> float:
-    """FLOPs of one GD step on the training points."""
-    return gd_flops(n_train(spec), 2, width, spec.network.depth)
+def step_cost(spec: RegressionSpec, width: int) -> Cost:
+    """One GD step on the training points."""
+    return architecture(spec, (2,)).gd_cost(n_train(spec), width)
 
 
 def units(spec: RegressionSpec) -> list[Unit]:
@@ -234,7 +234,7 @@ def units(spec: RegressionSpec) -> list[Unit]:
     if spec.kernel == "empirical":
         limit_cost = sum(ntk_flops(*p, 2, spec.kernel_width, depth) for p in pairs)
     else:
-        limit_cost = sum(analytic_flops(*p, 2, depth) for p in pairs)
+        limit_cost = sum((architecture(spec, (2,)).kernel_cost(*p) for p in pairs), Cost())
     return [Unit("limit", limit_cost, Reference())] + [
         Unit(f"w{w}_s{s}", step_cost(spec, w) * spec.training.steps, TrainNet(w, s))
         for w in spec.network.width
@@ -291,7 +291,7 @@ def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progr
         steps=spec.training.steps,
         label=label,
         progress=progress,
-        step_cost=step_cost(spec, width),
+        step_cost=step_cost(spec, width).flops,
     )
     with torch.no_grad():
         f_T = net(Xg.to(device, dtype)).double().cpu()

@@ -20,6 +20,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
+from ntkrun.costs import Cost
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, seeded_generator
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
@@ -29,7 +30,7 @@ from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
     check_user_model,
-    eigen_flops,
+    eigen_cost,
     limit_estimate,
     limit_names,
     limit_share,
@@ -167,17 +168,17 @@ def check(spec: ScalingSpec) -> None:
         check_user_model(arch(spec, net.depth[0]), net.width, 1, net.depth)
 
 
-def step_cost(spec: ScalingSpec, depth: int, width: int) -> float:
-    """FLOPs of one GD step on the training set."""
-    return arch(spec, depth).gd_flops(spec.training.n_train, width)
+def step_cost(spec: ScalingSpec, depth: int, width: int) -> Cost:
+    """One GD step on the training set."""
+    return arch(spec, depth).gd_cost(spec.training.n_train, width)
 
 
-def unit_cost(spec: ScalingSpec, depth: int, width: int) -> float:
-    """FLOPs of one unit: its GD steps, Theta on Z twice, and the limit on X and Z (a network.module's
+def unit_cost(spec: ScalingSpec, depth: int, width: int) -> Cost:
+    """One unit: its GD steps, Theta on Z twice, and the limit on X and Z (a network.module's
     Monte-Carlo limit is a unit of its own)."""
     n, z, description = spec.training.n_train, spec.data.n_points, arch(spec, depth)
-    limit = eigen_flops(n) + (description.kernel_flops(n + z, n + z) if spec.network.module is None else 0.0)
-    kernels = 2 * description.ntk_flops(z, z, width)
+    limit = eigen_cost(n) + (description.kernel_cost(n + z, n + z) if spec.network.module is None else Cost())
+    kernels = Cost(gemm=2 * description.ntk_flops(z, z, width))
     return step_cost(spec, depth, width) * spec.training.steps + kernels + limit
 
 
@@ -281,7 +282,7 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
         steps=tr.steps,
         label=label,
         progress=progress,
-        step_cost=cost,
+        step_cost=cost.flops,
     )
     theta_T = empirical_ntk(net, Z).double().cpu()
     with torch.no_grad():
