@@ -43,11 +43,11 @@ def vm(key: str) -> int:
 def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """-> X (n, 784), labels (n,), X_test (n_test, 784), labels_test (n_test,), a description."""
     if args.data_dir:
-        from ntkrun.data import choose_points, load_idx_dataset
+        from ntkrun.data import choose_points, load_split
 
         folder = Path(args.data_dir)
-        X, y = choose_points(*load_idx_dataset(folder, "train"), args.n, seed=0)
-        Xt, yt = choose_points(*load_idx_dataset(folder, "test"), args.n_test, seed=1)
+        X, y = choose_points(*load_split(folder, "train"), args.n, seed=0)
+        Xt, yt = choose_points(*load_split(folder, "test"), args.n_test, seed=1)
         return X, y, Xt, yt, f"{folder.name} train/test, pixels / 255"
     g = torch.Generator().manual_seed(0)
     X = torch.rand(args.n + args.n_test, 784, dtype=torch.float64, generator=g)

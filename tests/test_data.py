@@ -22,7 +22,7 @@ from ntkrun.data import (
     check_request,
     choose_points,
     download_mnist,
-    load_idx_dataset,
+    load_split,
     md5sum,
     read_idx,
     resolve_data_dir,
@@ -52,7 +52,7 @@ def write_split(folder: Path, n: int = 50, split: str = "t10k", gz: bool = True)
 @pytest.mark.parametrize("gz", [True, False])
 def test_read_idx_round_trip(tmp_path, gz):
     write_split(tmp_path, gz=gz)
-    X, y = load_idx_dataset(tmp_path, "test")
+    X, y = load_split(tmp_path, "test")
     assert X.shape == (50, 28, 28) and y.shape == (50,) and X.dtype == np.uint8
 
 
@@ -77,7 +77,7 @@ def test_read_idx_rejects_bad_files(tmp_path, payload, message):
 
 def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(DataError) as info:
-        load_idx_dataset(tmp_path, "train")
+        load_split(tmp_path, "train")
     assert str(tmp_path) in str(info.value) and "ntkrun data download mnist" in str(info.value)
     assert "apt-get install dataset-fashion-mnist" in str(info.value)  # generalization's own data
 
@@ -85,12 +85,12 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
 def test_a_data_dir_that_is_a_file_or_absent_or_test_only_is_named_as_such(tmp_path):
     (tmp_path / "README.md").touch()
     with pytest.raises(DataError, match=r"README\.md: is a file, not a folder; name the folder"):
-        load_idx_dataset(tmp_path / "README.md", "train")
+        load_split(tmp_path / "README.md", "train")
     with pytest.raises(DataError, match=r"not found in \S+/nowhere \(no such folder\)"):
-        load_idx_dataset(tmp_path / "nowhere", "train")
+        load_split(tmp_path / "nowhere", "train")
     write_split(tmp_path, n=10, split="t10k")
     with pytest.raises(DataError) as info:
-        load_idx_dataset(tmp_path, "train")
+        load_split(tmp_path, "train")
     message = str(info.value)
     assert "the folder holds the test split only" in message and "--set data.split=test" in message
     assert "download" not in message  # the data are there: nothing to download
@@ -106,7 +106,7 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
 
 def test_choose_points_is_seeded_and_scaled(tmp_path):
     write_split(tmp_path)
-    images, labels = load_idx_dataset(tmp_path, "test")
+    images, labels = load_split(tmp_path, "test")
     X, _ = choose_points(images, labels, 20, seed=3)
     X2, _ = choose_points(images, labels, 20, seed=3)
     assert X.shape == (20, 784) and 0 <= X.min() and X.max() <= 1 and np.array_equal(X, X2)
@@ -123,7 +123,7 @@ def test_real_mnist_test_split():
     assert status["t10k-images-idx3-ubyte.gz"] == "ok: published MNIST, MD5 verified (10000x28x28)"
     assert status["t10k-labels-idx1-ubyte.gz"] == "ok: published MNIST, MD5 verified (10000)"
     assert usable == ["test"] and split_info(folder, "test").count == 10000
-    X, y = load_idx_dataset(folder, "test")
+    X, y = load_split(folder, "test")
     assert X.shape == (10000, 28, 28) and set(np.unique(y)) == set(range(10))
     assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the first test digits, as published
 
@@ -265,7 +265,7 @@ def test_a_request_the_split_cannot_satisfy_is_refused(tmp_path):
     check_request(info, "test", 50, "data.n_points", n0=784)  # exactly what it holds: fine
     with pytest.raises(DataError, match=r"data.n_points: 51 points asked for, but the test split .* 50"):
         check_request(info, "test", 51, "data.n_points")
-    with pytest.raises(DataError, match=r"takes 100 inputs, but the test split holds 28x28 = 784-pixel"):
+    with pytest.raises(DataError, match=r"takes 100 inputs, but the test split holds 28x28 = 784-number"):
         check_request(info, "test", 10, "data.n_points", n0=100)
 
 
@@ -328,7 +328,7 @@ def test_download_faults_leave_nothing_behind(tmp_path):
 def test_nested_choices_are_prefixes_of_one_order(tmp_path):
     """Learning curves: the first m of a nested choice are the same m points whatever n is."""
     write_split(tmp_path, n=50)
-    images, labels = load_idx_dataset(tmp_path, "test")
+    images, labels = load_split(tmp_path, "test")
     small, _ = choose_points(images, labels, 10, seed=3, nested=True)
     large, _ = choose_points(images, labels, 40, seed=3, nested=True)
     assert torch.equal(large[:10], small)

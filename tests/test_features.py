@@ -140,8 +140,10 @@ def test_features_runs_its_three_arms_with_fits_and_figure(tmp_path):
         (["network.parametrizations=[ntk, sp]"], "network.parametrizations"),
         (["training.output_scales=[0]"], "training.output_scales"),
         (["network.parametrization=mup"], "network.parametrization"),
-        (["training.output_scales=[1.0, 1.0000001]"],
-         "training.output_scales: 1.0 and 1.0000001 are both 1 in unit names (a{alpha})"),
+        (
+            ["training.output_scales=[1.0, 1.0000001]"],
+            "training.output_scales: 1.0 and 1.0000001 are both 1 in unit names (a{alpha})",
+        ),
     ],
 )
 def test_bad_features_specs_are_refused_in_one_line(tmp_path, sets, message):

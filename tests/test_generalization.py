@@ -38,10 +38,10 @@ def test_kernel_predictors_equal_a_dense_numpy_solve(images, tmp_path):
                  "kernels.checkpoint_rows=32")  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
-    from ntkrun.data import choose_points, load_idx_dataset
+    from ntkrun.data import choose_points, load_split
 
-    X_all, y_all = choose_points(*load_idx_dataset(images, "train"), 100, 0, nested=True)
-    Xt, yt = choose_points(*load_idx_dataset(images, "test"), 40, 0)
+    X_all, y_all = choose_points(*load_split(images, "train"), 100, 0, nested=True)
+    Xt, yt = choose_points(*load_split(images, "test"), 40, 0)
     for n in (50, 100):
         X, y = X_all[:n].numpy(), y_all[:n].numpy()
         Y = np.full((n, 10), -0.1)
@@ -201,10 +201,10 @@ def test_cnn_kernel_predictors_equal_a_dense_solve_on_its_own_kernels(images, tm
                  "data.n_train=[20, 40]", "data.n_test=12", "kernels.checkpoint_rows=16")  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
-    from ntkrun.data import choose_points, load_idx_dataset
+    from ntkrun.data import choose_points, load_split
 
-    X_all, y_all = choose_points(*load_idx_dataset(images, "train"), 40, 0, nested=True)
-    Xt, yt = choose_points(*load_idx_dataset(images, "test"), 12, 0)
+    X_all, y_all = choose_points(*load_split(images, "train"), 40, 0, nested=True)
+    Xt, yt = choose_points(*load_split(images, "test"), 12, 0)
     kw = {"depth": 3, "arch": "cnn", "padding": "circular"}
     for n in (20, 40):
         X, y = X_all[:n].reshape(n, 1, 28, 28), y_all[:n].numpy()

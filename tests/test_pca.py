@@ -132,11 +132,11 @@ def test_a_cnn_runs_through_pca(digits, tmp_path, kernel):
     first = pd.read_csv(run / "trajectories.csv").iloc[0]
     assert first["g_coef"] == pytest.approx(-0.5, abs=1e-6) and first["h_norm"] < 1e-6
     eig = pd.read_csv(run / "eigenvalues.csv")
-    from ntkrun.data import choose_points, load_idx_dataset
+    from ntkrun.data import choose_points, load_split
     from ntkrun.kernels import analytic_kernels
 
     if kernel == "analytic":  # lambda_1 of K/N is the CNN limit's, not the MLP's
-        X, _ = choose_points(*load_idx_dataset(digits, "test"), 32, 0)
+        X, _ = choose_points(*load_split(digits, "test"), 32, 0)
         K = analytic_kernels(X.reshape(32, 1, 28, 28), depth=3, arch="cnn")[1]
         top = float(np.linalg.eigvalsh(K.numpy() / 32)[-1])
         assert eig["lambda_dense"][0] == pytest.approx(top, rel=1e-10)

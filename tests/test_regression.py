@@ -114,8 +114,10 @@ def test_wide_networks_match_the_limiting_gaussian_in_band_and_variance(tmp_path
         (["--kernel", "exact"], "kernel: Input should be 'analytic' or 'empirical'"),
         (["--set", "percentiles=[10, 100]"], "percentiles.1: Input should be less than 100"),
         (["--set", "data.target=values"], "needs target_values"),
-        (["--set", "percentiles=[10, 50, 50.0000001, 90]"],
-         "percentiles: 50.0 and 50.0000001 are both 50 in the column names of functions.csv"),
+        (
+            ["--set", "percentiles=[10, 50, 50.0000001, 90]"],
+            "percentiles: 50.0 and 50.0000001 are both 50 in the column names of functions.csv",
+        ),
     ],
 )
 def test_bad_specs_exit_2(tmp_path, extra, expected):

@@ -1,4 +1,4 @@
-"""Inputs of the experiments: circle points, Gaussian training sets, and IDX datasets (MNIST)."""
+"""Inputs of the experiments: circle points, Gaussian training sets, IDX datasets (MNIST) and .npz ones."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntkrun import npzdata
 from ntkrun.atomic import atomic_write
 from ntkrun.errors import DataError, DownloadError
 
@@ -131,23 +132,39 @@ def _read_idx_dims(path: Path) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Split:
-    """One split of an IDX image dataset, from its headers: `count` images of rows x cols."""
+    """One split of an image dataset (IDX files or an .npz), from its headers: `count` images of
+    channels x rows x cols."""
 
     images: Path
     labels: Path
     count: int
     rows: int
     cols: int
+    channels: int = 1
 
     @property
     def pixels(self) -> int:
-        return self.rows * self.cols
+        """Numbers per image."""
+        return self.channels * self.rows * self.cols
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One image's (channels, rows, cols), as a network takes it."""
+        return (self.channels, self.rows, self.cols)
+
+    @property
+    def size(self) -> str:
+        """ "28x28" or "3x32x32"."""
+        return "x".join(str(d) for d in (self.shape if self.channels > 1 else self.shape[1:]))
 
 
 def split_info(folder: Path, split: str) -> Split:
     """The split's files and sizes, read from the IDX headers only. Raises DataError when a file
     is missing or invalid, the images are not 2-D, or the label count differs from the image count."""
     images, labels = split_files(folder, split)
+    if npzdata.is_npz(folder):
+        count, (channels, rows, cols) = npzdata.split_shape(folder, split)
+        return Split(images, labels, count, rows, cols, channels)
     dims, label_dims = idx_dims(images), idx_dims(labels)
     if len(dims) != 3:
         raise DataError(f"{images}: expected images (count, rows, cols), the header says {dims}")
@@ -165,8 +182,8 @@ def check_request(info: Split, split: str, n_points: int, key: str, n0: int | No
         )
     if n0 is not None and n0 != info.pixels:
         raise DataError(
-            f"{key}: the network takes {n0} inputs, but the {split} split holds {info.rows}x{info.cols} "
-            f"= {info.pixels}-pixel images ({info.images})"
+            f"{key}: the network takes {n0} inputs, but the {split} split holds {info.size} "
+            f"= {info.pixels}-number images ({info.images})"
         )
 
 
@@ -187,10 +204,18 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def split_files(folder: Path, split: str) -> tuple[Path, Path]:
-    """The (images, labels) files of a split in folder; DataError saying how to get them if absent."""
+    """The (images, labels) files of a split in folder (an .npz: itself, twice); DataError saying how
+    to get them if absent."""
     where = f"(looked in --data-dir / spec data.dir, ${DATA_ENV}, ~/.cache/ntkrun)"
+    if npzdata.is_npz(folder):
+        if not folder.is_file():
+            raise DataError(f"{folder}: not found {where}")
+        return folder, folder
     if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder}: is a file, not a folder; name the folder of the IDX files {where}")
+        raise DataError(
+            f"{folder}: is a file, not a folder; name the folder of the IDX files, or an .npz of x_train, "
+            f"y_train, x_test, y_test {where}"
+        )
     img_stem, lbl_stem = SPLIT_FILES[split]
     images, labels = _find(folder, img_stem), _find(folder, lbl_stem)
     if images is None or labels is None:
@@ -214,11 +239,14 @@ def split_files(folder: Path, split: str) -> tuple[Path, Path]:
 def files_of(data_dir: str | Path | None, splits: Sequence[str]) -> list[Path]:
     """The (images, labels) files of each split, found as resolve_data_dir finds the folder."""
     folder = resolve_data_dir(data_dir)
-    return [path for split in splits for path in split_files(folder, split)]
+    return list(dict.fromkeys(path for split in splits for path in split_files(folder, split)))
 
 
-def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (M, rows, cols) uint8, labels (M,) uint8) of one split of an IDX dataset folder."""
+def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (M, rows, cols) uint8 of an IDX folder, or (M, C, rows, cols) of an .npz; labels (M,))
+    of one split."""
+    if npzdata.is_npz(folder):
+        return npzdata.load(folder, split)
     images, labels = split_files(folder, split)
     X, y = read_idx(images), read_idx(labels)
     if X.ndim != 3 or y.ndim != 1 or X.shape[0] != y.shape[0]:
@@ -226,6 +254,12 @@ def load_idx_dataset(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{images}, {labels}: shapes {X.shape} and {y.shape} do not form a labelled image set"
         )
     return X, y
+
+
+def flat_pixels(images: np.ndarray) -> torch.Tensor:
+    """(n, ...) images -> (n, numbers) float64: uint8 pixels / 255, floating-point ones as they are."""
+    X = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float64))
+    return X / 255.0 if images.dtype == np.uint8 else X
 
 
 def choose_points(
@@ -236,12 +270,12 @@ def choose_points(
     scaling: str = "unit",
     nested: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded choice of n_points images, flattened: -> (X (n, rows*cols) float64, labels (n,)).
+    """A seeded choice of n_points images, flattened: -> (X (n, C*rows*cols) float64, labels (n,)).
 
-    scaling 'unit': pixel / 255; 'standardize': each pixel to mean 0 and std 1 over the chosen set
-    (constant pixels stay 0). nested=True keeps the images in their random order, so that every
-    prefix X[:m] is itself a uniform choice of m (learning curves on nested training sets);
-    otherwise they come in file order."""
+    scaling 'unit': pixel / 255 (uint8 images; floating-point ones as they are); 'standardize':
+    each pixel to mean 0 and std 1 over the chosen set (constant pixels stay 0). nested=True keeps
+    the images in their random order, so that every prefix X[:m] is itself a uniform choice of m
+    (learning curves on nested training sets); otherwise they come in file order."""
     if n_points > images.shape[0]:
         raise DataError(f"n_points = {n_points} but the split holds only {images.shape[0]} images")
     rng = np.random.default_rng(seed)
@@ -249,7 +283,7 @@ def choose_points(
         idx = rng.permutation(images.shape[0])[:n_points]
     else:
         idx = np.sort(rng.choice(images.shape[0], size=n_points, replace=False))
-    X = torch.from_numpy(images[idx].reshape(n_points, -1).astype(np.float64) / 255.0)
+    X = flat_pixels(images[idx])
     if scaling == "standardize":
         std = X.std(0)
         X = (X - X.mean(0)) / torch.where(std > 0, std, 1.0)
@@ -299,7 +333,9 @@ def check_files(folder: Path) -> tuple[dict[str, str], list[str]]:
 
     A state is "ok (published MNIST, MD5 verified)", "valid IDX <dims>, not the published MNIST
     file" (e.g. Fashion-MNIST), "missing" or "invalid: <reason>". A split is usable when both its
-    files are valid IDX and their counts agree."""
+    files are valid IDX and their counts agree. An .npz: its splits' arrays, valid or why not."""
+    if npzdata.is_npz(folder):
+        return npzdata.check(folder)
     states: dict[str, str] = {}
     for stems in SPLIT_FILES.values():
         for stem in stems:

@@ -50,13 +50,13 @@ def download(
 @data_app.command("check")
 @reported
 def check(data_dir: FolderOpt = None) -> None:
-    """Say which IDX files are present and valid (and which are the published MNIST files), and
-    which splits are usable."""
+    """Say which IDX files are present and valid (and which are the published MNIST files), or
+    which arrays of an .npz, and which splits are usable."""
     data = heavy("ntkrun.data")
     folder = data.resolve_data_dir(data_dir)
     states, usable = data.check_files(folder)
     for name, state in states.items():
-        say(f"{folder / name}: {state}")
+        say(f"{folder} ({name}): {state}" if folder.suffix == ".npz" else f"{folder / name}: {state}")
     say(f"usable splits: {', '.join(usable) or 'none'}")
     if not usable:
         raise typer.Exit(1)
