@@ -1,0 +1,87 @@
+"""A layer: its kernel transformation, its finite torch module, in one object.
+
+Every layer of `ntkrun.layers` is a `Layer`: `kernel(k)` maps the kernel state (state.Kernel, or
+a tuple of them between FanOut and a fan-in), `module(n_in, width, n_out)` builds the finite
+network's piece for inputs of n_in features (its `width`-feature weight layers, n_out where it is
+the readout) and says how many features it gives. Parameters are drawn N(0, 1) from the torch
+generator the composition passes down (NTK parametrization: the scales are in the forward pass).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from ntkrun.layers.state import Kernel, State, input_kernel
+
+Features = int | tuple["Features", ...]  # per branch, between FanOut and a fan-in
+Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
+
+
+class LayerError(ValueError):
+    """A composition that cannot work (names the layer; the face adds its position)."""
+
+
+class Layer(ABC):
+    """One layer (or combinator) of a composition."""
+
+    name: str = "layer"
+    weights: bool = False  # a weight layer (Dense): the readout the composition ends on
+
+    @abstractmethod
+    def kernel(self, k: State) -> State:
+        """The kernel state after this layer."""
+
+    @abstractmethod
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        """(its torch module, the features it gives) on inputs of n_in features; a weight layer
+        gives `width` features, or n_out when it is the readout (n_out > 0 only there)."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def kernels(self, X: torch.Tensor, X2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64,
+        of inputs X (N1, n0) and X2 (N2, n0) (None: X)."""
+        X = torch.as_tensor(X, dtype=torch.float64)
+        X2 = None if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
+        out = self.kernel(input_kernel(X, X2))
+        if not isinstance(out, Kernel):
+            raise LayerError(
+                f"the composition ends on {len(out)} branches: join them (FanInSum, FanInConcat)"
+            )
+        return out.sigma, out.theta
+
+    def net(
+        self, width: int, seed: int = 0, n_out: int = 1, *, n0: int, dtype: torch.dtype = torch.float32
+    ) -> nn.Module:
+        """The finite network it describes: every weight layer `width` features, the readout n_out,
+        parameters N(0, 1) drawn from `seed`; (N, n0) -> (N,) for n_out 1, else (N, n_out)."""
+        if not self.readout:
+            raise LayerError(f"the composition ends on {self.last_name}: end it with a Dense readout")
+        gen = torch.Generator().manual_seed(seed)
+        module, _ = self.module(n0, width, n_out, gen)
+        return Net(module, n_out).to(dtype)
+
+    @property
+    def readout(self) -> bool:
+        """Whether the composition ends on a weight layer (the readout n_out applies to)."""
+        return self.weights
+
+    @property
+    def last_name(self) -> str:
+        return self.name
+
+
+class Net(nn.Module):
+    """A composition's network, with ntkrun's output convention: (N,) for one output."""
+
+    def __init__(self, body: nn.Module, n_out: int) -> None:
+        super().__init__()
+        self.body, self.n_out = body, n_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out.squeeze(-1) if self.n_out == 1 else out

@@ -1,0 +1,180 @@
+"""ntkrun.layers: each layer's limit against an independent reference, and its finite network.
+
+References: §3's MLP recursion (ntkrun.analytic_kernels) for Dense/activation lists, to the last
+bit; Gauss-Hermite quadrature for the closed forms of LeakyRelu and Abs; Monte Carlo over the
+finite networks `model.net` describes (their mean empirical NTK and outputs' covariance) for
+residual blocks, LayerNorm and concatenation, within a few standard errors (docs/science.md §12).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ntkrun.layers as nl
+from ntkrun.kernels import analytic_kernels, empirical_ntk
+
+
+def mlp(depth: int, act=nl.Relu, beta: float = 0.1) -> nl.Layer:
+    layers = [nl.Dense(b_std=beta)]
+    for _ in range(depth - 1):
+        layers += [act(), nl.Dense(b_std=beta)]
+    return nl.serial(*layers)
+
+
+@pytest.fixture
+def points() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(
+        9, 6, generator=g, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "erf", "tanh"])
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_a_dense_activation_list_is_the_mlp_recursion_to_the_last_bit(points, nonlinearity, depth):
+    X, X2 = points
+    act = {"relu": nl.Relu, "erf": nl.Erf, "tanh": nl.Tanh}[nonlinearity]
+    for other in (None, X2):
+        sigma, theta = mlp(depth, act, beta=0.3).kernels(X, other)
+        S, T = analytic_kernels(X, other, depth=depth, nonlinearity=nonlinearity, beta=0.3)
+        # a Gram: its upper triangle (analytic_kernels mirrors it; quadrature is not exactly
+        # symmetric in its two variances, ~1e-6 at 64 nodes); a cross-Gram: every entry
+        every = torch.ones_like(S, dtype=torch.bool)
+        off = every.triu(1) if other is None else every
+        for mine, theirs in ((sigma, S), (theta, T)):
+            torch.testing.assert_close(mine[off], theirs[off], rtol=1e-13, atol=0)
+            # a Gram's diagonal: the correlation is 1 up to rounding, where arccos has an infinite
+            # slope (arccos(1 - e) ~ sqrt(2e)): the two recursions' roundings differ by ~1e-8
+            torch.testing.assert_close(mine.diagonal(), theirs.diagonal(), rtol=5e-8, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.2, -1.0])
+@pytest.mark.parametrize("c", [0.3, -0.5, 0.95])
+def test_leaky_relu_and_abs_closed_forms_equal_sampled_expectations(alpha, c):
+    """E[phi(u) phi(v)] and E[phi'(u) phi'(v)] against 2e6 samples of (u, v) (quadrature is no
+    reference here: the derivative's step makes it converge slowly, ~1e-3 at 64 nodes)."""
+    act = nl.Abs() if alpha == -1.0 else nl.LeakyRelu(alpha)
+    sxx, syy = 1.3, 0.8
+    cov = torch.tensor([[sxx, c], [c, syy]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2_000_000, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    u, v = z[:, 0], z[:, 1]
+    expected = act.expect(*(torch.tensor(a, dtype=torch.float64) for a in (sxx, c, syy)))
+    products = (act.phi.sigma(u) * act.phi.sigma(v), act.phi.sigma_dot(u) * act.phi.sigma_dot(v))
+    for samples, closed in zip(products, expected, strict=True):
+        se = samples.std() / len(samples) ** 0.5
+        assert abs(samples.mean() - closed) < 5 * se, (samples.mean(), closed, se)
+
+
+def test_identity_is_the_linear_kernel(points):
+    X, X2 = points
+    sigma, theta = nl.serial(nl.Dense(W_std=2.0, b_std=0.5), nl.Identity(), nl.Dense(b_std=0.0)).kernels(
+        X, X2
+    )
+    lin = 4 * X @ X2.T / 6 + 0.25
+    torch.testing.assert_close(sigma, lin, rtol=1e-14, atol=0)
+    torch.testing.assert_close(theta, lin + lin, rtol=1e-14, atol=0)  # both layers' gradients
+
+
+def monte_carlo(model: nl.Layer, X: torch.Tensor, width: int, samples: int) -> tuple:
+    """Mean and standard error over seeds of the outputs' second moment and of the empirical NTK."""
+    outs, thetas = [], []
+    for seed in range(samples):
+        net = model.net(width, seed, n0=X.shape[1], dtype=torch.float64)
+        with torch.no_grad():
+            f = net(X)
+        outs.append(f[:, None] * f[None, :])
+        thetas.append(empirical_ntk(net, X))
+    o, t = torch.stack(outs), torch.stack(thetas)
+    return o.mean(0), o.std(0) / samples**0.5, t.mean(0), t.std(0) / samples**0.5
+
+
+COMPOSITIONS = {
+    "resmlp": lambda: nl.serial(
+        nl.Dense(),
+        nl.residual(nl.Relu(), nl.Dense()),
+        nl.residual(nl.Relu(), nl.Dense()),
+        nl.Relu(),
+        nl.Dense(),
+    ),
+    "lnmlp": lambda: nl.serial(
+        nl.Dense(), nl.LayerNorm(), nl.Relu(), nl.Dense(), nl.LayerNorm(), nl.Erf(), nl.Dense()
+    ),
+    "concat": lambda: nl.serial(
+        nl.Dense(),
+        nl.concat(nl.serial(nl.Relu(), nl.Dense()), nl.serial(nl.Erf(), nl.Dense())),
+        nl.Dense(),
+        nl.Relu(),
+        nl.Dense(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSITIONS))
+def test_the_limit_is_the_mean_of_the_finite_networks_it_describes(name):
+    """Width 512, 48 seeds: the finite-width bias is O(1/512) of the kernel, the standard error
+    of the mean about 1/sqrt(48) of the spread; each entry within 4.5 standard errors plus 2% (a
+    wrong transformation, e.g. LayerNorm not dividing Theta, is off by 10% to a factor of 2)."""
+    X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = COMPOSITIONS[name]()
+    sigma, theta = model.kernels(X)
+    s_mean, s_se, t_mean, t_se = monte_carlo(model, X, width=512, samples=48)
+    assert ((s_mean - sigma).abs() <= 4.5 * s_se + 0.02 * sigma.abs().max()).all(), (s_mean, sigma)
+    assert ((t_mean - theta).abs() <= 4.5 * t_se + 0.02 * theta.abs()).all(), (t_mean, theta)
+
+
+def test_a_finite_network_has_the_shape_and_seed_it_is_asked_for():
+    model = COMPOSITIONS["resmlp"]()
+    X = torch.randn(7, 4, dtype=torch.float64)
+    one = model.net(32, 0, n0=4, dtype=torch.float64)
+    assert one(X).shape == (7,)
+    assert model.net(32, 0, n_out=3, n0=4)(X.float()).shape == (7, 3)
+    again = model.net(32, 0, n0=4, dtype=torch.float64)
+    assert torch.equal(one(X), again(X)) and not torch.equal(
+        one(X), model.net(32, 1, n0=4, dtype=torch.float64)(X)
+    )
+    sizes = [p.shape for p in one.parameters()]
+    assert sizes[0] == (32, 4) and sizes[-2:] == [(1, 32), (1,)]
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            lambda: nl.serial(nl.Dense(), nl.Relu(), nl.Relu(), nl.Dense()),
+            "layer 3 (relu): its input is not Gaussian",
+        ),
+        (
+            lambda: nl.serial(nl.Relu(), nl.Dense()),
+            "layer 1 (relu): its input is not Gaussian (the raw inputs)",
+        ),
+        (
+            lambda: nl.serial(nl.Dense(), nl.Relu(), nl.LayerNorm(), nl.Dense()),
+            "layer 3 (layer_norm): its input is not",
+        ),
+        (lambda: nl.serial(nl.residual(nl.Dense()), nl.Dense()), "(fan_in_sum): adds the raw inputs"),
+        (lambda: nl.serial(nl.Dense(), nl.residual(nl.Relu()), nl.Dense()), "a branch is not Gaussian"),
+        (
+            lambda: nl.serial(nl.Dense(), nl.FanOut(2), nl.FanInSum(), nl.Dense()),
+            "end on the same weight layer",
+        ),
+        (
+            lambda: nl.serial(nl.Dense(), nl.concat(nl.Dense(), nl.Dense()), nl.Relu(), nl.Dense()),
+            "(relu): its in",
+        ),
+        (
+            lambda: nl.serial(nl.Dense(), nl.FanOut(2), nl.Dense()),
+            "layer 3 (dense): its input is several branches",
+        ),
+        (lambda: nl.serial(nl.Dense(), nl.FanOut(2)), "ends on 2 branches"),
+    ],
+)
+def test_a_composition_that_cannot_work_is_refused_naming_its_position(model, message):
+    with pytest.raises(nl.LayerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model().kernels(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_a_network_must_end_on_a_readout():
+    with pytest.raises(nl.LayerError, match="ends on relu: end it with a Dense readout"):
+        nl.serial(nl.Dense(), nl.Relu()).net(8, n0=4)
