@@ -8,6 +8,11 @@ residual blocks, LayerNorm and concatenation, within a few standard errors (docs
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -178,3 +183,20 @@ def test_a_composition_that_cannot_work_is_refused_naming_its_position(model, me
 def test_a_network_must_end_on_a_readout():
     with pytest.raises(nl.LayerError, match="ends on relu: end it with a Dense readout"):
         nl.serial(nl.Dense(), nl.Relu()).net(8, n0=4)
+
+
+NT_PYTHON = Path(os.environ.get("NTKRUN_NT_PYTHON", Path.home() / ".cache/ntkrun-anchors/nt-venv/bin/python"))
+
+
+@pytest.mark.skipif(
+    not NT_PYTHON.is_file(),
+    reason=f"no neural-tangents venv at {NT_PYTHON} (set NTKRUN_NT_PYTHON; the anchors' setup builds one)",
+)
+def test_compositions_agree_with_neural_tangents_stax():
+    """benchmarks/against_stax.py: the same compositions and inputs (with an exact duplicate) in
+    stax, float64: 1e-10 relative, 5e-8 at correlation 1 (arccos's infinite slope there)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "against_stax.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--nt-python", str(NT_PYTHON)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
