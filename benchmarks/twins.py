@@ -29,10 +29,12 @@ def trained(spec, work: FeatureNet, nudge: bool) -> tuple[torch.Tensor, float]:
     model = description(spec, work)
     X, Xt = model.inputs(X64).float(), model.inputs(Xt64).float()
     net = model.net(work.width, work.seed, dtype=torch.float32, device="cpu")
-    if nudge:
+    if nudge:  # a first-layer weight of the input that is largest on the training points: on
+        # images, input 0 is a corner pixel, 0 in every image, and a nudge there changes nothing
         with torch.no_grad():
-            w = next(net.parameters())
-            w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
+            w = next(net.parameters())  # (width, n0)
+            j = int(X64.abs().sum(0).argmax())
+            w[0, j] = torch.nextafter(w[0, j], torch.tensor(float("inf")))
     theta_0 = empirical_ntk(net, X).double()
     with torch.no_grad():
         f0, f0_test = net(X), net(Xt)
