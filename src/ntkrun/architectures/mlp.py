@@ -14,7 +14,7 @@ import torch
 
 from ntkrun import resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.kernels.analytic import CLOSED_FORMS, analytic_kernel, analytic_kernels
+from ntkrun.kernels.analytic import CLOSED_FORMS, QUADRATURE_ORDER, analytic_kernel, analytic_kernels
 from ntkrun.network import MLP, layer_sizes
 
 
@@ -94,7 +94,10 @@ class MLPArchitecture(Architecture):
         return ntk_flops(n1, n2, self.n0, width, self.depth)
 
     def kernel_flops(self, n1: int, n2: int) -> float:
-        return analytic_flops(n1, n2, self.n0, self.depth)
+        """analytic_flops; without a closed form, the quadrature's order^2 nodes for each of the two
+        expectations, entry and layer (about 8 FLOPs a node: the nonlinearity, products, sums)."""
+        quadrature = 0.0 if self.nonlinearity in CLOSED_FORMS else 16.0 * QUADRATURE_ORDER**2
+        return analytic_flops(n1, n2, self.n0, self.depth) + quadrature * (self.depth - 1) * n1 * n2
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
         return resources.analytic_bytes(n1, n2, self.depth, closed_form=self.nonlinearity in CLOSED_FORMS)
