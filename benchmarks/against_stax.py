@@ -21,60 +21,49 @@ import torch
 
 import ntkrun.layers as nl
 
+C = "stax.Conv(64, (3, 3), padding='SAME', W_std=1.0, b_std=0.1, parameterization='ntk')"
+POOL = "stax.AvgPool((2, 2), strides=(2, 2), padding='VALID')"
+CIRCULAR = "stax.Conv(64, (3, 3), padding='CIRCULAR', W_std=1.0, b_std=0.1)"
+VALID = "stax.Conv(64, (3, 3), padding='VALID', W_std=1.0, b_std=0.1)"
 # each composition twice: ntkrun.layers, and the same in stax (evaluated in the nt venv)
-CASES = {
-    "linear": (
-        lambda: nl.serial(nl.Dense(W_std=1.5), nl.Dense()),
-        "stax.serial(stax.Dense(512, W_std=1.5, b_std=0.1), D())",
-    ),
+CASES = {  # on (N, dim) vectors
+    "linear": (lambda: nl.serial(nl.Dense(W_std=1.5), nl.Dense()), "stax.serial(stax.Dense(512, W_std=1.5, b_std=0.1), D())"),
     "erf": (lambda: nl.serial(nl.Dense(), nl.Erf(), nl.Dense()), "stax.serial(D(), stax.Erf(), D())"),
     "mlp_relu": (
-        lambda: nl.serial(
-            nl.Dense(b_std=0.1), nl.Relu(), nl.Dense(b_std=0.1), nl.Relu(), nl.Dense(b_std=0.1)
-        ),
+        lambda: nl.serial(nl.Dense(), nl.Relu(), nl.Dense(), nl.Relu(), nl.Dense()),
         "stax.serial(D(), stax.Relu(), D(), stax.Relu(), D())",
     ),
     "erf_leaky_abs": (
-        lambda: nl.serial(
-            nl.Dense(W_std=1.5),
-            nl.Erf(),
-            nl.Dense(),
-            nl.LeakyRelu(0.2),
-            nl.Dense(),
-            nl.Abs(),
-            nl.Dense(),
-        ),
-        "stax.serial(stax.Dense(512, W_std=1.5, b_std=0.1), stax.Erf(), D(), stax.LeakyRelu(0.2), D(),"
-        " stax.Abs(), D())",
+        lambda: nl.serial(nl.Dense(W_std=1.5), nl.Erf(), nl.Dense(), nl.LeakyRelu(0.2), nl.Dense(), nl.Abs(), nl.Dense()),
+        "stax.serial(stax.Dense(512, W_std=1.5, b_std=0.1), stax.Erf(), D(), stax.LeakyRelu(0.2), D(), stax.Abs(), D())",
     ),
     "resmlp": (
-        lambda: nl.serial(
-            nl.Dense(),
-            nl.residual(nl.Relu(), nl.Dense()),
-            nl.residual(nl.Relu(), nl.Dense()),
-            nl.Relu(),
-            nl.Dense(),
-        ),
+        lambda: nl.serial(nl.Dense(), nl.residual(nl.Relu(), nl.Dense()), nl.residual(nl.Relu(), nl.Dense()), nl.Relu(), nl.Dense()),
         "stax.serial(D(), res(stax.Relu(), D()), res(stax.Relu(), D()), stax.Relu(), D())",
     ),
     "lnmlp": (
-        lambda: nl.serial(
-            nl.Dense(), nl.LayerNorm(), nl.Relu(), nl.Dense(), nl.LayerNorm(), nl.Relu(), nl.Dense()
-        ),
+        lambda: nl.serial(nl.Dense(), nl.LayerNorm(), nl.Relu(), nl.Dense(), nl.LayerNorm(), nl.Relu(), nl.Dense()),
         "stax.serial(D(), stax.LayerNorm(), stax.Relu(), D(), stax.LayerNorm(), stax.Relu(), D())",
     ),
     "concat": (
-        lambda: nl.serial(
-            nl.Dense(),
-            nl.concat(nl.serial(nl.Relu(), nl.Dense()), nl.serial(nl.Erf(), nl.Dense())),
-            nl.Dense(),
-            nl.Relu(),
-            nl.Dense(),
-        ),
-        "stax.serial(D(), stax.FanOut(2), stax.parallel(stax.serial(stax.Relu(), D()),"
-        " stax.serial(stax.Erf(), D())), stax.FanInConcat(), D(), stax.Relu(), D())",
+        lambda: nl.serial(nl.Dense(), nl.concat(nl.serial(nl.Relu(), nl.Dense()), nl.serial(nl.Erf(), nl.Dense())), nl.Dense(), nl.Relu(), nl.Dense()),
+        "stax.serial(D(), stax.FanOut(2), stax.parallel(stax.serial(stax.Relu(), D()), stax.serial(stax.Erf(), D())), stax.FanInConcat(), D(), stax.Relu(), D())",
     ),
-}
+}  # fmt: skip
+IMAGE_CASES = {  # on (N, 2, 6, 6) images (stax: NHWC)
+    "cnn_flatten": (
+        lambda: nl.serial(nl.Conv(), nl.Relu(), nl.Conv(), nl.Relu(), nl.Flatten(), nl.Dense()),
+        f"stax.serial({C}, stax.Relu(), {C}, stax.Relu(), stax.Flatten(), D())",
+    ),
+    "myrtle_like": (
+        lambda: nl.serial(nl.Conv(), nl.Relu(), nl.AvgPool(2), nl.Conv(padding="circular"), nl.Erf(), nl.GlobalAvgPool(), nl.Dense()),
+        f"stax.serial({C}, stax.Relu(), {POOL}, {CIRCULAR}, stax.Erf(), stax.GlobalAvgPool(), D())",
+    ),
+    "conv_valid_ln": (
+        lambda: nl.serial(nl.Conv(padding="valid"), nl.LayerNorm(), nl.Relu(), nl.Conv(), nl.Relu(), nl.Flatten(), nl.Dense()),
+        f"stax.serial({VALID}, stax.LayerNorm(), stax.Relu(), {C}, stax.Relu(), stax.Flatten(), D())",
+    ),
+}  # fmt: skip
 
 NT_SCRIPT = """
 import json, sys
@@ -84,9 +73,10 @@ import numpy as np
 from neural_tangents import stax
 D = lambda: stax.Dense(512, W_std=1.0, b_std=0.1, parameterization="ntk")
 res = lambda *b: stax.serial(stax.FanOut(2), stax.parallel(stax.Identity(), stax.serial(*b)), stax.FanInSum())
-x = np.load(sys.argv[1])
 out = {}
-for name, expr in json.loads(sys.argv[2]).items():
+for path, cases in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
+  x = np.load(path)
+  for name, expr in json.loads(cases).items():
     k = eval(expr)[2](x, None, get=("nngp", "ntk"))
     out[name] = [np.asarray(k.nngp).tolist(), np.asarray(k.ntk).tolist()]
 print(json.dumps(out))
@@ -99,32 +89,30 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--dim", type=int, default=10)
     args = parser.parse_args()
-    x = np.random.default_rng(0).standard_normal((args.n, args.dim))
-    x[-1] = x[0]  # an exact duplicate: correlation 1 off the diagonal
+    rng = np.random.default_rng(0)
+    x, images = rng.standard_normal((args.n, args.dim)), rng.standard_normal((8, 2, 6, 6))
+    x[-1], images[-1] = x[0], images[0]  # exact duplicates: correlation 1 off the diagonal
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "x.npy"
-        np.save(path, x)
-        exprs = json.dumps({name: expr for name, (_, expr) in CASES.items()})
-        done = subprocess.run(
-            [args.nt_python, "-c", NT_SCRIPT, str(path), exprs], capture_output=True, text=True
-        )
+        paths = [Path(tmp) / "x.npy", Path(tmp) / "images.npy"]
+        np.save(paths[0], x)
+        np.save(paths[1], images.transpose(0, 2, 3, 1))  # stax takes NHWC
+        exprs = [json.dumps({n: expr for n, (_, expr) in cases.items()}) for cases in (CASES, IMAGE_CASES)]
+        command = [args.nt_python, "-c", NT_SCRIPT, str(paths[0]), exprs[0], str(paths[1]), exprs[1]]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-2000:])
         theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    X = torch.from_numpy(x)
-    one = torch.eye(args.n, dtype=torch.bool)
-    one[0, -1] = one[-1, 0] = True  # the pairs of correlation 1: the diagonal and the duplicate
-    print(
-        f"float64, N = {args.n}, dim {args.dim}: largest relative difference, Sigma and Theta, at the pairs"
-    )
+    print(f"float64, {args.n} vectors of {args.dim}, 8 images 2x6x6: largest relative differences")
     print(f"{'composition':<16} {'corr. 1: Sigma':>15} {'Theta':>9} {'others: Sigma':>15} {'Theta':>9}")
     worst = 0.0
-    for name, (build, _) in CASES.items():
-        rel = [
-            (mine - torch.tensor(ref, dtype=torch.float64)).abs()
-            / torch.tensor(ref, dtype=torch.float64).abs()
-            for mine, ref in zip(build().kernels(X), theirs[name], strict=True)
-        ]
+    runs = [(name, build, x) for name, (build, _) in CASES.items()]
+    runs += [(name, build, images) for name, (build, _) in IMAGE_CASES.items()]
+    for name, build, inputs in runs:
+        one = torch.eye(len(inputs), dtype=torch.bool)
+        one[0, -1] = one[-1, 0] = True  # the pairs of correlation 1: the diagonal and the duplicate
+        refs = [torch.tensor(ref, dtype=torch.float64) for ref in theirs[name]]
+        ours = build().kernels(torch.from_numpy(inputs))
+        rel = [(mine - ref).abs() / ref.abs() for mine, ref in zip(ours, refs, strict=True)]
         at_one, others = [float(r[one].max()) for r in rel], [float(r[~one].max()) for r in rel]
         print(f"{name:<16} {at_one[0]:>15.2e} {at_one[1]:>9.2e} {others[0]:>15.2e} {others[1]:>9.2e}")
         worst = max(worst, max(at_one) / 5e-8, max(others) / 1e-10)

@@ -200,3 +200,74 @@ def test_compositions_agree_with_neural_tangents_stax():
         [sys.executable, str(script), "--nt-python", str(NT_PYTHON)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+@pytest.mark.parametrize("padding", ["same", "valid", "circular"])
+def test_a_conv_relu_list_is_the_cnn_description(readout, padding):
+    """[Conv, Relu] x (L-1), Flatten or GlobalAvgPool, Dense is ntkrun's CNN of depth L: its
+    description's pixel-pair recursion (docs/science.md §9), an independent implementation."""
+    from types import SimpleNamespace
+
+    from ntkrun.architectures.registry import describe
+
+    g = torch.Generator().manual_seed(0)
+    X, X2 = (torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64) for n in (5, 3))
+    layers = [nl.Conv(3, padding), nl.Relu(), nl.Conv(3, padding), nl.Relu()]
+    model = nl.serial(*layers, nl.Flatten() if readout == "flatten" else nl.GlobalAvgPool(), nl.Dense())
+    network = SimpleNamespace(arch="cnn", depth=3, nonlinearity="relu", beta=0.1, parametrization="ntk",
+                              kernel_size=3, padding=padding, readout=readout)  # fmt: skip
+    cnn = describe(network, (2, 6, 6))
+    for other in (None, X2):
+        ours = model.kernels(X, other)
+        theirs = cnn.kernels(X.flatten(1), None if other is None else other.flatten(1), kinds=("nngp", "ntk"))
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
+def test_a_pooling_network_is_the_mean_of_its_finite_networks():
+    """Conv, ReLU, AvgPool, circular Conv, erf, GlobalAvgPool, Dense on 1x4x4 images: the limit
+    against 40 networks of 256 channels (the bounds of the vector compositions' test)."""
+    model = nl.serial(
+        nl.Conv(),
+        nl.Relu(),
+        nl.AvgPool(2),
+        nl.Conv(padding="circular"),
+        nl.Erf(),
+        nl.GlobalAvgPool(),
+        nl.Dense(),
+    )
+    X = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sigma, theta = model.kernels(X)
+    outs, thetas = [], []
+    for seed in range(40):
+        net = model.net(256, seed, n0=(1, 4, 4), dtype=torch.float64)
+        with torch.no_grad():
+            f = net(X)
+        outs.append(f[:, None] * f[None, :])
+        thetas.append(empirical_ntk(net, X))
+    for samples, limit in ((torch.stack(outs), sigma), (torch.stack(thetas), theta)):
+        mean, se = samples.mean(0), samples.std(0) / len(samples) ** 0.5
+        assert ((mean - limit).abs() <= 4.5 * se + 0.02 * limit.abs().max()).all(), (mean, limit)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            lambda: nl.serial(nl.Conv(), nl.Relu(), nl.AvgPool(4), nl.AvgPool(2), nl.Dense()),
+            "pooling past a pixel",
+        ),
+        (lambda: nl.serial(nl.Dense(), nl.Relu(), nl.Conv(), nl.Dense()), "layer 3 (conv): needs images"),
+        (
+            lambda: nl.serial(nl.Conv(padding="valid"), nl.Conv(padding="valid"), nl.Conv(padding="valid")),
+            "valid",
+        ),
+    ],
+)
+def test_a_spatial_list_that_cannot_work_is_refused(model, message):
+    with pytest.raises(nl.LayerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        inputs = (
+            torch.randn(2, 3, dtype=torch.float64) if "needs images" in message else torch.randn(2, 1, 4, 4)
+        )
+        model().kernels(inputs)

@@ -7,7 +7,8 @@
     net = model.net(width=512, seed=0, n0=X.shape[1])   # the finite torch module it describes
 
 neural-tangents' stax semantics and names (NTK parametrization, W_std and b_std as there); each
-layer's kernel transformation is in docs/science.md §12. Vectors (N, n0) for now.
+layer's kernel transformation is in docs/science.md §12. Inputs: vectors (N, n0) or images
+(N, C, H, W).
 """
 
 from ntkrun.layers.activations import Abs, Activation, Erf, Gelu, Identity, LeakyRelu, Relu, Softplus, Tanh
@@ -15,9 +16,31 @@ from ntkrun.layers.base import Layer, LayerError
 from ntkrun.layers.combinators import FanInConcat, FanInSum, FanOut, concat, parallel, residual, serial
 from ntkrun.layers.dense import Dense
 from ntkrun.layers.normalization import LayerNorm
+from ntkrun.layers.spatial import AvgPool, Conv, Flatten, GlobalAvgPool
 
 __all__ = [
-    "Abs", "Activation", "Dense", "Erf", "FanInConcat", "FanInSum", "FanOut", "Gelu", "Identity",
-    "Layer", "LayerError", "LayerNorm", "LeakyRelu", "Relu", "Softplus", "Tanh", "concat", "parallel",
-    "residual", "serial",
+    "Abs",
+    "Activation",
+    "AvgPool",
+    "Conv",
+    "Dense",
+    "Erf",
+    "FanInConcat",
+    "FanInSum",
+    "FanOut",
+    "Flatten",
+    "Gelu",
+    "GlobalAvgPool",
+    "Identity",
+    "Layer",
+    "LayerError",
+    "LayerNorm",
+    "LeakyRelu",
+    "Relu",
+    "Softplus",
+    "Tanh",
+    "concat",
+    "parallel",
+    "residual",
+    "serial",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ from ntkrun.kernels.analytic import (
     relu_expectations,
 )
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State
+from ntkrun.layers.state import Kernel, State, outer, self_outer
 from ntkrun.nonlinearities import Nonlinearity, get_nonlinearity
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -37,6 +37,11 @@ def leaky_expectations(a: float) -> Expectations:
         return (1 + a * a) * k_plus - 2 * a * k_minus, (1 + a * a) * d_plus + 2 * a * d_minus
 
     return expectations
+
+
+def _around(pair: tuple[torch.Tensor, torch.Tensor], cov: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(variance of u, covariance, variance of v), as the expectations take them."""
+    return pair[0], cov, pair[1]
 
 
 class ActivationModule(nn.Module):
@@ -64,9 +69,10 @@ class Activation(Layer):
             raise LayerError(
                 f"{self.name}: its input is not Gaussian ({what}); put a weight layer (Dense) before it"
             )
-        e_ss, e_dd = self.expect(k.q1[:, None], k.sigma, k.q2[None, :])
-        q1 = self.expect(k.q1, torch.sqrt(k.q1 * k.q1), k.q1)[0]
-        q2 = q1 if k.q2 is k.q1 else self.expect(k.q2, torch.sqrt(k.q2 * k.q2), k.q2)[0]
+        d = len(k.spatial)
+        e_ss, e_dd = self.expect(*_around(outer(k.var1, k.var2, d), k.sigma))
+        q1 = self.expect(*_around(self_outer(k.var1, d), k.q1))[0]
+        q2 = q1 if k.q2 is k.q1 else self.expect(*_around(self_outer(k.var2, d), k.q2))[0]
         return Kernel(e_ss, k.theta * e_dd, q1, q2, gaussian=False, inputs=False, source=k.source)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

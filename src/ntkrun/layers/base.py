@@ -16,7 +16,7 @@ from torch import nn
 
 from ntkrun.layers.state import Kernel, State, input_kernel
 
-Features = int | tuple["Features", ...]  # per branch, between FanOut and a fan-in
+Features = int | tuple[int, int, int] | list["Features"]  # n0, (C, H, W), or per branch (a list)
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
 
 
@@ -55,10 +55,17 @@ class Layer(ABC):
         return out.sigma, out.theta
 
     def net(
-        self, width: int, seed: int = 0, n_out: int = 1, *, n0: int, dtype: torch.dtype = torch.float32
+        self,
+        width: int,
+        seed: int = 0,
+        n_out: int = 1,
+        *,
+        n0: int | tuple[int, int, int],
+        dtype: torch.dtype = torch.float32,
     ) -> nn.Module:
-        """The finite network it describes: every weight layer `width` features, the readout n_out,
-        parameters N(0, 1) drawn from `seed`; (N, n0) -> (N,) for n_out 1, else (N, n_out)."""
+        """The finite network it describes on inputs of n0 numbers (or images of shape (C, H, W)):
+        every weight layer `width` features (channels), the readout n_out, parameters N(0, 1)
+        drawn from `seed`; (N, n0) -> (N,) for n_out 1, else (N, n_out)."""
         if not self.readout:
             raise LayerError(f"the composition ends on {self.last_name}: end it with a Dense readout")
         gen = torch.Generator().manual_seed(seed)

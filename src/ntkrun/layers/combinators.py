@@ -97,7 +97,7 @@ class FanOut(Layer):
         return (k,) * self.n
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        return FanOutModule(self.n), (n_in,) * self.n
+        return FanOutModule(self.n), [n_in] * self.n
 
 
 class ParallelModule(nn.Module):
@@ -115,9 +115,10 @@ class Parallel(Layer):
     def __init__(self, *layers: Layer) -> None:
         self.layers = layers
 
-    def _branches(self, k: object) -> tuple:
-        if not isinstance(k, tuple) or len(k) != len(self.layers):
-            got = f"{len(k)} branches" if isinstance(k, tuple) else "one input"
+    def _branches(self, k: object) -> tuple | list:
+        many = isinstance(k, list) or (isinstance(k, tuple) and not all(isinstance(n, int) for n in k))
+        if not many or len(k) != len(self.layers):  # type: ignore[arg-type]
+            got = f"{len(k)} branches" if many else "one input"  # type: ignore[arg-type]
             raise LayerError(
                 f"parallel of {len(self.layers)} layers on {got}: FanOut({len(self.layers)}) first"
             )
@@ -136,7 +137,7 @@ class Parallel(Layer):
         built = [
             layer.module(n, width, 0, gen) for layer, n in zip(self.layers, self._branches(n_in), strict=True)
         ]
-        return ParallelModule([m for m, _ in built]), tuple(n for _, n in built)
+        return ParallelModule([m for m, _ in built]), [n for _, n in built]
 
 
 class _Sum(nn.Module):
@@ -145,8 +146,12 @@ class _Sum(nn.Module):
 
 
 class _Concat(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis  # the features: -1 of vectors, the channels (1) of images
+
     def forward(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.cat(xs, dim=-1)
+        return torch.cat(xs, dim=self.axis)
 
 
 def _joined(name: str, k: State) -> tuple[Kernel, ...]:
@@ -179,8 +184,8 @@ class FanInSum(Layer):
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        if not isinstance(n_in, tuple) or len(set(n_in)) != 1:
-            raise LayerError(f"fan_in_sum: branches of different shapes ({n_in} features)")
+        if not isinstance(n_in, list) or any(n != n_in[0] for n in n_in):
+            raise LayerError(f"fan_in_sum: branches of different shapes ({n_in})")
         return _Sum(), n_in[0]
 
 
@@ -199,9 +204,13 @@ class FanInConcat(Layer):
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        if not isinstance(n_in, tuple) or not all(isinstance(n, int) for n in n_in):
+        if not isinstance(n_in, list) or any(isinstance(n, list) for n in n_in):
             raise LayerError("fan_in_concat: needs branches")
-        return _Concat(), sum(n_in)  # type: ignore[arg-type]
+        if all(isinstance(n, int) for n in n_in):
+            return _Concat(-1), sum(n_in)  # type: ignore[arg-type]
+        if any(not isinstance(n, tuple) or n[1:] != n_in[0][1:] for n in n_in):  # type: ignore[index]
+            raise LayerError(f"fan_in_concat: branches of different shapes ({n_in})")
+        return _Concat(1), (sum(n[0] for n in n_in), *n_in[0][1:])  # type: ignore[index]
 
 
 def serial(*layers: Layer) -> Serial:

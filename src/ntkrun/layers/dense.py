@@ -19,6 +19,10 @@ from ntkrun.layers.state import Kernel, State
 _SOURCES = itertools.count(1)  # a token per weight layer applied (see state.Kernel.source)
 
 
+def next_source() -> int:
+    return next(_SOURCES)
+
+
 class DenseModule(nn.Module):
     def __init__(self, n_in: int, n_out: int, W_std: float, b_std: float, gen: torch.Generator) -> None:
         super().__init__()
@@ -27,6 +31,8 @@ class DenseModule(nn.Module):
         self.w_scale, self.b_std = W_std / math.sqrt(n_in), b_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # images: the same weights at every position, on the channels
+            return self.forward(x.movedim(1, -1)).movedim(-1, 1)
         out = nn.functional.linear(x, self.weight) * self.w_scale
         return out if self.bias is None else out + self.b_std * self.bias
 
@@ -47,10 +53,12 @@ class Dense(Layer):
         sigma = w2 * k.sigma + b2
         q1 = w2 * k.q1 + b2
         q2 = q1 if k.q2 is k.q1 else w2 * k.q2 + b2
-        return Kernel(sigma, sigma + w2 * k.theta, q1, q2, gaussian=True, inputs=False, source=next(_SOURCES))
+        return Kernel(sigma, sigma + w2 * k.theta, q1, q2, gaussian=True, inputs=False, source=next_source())
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        if not isinstance(n_in, int):
+        if isinstance(n_in, list):
             raise LayerError("dense: its input is several branches; join them first (FanInSum, FanInConcat)")
         out = n_out or width
+        if isinstance(n_in, tuple):  # images: on the channels at each position
+            return DenseModule(n_in[0], out, self.W_std, self.b_std, gen), (out, *n_in[1:])
         return DenseModule(n_in, out, self.W_std, self.b_std, gen), out

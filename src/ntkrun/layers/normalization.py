@@ -8,19 +8,22 @@ channel mean of a ReLU's outputs is not 0).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State
+from ntkrun.layers.state import Kernel, State, outer, self_outer
 
 EPS = 1e-12
 
 
 class LayerNormModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, unbiased=False, keepdim=True)
+        axis = 1 if x.dim() == 4 else -1  # the features: the channels of images (N, C, H, W)
+        mean = x.mean(axis, keepdim=True)
+        var = x.var(axis, unbiased=False, keepdim=True)
         return (x - mean) / torch.sqrt(var + EPS)
 
 
@@ -32,15 +35,12 @@ class LayerNorm(Layer):
             raise LayerError("layer_norm: its input is several branches; join them first")
         if not k.gaussian:
             raise LayerError("layer_norm: its input is not Gaussian; put a weight layer (Dense) before it")
-        s1, s2 = torch.sqrt(k.q1 + EPS), torch.sqrt(k.q2 + EPS)
-        scale = s1[:, None] * s2[None, :]
-        q1 = k.q1 / (k.q1 + EPS)
-        return k.replace(
-            sigma=k.sigma / scale,
-            theta=k.theta / scale,
-            q1=q1,
-            q2=q1 if k.q2 is k.q1 else k.q2 / (k.q2 + EPS),
-        )
+        d = len(k.spatial)
+        s1, s2 = torch.sqrt(k.var1 + EPS), torch.sqrt(k.var2 + EPS)
+        a, b = outer(s1, s2, d)
+        q1 = k.q1 / math.prod(self_outer(s1, d))
+        q2 = q1 if k.q2 is k.q1 else k.q2 / math.prod(self_outer(s2, d))
+        return k.replace(sigma=k.sigma / (a * b), theta=k.theta / (a * b), q1=q1, q2=q2)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         return LayerNormModule(), n_in

@@ -1,0 +1,208 @@
+"""Layers over positions: Conv, AvgPool, GlobalAvgPool, Flatten (docs/science.md §12.6).
+
+On the full spatial covariance (state.Kernel of images), with F the filter's offsets:
+Conv: Sigma'_{p,p'} = W_std^2 (1/|F|) sum_{d in F} Sigma_{p+d, p'+d} + b_std^2, Theta'_{p,p'} =
+Sigma'_{p,p'} + W_std^2 (1/|F|) sum_d Theta_{p+d, p'+d}; padding "same" (zeros outside), "valid"
+(interior positions only) or "circular" (wrap-around). AvgPool: the mean over each side's
+window (no parameters). GlobalAvgPool: the mean over all pairs (p, p'): vectors. Flatten: the
+mean of the diagonal p = p' (what a Dense after it sees: its fan-in averages channels and
+positions alike): vectors. As neural-tangents' stax Conv, AvgPool, GlobalAvgPool and Flatten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from ntkrun.layers.base import Built, Features, Layer, LayerError
+from ntkrun.layers.dense import next_source
+from ntkrun.layers.state import Kernel, State, diagonal
+
+PADDINGS = ("same", "valid", "circular")
+
+
+def _image_state(name: str, k: State) -> Kernel:
+    if not isinstance(k, Kernel):
+        raise LayerError(f"{name}: its input is several branches; join them first")
+    if len(k.spatial) != 2:
+        raise LayerError(f"{name}: needs images (N, C, H, W); its input is vectors")
+    return k
+
+
+def _image_shape(name: str, n_in: Features) -> tuple[int, int, int]:
+    if not (isinstance(n_in, tuple) and len(n_in) == 3):
+        raise LayerError(f"{name}: needs images (N, C, H, W); its input is {n_in}")
+    return n_in
+
+
+def patch_mean(T: torch.Tensor, k: int, padding: str) -> torch.Tensor:
+    """(..., H, W, H, W) -> the mean over the k x k offsets d of T_{p+d, p'+d} (both sides moved
+    together), at the output positions of `padding`."""
+    H, W = T.shape[-4], T.shape[-3]
+    r = k // 2
+    if padding == "circular":
+        terms = (
+            T.roll((-dy, -dx, -dy, -dx), (-4, -3, -2, -1))
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+        )
+        return sum(terms) / (k * k)
+    if padding == "same":
+        T = nn.functional.pad(T, [r, r, r, r, r, r, r, r])  # zeros around both sides' positions
+        Ho, Wo = H, W
+    else:
+        Ho, Wo = H - k + 1, W - k + 1
+    out = torch.zeros(*T.shape[:-4], Ho, Wo, Ho, Wo, dtype=T.dtype)
+    for dy, dx in itertools.product(range(k), range(k)):
+        out += T[..., dy : dy + Ho, dx : dx + Wo, dy : dy + Ho, dx : dx + Wo]
+    return out / (k * k)
+
+
+class ConvModule(nn.Module):
+    def __init__(
+        self, c_in: int, c_out: int, k: int, padding: str, W_std: float, b_std: float, gen: torch.Generator
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k, generator=gen))
+        self.bias = nn.Parameter(torch.randn(c_out, generator=gen)) if b_std else None
+        self.scale, self.b_std, self.k, self.padding = W_std / math.sqrt(c_in * k * k), b_std, k, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.k // 2
+        if self.padding == "circular":
+            x, pad = nn.functional.pad(x, [r, r, r, r], mode="circular"), 0
+        else:
+            pad = r if self.padding == "same" else 0
+        out = nn.functional.conv2d(x, self.weight, padding=pad) * self.scale
+        return out if self.bias is None else out + self.b_std * self.bias[:, None, None]
+
+
+class Conv(Layer):
+    """A k x k convolution of `width` channels (odd k; stride 1)."""
+
+    name = "conv"
+    weights = True
+
+    def __init__(
+        self, kernel_size: int = 3, padding: str = "same", W_std: float = 1.0, b_std: float = 0.1
+    ) -> None:
+        if padding not in PADDINGS:
+            raise LayerError(f"conv: padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise LayerError(f"conv: kernel_size must be odd and positive, got {kernel_size}")
+        self.k, self.padding, self.W_std, self.b_std = kernel_size, padding, float(W_std), float(b_std)
+
+    def kernel(self, k: State) -> State:
+        k = _image_state(self.name, k)
+        if self.padding == "valid" and min(k.spatial) < self.k:
+            raise LayerError(
+                f"conv: a {self.k}x{self.k} valid convolution of {k.spatial[0]}x{k.spatial[1]} images"
+            )
+        w2, b2 = self.W_std**2, self.b_std**2
+        sigma = w2 * patch_mean(k.sigma, self.k, self.padding) + b2
+        theta = sigma + w2 * patch_mean(k.theta, self.k, self.padding)
+        q1 = w2 * patch_mean(k.q1, self.k, self.padding) + b2
+        q2 = q1 if k.q2 is k.q1 else w2 * patch_mean(k.q2, self.k, self.padding) + b2
+        return Kernel(sigma, theta, q1, q2, gaussian=True, inputs=False, source=next_source())
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        c, h, w = _image_shape(self.name, n_in)
+        out = n_out or width
+        shrink = self.k - 1 if self.padding == "valid" else 0
+        return ConvModule(c, out, self.k, self.padding, self.W_std, self.b_std, gen), (
+            out,
+            h - shrink,
+            w - shrink,
+        )
+
+
+class _Reduce(nn.Module):
+    def __init__(self, how: str, window: int = 1) -> None:
+        super().__init__()
+        self.how, self.window = how, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "flatten":
+            return x.flatten(1)
+        if self.how == "global":
+            return x.mean((2, 3))
+        return nn.functional.avg_pool2d(x, self.window)
+
+
+def _pool(T: torch.Tensor, lead: int, window: int) -> torch.Tensor:
+    """Average both sides' positions of T (*lead dims, H, W, H, W) over window x window blocks."""
+    shape = T.shape
+    H, W = shape[-2], shape[-1]
+    T = nn.functional.avg_pool2d(T.reshape(-1, 1, H, W), window)  # p' side
+    Ho, Wo = T.shape[-2:]
+    T = T.reshape(*shape[:-2], Ho, Wo).movedim((-4, -3), (-2, -1))  # p side to the end
+    T = nn.functional.avg_pool2d(T.reshape(-1, 1, H, W), window)
+    return T.reshape(*shape[:lead], Ho, Wo, Ho, Wo).movedim((-2, -1), (-4, -3))
+
+
+class AvgPool(Layer):
+    """The mean over non-overlapping window x window blocks (stride = window; stax's
+    AvgPool((w, w), strides=(w, w), padding="VALID"))."""
+
+    name = "avg_pool"
+
+    def __init__(self, window: int = 2, stride: int | None = None) -> None:
+        if stride not in (None, window):
+            raise LayerError(f"avg_pool: only stride = window is supported, got stride {stride}")
+        self.window = window
+
+    def kernel(self, k: State) -> State:
+        k = _image_state(self.name, k)
+        if min(k.spatial) < self.window:
+            h, w, n = *k.spatial, self.window
+            raise LayerError(f"avg_pool: a {n}x{n} window on {h}x{w} images (pooling past a pixel)")
+        q1 = _pool(k.q1, 1, self.window)
+        return k.replace(
+            sigma=_pool(k.sigma, 2, self.window), theta=_pool(k.theta, 2, self.window),
+            q1=q1, q2=q1 if k.q2 is k.q1 else _pool(k.q2, 1, self.window),
+        )  # fmt: skip
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        c, h, w = _image_shape(self.name, n_in)
+        return _Reduce("pool", self.window), (c, h // self.window, w // self.window)
+
+
+class GlobalAvgPool(Layer):
+    """The mean over all positions: images -> vectors of their channels."""
+
+    name = "global_avg_pool"
+
+    def kernel(self, k: State) -> State:
+        k = _image_state(self.name, k)
+        q1 = k.q1.mean((1, 2, 3, 4))
+        return k.replace(
+            sigma=k.sigma.mean((2, 3, 4, 5)), theta=k.theta.mean((2, 3, 4, 5)),
+            q1=q1, q2=q1 if k.q2 is k.q1 else k.q2.mean((1, 2, 3, 4)),
+        )  # fmt: skip
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        return _Reduce("global"), _image_shape(self.name, n_in)[0]
+
+
+class Flatten(Layer):
+    """Images -> vectors of all their numbers; a Dense after it sees the mean over positions of
+    each position's own kernel."""
+
+    name = "flatten"
+
+    def kernel(self, k: State) -> State:
+        k = _image_state(self.name, k)
+        pair = lambda T: diagonal(T.flatten(0, 1), 2).reshape(*T.shape[:2], -1).mean(-1)  # noqa: E731
+        q1 = k.var1.flatten(1).mean(1)
+        return k.replace(
+            sigma=pair(k.sigma),
+            theta=pair(k.theta),
+            q1=q1,
+            q2=q1 if k.q2 is k.q1 else k.var2.flatten(1).mean(1),
+        )
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        return _Reduce("flatten"), math.prod(_image_shape(self.name, n_in))
