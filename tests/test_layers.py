@@ -271,3 +271,22 @@ def test_a_spatial_list_that_cannot_work_is_refused(model, message):
             torch.randn(2, 3, dtype=torch.float64) if "needs images" in message else torch.randn(2, 1, 4, 4)
         )
         model().kernels(inputs)
+
+
+def test_the_row_blocks_give_the_whole_gram(monkeypatch, points):
+    """kernels() computes in row blocks of about TILE pairs: blocks of 2 rows give the Gram of one
+    block to rounding (the input products' BLAS kernels may differ with the block's shape)."""
+    import ntkrun.layers.base as base
+
+    X, X2 = points
+    model = COMPOSITIONS["resmlp"]()
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    pooled = nl.serial(nl.Conv(), nl.Relu(), nl.AvgPool(2), nl.Conv(), nl.Erf(), nl.Flatten(), nl.Dense())
+    whole = [model.kernels(X), model.kernels(X, X2), pooled.kernels(images)]
+    monkeypatch.setattr(base, "TILE", 2 * X.shape[0])
+    blocks = [model.kernels(X), model.kernels(X, X2)]
+    monkeypatch.setattr(base, "TILE", 2 * 6 * 16**2)
+    blocks.append(pooled.kernels(images))
+    for a, b in zip(whole, blocks, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=0)

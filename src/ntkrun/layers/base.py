@@ -9,15 +9,19 @@ generator the composition passes down (NTK parametrization: the scales are in th
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
 
-from ntkrun.layers.state import Kernel, State, input_kernel
+from ntkrun.layers.state import Kernel, State, input_kernel, own_covariance
 
 Features = int | tuple[int, int, int] | list["Features"]  # n0, (C, H, W), or per branch (a list)
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
+
+
+TILE = 1 << 18  # pairs (of inputs and positions) of one row block of kernels()
 
 
 class LayerError(ValueError):
@@ -43,16 +47,25 @@ class Layer(ABC):
         return self.name
 
     def kernels(self, X: torch.Tensor, X2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64,
-        of inputs X (N1, n0) and X2 (N2, n0) (None: X)."""
+        """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64
+        (with the spatial axes where it ends on images), of inputs X (N1, n0) or (N1, C, H, W) and
+        X2 (None: X). Computed in row blocks of about TILE pairs (positions included): every
+        layer maps each pair on its own, and a block's temporaries stay in cache."""
         X = torch.as_tensor(X, dtype=torch.float64)
-        X2 = None if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
-        out = self.kernel(input_kernel(X, X2))
-        if not isinstance(out, Kernel):
-            raise LayerError(
-                f"the composition ends on {len(out)} branches: join them (FanInSum, FanInConcat)"
-            )
-        return out.sigma, out.theta
+        Y = X if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
+        q1 = own_covariance(X)
+        q2 = q1 if X2 is None else own_covariance(Y)
+        pairs = Y.shape[0] * max(1, math.prod(X.shape[2:])) ** 2
+        rows = max(1, TILE // pairs)
+        sigmas, thetas = [], []
+        for r0 in range(0, X.shape[0], rows):
+            block = input_kernel(X[r0 : r0 + rows], Y, q1[r0 : r0 + rows], q2, r0 if X2 is None else None)
+            out = self.kernel(block)
+            if not isinstance(out, Kernel):
+                raise LayerError(f"the composition ends on {len(out)} branches: join them (FanInSum)")
+            sigmas.append(out.sigma)
+            thetas.append(out.theta)
+        return torch.cat(sigmas), torch.cat(thetas)
 
     def net(
         self,

@@ -76,17 +76,25 @@ def self_outer(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 State = Kernel | tuple["State", ...]
 
 
-def input_kernel(X: torch.Tensor, X2: torch.Tensor | None = None) -> Kernel:
-    """(N1, n0) vectors or (N1, C, H, W) images, and X2 likewise -> the inputs' kernel: Sigma =
-    x.x' / n0 (images: over the channels at each pair of positions, / C), Theta = 0 (no
-    parameters yet)."""
-    symmetric, X2 = X2 is None, X if X2 is None else X2
+def own_covariance(X: torch.Tensor) -> torch.Tensor:
+    """(N, n0) -> (N,) |x|^2 / n0; images (N, C, H, W) -> (N, H, W, H, W) over the channels, / C."""
+    if X.dim() == 2:
+        return (X * X).sum(1) / X.shape[1]
+    return torch.einsum("nchw,ncij->nhwij", X, X) / X.shape[1]
+
+
+def input_kernel(
+    X: torch.Tensor, X2: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, diagonal_at: int | None = None
+) -> Kernel:
+    """Rows X (N1, n0) (or images (N1, C, H, W)) against X2 -> the inputs' kernel: Sigma = x.x' / n0
+    (images: over the channels at each pair of positions, / C), Theta = 0 (no parameters yet);
+    q1, q2 their own_covariance. diagonal_at: X is rows r0.. of X2 (a Gram's row block), whose
+    pairs (i, r0 + i) are set to q itself, so that every layer sees correlation exactly 1 there."""
     if X.dim() == 2:
         sigma = X @ X2.T / X.shape[1]
-        own = [(Z * Z).sum(1) / Z.shape[1] for Z in (X, X2)]
     else:
         sigma = torch.einsum("nchw,mcij->nmhwij", X, X2) / X.shape[1]
-        own = [torch.einsum("nchw,ncij->nhwij", Z, Z) / Z.shape[1] for Z in (X, X2)]
-    if symmetric:  # q is the Gram's own diagonal, so that every layer sees correlation exactly 1 there
-        own = [torch.diagonal(sigma, 0, 0, 1).movedim(-1, 0).clone()] * 2
-    return Kernel(sigma, torch.zeros_like(sigma), own[0], own[1], gaussian=False, inputs=True)
+    if diagonal_at is not None:
+        rows = torch.arange(X.shape[0])
+        sigma[rows, rows + diagonal_at] = q1
+    return Kernel(sigma, torch.zeros_like(sigma), q1, q2, gaussian=False, inputs=True)
