@@ -290,3 +290,38 @@ def test_the_row_blocks_give_the_whole_gram(monkeypatch, points):
     for a, b in zip(whole, blocks, strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+
+
+def test_rows_and_the_second_inputs_once(monkeypatch, points):
+    """rows=(r0, r1) gives those rows of the Gram; across row blocks the second inputs' own
+    covariances go through each layer once (an activation's expectations on them: one call per
+    activation, whatever the number of blocks)."""
+    import ntkrun.layers.base as base
+
+    X, X2 = points
+    calls: list[tuple[int, ...]] = []
+
+    def counted(layer: nl.Activation) -> nl.Activation:
+        inner = layer.expect
+
+        def expect(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            calls.append(tuple(args[1].shape))
+            return inner(*args)
+
+        layer.expect = expect
+        return layer
+
+    model = nl.serial(nl.Dense(), counted(nl.Relu()), nl.Dense(), counted(nl.Erf()), nl.Dense())
+    whole = model.kernels(X, X2)
+    monkeypatch.setattr(base, "TILE", 2 * X2.shape[0])  # blocks of two rows
+    calls.clear()
+    blocks = model.kernels(X, X2)
+    own_of_second = [shape for shape in calls if shape == (X2.shape[0],)]
+    assert len(own_of_second) == 2, calls  # once per activation, not once per block
+    assert len([shape for shape in calls if shape == (2, X2.shape[0])]) == 2 * ((X.shape[0] + 1) // 2)
+    rows = model.kernels(X, rows=(3, 7))
+    gram = model.kernels(X)
+    for a, b in zip(whole, blocks, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for a, b in zip(rows, gram, strict=True):
+        torch.testing.assert_close(a, b[3:7], rtol=1e-12, atol=0)

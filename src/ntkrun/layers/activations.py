@@ -20,7 +20,7 @@ from ntkrun.kernels.analytic import (
     relu_expectations,
 )
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State, outer, self_outer
+from ntkrun.layers.state import Kernel, State, diagonal, outer, second, self_outer
 from ntkrun.nonlinearities import Nonlinearity, get_nonlinearity
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -72,7 +72,8 @@ class Activation(Layer):
         d = len(k.spatial)
         e_ss, e_dd = self.expect(*_around(outer(k.var1, k.var2, d), k.sigma))
         q1 = self.expect(*_around(self_outer(k.var1, d), k.q1))[0]
-        q2 = q1 if k.q2 is k.q1 else self.expect(*_around(self_outer(k.var2, d), k.q2))[0]
+        own = lambda q: self.expect(*_around(self_outer(diagonal(q, d), d), q))[0]  # noqa: E731
+        q2 = q1 if k.q2 is k.q1 else second(self, own, k.q2)
         return Kernel(e_ss, k.theta * e_dd, q1, q2, gaussian=False, inputs=False, source=k.source)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

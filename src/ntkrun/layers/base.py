@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from ntkrun.layers.state import Kernel, State, input_kernel, own_covariance
+from ntkrun.layers.state import Kernel, State, input_kernel, own_covariance, second_inputs_once
 
 Features = int | tuple[int, int, int] | list["Features"]  # n0, (C, H, W), or per branch (a list)
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
@@ -46,25 +46,31 @@ class Layer(ABC):
     def __repr__(self) -> str:
         return self.name
 
-    def kernels(self, X: torch.Tensor, X2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernels(
+        self, X: torch.Tensor, X2: torch.Tensor | None = None, *, rows: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64
         (with the spatial axes where it ends on images), of inputs X (N1, n0) or (N1, C, H, W) and
-        X2 (None: X). Computed in row blocks of about TILE pairs (positions included): every
-        layer maps each pair on its own, and a block's temporaries stay in cache."""
+        X2 (None: X); rows=(r0, r1): only those rows, (r1 - r0, N2). Computed in row blocks of
+        about TILE pairs (positions included): every layer maps each pair on its own, and a block's
+        temporaries stay in cache; the second inputs' own covariances go through the layers once."""
         X = torch.as_tensor(X, dtype=torch.float64)
         Y = X if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
-        q1 = own_covariance(X)
-        q2 = q1 if X2 is None else own_covariance(Y)
+        r0, r1 = rows if rows is not None else (0, X.shape[0])
+        q2 = own_covariance(Y)
+        q1 = q2[r0:r1] if X2 is None else own_covariance(X[r0:r1])
         pairs = Y.shape[0] * max(1, math.prod(X.shape[2:])) ** 2
-        rows = max(1, TILE // pairs)
+        step = max(1, TILE // pairs)
         sigmas, thetas = [], []
-        for r0 in range(0, X.shape[0], rows):
-            block = input_kernel(X[r0 : r0 + rows], Y, q1[r0 : r0 + rows], q2, r0 if X2 is None else None)
-            out = self.kernel(block)
-            if not isinstance(out, Kernel):
-                raise LayerError(f"the composition ends on {len(out)} branches: join them (FanInSum)")
-            sigmas.append(out.sigma)
-            thetas.append(out.theta)
+        with second_inputs_once():
+            for b0 in range(r0, r1, step):
+                b1 = min(b0 + step, r1)
+                diagonal_at = b0 if X2 is None else None
+                out = self.kernel(input_kernel(X[b0:b1], Y, q1[b0 - r0 : b1 - r0], q2, diagonal_at))
+                if not isinstance(out, Kernel):
+                    raise LayerError(f"the composition ends on {len(out)} branches: join them (FanInSum)")
+                sigmas.append(out.sigma)
+                thetas.append(out.theta)
         return torch.cat(sigmas), torch.cat(thetas)
 
     def net(

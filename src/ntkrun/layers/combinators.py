@@ -16,7 +16,7 @@ from torch import nn
 
 from ntkrun.layers.activations import Identity
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State
+from ntkrun.layers.state import Kernel, State, second
 
 
 def _where(i: int, layer: Layer, err: LayerError) -> LayerError:
@@ -160,6 +160,10 @@ def _joined(name: str, k: State) -> tuple[Kernel, ...]:
     return k  # type: ignore[return-value]
 
 
+def _sum(*qs: torch.Tensor) -> torch.Tensor:
+    return sum(qs[1:], qs[0])
+
+
 class FanInSum(Layer):
     name = "fan_in_sum"
 
@@ -176,11 +180,11 @@ class FanInSum(Layer):
                 "fan_in_sum: two branches end on the same weight layer (their features are correlated: "
                 "the kernel of their sum is not the sum of their kernels); give one a Dense of its own"
             )
-        same = all(ki.q2 is ki.q1 for ki in ks)
         q1 = sum(ki.q1 for ki in ks)
+        q2 = q1 if all(ki.q2 is ki.q1 for ki in ks) else second(self, _sum, *(ki.q2 for ki in ks))
         return Kernel(
-            sum(ki.sigma for ki in ks), sum(ki.theta for ki in ks), q1,
-            q1 if same else sum(ki.q2 for ki in ks), gaussian=True, inputs=ks[0].inputs, source=ks[0].source,
+            sum(ki.sigma for ki in ks), sum(ki.theta for ki in ks), q1, q2,
+            gaussian=True, inputs=ks[0].inputs, source=ks[0].source,
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
@@ -196,11 +200,11 @@ class FanInConcat(Layer):
         ks = _joined(self.name, k)
         if any(ki.inputs for ki in ks):
             raise LayerError("fan_in_concat: a branch holds the raw inputs (their count is not the width)")
-        n, same = len(ks), all(ki.q2 is ki.q1 for ki in ks)
-        q1 = sum(ki.q1 for ki in ks) / n
+        n, q1 = len(ks), sum(ki.q1 for ki in ks) / len(ks)
+        same = all(ki.q2 is ki.q1 for ki in ks)
+        q2 = q1 if same else second(self, lambda *qs: _sum(*qs) / n, *(ki.q2 for ki in ks))
         return Kernel(
-            sum(ki.sigma for ki in ks) / n, sum(ki.theta for ki in ks) / n, q1,
-            q1 if same else sum(ki.q2 for ki in ks) / n, gaussian=False,
+            sum(ki.sigma for ki in ks) / n, sum(ki.theta for ki in ks) / n, q1, q2, gaussian=False,
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

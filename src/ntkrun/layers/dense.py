@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State
+from ntkrun.layers.state import Kernel, State, second
 
 _SOURCES = itertools.count(1)  # a token per weight layer applied (see state.Kernel.source)
 
@@ -52,7 +52,7 @@ class Dense(Layer):
         w2, b2 = self.W_std**2, self.b_std**2
         sigma = w2 * k.sigma + b2
         q1 = w2 * k.q1 + b2
-        q2 = q1 if k.q2 is k.q1 else w2 * k.q2 + b2
+        q2 = q1 if k.q2 is k.q1 else second(self, lambda q: w2 * q + b2, k.q2)
         return Kernel(sigma, sigma + w2 * k.theta, q1, q2, gaussian=True, inputs=False, source=next_source())
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ntkrun.layers.base import Built, Features, Layer, LayerError
-from ntkrun.layers.state import Kernel, State, outer, self_outer
+from ntkrun.layers.state import Kernel, State, outer, second, self_outer
 
 EPS = 1e-12
 
@@ -39,7 +39,7 @@ class LayerNorm(Layer):
         s1, s2 = torch.sqrt(k.var1 + EPS), torch.sqrt(k.var2 + EPS)
         a, b = outer(s1, s2, d)
         q1 = k.q1 / math.prod(self_outer(s1, d))
-        q2 = q1 if k.q2 is k.q1 else k.q2 / math.prod(self_outer(s2, d))
+        q2 = q1 if k.q2 is k.q1 else second(self, lambda q: q / math.prod(self_outer(s2, d)), k.q2)
         return k.replace(sigma=k.sigma / (a * b), theta=k.theta / (a * b), q1=q1, q2=q2)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

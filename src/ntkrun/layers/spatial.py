@@ -19,7 +19,7 @@ from torch import nn
 
 from ntkrun.layers.base import Built, Features, Layer, LayerError
 from ntkrun.layers.dense import next_source
-from ntkrun.layers.state import Kernel, State, diagonal
+from ntkrun.layers.state import Kernel, State, diagonal, second
 
 PADDINGS = ("same", "valid", "circular")
 
@@ -105,7 +105,8 @@ class Conv(Layer):
         sigma = w2 * patch_mean(k.sigma, self.k, self.padding) + b2
         theta = sigma + w2 * patch_mean(k.theta, self.k, self.padding)
         q1 = w2 * patch_mean(k.q1, self.k, self.padding) + b2
-        q2 = q1 if k.q2 is k.q1 else w2 * patch_mean(k.q2, self.k, self.padding) + b2
+        own = lambda q: w2 * patch_mean(q, self.k, self.padding) + b2  # noqa: E731
+        q2 = q1 if k.q2 is k.q1 else second(self, own, k.q2)
         return Kernel(sigma, theta, q1, q2, gaussian=True, inputs=False, source=next_source())
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
@@ -162,7 +163,7 @@ class AvgPool(Layer):
         q1 = _pool(k.q1, 1, self.window)
         return k.replace(
             sigma=_pool(k.sigma, 2, self.window), theta=_pool(k.theta, 2, self.window),
-            q1=q1, q2=q1 if k.q2 is k.q1 else _pool(k.q2, 1, self.window),
+            q1=q1, q2=q1 if k.q2 is k.q1 else second(self, lambda q: _pool(q, 1, self.window), k.q2),
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
@@ -180,7 +181,7 @@ class GlobalAvgPool(Layer):
         q1 = k.q1.mean((1, 2, 3, 4))
         return k.replace(
             sigma=k.sigma.mean((2, 3, 4, 5)), theta=k.theta.mean((2, 3, 4, 5)),
-            q1=q1, q2=q1 if k.q2 is k.q1 else k.q2.mean((1, 2, 3, 4)),
+            q1=q1, q2=q1 if k.q2 is k.q1 else second(self, lambda q: q.mean((1, 2, 3, 4)), k.q2),
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
@@ -201,7 +202,7 @@ class Flatten(Layer):
             sigma=pair(k.sigma),
             theta=pair(k.theta),
             q1=q1,
-            q2=q1 if k.q2 is k.q1 else k.var2.flatten(1).mean(1),
+            q2=q1 if k.q2 is k.q1 else second(self, lambda q: diagonal(q, 2).flatten(1).mean(1), k.q2),
         )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

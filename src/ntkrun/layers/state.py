@@ -18,6 +18,9 @@ the case of no positions: Sigma (N1, N2), q (N,).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,6 +77,34 @@ def self_outer(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 State = Kernel | tuple["State", ...]
+
+_MEMO: ContextVar[dict[tuple[int, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] | None] = ContextVar(
+    "q2 memo", default=None
+)
+
+
+@contextmanager
+def second_inputs_once() -> Iterator[None]:
+    """Within it, `second` maps the second inputs' own covariances once per layer: every row block
+    of a Gram passes the same q2 through the same layers."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def second(layer: object, fn: Callable[..., torch.Tensor], *qs: torch.Tensor) -> torch.Tensor:
+    """fn(*qs): the second inputs' own covariances after `layer` (qs: those of its input states),
+    remembered inside second_inputs_once by `layer` and the identity of qs (kept alive with the
+    result, so that an identity is never reused)."""
+    memo = _MEMO.get()
+    if memo is None:
+        return fn(*qs)
+    key = (id(layer), *map(id, qs))
+    if key not in memo:
+        memo[key] = (fn(*qs), qs)
+    return memo[key][0]
 
 
 def own_covariance(X: torch.Tensor) -> torch.Tensor:
