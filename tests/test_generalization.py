@@ -134,7 +134,7 @@ def sparse_split(folder: Path, split: str, count: int) -> None:
         (["network.arch=cnn", "network.padding=valid", "network.kernel_size=15"],
          "shrinks the 28x28 image below one pixel"),
         (["network.arch=cnn", "network.readout=max"], "network.readout"),
-        (["predictors=[ntk, mlp_ntk]"], "predictors: mlp_ntk compare another arch (or a network.module)"),
+        (["predictors=[ntk, mlp_ntk]"], "predictors: mlp_ntk compare another network (arch, network.layers,"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(images, tmp_path, sets, message):

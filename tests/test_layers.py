@@ -158,7 +158,7 @@ def test_a_finite_network_has_the_shape_and_seed_it_is_asked_for():
             lambda: nl.serial(nl.Dense(), nl.Relu(), nl.LayerNorm(), nl.Dense()),
             "layer 3 (layer_norm): its input is not",
         ),
-        (lambda: nl.serial(nl.residual(nl.Dense()), nl.Dense()), "(fan_in_sum): adds the raw inputs"),
+        (lambda: nl.serial(nl.residual(nl.Dense()), nl.Dense()), "layer 1 (residual): adds the raw inputs"),
         (lambda: nl.serial(nl.Dense(), nl.residual(nl.Relu()), nl.Dense()), "a branch is not Gaussian"),
         (
             lambda: nl.serial(nl.Dense(), nl.FanOut(2), nl.FanInSum(), nl.Dense()),
@@ -274,8 +274,9 @@ def test_a_spatial_list_that_cannot_work_is_refused(model, message):
 
 
 def test_the_row_blocks_give_the_whole_gram(monkeypatch, points):
-    """kernels() computes in row blocks of about TILE pairs: blocks of 2 rows give the Gram of one
-    block to rounding (the input products' BLAS kernels may differ with the block's shape)."""
+    """kernels() computes in blocks of about TILE pairs: small blocks (down to one row and two
+    columns, for images) give the Gram of one block to rounding (the input products' BLAS kernels
+    may differ with the block's shape)."""
     import ntkrun.layers.base as base
 
     X, X2 = points
@@ -287,6 +288,11 @@ def test_the_row_blocks_give_the_whole_gram(monkeypatch, points):
     blocks = [model.kernels(X), model.kernels(X, X2)]
     monkeypatch.setattr(base, "TILE", 2 * 6 * 16**2)
     blocks.append(pooled.kernels(images))
+    monkeypatch.setattr(base, "TILE", 2 * 16**2)  # blocks of one row and two columns
+    blocks.append(pooled.kernels(images))
+    whole.append(whole[-1])
+    blocks.append(pooled.kernels(images[:4], images[1:]))  # a rectangular Gram, in such blocks
+    whole.append(tuple(k[:4, 1:] for k in whole[-1]))
     for a, b in zip(whole, blocks, strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
@@ -313,15 +319,29 @@ def test_rows_and_the_second_inputs_once(monkeypatch, points):
 
     model = nl.serial(nl.Dense(), counted(nl.Relu()), nl.Dense(), counted(nl.Erf()), nl.Dense())
     whole = model.kernels(X, X2)
-    monkeypatch.setattr(base, "TILE", 2 * X2.shape[0])  # blocks of two rows
+    monkeypatch.setattr(base, "TILE", 2 * 9 * 9)  # one column block of X2's 9, row blocks of 18 and 2
     calls.clear()
     blocks = model.kernels(X, X2)
     own_of_second = [shape for shape in calls if shape == (X2.shape[0],)]
-    assert len(own_of_second) == 2, calls  # once per activation, not once per block
-    assert len([shape for shape in calls if shape == (2, X2.shape[0])]) == 2 * ((X.shape[0] + 1) // 2)
-    rows = model.kernels(X, rows=(3, 7))
+    assert len(own_of_second) == 2, calls  # once per activation, not once per row block
+    assert sorted(shape for shape in calls if len(shape) == 2) == [(2, 9), (2, 9), (18, 9), (18, 9)]
+    rows = model.kernels(X, rows=(3, 7))  # of a Gram: the upper triangle and the diagonal
     gram = model.kernels(X)
+    upper = torch.ones(20, 20, dtype=torch.bool).triu()[3:7]
     for a, b in zip(whole, blocks, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     for a, b in zip(rows, gram, strict=True):
-        torch.testing.assert_close(a, b[3:7], rtol=1e-12, atol=0)
+        torch.testing.assert_close(a[upper], b[3:7][upper], rtol=1e-12, atol=0)
+
+
+def test_the_spatial_diagonal_economy_gives_the_full_covariance_answer():
+    """Without pooling, images carry only each position with itself (state.Kernel.diagonal_spatial);
+    a window-1 average pool (the identity, but a layer that mixes positions) forces the full
+    covariance through the same layers: the two agree to rounding, for each padding."""
+    images = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for padding in ("same", "valid", "circular"):
+        body = [nl.Conv(3, padding), nl.Relu(), nl.Conv(3, padding), nl.LayerNorm(), nl.Erf()]
+        economy = nl.serial(*body, nl.Flatten(), nl.Dense()).kernels(images, images[:3])
+        full = nl.serial(nl.AvgPool(1), *body, nl.Flatten(), nl.Dense()).kernels(images, images[:3])
+        for a, b in zip(economy, full, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)

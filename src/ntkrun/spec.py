@@ -52,6 +52,23 @@ CNN_KEYS = {"kernel_size": 3, "padding": "same", "readout": "flatten"}  # with t
 MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # network.module: package.module:function
 
 
+def _layer_list(value: Any) -> Any:
+    """network.layers: a list of layers or a named composition, parsed at once (unknown layers and
+    options are refused here; what needs the inputs' shape, when the data are known)."""
+    if value is None:
+        return value
+    from ntkrun.layers.parse import parse  # the layer language, only for specs that use it
+
+    try:
+        parse(value)
+    except ValueError as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
+LayerList = Annotated[list[Any] | str, BeforeValidator(_layer_list)]
+
+
 def check_arch_keys(network: Any) -> Any:
     """A network block's architecture keys, together: the CNN's keys away from their defaults only
     with arch cnn, and an odd kernel with 'same' or 'circular' padding; arch and module (the user's
@@ -61,6 +78,8 @@ def check_arch_keys(network: Any) -> Any:
         raise ValueError(f"module: {module!r} is not of the form package.module:function")
     if module is not None and network.arch != "mlp":
         raise ValueError(f"arch and module are exclusive: arch {network.arch!r} is ntkrun's, module yours")
+    if module is not None and getattr(network, "layers", None) is not None:
+        raise ValueError("layers and module are exclusive: layers is a composition of ntkrun's, module yours")
     if network.arch != "cnn":
         changed = [key for key, default in CNN_KEYS.items() if getattr(network, key) != default]
         if changed:
@@ -96,6 +115,8 @@ class NetworkSpec(Model):
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
     readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
     module: str | None = None  # your own model, "package.module:function" (ntkrun.architectures.module)
+    # a composition of ntkrun.layers (a list, or a named one): replaces depth, arch and nonlinearity
+    layers: LayerList | None = None
 
     @model_validator(mode="after")
     def _cnn_keys(self) -> NetworkSpec:
@@ -372,6 +393,7 @@ _NEWER_FIELDS = [
     ("network", "arch", "mlp"),
     *(("network", key, default) for key, default in CNN_KEYS.items()),
     ("network", "module", None),
+    ("network", "layers", None),
     ("kernels", "limit_width", None),
     ("kernels", "mc_samples", 32),
 ]

@@ -120,11 +120,17 @@ def preflight(spec: RunSpec) -> None:
             f"network.module: {spec.experiment} does not run a user's model yet "
             "(convergence, scaling, pca and generalization do)"
         )
+    layers = getattr(spec.network, "layers", None)  # type: ignore[attr-defined]
+    if layers is not None and not getattr(runner(spec), "LAYERS", False):
+        raise SpecError(
+            f"network.layers: {spec.experiment} does not run compositions of ntkrun.layers yet "
+            "(convergence, scaling, pca and generalization do)"
+        )
     if module is None:
         check_range(spec)
     archs = getattr(runner(spec), "ARCHS", ("mlp",))
     arch = getattr(spec.network, "arch", "mlp")  # type: ignore[attr-defined]
-    if arch not in archs:
+    if arch not in archs and layers is None:
         raise SpecError(
             f"network.arch: {arch!r} is not supported by {spec.experiment}, whose inputs are "
             f"{getattr(runner(spec), 'INPUTS', 'vectors')}, not images (it runs: {', '.join(archs)})"

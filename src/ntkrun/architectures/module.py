@@ -18,22 +18,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.probed import ProbedArchitecture
 from ntkrun.costs import Cost
-from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
 
 KEYWORDS = ("width", "depth", "in_shape", "n_out", "seed")
 MC_SEED = 1_000_000  # the Monte-Carlo limit's networks: seeds MC_SEED .. MC_SEED + mc_samples - 1
-TRAINING_COPIES = 3  # per activation number in a forward/backward pass through autograd
 
 
 def load_factory(path: str) -> tuple[Callable[..., Any], Path | None]:
@@ -108,7 +104,7 @@ class OneOutput(nn.Module):
 
 
 @dataclass(frozen=True)
-class ModuleArchitecture(Architecture):
+class ModuleArchitecture(ProbedArchitecture):
     """The model of `module` on inputs of input_shape; its limit by Monte Carlo."""
 
     module: str = ""
@@ -186,41 +182,6 @@ class ModuleArchitecture(Architecture):
             found.append(block if out is None else out)
         return found
 
-    @lru_cache(maxsize=64)  # noqa: B019 (a frozen description: the cache lives as long as it does)
-    def probe(self, width: int, n_out: int) -> tuple[float, int, int]:
-        """(FLOPs of one input's forward pass, parameters, numbers autograd saves per input for the
-        backward pass) of one float32 network of `width`; NaN and zeros for a model that cannot be
-        built or run here (units are listed before the checks, which then name the problem)."""
-        try:
-            net = self.net(width, 0, dtype=torch.float32, device="cpu", n_out=n_out)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                net(torch.zeros(1, *self.input_shape))
-
-            def saved(n: int) -> int:  # what a forward pass on n inputs keeps for the backward pass
-                total = [0]
-
-                def pack(t: torch.Tensor) -> torch.Tensor:
-                    total[0] += t.numel()
-                    return t
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    net(torch.zeros(n, *self.input_shape))
-                return total[0]
-
-            numbers = max(saved(2) - saved(1), 1)  # the difference leaves out the saved weights
-        except Exception:
-            return math.nan, 0, 0
-        return float(counter.get_total_flops()), sum(p.numel() for p in net.parameters()), numbers
-
-    def forward_flops(self, width: int, n_out: int = 1) -> float:
-        return self.probe(width, n_out)[0]
-
-    def ntk_flops(self, n1: int, n2: int, width: int, n_out: int = 1) -> float:
-        """Jacobians of both sets (about 3 forward passes an output) and their contraction."""
-        flops, params, _ = self.probe(width, n_out)
-        return 3.0 * (n1 + n2) * n_out * flops + 2.0 * n1 * n2 * n_out * params
-
     def kernel_flops(self, n1: int, n2: int) -> float:
         """mc_samples forward passes and empirical NTKs at limit_width."""
         return self.mc_samples * (
@@ -235,18 +196,6 @@ class ModuleArchitecture(Architecture):
         """One network of limit_width, one kernel sample and four float64 accumulators per pair."""
         net = self.network_bytes(self.limit_width, 1, 8)
         return net + self.empirical_ntk_bytes(n1, n2, self.limit_width, 1, 8) + 6 * n1 * n2 * 8
-
-    def network_bytes(self, width: int, n_out: int, b: int) -> int:
-        return 2 * self.probe(width, n_out)[1] * b  # the parameters and their float64 draw
-
-    def training_bytes(self, n: int, width: int, n_out: int, b: int) -> int:
-        _, params, numbers = self.probe(width, n_out)
-        return TRAINING_COPIES * n * numbers * b + 2 * params * b
-
-    def empirical_ntk_bytes(self, n1: int, n2: int, width: int, n_out: int, b: int) -> int:
-        """The generic engine's output, a float64 copy, and its Jacobian blocks (within its budget)."""
-        params = self.probe(width, n_out)[1]
-        return n1 * n2 * (b + 8) + min(DEFAULT_MEMORY_BUDGET, (n1 + n2) * n_out * params * b)
 
 
 def check_module(description: ModuleArchitecture, widths: list[int], n_out: int, varies: set[str]) -> None:

@@ -69,12 +69,12 @@ class Activation(Layer):
             raise LayerError(
                 f"{self.name}: its input is not Gaussian ({what}); put a weight layer (Dense) before it"
             )
-        d = len(k.spatial)
+        d = k.d
         e_ss, e_dd = self.expect(*_around(outer(k.var1, k.var2, d), k.sigma))
         q1 = self.expect(*_around(self_outer(k.var1, d), k.q1))[0]
         own = lambda q: self.expect(*_around(self_outer(diagonal(q, d), d), q))[0]  # noqa: E731
         q2 = q1 if k.q2 is k.q1 else second(self, own, k.q2)
-        return Kernel(e_ss, k.theta * e_dd, q1, q2, gaussian=False, inputs=False, source=k.source)
+        return k.replace(sigma=e_ss, theta=k.theta * e_dd, q1=q1, q2=q2, gaussian=False, inputs=False)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         return ActivationModule(self.phi), n_in

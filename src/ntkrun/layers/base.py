@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ntkrun.layers.state import Kernel, State, input_kernel, own_covariance, second_inputs_once
+from ntkrun.linalg import mirror_
 
 Features = int | tuple[int, int, int] | list["Features"]  # n0, (C, H, W), or per branch (a list)
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
@@ -33,6 +35,8 @@ class Layer(ABC):
 
     name: str = "layer"
     weights: bool = False  # a weight layer (Dense): the readout the composition ends on
+    needs_images: bool = False  # a layer of the spatial axes (Conv, pooling, Flatten)
+    mixes_positions: bool = False  # needs the full spatial covariance (pooling): see state.Kernel
 
     @abstractmethod
     def kernel(self, k: State) -> State:
@@ -51,27 +55,42 @@ class Layer(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64
         (with the spatial axes where it ends on images), of inputs X (N1, n0) or (N1, C, H, W) and
-        X2 (None: X); rows=(r0, r1): only those rows, (r1 - r0, N2). Computed in row blocks of
-        about TILE pairs (positions included): every layer maps each pair on its own, and a block's
-        temporaries stay in cache; the second inputs' own covariances go through the layers once."""
+        X2 (None: X). rows=(r0, r1) of a Gram (X2 None): only those rows, (r1 - r0, N1), of which
+        the upper triangle and the diagonal are filled (ntkrun.linalg.mirror_ completes a Gram
+        made of such rows); a whole Gram is computed on its upper triangle and mirrored.
+
+        Computed in square blocks of about TILE pairs (positions included): every layer maps each
+        pair on its own, and a block's temporaries stay small. Each block's inputs' own covariances
+        are mapped with it, those of a column block once for all its rows (state.second)."""
         X = torch.as_tensor(X, dtype=torch.float64)
         Y = X if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
         r0, r1 = rows if rows is not None else (0, X.shape[0])
-        q2 = own_covariance(Y)
-        q1 = q2[r0:r1] if X2 is None else own_covariance(X[r0:r1])
-        pairs = Y.shape[0] * max(1, math.prod(X.shape[2:])) ** 2
-        step = max(1, TILE // pairs)
-        sigmas, thetas = [], []
-        with second_inputs_once():
-            for b0 in range(r0, r1, step):
-                b1 = min(b0 + step, r1)
-                diagonal_at = b0 if X2 is None else None
-                out = self.kernel(input_kernel(X[b0:b1], Y, q1[b0 - r0 : b1 - r0], q2, diagonal_at))
-                if not isinstance(out, Kernel):
-                    raise LayerError(f"the composition ends on {len(out)} branches: join them (FanInSum)")
-                sigmas.append(out.sigma)
-                thetas.append(out.theta)
-        return torch.cat(sigmas), torch.cat(thetas)
+        diagonal = X.dim() == 4 and not any(layer.mixes_positions for layer in self.walk())
+        positions = max(1, math.prod(X.shape[2:])) ** (1 if diagonal else 2)  # per pair of inputs
+        side = max(1, math.isqrt(TILE // positions))
+        cols, step = min(Y.shape[0], side), max(1, TILE // (min(Y.shape[0], side) * positions))
+        sigma = theta = torch.empty(0)
+        for c0 in range(0, Y.shape[0], cols):
+            c1 = min(c0 + cols, Y.shape[0])
+            q2 = own_covariance(Y[c0:c1], diagonal)
+            with second_inputs_once():
+                for b0 in range(r0, r1, step):
+                    b1 = min(b0 + step, r1)
+                    if X2 is None and c1 <= b0 and sigma.dim() == 2:
+                        continue  # below the diagonal: the mirror of a block above it
+                    q1, at = own_covariance(X[b0:b1], diagonal), b0 - c0 if X2 is None else None
+                    out = self.kernel(input_kernel(X[b0:b1], Y[c0:c1], q1, q2, at, diagonal))
+                    if not isinstance(out, Kernel):
+                        raise LayerError(f"the composition ends on {len(out)} branches: join them (FanInSum)")
+                    if sigma.dim() == 1:
+                        sigma = out.sigma.new_zeros((r1 - r0, Y.shape[0], *out.sigma.shape[2:]))
+                        theta = torch.zeros_like(sigma)
+                    sigma[b0 - r0 : b1 - r0, c0:c1] = out.sigma
+                    theta[b0 - r0 : b1 - r0, c0:c1] = out.theta
+        if X2 is None and rows is None and sigma.dim() == 2:
+            mirror_(sigma, to_lower=True)
+            mirror_(theta, to_lower=True)
+        return sigma, theta
 
     def net(
         self,
@@ -90,6 +109,19 @@ class Layer(ABC):
         gen = torch.Generator().manual_seed(seed)
         module, _ = self.module(n0, width, n_out, gen)
         return Net(module, n_out).to(dtype)
+
+    def walk(self) -> Iterator[Layer]:
+        """This layer, then every layer it holds (a combinator's), depth first."""
+        yield self
+        for value in vars(self).values():
+            for held in value if isinstance(value, tuple) else (value,):
+                if isinstance(held, Layer):
+                    yield from held.walk()
+
+    @property
+    def images(self) -> bool:
+        """Whether the composition takes images (holds a layer of the spatial axes)."""
+        return any(layer.needs_images for layer in self.walk())
 
     @property
     def readout(self) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ntkrun.layers.activations import Identity
 from ntkrun.layers.base import Built, Features, Layer, LayerError
 from ntkrun.layers.state import Kernel, State, second
 
@@ -182,10 +181,9 @@ class FanInSum(Layer):
             )
         q1 = sum(ki.q1 for ki in ks)
         q2 = q1 if all(ki.q2 is ki.q1 for ki in ks) else second(self, _sum, *(ki.q2 for ki in ks))
-        return Kernel(
-            sum(ki.sigma for ki in ks), sum(ki.theta for ki in ks), q1, q2,
-            gaussian=True, inputs=ks[0].inputs, source=ks[0].source,
-        )  # fmt: skip
+        return ks[0].replace(
+            sigma=sum(ki.sigma for ki in ks), theta=sum(ki.theta for ki in ks), q1=q1, q2=q2, gaussian=True
+        )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         if not isinstance(n_in, list) or any(n != n_in[0] for n in n_in):
@@ -203,9 +201,8 @@ class FanInConcat(Layer):
         n, q1 = len(ks), sum(ki.q1 for ki in ks) / len(ks)
         same = all(ki.q2 is ki.q1 for ki in ks)
         q2 = q1 if same else second(self, lambda *qs: _sum(*qs) / n, *(ki.q2 for ki in ks))
-        return Kernel(
-            sum(ki.sigma for ki in ks) / n, sum(ki.theta for ki in ks) / n, q1, q2, gaussian=False,
-        )  # fmt: skip
+        sigma, theta = sum(ki.sigma for ki in ks) / n, sum(ki.theta for ki in ks) / n
+        return ks[0].replace(sigma=sigma, theta=theta, q1=q1, q2=q2, gaussian=False, inputs=False, source=0)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         if not isinstance(n_in, list) or any(isinstance(n, list) for n in n_in):
@@ -225,11 +222,77 @@ def parallel(*layers: Layer) -> Parallel:
     return Parallel(*layers)
 
 
-def residual(*branch: Layer) -> Serial:
+class _ResidualModule(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _as(name: str, err: LayerError) -> LayerError:
+    return LayerError(str(err).replace("fan_in_sum:", f"{name}:").replace("fan_in_concat:", f"{name}:"))
+
+
+class Residual(Layer):
+    """x + branch(x): FanOut(2), parallel(Identity, serial(*branch)), FanInSum, as one layer."""
+
+    name = "residual"
+
+    def __init__(self, *branch: Layer) -> None:
+        self.branch = Serial(*branch)
+
+    def kernel(self, k: State) -> State:
+        try:
+            return FanInSum().kernel((k, self.branch.kernel(k)))
+        except LayerError as err:
+            raise _as(self.name, err) from None
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        body, n = self.branch.module(n_in, width, 0, gen)
+        if n != n_in:
+            raise LayerError(
+                f"residual: the branch gives {n} features from {n_in}: x + branch(x) needs them alike"
+            )
+        return _ResidualModule(body), n_in
+
+    def __repr__(self) -> str:
+        return f"residual({', '.join(map(repr, self.branch.layers))})"
+
+
+class Concat(Layer):
+    """The branches' features side by side: FanOut(n), parallel(*branches), FanInConcat, as one layer."""
+
+    name = "concat"
+
+    def __init__(self, *branches: Layer) -> None:
+        self.branches = Parallel(*branches)
+
+    def kernel(self, k: State) -> State:
+        try:
+            return FanInConcat().kernel(self.branches.kernel((k,) * len(self.branches.layers)))
+        except LayerError as err:
+            raise _as(self.name, err) from None
+
+    def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
+        n = len(self.branches.layers)
+        body, outs = self.branches.module([n_in] * n, width, 0, gen)
+        try:
+            joined, features = FanInConcat().module(outs, width, 0, gen)
+        except LayerError as err:
+            raise _as(self.name, err) from None
+        return SerialModule([FanOutModule(n), body, joined]), features
+
+    def __repr__(self) -> str:
+        return f"concat({', '.join(map(repr, self.branches.layers))})"
+
+
+def residual(*branch: Layer) -> Residual:
     """x + branch(x)."""
-    return Serial(FanOut(2), Parallel(Identity(), Serial(*branch)), FanInSum())
+    return Residual(*branch)
 
 
-def concat(*branches: Layer) -> Serial:
+def concat(*branches: Layer) -> Concat:
     """The branches' features side by side."""
-    return Serial(FanOut(len(branches)), Parallel(*branches), FanInConcat())
+    return Concat(*branches)

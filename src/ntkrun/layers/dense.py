@@ -53,7 +53,10 @@ class Dense(Layer):
         sigma = w2 * k.sigma + b2
         q1 = w2 * k.q1 + b2
         q2 = q1 if k.q2 is k.q1 else second(self, lambda q: w2 * q + b2, k.q2)
-        return Kernel(sigma, sigma + w2 * k.theta, q1, q2, gaussian=True, inputs=False, source=next_source())
+        theta = sigma + w2 * k.theta
+        return k.replace(
+            sigma=sigma, theta=theta, q1=q1, q2=q2, gaussian=True, inputs=False, source=next_source()
+        )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         if isinstance(n_in, list):

@@ -35,7 +35,7 @@ class LayerNorm(Layer):
             raise LayerError("layer_norm: its input is several branches; join them first")
         if not k.gaussian:
             raise LayerError("layer_norm: its input is not Gaussian; put a weight layer (Dense) before it")
-        d = len(k.spatial)
+        d = k.d
         s1, s2 = torch.sqrt(k.var1 + EPS), torch.sqrt(k.var2 + EPS)
         a, b = outer(s1, s2, d)
         q1 = k.q1 / math.prod(self_outer(s1, d))

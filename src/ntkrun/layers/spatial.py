@@ -24,11 +24,14 @@ from ntkrun.layers.state import Kernel, State, diagonal, second
 PADDINGS = ("same", "valid", "circular")
 
 
-def _image_state(name: str, k: State) -> Kernel:
+def _image_state(name: str, k: State, full: bool = False) -> Kernel:
+    """k, a state of images (with the full spatial covariance where `full`)."""
     if not isinstance(k, Kernel):
         raise LayerError(f"{name}: its input is several branches; join them first")
     if len(k.spatial) != 2:
         raise LayerError(f"{name}: needs images (N, C, H, W); its input is vectors")
+    if full and k.diagonal_spatial:
+        raise LayerError(f"{name}: mixes positions, but the state holds only each position with itself")
     return k
 
 
@@ -61,6 +64,20 @@ def patch_mean(T: torch.Tensor, k: int, padding: str) -> torch.Tensor:
     return out / (k * k)
 
 
+def patch_mean_diagonal(T: torch.Tensor, k: int, padding: str) -> torch.Tensor:
+    """patch_mean on the diagonal of the spatial covariance, (..., H, W) -> the mean over the k x k
+    offsets d of T_{p+d} (zeros outside the image for 'same', wrapped around for 'circular')."""
+    lead, (H, W) = T.shape[:-2], T.shape[-2:]
+    x = T.reshape(-1, 1, H, W)
+    r = k // 2
+    if padding == "circular":
+        x = nn.functional.pad(x, [r, r, r, r], mode="circular")
+    out = nn.functional.avg_pool2d(
+        x, k, stride=1, padding=r if padding == "same" else 0, count_include_pad=True
+    )
+    return out.reshape(*lead, *out.shape[-2:])
+
+
 class ConvModule(nn.Module):
     def __init__(
         self, c_in: int, c_out: int, k: int, padding: str, W_std: float, b_std: float, gen: torch.Generator
@@ -84,6 +101,7 @@ class Conv(Layer):
     """A k x k convolution of `width` channels (odd k; stride 1)."""
 
     name = "conv"
+    needs_images = True
     weights = True
 
     def __init__(
@@ -102,12 +120,15 @@ class Conv(Layer):
                 f"conv: a {self.k}x{self.k} valid convolution of {k.spatial[0]}x{k.spatial[1]} images"
             )
         w2, b2 = self.W_std**2, self.b_std**2
-        sigma = w2 * patch_mean(k.sigma, self.k, self.padding) + b2
-        theta = sigma + w2 * patch_mean(k.theta, self.k, self.padding)
-        q1 = w2 * patch_mean(k.q1, self.k, self.padding) + b2
-        own = lambda q: w2 * patch_mean(q, self.k, self.padding) + b2  # noqa: E731
+        mean = patch_mean_diagonal if k.diagonal_spatial else patch_mean
+        sigma = w2 * mean(k.sigma, self.k, self.padding) + b2
+        theta = sigma + w2 * mean(k.theta, self.k, self.padding)
+        q1 = w2 * mean(k.q1, self.k, self.padding) + b2
+        own = lambda q: w2 * mean(q, self.k, self.padding) + b2  # noqa: E731
         q2 = q1 if k.q2 is k.q1 else second(self, own, k.q2)
-        return Kernel(sigma, theta, q1, q2, gaussian=True, inputs=False, source=next_source())
+        return k.replace(
+            sigma=sigma, theta=theta, q1=q1, q2=q2, gaussian=True, inputs=False, source=next_source()
+        )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
         c, h, w = _image_shape(self.name, n_in)
@@ -149,6 +170,8 @@ class AvgPool(Layer):
     AvgPool((w, w), strides=(w, w), padding="VALID"))."""
 
     name = "avg_pool"
+    needs_images = True
+    mixes_positions = True
 
     def __init__(self, window: int = 2, stride: int | None = None) -> None:
         if stride not in (None, window):
@@ -156,7 +179,7 @@ class AvgPool(Layer):
         self.window = window
 
     def kernel(self, k: State) -> State:
-        k = _image_state(self.name, k)
+        k = _image_state(self.name, k, full=True)
         if min(k.spatial) < self.window:
             h, w, n = *k.spatial, self.window
             raise LayerError(f"avg_pool: a {n}x{n} window on {h}x{w} images (pooling past a pixel)")
@@ -175,9 +198,11 @@ class GlobalAvgPool(Layer):
     """The mean over all positions: images -> vectors of their channels."""
 
     name = "global_avg_pool"
+    needs_images = True
+    mixes_positions = True
 
     def kernel(self, k: State) -> State:
-        k = _image_state(self.name, k)
+        k = _image_state(self.name, k, full=True)
         q1 = k.q1.mean((1, 2, 3, 4))
         return k.replace(
             sigma=k.sigma.mean((2, 3, 4, 5)), theta=k.theta.mean((2, 3, 4, 5)),
@@ -193,16 +218,19 @@ class Flatten(Layer):
     each position's own kernel."""
 
     name = "flatten"
+    needs_images = True
 
     def kernel(self, k: State) -> State:
         k = _image_state(self.name, k)
-        pair = lambda T: diagonal(T.flatten(0, 1), 2).reshape(*T.shape[:2], -1).mean(-1)  # noqa: E731
+        d = k.d
+        pair = lambda T: diagonal(T.flatten(0, 1), d).reshape(*T.shape[:2], -1).mean(-1)  # noqa: E731
         q1 = k.var1.flatten(1).mean(1)
         return k.replace(
             sigma=pair(k.sigma),
             theta=pair(k.theta),
             q1=q1,
-            q2=q1 if k.q2 is k.q1 else second(self, lambda q: diagonal(q, 2).flatten(1).mean(1), k.q2),
+            q2=q1 if k.q2 is k.q1 else second(self, lambda q: diagonal(q, d).flatten(1).mean(1), k.q2),
+            diagonal_spatial=False,
         )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:

@@ -12,7 +12,9 @@ raw inputs (no weight layer yet); `source`: a token of the weight layer they las
 Images (N, C, H, W) carry the full spatial covariance: Sigma (N1, N2, H, W, H, W) over pairs of
 positions (p of x, p' of x'), and each input's own q (N, H, W, H, W) over its pairs of positions,
 whose diagonal is the per-position variance an activation needs (`var1`, `var2`). Vectors are
-the case of no positions: Sigma (N1, N2), q (N,).
+the case of no positions: Sigma (N1, N2), q (N,). Where no layer of the composition mixes
+positions (no pooling: stax's economy), images carry only the pairs at the same position,
+`diagonal_spatial`: Sigma (N1, N2, H, W), q (N, H, W); a convolution maps that diagonal to itself.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Kernel:
     gaussian: bool = False
     inputs: bool = False
     source: int = 0
+    diagonal_spatial: bool = False
 
     def replace(self, **changes: object) -> Kernel:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -45,16 +48,23 @@ class Kernel:
     @property
     def spatial(self) -> tuple[int, ...]:
         """The spatial shape P: () for vectors, (H, W) for images."""
+        if self.diagonal_spatial:
+            return tuple(self.sigma.shape[2:])
         return tuple(self.sigma.shape[2 : 2 + (self.sigma.dim() - 2) // 2])
+
+    @property
+    def d(self) -> int:
+        """The spatial axes Sigma pairs (x's against x''s): len(P), or 0 on the diagonal."""
+        return 0 if self.diagonal_spatial else len(self.spatial)
 
     @property
     def var1(self) -> torch.Tensor:
         """(N1, *P): each input's variance at each position (the diagonal of q1)."""
-        return diagonal(self.q1, len(self.spatial))
+        return diagonal(self.q1, self.d)
 
     @property
     def var2(self) -> torch.Tensor:
-        return diagonal(self.q2, len(self.spatial))
+        return diagonal(self.q2, self.d)
 
 
 def diagonal(q: torch.Tensor, d: int) -> torch.Tensor:
@@ -107,25 +117,37 @@ def second(layer: object, fn: Callable[..., torch.Tensor], *qs: torch.Tensor) ->
     return memo[key][0]
 
 
-def own_covariance(X: torch.Tensor) -> torch.Tensor:
-    """(N, n0) -> (N,) |x|^2 / n0; images (N, C, H, W) -> (N, H, W, H, W) over the channels, / C."""
-    if X.dim() == 2:
+def own_covariance(X: torch.Tensor, diagonal_spatial: bool = False) -> torch.Tensor:
+    """(N, n0) -> (N,) |x|^2 / n0; images (N, C, H, W) -> (N, H, W, H, W) over the channels, / C
+    (diagonal_spatial: (N, H, W), each position with itself)."""
+    if X.dim() == 2 or diagonal_spatial:
         return (X * X).sum(1) / X.shape[1]
     return torch.einsum("nchw,ncij->nhwij", X, X) / X.shape[1]
 
 
 def input_kernel(
-    X: torch.Tensor, X2: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, diagonal_at: int | None = None
+    X: torch.Tensor,
+    X2: torch.Tensor,
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    diagonal_at: int | None = None,
+    diagonal_spatial: bool = False,
 ) -> Kernel:
     """Rows X (N1, n0) (or images (N1, C, H, W)) against X2 -> the inputs' kernel: Sigma = x.x' / n0
     (images: over the channels at each pair of positions, / C), Theta = 0 (no parameters yet);
-    q1, q2 their own_covariance. diagonal_at: X is rows r0.. of X2 (a Gram's row block), whose
-    pairs (i, r0 + i) are set to q itself, so that every layer sees correlation exactly 1 there."""
+    q1, q2 their own_covariance. diagonal_at: X and X2 are rows r0.. and c0.. of one set (a block
+    of a Gram), diagonal_at = r0 - c0, and the pairs of an input with itself, (i, i + r0 - c0), are
+    set to its q, so that every layer sees correlation exactly 1 there."""
     if X.dim() == 2:
         sigma = X @ X2.T / X.shape[1]
+    elif diagonal_spatial:
+        sigma = torch.einsum("nchw,mchw->nmhw", X, X2) / X.shape[1]
     else:
         sigma = torch.einsum("nchw,mcij->nmhwij", X, X2) / X.shape[1]
     if diagonal_at is not None:
         rows = torch.arange(X.shape[0])
-        sigma[rows, rows + diagonal_at] = q1
-    return Kernel(sigma, torch.zeros_like(sigma), q1, q2, gaussian=False, inputs=True)
+        rows = rows[(rows + diagonal_at >= 0) & (rows + diagonal_at < X2.shape[0])]
+        sigma[rows, rows + diagonal_at] = q1[rows]
+    return Kernel(
+        sigma, torch.zeros_like(sigma), q1, q2, gaussian=False, inputs=True, diagonal_spatial=diagonal_spatial
+    )

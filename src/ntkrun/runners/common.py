@@ -19,6 +19,7 @@ from ntkrun.costs import Cost, Probe
 from ntkrun.data import resolve_data_dir, split_files
 from ntkrun.errors import DataError, DivergenceError, NumericalRangeError, SpecError
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, combine, leave_one_out
+from ntkrun.layers.parse import caption, parse
 from ntkrun.network import gd_step, mse_cost
 from ntkrun.spec import RunSpec
 from ntkrun.work import MonteCarloLimit, Progress, Unit
@@ -99,7 +100,8 @@ def architecture(spec: RunSpec, input_shape: tuple[int, ...], depth: int | None 
         network, limit = spec.network, getattr(spec, "kernels", None)  # type: ignore[attr-defined]
         return describe(network, input_shape, depth, limit)
     except ValueError as err:
-        raise SpecError(f"network: {err} (inputs of shape {tuple(input_shape)})") from None
+        key = "network." if str(err).startswith("layers: ") else "network: "
+        raise SpecError(f"{key}{err} (inputs of shape {tuple(input_shape)})") from None
 
 
 def check_user_model(
@@ -156,6 +158,8 @@ def build_net(
 def network_caption(net: Any) -> str:
     """'depth 4 relu, beta 0.1' (a cnn: 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'): a
     figure's account of spec.network."""
+    if getattr(net, "layers", None) is not None:
+        return f"layers {caption(net.layers)}"
     if getattr(net, "module", None) is not None:  # its depth, where the factory takes one
         try:
             takes = "depth" in accepted(load_factory(net.module)[0])
@@ -184,14 +188,22 @@ def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     low, high = info.tiny * 1e4, info.max / 1e4
     image = getattr(getattr(spec, "data", None), "image", None)
     # |x|^2 / n0 is all an MLP sees; a CNN its image, else the 28x28 images of the data experiments
-    shape = (1,) if getattr(net, "arch", "mlp") == "mlp" else tuple(image or (1, 28, 28))
+    vectors = getattr(net, "arch", "mlp") == "mlp"
+    if getattr(net, "layers", None) is not None:
+        vectors = not parse(net.layers).images
+    shape = (1,) if vectors else tuple(image or (1, 28, 28))
     values = architecture(spec, shape, depth).range_values(q0)
     smallest, largest = float(values.min()), float(values.max())
     if smallest < low or largest > high or not math.isfinite(largest):
         what = "underflow" if smallest < low else "overflow"
         value = smallest if smallest < low else largest
+        which = (
+            f"layers {caption(net.layers)}"
+            if getattr(net, "layers", None) is not None
+            else (f"depth {depth} with {net.nonlinearity} and beta {net.beta}")
+        )
         raise NumericalRangeError(
-            f"network: depth {depth} with {net.nonlinearity} and beta {net.beta} drives the kernels to "
+            f"network: {which} drives the kernels to "
             f"{value:.3g} (Sigma/Theta of the limit): {spec.dtype} would {what} (normal range "
             f"{info.tiny:.3g} to {info.max:.3g}); use dtype: float64, a smaller depth, or beta > 0"
         )

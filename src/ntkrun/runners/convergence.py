@@ -46,6 +46,7 @@ LOG = logging.getLogger("ntkrun")
 RESULTS_VERSION = 1
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
 MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
+LAYERS = True  # runs a network.layers composition of vectors (ntkrun.layers), its exact limit
 
 
 class ConvergenceSpec(RunSpec):
@@ -147,7 +148,10 @@ def metrics(kernels: pd.DataFrame, summary: pd.DataFrame, losses: pd.DataFrame) 
 
 
 def check(spec: ConvergenceSpec) -> None:
-    """A network.module, tried before anything is written (ntkrun.architectures.module.check_module)."""
+    """A network.module, tried before anything is written (ntkrun.architectures.module.check_module);
+    a network.layers composition, on 2-D points."""
+    if spec.network.layers is not None:
+        arch(spec)
     if spec.network.module is None:
         return
     check_user_model(arch(spec), spec.network.width)
@@ -156,7 +160,8 @@ def check(spec: ConvergenceSpec) -> None:
 def step_cost(spec: ConvergenceSpec, width: int) -> Cost:
     """One GD step on the training set (the MLP's FLOPs, for an arch this experiment refuses at
     its preflight: the units are listed before it)."""
-    if spec.network.module is None and getattr(spec.network, "arch", "mlp") != "mlp":
+    own = spec.network.module is None and spec.network.layers is None
+    if own and getattr(spec.network, "arch", "mlp") != "mlp":
         return Cost(gemm=gd_flops(spec.training.n_train, 2, width, spec.network.depth))
     return arch(spec).gd_cost(spec.training.n_train, width)
 
@@ -207,7 +212,10 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> p
     losses = unpack(*(r["losses"] for r in trained))
     gammas, x0, Xg = grid_points(spec)
     net = spec.network
-    if net.module is None:
+    if net.layers is not None:  # the composition's exact limit
+        theta = arch(spec).kernel(x0, Xg, kind="ntk")
+        summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
+    elif net.module is None:
         _, theta = analytic_kernels(x0, Xg, net.depth, net.nonlinearity, net.beta)
         summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
     else:  # the Monte-Carlo limit: its mean, and its standard error beside it

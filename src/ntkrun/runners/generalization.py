@@ -24,8 +24,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
-from ntkrun.architectures.module import ModuleArchitecture
-from ntkrun.architectures.registry import ARCHITECTURES
+from ntkrun.architectures.registry import kind as description_kind
 from ntkrun.data import check_request, files_of, resolve_data_dir, split_info
 from ntkrun.errors import DataError
 from ntkrun.fits import slope_table
@@ -67,6 +66,7 @@ LOG = logging.getLogger("ntkrun")
 RESULTS_VERSION = 1
 ARCHS = ("mlp", "cnn")
 MODULES = True  # runs a network.module, its kernels by Monte Carlo (docs/science.md §10)
+LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact kernels
 
 
 def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
@@ -137,10 +137,11 @@ class GenSpec(RunSpec):
         if "net" in self.predictors and not self.network.width:
             raise ValueError("network.width is empty but the predictor 'net' is requested")
         baselines = [p for p in self.predictors if p.startswith("mlp_")]
-        if baselines and self.network.arch == "mlp" and self.network.module is None:
+        own = self.network.module is None and self.network.layers is None
+        if baselines and self.network.arch == "mlp" and own:
             raise ValueError(
-                f"predictors: {', '.join(baselines)} compare another arch (or a network.module) with the "
-                "MLP; arch is mlp"
+                f"predictors: {', '.join(baselines)} compare another network (arch, network.layers, "
+                "network.module) with the MLP; this one is the MLP"
             )
         if len(set(self.data.n_train)) != len(self.data.n_train):
             raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")
@@ -220,8 +221,7 @@ def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
     groups: list[tuple[str, ...]] = []
     for baseline in (False, True):
         family = tuple(k for k in wanted if k.startswith("mlp_") == baseline)
-        own = ModuleArchitecture if spec.network.module is not None else ARCHITECTURES[spec.network.arch]
-        joint = (MLPArchitecture if baseline else own).JOINT_KERNELS
+        joint = (MLPArchitecture if baseline else description_kind(spec.network)).JOINT_KERNELS
         groups.extend([family] if joint and len(family) > 1 else [(k,) for k in family])
     return groups
 

@@ -62,6 +62,7 @@ LOG = logging.getLogger("ntkrun")
 RESULTS_VERSION = 1
 ARCHS = ("mlp", "cnn")
 MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
+LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact kernels
 
 
 def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:

@@ -25,6 +25,8 @@ from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, se
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.kernels.monte_carlo import chunks, jackknife_se
+from ntkrun.layers.parse import caption
+from ntkrun.layers.parse import depth as layer_depth
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -46,6 +48,7 @@ from ntkrun.spec import (
     ARCH_NAMES,
     PADDING_NAMES,
     READOUT_NAMES,
+    LayerList,
     Model,
     MonteCarloSpec,
     NonlinearityName,
@@ -79,6 +82,8 @@ class ScalingNetworkSpec(Model):
     padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
     readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
     module: str | None = None  # your own model, "package.module:function" (ntkrun.architectures.module)
+    # a composition of ntkrun.layers: replaces depth (one depth: its weight layers), arch, nonlinearity
+    layers: LayerList | None = None
 
     @model_validator(mode="after")
     def _cnn_keys(self) -> ScalingNetworkSpec:
@@ -126,6 +131,12 @@ Spec = ScalingSpec
 # over the seeds of one width (Theorem 1's fluctuation, fair to a model whose kernel grows with width)
 METRICS = {"dist_init": -0.5, "spread_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}
 MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
+LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact limit
+
+
+def depths(spec: ScalingSpec) -> list[int]:
+    """network.depth; for a composition, its one depth (its weight layers)."""
+    return spec.network.depth if spec.network.layers is None else [layer_depth(spec.network.layers)]
 
 
 def fixed_inputs(spec: ScalingSpec) -> torch.Tensor:
@@ -162,7 +173,7 @@ def check(spec: ScalingSpec) -> None:
     """Before a run directory is made: every depth's geometry on the images (a 'valid' CNN may
     shrink them away); a network.module tried (ntkrun.architectures.module.check_module)."""
     net = spec.network
-    for depth in net.depth:
+    for depth in depths(spec):
         arch(spec, depth)
     if net.module is not None:
         check_user_model(arch(spec, net.depth[0]), net.width, 1, net.depth)
@@ -188,7 +199,7 @@ def units(spec: ScalingSpec) -> list[Unit]:
     net, n, z = spec.network, spec.training.n_train, spec.data.n_points
     nets = [
         Unit(f"d{d}_w{w}_s{s}", unit_cost(spec, d, w), TrainNet(w, s, depth=d))
-        for d in net.depth
+        for d in depths(spec)
         for w in net.width
         for s in spec.seed_values
     ]
@@ -197,7 +208,7 @@ def units(spec: ScalingSpec) -> list[Unit]:
     samples = spec.kernels.mc_samples
     limits = [
         unit
-        for d in net.depth
+        for d in depths(spec)
         for s in spec.seed_values
         for unit in limit_units(
             limit_name(d, s), samples, arch(spec, d).kernel_flops(n + z, n + z), depth=d, seed=s
@@ -336,9 +347,8 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
         if net.arch == "cnn"
         else ""
     )
-    title = (
-        f"{what}{net.nonlinearity}, beta {net.beta:g}, {spec.seeds} seeds, "
-        f"T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
-    )
+    which = f"layers {caption(net.layers)}" if net.layers is not None else ""
+    which = which or f"{net.nonlinearity}, beta {net.beta:g}"
+    title = f"{what}{which}, {spec.seeds} seeds, T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
     scaling_figure(table, fit_table, run.path / "figure", title=title)
     return fit_table

@@ -1,0 +1,132 @@
+"""A composition of ntkrun.layers (`network.layers`) as an architecture description.
+
+Its finite network is the composition's `net`, its limit the composition's exact `kernels` (one
+recursion gives Sigma and Theta: JOINT_KERNELS), its network's FLOPs and bytes measured on one
+network (ProbedArchitecture). A composition holding a spatial layer (Conv, pooling, Flatten) takes
+each point as an image of input_shape (C, H, W); any other takes it flattened, as a vector of n0.
+Built from the spec's list, it is tried at once on one input of that shape, so that a composition
+that cannot work on it (a nonlinearity after a nonlinearity, pooling past a pixel, images into a
+vector-only layer, no readout) is one line before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ntkrun.architectures.probed import ProbedArchitecture
+from ntkrun.layers.base import TILE, Layer, LayerError
+from ntkrun.layers.parse import parse
+
+ENTRY_FLOPS = 40.0  # per pair of (input, position) pairs and layer: the closed forms' arithmetic
+
+
+@lru_cache(maxsize=32)
+def composition(layers: str) -> Layer:
+    """The Layer of a network.layers given as JSON (the description's hashable field)."""
+    return parse(json.loads(layers))
+
+
+def as_json(layers: Any) -> str:
+    """A spec's network.layers (a list, or a name) -> its canonical JSON."""
+    return json.dumps(layers, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class LayersArchitecture(ProbedArchitecture):
+    """The composition `layers` (JSON of the spec's list) on inputs of input_shape."""
+
+    layers: str = '"mlp"'
+    name: ClassVar[str] = "layers"
+    JOINT_KERNELS: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        model = composition(self.layers)
+        if model.images and len(self.input_shape) != 3:
+            first = next(layer.name for layer in model.walk() if layer.needs_images)
+            raise LayerError(f"{first} needs images (C, H, W); these inputs are vectors of {self.n0}")
+        if not model.readout:
+            raise LayerError(f"the composition ends on {model.last_name}: end it with a dense readout")
+        x = self.inputs(torch.ones(1, self.n0, dtype=torch.float64))
+        sigma, _ = model.kernels(x)  # every layer's transformation, on one input of this shape
+        if sigma.dim() > 2:
+            raise LayerError("the composition ends on images: flatten or global_avg_pool before the readout")
+        model.net(2, 0, 1, n0=self.features, dtype=torch.float64)(x)  # and its finite network
+
+    @property
+    def model(self) -> Layer:
+        return composition(self.layers)
+
+    @property
+    def features(self) -> int | tuple[int, int, int]:
+        """What the composition's first layer takes: n0 numbers, or images (C, H, W)."""
+        return tuple(self.input_shape) if self.model.images else self.n0  # type: ignore[return-value]
+
+    def inputs(self, X: torch.Tensor) -> torch.Tensor:
+        if composition(self.layers).images:
+            return X.reshape(X.shape[0], *self.input_shape)
+        return X.reshape(X.shape[0], -1)
+
+    def net(
+        self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
+    ) -> nn.Module:
+        return self.model.net(width, seed, n_out, n0=self.features, dtype=dtype).to(device)
+
+    def kernel(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kind: str = "ntk",
+        out_dtype: torch.dtype = torch.float64,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        return self.kernels(X, X2, kinds=[kind], out_dtype=out_dtype, outs=[out], rows=rows)[0]
+
+    def kernels(
+        self,
+        X: torch.Tensor,
+        X2: torch.Tensor | None = None,
+        *,
+        kinds: Sequence[str],
+        out_dtype: torch.dtype = torch.float64,
+        outs: Sequence[torch.Tensor | None] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Sigma ("nngp") and Theta ("ntk") from one pass of the composition; with rows=(r0, r1),
+        whole rows r0 .. r1 of the Gram (into `outs` there, or returned)."""
+        for kind in kinds:
+            self.check_kernel(kind)
+        sigma, theta = self.model.kernels(self.inputs(X), None if X2 is None else self.inputs(X2), rows=rows)
+        r0, r1 = rows if rows is not None else (0, X.shape[0])
+        found = []
+        for kind, out in zip(kinds, outs if outs is not None else [None] * len(kinds), strict=True):
+            block = (theta if kind == "ntk" else sigma).to(out_dtype)
+            if out is not None:
+                out[r0:r1] = block
+            found.append(block if out is None else out)
+        return found
+
+    @property
+    def positions(self) -> int:
+        """Pixels of one input where the composition takes images, else 1."""
+        return math.prod(self.input_shape[1:]) if self.model.images else 1
+
+    def kernel_flops(self, n1: int, n2: int) -> float:
+        """The inputs' products, then about ENTRY_FLOPS per entry (pairs of positions, at the input's
+        resolution: an overcount after pooling) and layer."""
+        layers = sum(1 for _ in self.model.walk())
+        return 2.0 * n1 * n2 * self.n0 + ENTRY_FLOPS * layers * n1 * n2 * self.positions**2
+
+    def kernel_bytes(self, n1: int, n2: int) -> int:
+        """Sigma and Theta, the inputs' own covariances over positions, a row block's temporaries."""
+        own = (n1 + n2) * self.positions**2 * 8 * 4
+        return 2 * n1 * n2 * 8 + own + 32 * 8 * max(TILE, n2 * self.positions**2)
