@@ -33,14 +33,16 @@ def relu_expectations(
     """(E[relu(u) relu(v)], E[relu'(u) relu'(v)]) for (u, v) ~ N(0, [[sxx, sxy], [sxy, syy]]).
 
     Arguments broadcast against each other. Where a variance is 0, u = 0 a.s. and relu'(0) = 0.
+    In place on four temporaries of the output's size (the same operations, in the same order, as
+    s = sqrt(sxx syy), rho = sxy / s, e_ss = s (sqrt(1 - rho^2) + (pi - arccos rho) rho) / 2 pi).
     """
-    s = torch.sqrt(sxx * syy)
-    positive = s > 0
-    rho = torch.where(positive, sxy / torch.where(positive, s, 1.0), 1.0).clamp_(-1.0, 1.0)
-    pi_minus_th = math.pi - torch.arccos(rho)
+    s = torch.mul(sxx, syy).sqrt_()
+    zero = s == 0
+    rho = torch.div(sxy, s.masked_fill(zero, 1.0)).masked_fill_(zero, 1.0).clamp_(-1.0, 1.0)
+    pi_minus_th = torch.arccos(rho).neg_().add_(math.pi)
     # sin th = sqrt(1 - rho^2), cos th = rho
-    e_ss = s * (torch.sqrt(1 - rho * rho) + pi_minus_th * rho) / (2 * math.pi)
-    e_dd = torch.where(positive, pi_minus_th / (2 * math.pi), 0.0)
+    e_ss = torch.mul(rho, rho).neg_().add_(1).sqrt_().add_(pi_minus_th * rho).mul_(s).div_(2 * math.pi)
+    e_dd = pi_minus_th.div_(2 * math.pi).masked_fill_(zero, 0.0)
     return e_ss, e_dd
 
 
