@@ -116,6 +116,19 @@ def test_a_sweep_over_two_compositions_and_pooling_on_images(tmp_path):
     assert np.isfinite(fits["slope"]).all()
 
 
+def test_attention_on_gaussian_sequences_through_scaling(tmp_path):
+    """data.sequence [T, d]: Gaussian sequences, into a composition with attention; the table's
+    depth counts its weight layers (Dense, Attention, Dense)."""
+    layers = "network.layers=[dense, relu, {attention: {heads: 2}}, relu, global_avg_pool, dense]"
+    result = cli("scaling", "--preset", "quick", "--set", "network.width=[16, 32]", "--seeds", "2",
+                 "--steps", "3", "--set", "training.n_train=6", "--set", "data.n_points=4", "--set", layers,
+                 "--set", "data.inputs=gaussian", "--set", "data.sequence=[5, 3]",
+                 "-o", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "scaling" / "latest" / "scaling.csv")
+    assert set(table["depth"]) == {3} and np.isfinite(table["dist_init"]).all()
+
+
 @pytest.mark.parametrize(
     ("experiment", "layers", "message"),
     [
@@ -124,6 +137,9 @@ def test_a_sweep_over_two_compositions_and_pooling_on_images(tmp_path):
         ("convergence", "[dense, {conv: {kernel: 3}}, dense]", "layer 2 (conv): unknown option 'kernel'"),
         ("convergence", "[dense, {residual: [relu]}, dense]", "layer 2 (residual): a branch is not Gaussian"),
         ("convergence", "[conv, relu, flatten, dense]", "network.layers: conv needs images (C, H, W)"),
+        ("convergence", "[dense, attention, flatten, dense]", "attention needs positions (images, sequen"),
+        ("convergence", "[dense, {attention: {mechanism: softmax, linear_scaling: false}}, dense]",
+         "softmax weights have a closed-form limit only with linear_scaling"),
         ("convergence", "[dense, relu]", "ends on relu: end it with a dense readout"),
         ("convergence", "resnet", "'resnet' names no composition"),
         ("scaling", "[conv, relu, avg_pool, avg_pool, avg_pool, flatten, dense]",

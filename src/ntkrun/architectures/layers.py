@@ -2,8 +2,9 @@
 
 Its finite network is the composition's `net`, its limit the composition's exact `kernels` (one
 recursion gives Sigma and Theta: JOINT_KERNELS), its network's FLOPs and bytes measured on one
-network (ProbedArchitecture). A composition holding a spatial layer (Conv, pooling, Flatten) takes
-each point as an image of input_shape (C, H, W); any other takes it flattened, as a vector of n0.
+network (ProbedArchitecture). A composition holding a layer of positions (Conv, pooling, Flatten,
+Attention) takes each point as an image (C, H, W) or a sequence (T, d) of input_shape; any other
+takes it flattened, as a vector of n0.
 Built from the spec's list, it is tried at once on one input of that shape, so that a composition
 that cannot work on it (a nonlinearity after a nonlinearity, pooling past a pixel, images into a
 vector-only layer, no readout) is one line before anything runs.
@@ -48,10 +49,16 @@ class LayersArchitecture(ProbedArchitecture):
     JOINT_KERNELS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        model = composition(self.layers)
-        if model.images and len(self.input_shape) != 3:
+        model, shape = composition(self.layers), tuple(self.input_shape)
+        if model.images and len(shape) != 3:
             first = next(layer.name for layer in model.walk() if layer.needs_images)
-            raise LayerError(f"{first} needs images (C, H, W); these inputs are vectors of {self.n0}")
+            what = f"vectors of {self.n0}" if len(shape) == 1 else f"sequences {shape}"
+            raise LayerError(f"{first} needs images (C, H, W); these inputs are {what}")
+        if model.positions and len(shape) == 1:
+            first = next(layer.name for layer in model.walk() if layer.needs_positions)
+            raise LayerError(
+                f"{first} needs positions (images, sequences); these inputs are vectors of {self.n0}"
+            )
         if not model.readout:
             raise LayerError(f"the composition ends on {model.last_name}: end it with a dense readout")
         x = self.inputs(torch.ones(1, self.n0, dtype=torch.float64))
@@ -65,12 +72,12 @@ class LayersArchitecture(ProbedArchitecture):
         return composition(self.layers)
 
     @property
-    def features(self) -> int | tuple[int, int, int]:
-        """What the composition's first layer takes: n0 numbers, or images (C, H, W)."""
-        return tuple(self.input_shape) if self.model.images else self.n0  # type: ignore[return-value]
+    def features(self) -> int | tuple[int, ...]:
+        """What the composition's first layer takes: n0 numbers, images (C, H, W), sequences (T, d)."""
+        return tuple(self.input_shape) if self.model.positions else self.n0
 
     def inputs(self, X: torch.Tensor) -> torch.Tensor:
-        if composition(self.layers).images:
+        if composition(self.layers).positions:
             return X.reshape(X.shape[0], *self.input_shape)
         return X.reshape(X.shape[0], -1)
 
@@ -117,16 +124,25 @@ class LayersArchitecture(ProbedArchitecture):
 
     @property
     def positions(self) -> int:
-        """Pixels of one input where the composition takes images, else 1."""
-        return math.prod(self.input_shape[1:]) if self.model.images else 1
+        """Positions of one input (images' pixels, sequences' T) where the composition takes them, else 1."""
+        if not self.model.positions:
+            return 1
+        return math.prod(self.input_shape[1:]) if len(self.input_shape) == 3 else self.input_shape[0]
+
+    @property
+    def entries(self) -> int:
+        """Numbers of one pair of inputs' kernel: 1 for vectors, each position with each (pooling,
+        attention) or with itself (docs/science.md §12.7)."""
+        mixes = any(layer.mixes_positions for layer in self.model.walk())
+        return self.positions ** (2 if mixes else 1)
 
     def kernel_flops(self, n1: int, n2: int) -> float:
-        """The inputs' products, then about ENTRY_FLOPS per entry (pairs of positions, at the input's
-        resolution: an overcount after pooling) and layer."""
+        """The inputs' products, then about ENTRY_FLOPS per entry (at the input's resolution: an
+        overcount after pooling) and layer."""
         layers = sum(1 for _ in self.model.walk())
-        return 2.0 * n1 * n2 * self.n0 + ENTRY_FLOPS * layers * n1 * n2 * self.positions**2
+        return 2.0 * n1 * n2 * self.n0 + ENTRY_FLOPS * layers * n1 * n2 * self.entries
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
-        """Sigma and Theta, the inputs' own covariances over positions, a row block's temporaries."""
-        own = (n1 + n2) * self.positions**2 * 8 * 4
-        return 2 * n1 * n2 * 8 + own + 32 * 8 * max(TILE, n2 * self.positions**2)
+        """Sigma and Theta, and a block's temporaries (about 32 of its size; a block is one pair of
+        inputs where that holds more than TILE entries)."""
+        return 2 * n1 * n2 * 8 + 32 * 8 * max(TILE, self.entries)

@@ -7,11 +7,12 @@
     net = model.net(width=512, seed=0, n0=X.shape[1])   # the finite torch module it describes
 
 neural-tangents' stax semantics and names (NTK parametrization, W_std and b_std as there); each
-layer's kernel transformation is in docs/science.md §12. Inputs: vectors (N, n0) or images
-(N, C, H, W).
+layer's kernel transformation is in docs/science.md §12. Inputs: vectors (N, n0), images
+(N, C, H, W) or sequences (N, T, d).
 """
 
 from ntkrun.layers.activations import Abs, Activation, Erf, Gelu, Identity, LeakyRelu, Relu, Softplus, Tanh
+from ntkrun.layers.attention import Attention
 from ntkrun.layers.base import Layer, LayerError
 from ntkrun.layers.combinators import FanInConcat, FanInSum, FanOut, concat, parallel, residual, serial
 from ntkrun.layers.dense import Dense
@@ -21,6 +22,7 @@ from ntkrun.layers.spatial import AvgPool, Conv, Flatten, GlobalAvgPool
 __all__ = [
     "Abs",
     "Activation",
+    "Attention",
     "AvgPool",
     "Conv",
     "Dense",

@@ -19,7 +19,7 @@ from torch import nn
 from ntkrun.layers.state import Kernel, State, input_kernel, own_covariance, second_inputs_once
 from ntkrun.linalg import mirror_
 
-Features = int | tuple[int, int, int] | list["Features"]  # n0, (C, H, W), or per branch (a list)
+Features = int | tuple[int, ...] | list["Features"]  # n0, (C, H, W), (T, d), or per branch (a list)
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
 
 
@@ -35,7 +35,8 @@ class Layer(ABC):
 
     name: str = "layer"
     weights: bool = False  # a weight layer (Dense): the readout the composition ends on
-    needs_images: bool = False  # a layer of the spatial axes (Conv, pooling, Flatten)
+    needs_images: bool = False  # a layer of images' two spatial axes (Conv, AvgPool)
+    needs_positions: bool = False  # of positions, images' or sequences' (GlobalAvgPool, Flatten, Attention)
     mixes_positions: bool = False  # needs the full spatial covariance (pooling): see state.Kernel
 
     @abstractmethod
@@ -54,10 +55,11 @@ class Layer(ABC):
         self, X: torch.Tensor, X2: torch.Tensor | None = None, *, rows: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact limit of the composition ending here: (Sigma, Theta), each (N1, N2) float64
-        (with the spatial axes where it ends on images), of inputs X (N1, n0) or (N1, C, H, W) and
-        X2 (None: X). rows=(r0, r1) of a Gram (X2 None): only those rows, (r1 - r0, N1), of which
-        the upper triangle and the diagonal are filled (ntkrun.linalg.mirror_ completes a Gram
-        made of such rows); a whole Gram is computed on its upper triangle and mirrored.
+        (with the spatial axes where it ends on positions), of inputs X (N1, n0), images
+        (N1, C, H, W) or sequences (N1, T, d), and X2 (None: X). rows=(r0, r1) of a Gram (X2
+        None): only those rows, (r1 - r0, N1), of which the upper triangle and the diagonal are
+        filled (ntkrun.linalg.mirror_ completes a Gram made of such rows); a whole Gram is
+        computed on its upper triangle and mirrored.
 
         Computed in square blocks of about TILE pairs (positions included): every layer maps each
         pair on its own, and a block's temporaries stay small. Each block's inputs' own covariances
@@ -65,8 +67,9 @@ class Layer(ABC):
         X = torch.as_tensor(X, dtype=torch.float64)
         Y = X if X2 is None else torch.as_tensor(X2, dtype=torch.float64)
         r0, r1 = rows if rows is not None else (0, X.shape[0])
-        diagonal = X.dim() == 4 and not any(layer.mixes_positions for layer in self.walk())
-        positions = max(1, math.prod(X.shape[2:])) ** (1 if diagonal else 2)  # per pair of inputs
+        diagonal = X.dim() > 2 and not any(layer.mixes_positions for layer in self.walk())
+        places = {2: 1, 3: X.shape[1]}.get(X.dim(), math.prod(X.shape[2:]))  # sequences' T, images' H W
+        positions = places ** (1 if diagonal else 2)  # pairs of positions of one pair of inputs
         side = max(1, math.isqrt(TILE // positions))
         cols, step = min(Y.shape[0], side), max(1, TILE // (min(Y.shape[0], side) * positions))
         sigma = theta = torch.empty(0)
@@ -120,8 +123,13 @@ class Layer(ABC):
 
     @property
     def images(self) -> bool:
-        """Whether the composition takes images (holds a layer of the spatial axes)."""
+        """Whether the composition takes images (holds a layer of their two spatial axes)."""
         return any(layer.needs_images for layer in self.walk())
+
+    @property
+    def positions(self) -> bool:
+        """Whether the composition takes inputs with positions (images or sequences)."""
+        return any(layer.needs_images or layer.needs_positions for layer in self.walk())
 
     @property
     def readout(self) -> bool:

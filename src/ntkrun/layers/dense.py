@@ -62,6 +62,8 @@ class Dense(Layer):
         if isinstance(n_in, list):
             raise LayerError("dense: its input is several branches; join them first (FanInSum, FanInConcat)")
         out = n_out or width
-        if isinstance(n_in, tuple):  # images: on the channels at each position
+        if isinstance(n_in, tuple) and len(n_in) == 3:  # images: on the channels at each position
             return DenseModule(n_in[0], out, self.W_std, self.b_std, gen), (out, *n_in[1:])
+        if isinstance(n_in, tuple):  # sequences (T, d): on the features at each position
+            return DenseModule(n_in[1], out, self.W_std, self.b_std, gen), (n_in[0], out)
         return DenseModule(n_in, out, self.W_std, self.b_std, gen), out

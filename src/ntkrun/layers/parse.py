@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ntkrun.layers.activations import Abs, Activation, Erf, Gelu, Identity, LeakyRelu, Relu, Softplus, Tanh
+from ntkrun.layers.attention import Attention
 from ntkrun.layers.base import Layer, LayerError
 from ntkrun.layers.combinators import FanInConcat, FanInSum, FanOut, concat, parallel, residual, serial
 from ntkrun.layers.dense import Dense
@@ -31,7 +32,7 @@ LAYERS: dict[str, Callable[..., Layer]] = {
     "dense": Dense, "conv": Conv, "avg_pool": AvgPool, "global_avg_pool": GlobalAvgPool,
     "flatten": Flatten, "layer_norm": LayerNorm, "relu": Relu, "leaky_relu": LeakyRelu, "abs": Abs,
     "erf": Erf, "gelu": Gelu, "tanh": Tanh, "softplus": Softplus, "identity": Identity,
-    "fan_out": FanOut, "fan_in_sum": FanInSum, "fan_in_concat": FanInConcat,
+    "fan_out": FanOut, "fan_in_sum": FanInSum, "fan_in_concat": FanInConcat, "attention": Attention,
 }  # fmt: skip
 BRANCHING = {"concat": concat, "parallel": parallel}  # a list of items per branch
 SERIAL = {"residual": residual, "serial": serial}  # a list of items
@@ -70,9 +71,9 @@ def parse(items: Any) -> Layer:
 
 
 def depth(items: Any) -> int:
-    """The weight layers of a composition (its Dense and Conv, in every branch): its depth, as a
-    table or a figure names it."""
-    return sum(1 for layer in parse(items).walk() if layer.weights and layer.name in ("dense", "conv"))
+    """The weight layers of a composition (its Dense, Conv and Attention, in every branch): its
+    depth, as a table or a figure names it."""
+    return sum(1 for layer in parse(items).walk() if layer.name in ("dense", "conv", "attention"))
 
 
 def caption(items: Any) -> str:

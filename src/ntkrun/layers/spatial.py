@@ -35,6 +35,24 @@ def _image_state(name: str, k: State, full: bool = False) -> Kernel:
     return k
 
 
+def _positions_state(name: str, k: State, full: bool = False) -> Kernel:
+    """k, a state of images or sequences (with the full covariance over positions where `full`)."""
+    if not isinstance(k, Kernel):
+        raise LayerError(f"{name}: its input is several branches; join them first")
+    if not k.spatial:
+        raise LayerError(f"{name}: needs positions (images, sequences); its input is vectors")
+    if full and k.diagonal_spatial:
+        raise LayerError(f"{name}: mixes positions, but the state holds only each position with itself")
+    return k
+
+
+def _features_of(name: str, n_in: Features) -> tuple[int, int]:
+    """(features at a position, positions) of images (C, H, W) or sequences (T, d)."""
+    if not (isinstance(n_in, tuple) and len(n_in) in (2, 3)):
+        raise LayerError(f"{name}: needs positions (images, sequences); its input is {n_in}")
+    return (n_in[0], n_in[1] * n_in[2]) if len(n_in) == 3 else (n_in[1], n_in[0])
+
+
 def _image_shape(name: str, n_in: Features) -> tuple[int, int, int]:
     if not (isinstance(n_in, tuple) and len(n_in) == 3):
         raise LayerError(f"{name}: needs images (N, C, H, W); its input is {n_in}")
@@ -149,8 +167,8 @@ class _Reduce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.how == "flatten":
             return x.flatten(1)
-        if self.how == "global":
-            return x.mean((2, 3))
+        if self.how == "global":  # images (N, C, H, W) over H, W; sequences (N, T, d) over T
+            return x.mean((2, 3)) if x.dim() == 4 else x.mean(1)
         return nn.functional.avg_pool2d(x, self.window)
 
 
@@ -195,33 +213,34 @@ class AvgPool(Layer):
 
 
 class GlobalAvgPool(Layer):
-    """The mean over all positions: images -> vectors of their channels."""
+    """The mean over all positions: images or sequences -> vectors of their features."""
 
     name = "global_avg_pool"
-    needs_images = True
+    needs_positions = True
     mixes_positions = True
 
     def kernel(self, k: State) -> State:
-        k = _image_state(self.name, k, full=True)
-        q1 = k.q1.mean((1, 2, 3, 4))
+        k = _positions_state(self.name, k, full=True)
+        pairs, own = tuple(range(2, k.sigma.dim())), lambda q: q.mean(tuple(range(1, q.dim())))
+        q1 = own(k.q1)
         return k.replace(
-            sigma=k.sigma.mean((2, 3, 4, 5)), theta=k.theta.mean((2, 3, 4, 5)),
-            q1=q1, q2=q1 if k.q2 is k.q1 else second(self, lambda q: q.mean((1, 2, 3, 4)), k.q2),
+            sigma=k.sigma.mean(pairs), theta=k.theta.mean(pairs),
+            q1=q1, q2=q1 if k.q2 is k.q1 else second(self, own, k.q2),
         )  # fmt: skip
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        return _Reduce("global"), _image_shape(self.name, n_in)[0]
+        return _Reduce("global"), _features_of(self.name, n_in)[0]
 
 
 class Flatten(Layer):
-    """Images -> vectors of all their numbers; a Dense after it sees the mean over positions of
-    each position's own kernel."""
+    """Images or sequences -> vectors of all their numbers; a Dense after it sees the mean over
+    positions of each position's own kernel."""
 
     name = "flatten"
-    needs_images = True
+    needs_positions = True
 
     def kernel(self, k: State) -> State:
-        k = _image_state(self.name, k)
+        k = _positions_state(self.name, k)
         d = k.d
         pair = lambda T: diagonal(T.flatten(0, 1), d).reshape(*T.shape[:2], -1).mean(-1)  # noqa: E731
         q1 = k.var1.flatten(1).mean(1)
@@ -234,4 +253,4 @@ class Flatten(Layer):
         )
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        return _Reduce("flatten"), math.prod(_image_shape(self.name, n_in))
+        return _Reduce("flatten"), math.prod(_features_of(self.name, n_in))

@@ -118,9 +118,14 @@ def second(layer: object, fn: Callable[..., torch.Tensor], *qs: torch.Tensor) ->
 
 
 def own_covariance(X: torch.Tensor, diagonal_spatial: bool = False) -> torch.Tensor:
-    """(N, n0) -> (N,) |x|^2 / n0; images (N, C, H, W) -> (N, H, W, H, W) over the channels, / C
-    (diagonal_spatial: (N, H, W), each position with itself)."""
-    if X.dim() == 2 or diagonal_spatial:
+    """(N, n0) -> (N,) |x|^2 / n0; images (N, C, H, W) -> (N, H, W, H, W) over the channels, / C;
+    sequences (N, T, d) -> (N, T, T) over the features, / d (diagonal_spatial: (N, H, W) or
+    (N, T), each position with itself)."""
+    if X.dim() == 2:
+        return (X * X).sum(1) / X.shape[1]
+    if X.dim() == 3:
+        return (X * X).sum(2) / X.shape[2] if diagonal_spatial else X @ X.transpose(1, 2) / X.shape[2]
+    if diagonal_spatial:
         return (X * X).sum(1) / X.shape[1]
     return torch.einsum("nchw,ncij->nhwij", X, X) / X.shape[1]
 
@@ -133,13 +138,17 @@ def input_kernel(
     diagonal_at: int | None = None,
     diagonal_spatial: bool = False,
 ) -> Kernel:
-    """Rows X (N1, n0) (or images (N1, C, H, W)) against X2 -> the inputs' kernel: Sigma = x.x' / n0
-    (images: over the channels at each pair of positions, / C), Theta = 0 (no parameters yet);
+    """Rows X (N1, n0) (images (N1, C, H, W), sequences (N1, T, d)) against X2 -> the inputs' kernel:
+    Sigma = x.x' / n0 (images, sequences: over the features at each pair of positions, / C or d),
+    Theta = 0 (no parameters yet);
     q1, q2 their own_covariance. diagonal_at: X and X2 are rows r0.. and c0.. of one set (a block
     of a Gram), diagonal_at = r0 - c0, and the pairs of an input with itself, (i, i + r0 - c0), are
     set to its q, so that every layer sees correlation exactly 1 there."""
     if X.dim() == 2:
         sigma = X @ X2.T / X.shape[1]
+    elif X.dim() == 3:
+        equation = "ntc,mtc->nmt" if diagonal_spatial else "ntc,msc->nmts"
+        sigma = torch.einsum(equation, X, X2) / X.shape[2]
     elif diagonal_spatial:
         sigma = torch.einsum("nchw,mchw->nmhw", X, X2) / X.shape[1]
     else:

@@ -186,11 +186,12 @@ def check_range(spec: RunSpec, q0: float = 0.1) -> None:
     depth = max(net.depth) if isinstance(net.depth, list) else net.depth
     info = torch.finfo(resolve_dtype(spec.dtype))
     low, high = info.tiny * 1e4, info.max / 1e4
-    image = getattr(getattr(spec, "data", None), "image", None)
+    data = getattr(spec, "data", None)
+    image = getattr(data, "image", None) or getattr(data, "sequence", None)
     # |x|^2 / n0 is all an MLP sees; a CNN its image, else the 28x28 images of the data experiments
     vectors = getattr(net, "arch", "mlp") == "mlp"
     if getattr(net, "layers", None) is not None:
-        vectors = not parse(net.layers).images
+        vectors = not parse(net.layers).positions
     shape = (1,) if vectors else tuple(image or (1, 28, 28))
     values = architecture(spec, shape, depth).range_values(q0)
     smallest, largest = float(values.min()), float(values.max())

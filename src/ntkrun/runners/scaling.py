@@ -96,6 +96,8 @@ class ScalingDataSpec(Model):
     dim: PositiveInt = 2  # gaussian inputs only (circle points are 2-D)
     # gaussian images (channels, rows, cols), every pixel N(0, 1): the inputs of a cnn (dim unused)
     image: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None = None
+    # gaussian sequences (positions, features), every number N(0, 1): for network.layers with attention
+    sequence: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
 
 
 class ScalingTrainingSpec(Model):
@@ -119,6 +121,8 @@ class ScalingSpec(RunSpec):
             raise ValueError("data.dim applies to gaussian inputs only: circle points are 2-D")
         if self.data.image is not None and self.data.inputs != "gaussian":
             raise ValueError("data.image: images are Gaussian; set data.inputs: gaussian")
+        if self.data.sequence is not None and (self.data.inputs != "gaussian" or self.data.image is not None):
+            raise ValueError("data.sequence: Gaussian sequences, not images; set data.inputs: gaussian")
         if self.network.arch == "cnn" and self.data.image is None:
             raise ValueError(
                 "network.arch: a cnn takes images; set data.inputs: gaussian, data.image: [C, H, W]"
@@ -154,9 +158,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def input_shape(spec: ScalingSpec) -> tuple[int, ...]:
-    """One input's shape: (2,) on the circle, (dim,) Gaussian, or the Gaussian image (C, H, W)."""
+    """One input's shape: (2,) on the circle, (dim,) Gaussian, the Gaussian image (C, H, W) or
+    sequence (T, d)."""
     if spec.data.image is not None:
         return tuple(spec.data.image)
+    if spec.data.sequence is not None:
+        return tuple(spec.data.sequence)
     return (2,) if spec.data.inputs == "circle" else (spec.data.dim,)
 
 
@@ -341,13 +348,14 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
     net = spec.network
-    shape = "x".join(str(s) for s in spec.data.image or ())
+    shape = "x".join(str(s) for s in spec.data.image or spec.data.sequence or ())
     what = (
         f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout} on {shape} images, "
-        if net.arch == "cnn"
+        if net.arch == "cnn" and net.layers is None
         else ""
     )
-    which = f"layers {caption(net.layers)}" if net.layers is not None else ""
+    on = f" on {shape} {'images' if spec.data.image else 'sequences'}" if shape else ""
+    which = f"layers {caption(net.layers)}{on}" if net.layers is not None else ""
     which = which or f"{net.nonlinearity}, beta {net.beta:g}"
     title = f"{what}{which}, {spec.seeds} seeds, T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
     scaling_figure(table, fit_table, run.path / "figure", title=title)
