@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ntkrun.architectures.probed import ProbedArchitecture
-from ntkrun.layers.base import TILE, Layer, LayerError
+from ntkrun.layers.base import PAIRS_AT_LEAST, TILE, Layer, LayerError
 from ntkrun.layers.parse import parse
 
 ENTRY_FLOPS = 40.0  # per pair of (input, position) pairs and layer: the closed forms' arithmetic
@@ -143,6 +143,6 @@ class LayersArchitecture(ProbedArchitecture):
         return 2.0 * n1 * n2 * self.n0 + ENTRY_FLOPS * layers * n1 * n2 * self.entries
 
     def kernel_bytes(self, n1: int, n2: int) -> int:
-        """Sigma and Theta, and a block's temporaries (about 32 of its size; a block is one pair of
-        inputs where that holds more than TILE entries)."""
-        return 2 * n1 * n2 * 8 + 32 * 8 * max(TILE, self.entries)
+        """Sigma and Theta, and a block's temporaries (about 32 of its size; a block holds at least
+        PAIRS_AT_LEAST pairs of inputs)."""
+        return 2 * n1 * n2 * 8 + 32 * 8 * max(TILE, PAIRS_AT_LEAST * self.entries)

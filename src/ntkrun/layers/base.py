@@ -23,7 +23,8 @@ Features = int | tuple[int, ...] | list["Features"]  # n0, (C, H, W), (T, d), or
 Built = tuple[nn.Module, Features]  # a layer's torch module and the features it gives
 
 
-TILE = 1 << 18  # pairs (of inputs and positions) of one row block of kernels()
+TILE = 1 << 18  # pairs (of inputs and positions) of one block of kernels()
+PAIRS_AT_LEAST = 16  # pairs of inputs of one block where each holds more than TILE / 16 (pooling on 28 x 28)
 
 
 class LayerError(ValueError):
@@ -70,7 +71,7 @@ class Layer(ABC):
         diagonal = X.dim() > 2 and not any(layer.mixes_positions for layer in self.walk())
         places = {2: 1, 3: X.shape[1]}.get(X.dim(), math.prod(X.shape[2:]))  # sequences' T, images' H W
         positions = places ** (1 if diagonal else 2)  # pairs of positions of one pair of inputs
-        side = max(1, math.isqrt(TILE // positions))
+        side = max(1, math.isqrt(max(TILE, PAIRS_AT_LEAST * positions) // positions))
         cols, step = min(Y.shape[0], side), max(1, TILE // (min(Y.shape[0], side) * positions))
         sigma = theta = torch.empty(0)
         for c0 in range(0, Y.shape[0], cols):
