@@ -10,8 +10,9 @@ An experiment never asks which network it runs: it asks the description, built f
     kernel_flops / *_bytes
 
 Data reach the description as the runners hold them, one flattened row per point (N, n0); `inputs`
-gives them the shape the network takes. A new architecture is one subclass in its own module and
-one line in `ntkrun.architectures.ARCHITECTURES` (docs/architecture.md, "Adding an architecture").
+gives them the shape the network takes. A new network is a composition of ntkrun.layers
+(`network.layers`, described by architectures.layers), and a new layer one module of its own
+(docs/architecture.md, "Adding a layer").
 """
 
 from __future__ import annotations

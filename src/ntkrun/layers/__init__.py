@@ -16,6 +16,7 @@ from ntkrun.layers.attention import Attention
 from ntkrun.layers.base import Layer, LayerError
 from ntkrun.layers.combinators import FanInConcat, FanInSum, FanOut, concat, parallel, residual, serial
 from ntkrun.layers.dense import Dense
+from ntkrun.layers.lift import Lifted, from_torch
 from ntkrun.layers.normalization import LayerNorm
 from ntkrun.layers.spatial import AvgPool, Conv, Flatten, GlobalAvgPool
 
@@ -38,10 +39,12 @@ __all__ = [
     "LayerError",
     "LayerNorm",
     "LeakyRelu",
+    "Lifted",
     "Relu",
     "Softplus",
     "Tanh",
     "concat",
+    "from_torch",
     "parallel",
     "residual",
     "serial",

@@ -45,9 +45,9 @@ def _around(pair: tuple[torch.Tensor, torch.Tensor], cov: torch.Tensor) -> tuple
 
 
 class ActivationModule(nn.Module):
-    def __init__(self, phi: Nonlinearity) -> None:
+    def __init__(self, layer: Activation) -> None:
         super().__init__()
-        self.phi = phi
+        self.phi, self.layer = layer.phi, layer  # the layer: its closed form, for from_torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.phi.sigma(x)
@@ -77,7 +77,7 @@ class Activation(Layer):
         return k.replace(sigma=e_ss, theta=k.theta * e_dd, q1=q1, q2=q2, gaussian=False, inputs=False)
 
     def module(self, n_in: Features, width: int, n_out: int, gen: torch.Generator) -> Built:
-        return ActivationModule(self.phi), n_in
+        return ActivationModule(self), n_in
 
 
 def Relu() -> Activation:  # noqa: N802 (stax's names)

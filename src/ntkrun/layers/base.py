@@ -112,7 +112,9 @@ class Layer(ABC):
             raise LayerError(f"the composition ends on {self.last_name}: end it with a Dense readout")
         gen = torch.Generator().manual_seed(seed)
         module, _ = self.module(n0, width, n_out, gen)
-        return Net(module, n_out).to(dtype)
+        net = Net(module, n_out).to(dtype)
+        net.composition = self
+        return net
 
     def walk(self) -> Iterator[Layer]:
         """This layer, then every layer it holds (a combinator's), depth first."""
@@ -148,6 +150,7 @@ class Net(nn.Module):
     def __init__(self, body: nn.Module, n_out: int) -> None:
         super().__init__()
         self.body, self.n_out = body, n_out
+        self.composition: Layer | None = None  # the composition it was built from (Layer.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)

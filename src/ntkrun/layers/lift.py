@@ -1,0 +1,265 @@
+"""from_torch: the composition of ntkrun.layers that a torch model of supported layers is
+(docs/science.md §12.10).
+
+The model is traced with torch.fx; each node of its graph becomes a layer, and a node joining
+tensors (x + y, torch.cat) becomes FanOut, parallel branches and a fan-in, the branches starting
+at the join's immediate dominator (the last node every path from the input passes through): a
+residual block x + f(x) is residual(f). Graphs that are not series-parallel, and any operation
+outside the table below, are refused naming the node.
+
+Parametrization. nn.Linear and nn.Conv2d are read with torch's default initialization (uniform
+weights and biases of variance 1/(3 fan_in); a weight matrix whose variance says otherwise is
+refused): the standard parametrization, whose NNGP is that of the NTK-parametrized composition
+with W_std^2 = 1/3, b_std^2 = 1/(3 n0) on the layers reading the inputs and 0 behind a weight
+layer (there fan_in grows with the width). Its NTK is the limit of sum_p Var(p) df/dp df/dp' (each
+parameter's gradient weighted by its initial variance: gradient descent with a per-parameter
+learning rate eta Var(p), which is NTK-parametrized gradient descent with rate eta); with one
+learning rate for all parameters the NTK of the standard parametrization grows with the width.
+ntkrun.layers' own modules are NTK-parametrized and read exactly (W_std, b_std as built).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ntkrun.layers import activations as act
+from ntkrun.layers.base import Layer, LayerError, Net
+from ntkrun.layers.combinators import Concat, FanInSum, FanOut, Residual, parallel, serial
+from ntkrun.layers.dense import Dense, DenseModule
+from ntkrun.layers.normalization import LayerNorm, LayerNormModule
+from ntkrun.layers.spatial import AvgPool, Conv, ConvModule, Flatten, GlobalAvgPool
+
+DEFAULT_VARIANCE = 1 / 3  # fan_in x the variance of torch's default (kaiming_uniform(a=sqrt(5))) weights
+_RELU = (torch.relu, nn.functional.relu, "relu")
+_TANH = (torch.tanh, nn.functional.tanh, "tanh")
+_ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
+
+
+@dataclass(frozen=True)
+class Lifted:
+    """A model as a composition: `layers` (serial), the parametrization of its weight layers
+    ('ntk', 'standard', or 'mixed') and its outputs."""
+
+    layers: Layer
+    parametrization: str
+    n_out: int
+
+
+def _one(layers: list[Layer]) -> Layer:
+    return layers[0] if len(layers) == 1 else serial(*layers)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        ntkrun_leaf = isinstance(m, DenseModule | ConvModule | LayerNormModule | act.ActivationModule)
+        return ntkrun_leaf or super().is_leaf_module(m, qualname)
+
+
+def from_torch(model: nn.Module) -> Lifted:
+    """The composition a torch model is (see the module's docstring), or LayerError naming the
+    first operation that has none."""
+    if isinstance(model, Net) and getattr(model, "composition", None) is not None:
+        return Lifted(model.composition, "ntk", model.n_out)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LayerError(
+            f"from_torch: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first}); "
+            "a forward pass without data-dependent control flow can be lifted"
+        ) from None
+    return _Graph(model, graph).lift()
+
+
+class _Graph:
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.modules = dict(model.named_modules())
+        self.nodes = list(graph.nodes)
+        self.order = {node: i for i, node in enumerate(self.nodes)}
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise LayerError(f"from_torch: the model takes {len(inputs)} inputs, not one")
+        self.input = inputs[0]
+        self.dom: dict[fx.Node, set[fx.Node]] = {}
+        for node in self.nodes:  # fx's order is topological
+            preds = node.all_input_nodes
+            common = set.intersection(*(self.dom[p] for p in preds)) if preds else set()
+            self.dom[node] = common | {node}
+        self.spatial: dict[fx.Node, bool | None] = {self.input: None}  # images/sequences (True), vectors
+        self.behind: dict[fx.Node, bool] = {self.input: False}  # a weight layer before it
+        self.kinds: set[str] = set()
+        self.n_out = 1
+
+    def lift(self) -> Lifted:
+        out = next(n for n in self.nodes if n.op == "output").args[0]
+        if not isinstance(out, fx.Node):
+            raise LayerError("from_torch: the model returns several tensors, not one")
+        layers = self.chain(out, self.input)
+        if not layers or not layers[-1].readout:
+            raise LayerError("from_torch: the model does not end on nn.Linear (the readout)")
+        kinds = self.kinds
+        parametrization = kinds.pop() if len(kinds) == 1 else "mixed"
+        return Lifted(serial(*layers), parametrization, self.n_out)
+
+    def chain(self, node: fx.Node, stop: fx.Node) -> list[Layer]:
+        """The layers from stop's output to node's output (stop dominates node)."""
+        if node is stop:
+            return []
+        if node.op == "placeholder":
+            raise LayerError("from_torch: the graph is not series-parallel (a branch skips its block)")
+        preds = node.all_input_nodes
+        if len(preds) > 1 and self.is_call(node, (*_ADD, torch.cat, torch.concat)):
+            return self.join(node, stop, preds)
+        if len(preds) > 1:
+            raise LayerError(f"from_torch: {self.what(node)} is not supported (see ntkrun.layers.lift)")
+        if not preds:
+            raise LayerError(f"from_torch: {self.what(node)} does not take the input")
+        before = self.chain(preds[0], stop)
+        self.spatial[node], self.behind[node] = self.spatial[preds[0]], self.behind[preds[0]]
+        return before + self.layer(node)
+
+    def join(self, node: fx.Node, stop: fx.Node, preds: list[fx.Node]) -> list[Layer]:
+        start = max(self.dom[node] - {node}, key=self.order.__getitem__)
+        before = self.chain(start, stop)
+        branches = [self.chain(p, start) for p in preds]
+        self.spatial[node] = self.spatial[preds[0]]
+        self.behind[node] = any(self.behind[p] for p in preds)
+        if self.is_call(node, _ADD) and len(preds) == 2 and len(node.args) == 2 and not node.kwargs:
+            empty = [b for b in branches if not b]
+            if len(empty) == 1:
+                return [*before, Residual(*next(b for b in branches if b))]
+            if not empty:
+                return [*before, FanOut(2), parallel(*map(_one, branches)), FanInSum()]
+        if self.is_call(node, (torch.cat, torch.concat)) and all(branches):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim in (1, -1) and (dim == 1 or not self.spatial[node]):
+                return [*before, Concat(*map(_one, branches))]
+        raise LayerError(f"from_torch: {self.what(node)} joins tensors in a way with no layer (x + f(x), "
+                         "f(x) + g(x) and torch.cat on the features are)")  # fmt: skip
+
+    def layer(self, node: fx.Node) -> list[Layer]:
+        if node.op == "call_module":
+            return self.module(node, self.modules[str(node.target)])
+        if node.op in ("call_function", "call_method"):
+            return self.function(node)
+        raise LayerError(f"from_torch: {self.what(node)} is not supported")
+
+    def module(self, node: fx.Node, m: nn.Module) -> list[Layer]:
+        if isinstance(m, nn.Linear | nn.Conv2d | DenseModule | ConvModule):
+            return [self.weights(node, m)]
+        if isinstance(m, nn.Identity):
+            return []
+        simple: dict[type, Layer] = {nn.ReLU: act.Relu(), nn.Tanh: act.Tanh()}
+        if type(m) in simple:
+            return [simple[type(m)]]
+        if isinstance(m, nn.GELU) and m.approximate == "none":
+            return [act.Gelu()]
+        if isinstance(m, nn.LeakyReLU):
+            return [act.LeakyRelu(m.negative_slope)]
+        if isinstance(m, nn.Softplus) and m.beta == 1:
+            return [act.Softplus()]
+        if isinstance(m, act.ActivationModule):
+            return [m.layer]
+        if isinstance(m, nn.LayerNorm | LayerNormModule):
+            return [self.layer_norm(node, m)]
+        if isinstance(m, nn.AvgPool2d):
+            k, s = m.kernel_size, m.stride or m.kernel_size
+            if isinstance(k, int) and s == k and m.padding == 0 and not m.ceil_mode:
+                self.spatial[node] = True
+                return [AvgPool(k)]
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            self.spatial[node] = False
+            return [GlobalAvgPool()]
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            return self.flatten(node)
+        raise LayerError(f"from_torch: {self.what(node)} is not supported (see ntkrun.layers.lift)")
+
+    def function(self, node: fx.Node) -> list[Layer]:
+        args = node.args[1:]
+        if self.is_call(node, _RELU) and not args:
+            return [act.Relu()]
+        if self.is_call(node, _TANH) and not args:
+            return [act.Tanh()]
+        exact = node.kwargs.get("approximate", "none") == "none"  # torch's tanh approximation has none
+        if self.is_call(node, (nn.functional.gelu, "gelu")) and exact:
+            return [act.Gelu()]
+        if self.is_call(node, (torch.flatten, "flatten")) and tuple(args) == (1,) and not node.kwargs:
+            return self.flatten(node)
+        dims = node.kwargs.get("dim", args[0] if args else None)
+        if self.is_call(node, (torch.mean, "mean")) and isinstance(dims, tuple | list) and len(args) <= 1:
+            if tuple(dims) in ((2, 3), (-2, -1)):  # images' positions (keepdim or not: flatten is a no-op)
+                self.spatial[node] = False
+                return [GlobalAvgPool()]
+        raise LayerError(f"from_torch: {self.what(node)} is not supported (see ntkrun.layers.lift)")
+
+    def flatten(self, node: fx.Node) -> list[Layer]:
+        was, self.spatial[node] = self.spatial[node], False
+        return [] if was is False else [Flatten()]  # a vector (after global pooling) stays one
+
+    def weights(self, node: fx.Node, m: nn.Module) -> Layer:
+        first = not self.behind[node]
+        self.behind[node] = True
+        if isinstance(m, DenseModule | ConvModule):
+            self.kinds.add("ntk")
+            fan_in = m.weight[0].numel()
+            W_std = (m.w_scale if isinstance(m, DenseModule) else m.scale) * math.sqrt(fan_in)
+            b_std = m.b_std if m.bias is not None else 0.0
+        else:
+            self.kinds.add("standard")
+            fan_in = m.weight[0].numel()
+            ratio = fan_in * float(m.weight.detach().double().pow(2).mean()) / DEFAULT_VARIANCE
+            if m.weight.numel() >= 100 and abs(ratio - 1) > max(0.1, 8 * math.sqrt(0.8 / m.weight.numel())):
+                raise LayerError(
+                    f"from_torch: {self.what(node)}: its weights' variance is {ratio:.3g} times torch's "
+                    "default 1/(3 fan_in); from_torch reads the default initialization only"
+                )
+            W_std = math.sqrt(DEFAULT_VARIANCE)
+            b_std = math.sqrt(DEFAULT_VARIANCE / fan_in) if first and m.bias is not None else 0.0
+        if isinstance(m, nn.Linear | DenseModule):
+            self.n_out = m.weight.shape[0]
+            return Dense(W_std, b_std)
+        self.spatial[node] = True
+        if isinstance(m, ConvModule):
+            return Conv(m.k, m.padding, W_std, b_std)
+        return self.conv(node, m, W_std, b_std)  # type: ignore[arg-type]
+
+    def conv(self, node: fx.Node, m: nn.Conv2d, W_std: float, b_std: float) -> Layer:
+        k = m.kernel_size[0]
+        simple = m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.kernel_size == (k, k)
+        padding = {(0, 0): "valid", "valid": "valid", "same": "same", (k // 2, k // 2): "same"}.get(m.padding)
+        if m.padding_mode == "circular" and padding == "same":
+            padding = "circular"
+        elif m.padding_mode != "zeros":
+            padding = None
+        if not simple or k % 2 == 0 or padding is None:
+            raise LayerError(
+                f"from_torch: {self.what(node)}: only odd square kernels, stride 1, no dilation or groups, "
+                "padding 0 or kernel_size // 2 (zeros or circular) have a layer"
+            )
+        return Conv(k, padding, W_std, b_std)
+
+    def layer_norm(self, node: fx.Node, m: nn.Module) -> Layer:
+        if isinstance(m, nn.LayerNorm):
+            if m.elementwise_affine or len(m.normalized_shape) != 1 or self.spatial[node]:
+                raise LayerError(
+                    f"from_torch: {self.what(node)}: LayerNorm over the last axis of vectors or sequences "
+                    "without affine parameters (elementwise_affine=False) has a layer"
+                )
+        return LayerNorm()
+
+    @staticmethod
+    def is_call(node: fx.Node, targets: tuple[object, ...]) -> bool:
+        if node.op == "call_method":
+            return node.target in targets
+        return node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))
+
+    def what(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{type(self.modules[str(node.target)]).__name__} '{node.target}'"
+        target = getattr(node.target, "__name__", str(node.target))
+        return f"{target} ({node.op.replace('_', ' ')} '{node.name}')"
