@@ -74,6 +74,23 @@ def test_convergence_runs_a_composition_against_its_own_limit(tmp_path):
     assert first[256] < first[32]
 
 
+def test_regression_takes_its_limiting_gaussian_from_the_composition(tmp_path):
+    """network.layers=mlp gives regression's limit.csv (the Gaussian's mean, std and percentiles
+    at t = T and t = inf) of arch mlp to 1e-10 (the kernels agree to 1e-13; the solve conditions
+    them); a composition's empirical kernel is refused in one line."""
+    tiny = ["regression", "--preset", "quick", "--set", "network.width=[64]", "--seeds", "1",
+            "--steps", "5", "--set", "grid.n_angles=16"]  # fmt: skip
+    assert cli(*tiny, "-o", tmp_path / "a").exit_code == 0
+    result = cli(*tiny, "--set", "network.layers=mlp", "-o", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    a, b = (pd.read_csv(tmp_path / d / "regression" / "latest" / "limit.csv") for d in "ab")
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) == 2 * 16
+    numbers = [c for c in a.columns if c != "kernel"]
+    np.testing.assert_allclose(b[numbers].to_numpy(), a[numbers].to_numpy(), rtol=1e-10, atol=1e-12)
+    refused = cli(*tiny, "--set", "network.layers=mlp", "--set", "kernel=empirical", "--check")
+    assert refused.exit_code == 2 and "kernel: empirical" in refused.output, refused.output
+
+
 def test_generalization_solves_on_the_compositions_kernels(images, tmp_path):
     """A residual MLP's NTK and NNGP predictors (one joint kernel unit) give accuracy.csv's test MSE
     of a direct solve on the composition's own kernels of the same points."""
@@ -145,7 +162,7 @@ def test_attention_on_gaussian_sequences_through_scaling(tmp_path):
         ("scaling", "[conv, relu, avg_pool, avg_pool, avg_pool, flatten, dense]",
          "layer 5 (avg_pool): a 2x2 window on 1x1 images"),
         ("scaling", "[conv, relu, dense]", "the composition ends on images"),
-        ("regression", "mlp", "network.layers: regression does not run compositions"),
+        ("regression", "[conv, relu, flatten, dense]", "network.layers: conv needs images (C, H, W)"),
         ("features", "mlp", "network.layers: unknown key"),
     ],
 )  # fmt: skip

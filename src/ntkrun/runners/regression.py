@@ -18,18 +18,21 @@ import torch
 from pydantic import Field, model_validator
 
 from ntkrun import dynamics, resources
+from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.costs import Cost
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
-from ntkrun.errors import NumericalError
+from ntkrun.errors import NumericalError, SpecError
 from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
 from ntkrun.kernels.analytic import CLOSED_FORMS
 from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    architecture,
     build_net,
     distinct_names,
+    network_caption,
     ntk_flops,
     pack,
     resolve_device,
@@ -53,6 +56,7 @@ LOG = logging.getLogger("ntkrun")
 # a run of an older version is then not resumed into mixed results.
 RESULTS_VERSION = 1
 INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
+LAYERS = True  # runs a network.layers composition of vectors (ntkrun.layers), its exact limit
 
 
 class RegressionTrainingSpec(Model):
@@ -119,6 +123,15 @@ class RegressionSpec(RunSpec):
 Spec = RegressionSpec
 
 
+def check(spec: RegressionSpec) -> None:
+    """kernel: empirical reads the MLP's readout (empirical_nngp): SpecError for a composition."""
+    if spec.network.layers is not None and spec.kernel == "empirical":
+        raise SpecError(
+            "kernel: empirical estimates Sigma from an MLP's readout; a network.layers composition has "
+            "its exact limit (kernel: analytic)"
+        )
+
+
 def training_data(spec: RegressionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(angles (N,), targets (N,)) in float64, from the data section of the spec."""
     data = spec.data
@@ -141,7 +154,13 @@ def limit_kernels(
 ) -> dict[str, torch.Tensor]:
     """Theta and Sigma on train x train, grid x train, and Sigma on the grid diagonal (float64, CPU)."""
     net = spec.network
-    if spec.kernel == "analytic":
+    if spec.kernel == "analytic" and net.layers is not None:
+        description = cost_model(spec)
+
+        def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            sigma, theta = description.kernels(A, B, kinds=["nngp", "ntk"])
+            return sigma, theta
+    elif spec.kernel == "analytic":
 
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             return analytic_kernels(A, B, net.depth, net.nonlinearity, net.beta)
@@ -225,10 +244,13 @@ def step_cost(spec: RegressionSpec, width: int) -> Cost:
     return cost_model(spec).gd_cost(n_train(spec), width)
 
 
-def cost_model(spec: RegressionSpec) -> MLPArchitecture:
-    """The MLP on the circle, whatever network.arch says: the units are listed (and priced) before
-    the preflight refuses any other architecture, in one line naming network.arch."""
+def cost_model(spec: RegressionSpec) -> Architecture:
+    """The composition of network.layers on the circle's points, else the MLP, whatever
+    network.arch says: the units are listed (and priced) before the preflight refuses any other
+    architecture, in one line naming network.arch."""
     net = spec.network
+    if net.layers is not None:
+        return architecture(spec, (2,))
     return MLPArchitecture(
         (2,), net.depth, net.nonlinearity, net.beta, getattr(net, "parametrization", "ntk")
     )
@@ -257,6 +279,12 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     b, depth = resources.dtype_bytes(spec.dtype), spec.network.depth
     n = n_train(spec)
     g = spec.grid.n_angles
+    if spec.network.layers is not None:  # the composition's own account of its kernels and networks
+        description, pairs = cost_model(spec), [(n, n), (g, n), (g, g)]
+        if isinstance(unit.work, Reference):
+            return sum(description.kernel_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
+        width = unit.work.width
+        return description.network_bytes(width, 1, b) + description.training_bytes(max(n, g), width, 1, b)
     if isinstance(unit.work, Reference):
         pairs = [(n, n), (g, n), (g, g)]
         if spec.kernel == "analytic":
@@ -327,7 +355,8 @@ def aggregate(spec: RegressionSpec, run: RunDir, results: dict[str, dict]) -> pd
     run.write_csv("training.csv", training)
     run.write_csv("metrics.csv", table)
     net = spec.network
-    title = f"depth {net.depth} {net.nonlinearity}, {spec.training.steps} GD steps, {spec.kernel} limit"
+    what = network_caption(net) if net.layers is not None else f"depth {net.depth} {net.nonlinearity}"
+    title = f"{what}, {spec.training.steps} GD steps, {spec.kernel} limit"
     band = (min(spec.percentiles), max(spec.percentiles))
     figure = run.path / "figure"
     regression_figure(functions, limit, training, figure, band=band, seeds=spec.seeds, title=title)
