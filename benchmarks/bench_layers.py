@@ -4,12 +4,15 @@ The compositions of the anchors' nt_layers_time.py (NTK parametrization, W_std 1
 ending in Dense(1)): `resmlp` (Dense, 2 x residual(Relu, Dense), Relu) and `lnmlp` (Dense,
 LayerNorm, Relu, Dense, LayerNorm, Relu) on N Gaussian vectors of dimension D, `myrtle5` (Conv,
 Relu, Conv, Relu, AvgPool 2, Conv, Relu, AvgPool 2, Conv, Relu, GlobalAvgPool) on N one-channel
-H x H images. ntkrun computes Sigma and Theta in float64; neural-tangents in float32 (its own
-default; `--nt64` for float64), best of 3 after a compile run, in its own venv. Rounds alternate
-the two, and the ratio ntkrun / neural-tangents of their best times is printed (below 1: faster).
+H x H images, `attention` (Dense, Relu, softmax Attention with linear scaling, Relu,
+GlobalAvgPool) on N sequences of H tokens of 16 features. ntkrun computes Sigma and Theta in
+float64; neural-tangents in float32 (its own default; `--nt64` for float64), best of 3 after a
+compile run, in its own venv. Rounds alternate the two, and the ratio ntkrun / neural-tangents
+of their best times is printed (below 1: faster).
 
     python benchmarks/bench_layers.py --nt-python ~/.cache/ntkrun-anchors/nt-venv/bin/python \\
-        --anchors ../shared/anchors [--case resmlp 4096 784] [--case myrtle5 16 8] [--rounds 2]
+        --anchors ../shared/anchors [--case resmlp 4096 784] [--case myrtle5 16 8]
+        [--case attention 256 16] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ def composition(case: str) -> nl.Layer:
     elif case == "myrtle5":
         conv = [nl.Conv(), nl.Relu()]
         body = [*conv, *conv, nl.AvgPool(2), *conv, nl.AvgPool(2), *conv, nl.GlobalAvgPool()]
+    elif case == "attention":
+        body = [nl.Dense(), nl.Relu(), nl.Attention(), nl.Relu(), nl.GlobalAvgPool()]
     else:
-        raise SystemExit(f"unknown case {case!r} (resmlp, lnmlp, myrtle5)")
+        raise SystemExit(f"unknown case {case!r} (resmlp, lnmlp, myrtle5, attention)")
     return nl.serial(*body, nl.Dense())
 
 
 def ours(case: str, n: int, h: int) -> float:
-    shape = (n, h) if case != "myrtle5" else (n, 1, h, h)
+    shape = {"myrtle5": (n, 1, h, h), "attention": (n, h, 16)}.get(case, (n, h))
     X = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     model = composition(case)
     model.kernels(X)  # warm-up
@@ -65,7 +70,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--nt64", action="store_true", help="neural-tangents in float64 too")
     args = parser.parse_args()
-    cases = args.case or [["resmlp", "4096", "784"], ["lnmlp", "4096", "784"], ["myrtle5", "16", "8"]]
+    cases = args.case or [
+        ["resmlp", "4096", "784"], ["lnmlp", "4096", "784"],
+        ["myrtle5", "16", "8"], ["attention", "256", "16"],
+    ]  # fmt: skip
     print(
         f"CPU: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
     )
