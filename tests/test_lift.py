@@ -10,6 +10,7 @@ unsupported operation refused naming it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +255,26 @@ def test_unsupported_operations_are_refused_by_name(model: nn.Module, message: s
         nl.from_torch(model)
     assert message in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_user_model_that_lifts_gets_its_exact_nngp(monkeypatch) -> None:
+    """network.module's limit (ModuleArchitecture.monte_carlo): examples/models.py's small_cnn (torch's
+    own layers) lifts, so its NNGP is the composition's exactly, standard error 0, and its NTK stays
+    Monte Carlo (the standard parametrization's grows with the width); the residual MLP written with
+    explicit scalings does not lift, and its note says why."""
+    from ntkrun.architectures.module import ModuleArchitecture
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    cnn = ModuleArchitecture((1, 5, 5), 3, module="models:small_cnn", limit_width=32, mc_samples=3)
+    assert "lifts to serial(conv, relu, conv, relu, flatten, dense)" in cnn.limit_note()
+    assert "its NNGP exact, its NTK by Monte Carlo" in cnn.limit_note()
+    X = torch.randn(4, 25, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    estimate = cnn.monte_carlo(X)
+    sigma, _ = nl.from_torch(cnn.net(16, 0, dtype=torch.float64, device="cpu").net).layers.kernels(
+        X.reshape(4, 1, 5, 5)
+    )
+    torch.testing.assert_close(estimate.nngp, sigma, rtol=0, atol=0)
+    assert float(estimate.nngp_stderr.abs().max()) == 0 and float(estimate.ntk_stderr.min()) > 0
+    mlp = ModuleArchitecture((25,), 3, module="models:residual_mlp", limit_width=32, mc_samples=3)
+    assert cnn.exact_kinds() == ("nngp",) and mlp.exact_kinds() == ()
+    assert "does not lift to ntkrun.layers (add (call function" in mlp.limit_note()

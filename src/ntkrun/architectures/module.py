@@ -3,9 +3,13 @@
 The factory is called for each width, depth and seed with those of the keywords `width`, `depth`,
 `in_shape` (one input's shape), `n_out` and `seed` that its signature accepts, under
 `torch.manual_seed(seed)` (so a model left to torch's default initialization is drawn from the seed
-too). Its limiting kernels have no closed form here: they are Monte-Carlo means over `mc_samples`
-networks of `limit_width` (`ntkrun.kernels.monte_carlo`, docs/science.md §10); its costs come from a
-probe of one network (torch's FLOP counter, its parameters and its activations).
+too). Its limiting kernels are Monte-Carlo means over `mc_samples` networks of `limit_width`
+(`ntkrun.kernels.monte_carlo`, docs/science.md §10), except where the model lifts to a composition
+of ntkrun.layers (`from_torch`, docs/science.md §12.10): then its NNGP is the composition's exact
+Sigma (standard error 0), and so is its NTK where the model is NTK-parametrized (a model of torch's
+own layers is in the standard parametrization, whose NTK grows with the width: it stays Monte
+Carlo). `limit_note` says which. Its costs come from a probe of one network (torch's FLOP counter,
+its parameters and its activations).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,8 +32,10 @@ from torch import nn
 from ntkrun.architectures.probed import ProbedArchitecture
 from ntkrun.costs import Cost
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
+from ntkrun.layers import LayerError, Lifted, from_torch
 
 KEYWORDS = ("width", "depth", "in_shape", "n_out", "seed")
+LIFT_WIDTH = 64  # the network from_torch reads (its limit does not depend on the width)
 MC_SEED = 1_000_000  # the Monte-Carlo limit's networks: seeds MC_SEED .. MC_SEED + mc_samples - 1
 
 
@@ -134,17 +141,61 @@ class ModuleArchitecture(ProbedArchitecture):
             return net  # (and keep their fast kernel and GD paths)
         return OneOutput(net)
 
+    @lru_cache(maxsize=8)  # noqa: B019 (a frozen description: the cache lives as long as it does)
+    def lifted(self) -> tuple[Lifted | None, str]:
+        """(the composition the model is, or None; why not): from_torch of one network, tried on
+        one input of input_shape."""
+        try:
+            net = self.net(LIFT_WIDTH, 0, dtype=torch.float64, device="cpu")
+            lifted = from_torch(net.net if isinstance(net, OneOutput) else net)
+            gen = torch.Generator().manual_seed(0)
+            lifted.layers.kernels(torch.randn(1, *self.input_shape, generator=gen, dtype=torch.float64))
+        except LayerError as err:
+            return None, str(err).removeprefix("from_torch: ")
+        except Exception as err:  # a model that cannot be built here: check_module names it
+            return None, f"{type(err).__name__}: {err}"
+        return lifted, ""
+
+    def exact_kinds(self) -> tuple[str, ...]:
+        """The kernels of the limit known exactly (from the lifted composition)."""
+        lifted, _ = self.lifted()
+        if lifted is None:
+            return ()
+        return ("nngp", "ntk") if lifted.parametrization == "ntk" else ("nngp",)
+
+    def limit_note(self) -> str:
+        """One line: which of the limit's kernels are exact and which Monte Carlo, and why."""
+        lifted, why = self.lifted()
+        if lifted is None:
+            return f"{self.module} does not lift to ntkrun.layers ({why}): its NNGP and NTK by Monte Carlo"
+        if lifted.parametrization == "ntk":
+            return f"{self.module} lifts to {lifted.layers!r}: its NNGP and NTK exact"
+        return (
+            f"{self.module} lifts to {lifted.layers!r} ({lifted.parametrization} parametrization): its NNGP "
+            "exact, its NTK by Monte Carlo (it grows with the width: no limit to compute)"
+        )
+
     def monte_carlo(
         self, X: torch.Tensor, X2: torch.Tensor | None = None, first: int = 0
     ) -> MonteCarloKernels:
         """Both kernels with their standard errors, over mc_samples networks of limit_width (seeds
-        MC_SEED + first onwards: a share of them, for a unit)."""
+        MC_SEED + first onwards: a share of them, for a unit); the exact_kinds from the lifted
+        composition, with standard errors 0 (no network is drawn when both are exact)."""
+        A, B = self.inputs(X).double(), None if X2 is None else self.inputs(X2).double()
+        exact = self.exact_kinds()
+        if exact:
+            sigma, theta = self.lifted()[0].layers.kernels(A, B)  # type: ignore[union-attr]
+            if len(exact) == 2:
+                zero = torch.zeros_like(sigma)
+                return MonteCarloKernels(sigma, theta, zero, zero, self.mc_samples)
 
         def factory(seed: int) -> nn.Module:
             return self.net(self.limit_width, seed, dtype=torch.float64, device="cpu")
 
-        X2 = None if X2 is None else self.inputs(X2).double()
-        return monte_carlo_kernels(factory, self.inputs(X).double(), X2, self.mc_samples, MC_SEED + first)
+        estimate = monte_carlo_kernels(factory, A, B, self.mc_samples, MC_SEED + first)
+        if not exact:
+            return estimate
+        return replace(estimate, nngp=sigma.to(estimate.nngp), nngp_stderr=torch.zeros_like(estimate.nngp))
 
     def kernel(
         self,

@@ -124,6 +124,8 @@ class _Graph:
         return before + self.layer(node)
 
     def join(self, node: fx.Node, stop: fx.Node, preds: list[fx.Node]) -> list[Layer]:
+        if len(self.dom[node]) == 1:  # no node of the input's dominates it: a parameter joins in
+            raise LayerError(f"from_torch: {self.what(node)} joins a tensor not computed from the input")
         start = max(self.dom[node] - {node}, key=self.order.__getitem__)
         before = self.chain(start, stop)
         branches = [self.chain(p, start) for p in preds]
@@ -181,6 +183,8 @@ class _Graph:
 
     def function(self, node: fx.Node) -> list[Layer]:
         args = node.args[1:]
+        if self.picks_the_output(node):
+            return []
         if self.is_call(node, _RELU) and not args:
             return [act.Relu()]
         if self.is_call(node, _TANH) and not args:
@@ -196,6 +200,22 @@ class _Graph:
                 self.spatial[node] = False
                 return [GlobalAvgPool()]
         raise LayerError(f"from_torch: {self.what(node)} is not supported (see ntkrun.layers.lift)")
+
+    def picks_the_output(self, node: fx.Node) -> bool:
+        """y[:, 0], y.squeeze(-1), y.flatten() or y.view(-1) of the readout's outputs as the model's
+        output: the same network of one output, the same kernel."""
+        if [user.op for user in node.users] != ["output"] or self.spatial[node]:
+            return False
+        args = node.args[1:]
+        picked = (
+            self.is_call(node, (operator.getitem,)) and len(args) == 1 and isinstance(args[0], tuple)
+            and len(args[0]) == 2 and args[0][0] == slice(None) and isinstance(args[0][1], int)
+        ) or (
+            self.is_call(node, ("squeeze",)) and tuple(args) in ((-1,), (1,))
+        ) or (self.is_call(node, ("flatten", "view", "reshape")) and tuple(args) in ((), (-1,)))  # fmt: skip
+        if picked:
+            self.n_out = 1
+        return picked
 
     def flatten(self, node: fx.Node) -> list[Layer]:
         was, self.spatial[node] = self.spatial[node], False

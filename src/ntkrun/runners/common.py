@@ -3,6 +3,7 @@ numerical-range check, and unit results as plain data. Pure of CLI, executor and
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Collection
 from dataclasses import replace
@@ -279,6 +280,9 @@ def limit_share(
 ) -> dict:
     """One share's Monte-Carlo kernels (a ModuleArchitecture's networks work.start onwards) as a
     unit result."""
+    note = getattr(description, "limit_note", None)
+    if note is not None:
+        logging.getLogger("ntkrun").info("limit: %s", note())
     estimate = replace(description, mc_samples=work.count).monte_carlo(X, X2, first=work.start)  # type: ignore[type-var]
     return {"n": estimate.n_samples, "ntk": estimate.ntk, "ntk_se": estimate.ntk_stderr,
             "nngp": estimate.nngp, "nngp_se": estimate.nngp_stderr}  # fmt: skip
