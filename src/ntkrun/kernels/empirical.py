@@ -19,6 +19,8 @@ import torch
 from ntkrun.architectures.cnn import CNN
 from ntkrun.kernels.cnn_empirical import cnn_empirical_ntk
 from ntkrun.kernels.generic import DEFAULT_MEMORY_BUDGET, generic_ntk
+from ntkrun.kernels.layers_empirical import layers_empirical_ntk, structured
+from ntkrun.layers.base import Net
 from ntkrun.linalg import empty_checked
 from ntkrun.network import MLP
 
@@ -133,9 +135,11 @@ def empirical_ntk(
     output, (N1, N2, k, k) for k outputs, or (N1, N2) = mean_a Theta_aa with trace_outputs.
 
     An `ntkrun.MLP` takes the layerwise fast path, an `ntkrun.CNN` its per-layer gradient
-    features (`ntkrun.kernels.cnn_empirical`, X (N, C, H, W)); any other module mapping (N, ...) to (N,) or
-    (N, k) takes the generic torch.func path (`ntkrun.kernels.generic.generic_ntk`, which picks
-    Jacobian contraction or NTK-vector products by cost; per_layer and block_size are MLP-only).
+    features (`ntkrun.kernels.cnn_empirical`, X (N, C, H, W)), a composition's network of Dense
+    and Conv weights their structure (`ntkrun.kernels.layers_empirical`); any other module mapping
+    (N, ...) to (N,) or (N, k) takes the generic torch.func path (`ntkrun.kernels.generic.generic_ntk`,
+    which picks Jacobian contraction or NTK-vector products by cost; per_layer and block_size are
+    MLP-only).
     With per_layer=True returns a leading axis L: the contribution of the parameters W(l), b(l)
     of each layer l = 0 .. L-1 (they sum to Theta). Features are held for at most two blocks of
     `block_size` inputs (default: chosen from `memory_budget` bytes); a larger N recomputes the
@@ -151,6 +155,10 @@ def empirical_ntk(
     if not isinstance(net, MLP):
         if per_layer or block_size is not None:
             raise ValueError("per_layer and block_size need an ntkrun.MLP (the layerwise fast path)")
+        if isinstance(net, Net) and structured(net):
+            return layers_empirical_ntk(
+                net, X, X2, trace_outputs=trace_outputs, memory_budget=memory_budget, progress=progress
+            )
         return generic_ntk(
             net, X, X2, trace_outputs=trace_outputs, memory_budget=memory_budget, progress=progress
         )

@@ -31,10 +31,10 @@ class DenseModule(nn.Module):
         self.w_scale, self.b_std = W_std / math.sqrt(n_in), b_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:  # images: the same weights at every position, on the channels
-            return self.forward(x.movedim(1, -1)).movedim(-1, 1)
-        out = nn.functional.linear(x, self.weight) * self.w_scale
-        return out if self.bias is None else out + self.b_std * self.bias
+        image = x.dim() == 4  # images: the same weights at every position, on the channels
+        out = nn.functional.linear(x.movedim(1, -1) if image else x, self.weight) * self.w_scale
+        out = out if self.bias is None else out + self.b_std * self.bias
+        return out.movedim(-1, 1) if image else out
 
 
 class Dense(Layer):
