@@ -1,7 +1,8 @@
 """`network.layers`: a composition of ntkrun.layers in a spec, through the experiments.
 
 The named `mlp` and `cnn` compositions give the hand-written MLP's and CNN's kernels; a composition
-reaches each experiment's limit (convergence's Theta_inf against arch mlp's, generalization's
+reaches each experiment's limit (convergence's Theta_inf against arch mlp's, regression's limiting
+Gaussian against arch mlp's, pca's eigenvalues against the composition's kernel, generalization's
 predictors against a direct solve on the composition's kernels); a sweep runs two lists; every bad
 list is one line at --check naming its position, before a run directory exists."""
 
@@ -113,6 +114,24 @@ def test_generalization_solves_on_the_compositions_kernels(images, tmp_path):
         noise = 1e-5 * np.diag(K).mean() if kind == "nngp" else 0.0
         pred = Kt @ np.linalg.solve(K + noise * np.eye(40), Y)
         assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
+
+
+def test_pca_takes_the_compositions_kernel_as_its_reference(images, tmp_path):
+    """pca with a LayerNorm MLP: eigenvalues.csv's top eigenvalues are those of Theta/N of the
+    composition on the same points (dynamics.kernel_pca_dense of its kernel, to 1e-10), and the
+    networks train."""
+    result = cli("pca", "--preset", "quick", "--data-dir", images, "-o", tmp_path,
+                 "--set", "network.layers=lnmlp", "--set", "data.n_points=40", "--steps", "4",
+                 "--set", "training.checkpoint_every=2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from ntkrun.data import choose_points, load_split
+
+    X, _ = choose_points(*load_split(images, "train"), 40, 0)
+    theta = parse("lnmlp").kernels(X.double())[1]
+    want = torch.linalg.eigvalsh(theta / 40).flip(0)[:3]
+    table = pd.read_csv(tmp_path / "pca" / "latest" / "eigenvalues.csv")
+    np.testing.assert_allclose(table["lambda_dense"], want.numpy(), rtol=1e-10)
+    assert np.isfinite(pd.read_csv(tmp_path / "pca" / "latest" / "metrics.csv")["final_loss"]).all()
 
 
 def test_a_sweep_over_two_compositions_and_pooling_on_images(tmp_path):
