@@ -88,6 +88,8 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
             ax.plot(r, anchor * (r / r[0]) ** 0.5, ":", color="gray", label="slope 1/2 (Hanin & Nica)")
         ax.set(xscale="log", yscale="log", xlabel="(depth - 1) / width",
                title=r"(c) seed fluctuation of $\Theta_0$")  # fmt: skip
+        if not len(ratio):
+            ax.text(0.5, 0.5, "not run (depth_width: [])", transform=ax.transAxes, ha="center", color="gray")
         ratios = sorted(ratio["ratio"].unique())
         ax.set_xticks(ratios, [f"1/{1 / x:.3g}" for x in ratios])  # often within one decade
         ax = axes[3]
@@ -106,6 +108,7 @@ def features_figure(arms: dict[str, pd.DataFrame], fits: pd.DataFrame, stem: Pat
         ax.set(xscale="log", xlabel="width n", title=r"(e) alignment $y^T\Theta y/(\|\Theta\|\,\|y\|^2)$")
         for ax in axes:
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.legend(frameon=False, fontsize=7, loc="lower left" if ax is axes[1] else "best")
+            if ax.get_legend_handles_labels()[0]:  # an arm not run (a composition's depth) draws nothing
+                ax.legend(frameon=False, fontsize=7, loc="lower left" if ax is axes[1] else "best")
         fig.suptitle(title, fontsize=10)
         _save(fig, stem)

@@ -124,7 +124,7 @@ def preflight(spec: RunSpec) -> None:
     if layers is not None and not getattr(runner(spec), "LAYERS", False):
         raise SpecError(
             f"network.layers: {spec.experiment} does not run compositions of ntkrun.layers yet "
-            "(convergence, regression, scaling, pca and generalization do)"
+            "(convergence, regression, scaling, pca, generalization and features do)"
         )
     if module is None:
         check_range(spec)

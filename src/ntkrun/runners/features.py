@@ -39,11 +39,13 @@ from ntkrun.errors import DataError
 from ntkrun.features_plots import features_figure
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
+from ntkrun.layers.parse import depth as layer_depth
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     architecture,
     distinct_names,
     eigen_cost,
+    network_caption,
     pack,
     resolve_device,
     resolve_dtype,
@@ -55,6 +57,7 @@ from ntkrun.spec import (
     ARCH_NAMES,
     PADDING_NAMES,
     READOUT_NAMES,
+    LayerList,
     Model,
     NonlinearityName,
     NonNegativeFloat,
@@ -73,6 +76,7 @@ LOG = logging.getLogger("ntkrun")
 # a run of an older version is then not resumed into mixed results.
 RESULTS_VERSION = 2  # 2: the NTK predictor from g_0 = 0 through dynamics.predictor (1b669c1)
 ARCHS = ("mlp", "cnn")
+LAYERS = True  # runs a network.layers composition (ntkrun.layers): NTK parametrization, arms (a) and (b)
 # the papers' slopes (docs/science.md §11): kernel change in width (NTK -1: Dyer & Gur-Ari 2020, within
 # Theorem 2's bound n^-1/2; muP and mean-field 0: Yang & Hu 2021), in alpha (-1: Chizat et al. 2019),
 # and in depth/width the fluctuation (+1/2) and the change (+1) of Hanin & Nica 2019
@@ -104,11 +108,18 @@ class FeaturesNetworkSpec(Model):
     ]
     nonlinearity: NonlinearityName = "relu"
     beta: NonNegativeFloat = 0.1
+    # a composition of ntkrun.layers (a list, or a named one): replaces depth, arch and nonlinearity
+    layers: LayerList | None = None
 
     @model_validator(mode="after")
     def _arch(self) -> FeaturesNetworkSpec:
         if self.arch == "cnn" and "meanfield" in self.parametrizations:
             raise ValueError("parametrizations: meanfield is the one-hidden-layer MLP's, not a cnn's")
+        if self.layers is not None and self.parametrizations != ["ntk"]:
+            raise ValueError(
+                "parametrizations: a composition of ntkrun.layers runs in NTK parametrization only (muP "
+                "and mean-field are written for the MLP and the CNN); set network.parametrizations=[ntk]"
+            )
         return check_arch_keys(self)
 
 
@@ -151,6 +162,11 @@ class FeaturesSpec(RunSpec):
         distinct_names("training.output_scales", scales, "unit names (a{alpha})")
         if any(depth < 2 for depth, _ in self.depth_width):
             raise ValueError("depth_width: a depth must be at least 2 (one hidden layer)")
+        if self.network.layers is not None and self.depth_width:
+            raise ValueError(
+                "depth_width: a composition has one depth (its list), and arm (c) varies the depth; "
+                "set depth_width=[] (the arms over widths and output scales run)"
+            )
         if self.data.image is not None and self.data.inputs != "gaussian":
             raise ValueError("data.image: the images of data.inputs images come from the files")
         if self.network.arch == "cnn" and self.data.inputs == "gaussian" and self.data.image is None:
@@ -166,15 +182,16 @@ Spec = FeaturesSpec
 def arm_units(spec: FeaturesSpec) -> dict[str, list[FeatureNet]]:
     """The networks of each arm: (a) widths x parametrizations, (b) output scales, (c) (L, n)."""
     net, tr, seeds = spec.network, spec.training, spec.seed_values
+    depth = net.depth if net.layers is None else layer_depth(net.layers)  # a composition's weight layers
     return {
         "width": [
-            FeatureNet(p, tr.output_scale, 2 if p == "meanfield" else net.depth, w, s)
+            FeatureNet(p, tr.output_scale, 2 if p == "meanfield" else depth, w, s)
             for p in net.parametrizations
             for w in net.width
             for s in seeds
         ],
         "alpha": [
-            FeatureNet("ntk", a, net.depth, tr.output_scale_width, s) for a in tr.output_scales for s in seeds
+            FeatureNet("ntk", a, depth, tr.output_scale_width, s) for a in tr.output_scales for s in seeds
         ],
         "ratio": [FeatureNet("ntk", tr.output_scale, d, w, s) for d, w in spec.depth_width for s in seeds],
     }
@@ -375,11 +392,12 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: dict[str, dict]) -> pd.D
     shape = "x".join(str(s) for s in input_shape(spec))
     task_name = f"sign(x1 x2), {shape} Gaussian" if spec.data.inputs == "gaussian" else (
         f"classes {spec.data.classes[0]} vs {spec.data.classes[1]}")  # fmt: skip
-    what = (
-        f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout}, " if net.arch == "cnn" else ""
-    )
+    what = f"{net.nonlinearity}, beta {net.beta:g}"
+    if net.arch == "cnn":
+        what = f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout}, {what}"
+    what = network_caption(net) if net.layers is not None else what
     title = (
-        f"{what}{net.nonlinearity}, beta {net.beta:g}; {task_name}, {spec.data.n_train} points; "
+        f"{what}; {task_name}, {spec.data.n_train} points; "
         f"{tr.steps} GD steps (lr {tr.lr:g}); {spec.seeds} seeds"
     )
     arms = {arm: arm_table(table, spec, arm) for arm in ("width", "alpha", "ratio")}
