@@ -226,6 +226,15 @@ class Viewed(nn.Module):
         return self.fc(self.conv(x).view(x.shape[0], -1))
 
 
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(torch.relu(self.fc(self.inp(x)))))
+
+
 def dense(middle: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), middle, nn.Linear(8, 1))
 
@@ -248,6 +257,7 @@ def _reinitialized() -> nn.Module:
         (Scaled(), "mul (call function"),
         (Branchy(), "torch.fx cannot trace Branchy"),
         (Viewed(), "view (call method"),
+        (Shared(), "Linear 'fc' is applied 2 times"),
     ],
 )
 def test_unsupported_operations_are_refused_by_name(model: nn.Module, message: str) -> None:

@@ -94,6 +94,13 @@ class _Graph:
         self.behind: dict[fx.Node, bool] = {self.input: False}  # a weight layer before it
         self.kinds: set[str] = set()
         self.n_out = 1
+        calls = [str(n.target) for n in self.nodes if n.op == "call_module"]
+        for target in calls:  # one weight matrix in two places: correlated features, not two layers
+            if calls.count(target) > 1 and any(True for _ in self.modules[target].parameters()):
+                raise LayerError(
+                    f"from_torch: {type(self.modules[target]).__name__} '{target}' is applied "
+                    f"{calls.count(target)} times (shared weights have no layer: each is its own draw)"
+                )
 
     def lift(self) -> Lifted:
         out = next(n for n in self.nodes if n.op == "output").args[0]
