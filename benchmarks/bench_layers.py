@@ -11,7 +11,7 @@ compile run, in its own venv. Rounds alternate the two, and the ratio ntkrun / n
 of their best times is printed (below 1: faster).
 
     python benchmarks/bench_layers.py --nt-python ~/.cache/ntkrun-anchors/nt-venv/bin/python \\
-        --anchors ../shared/anchors [--case resmlp 4096 784] [--case myrtle5 16 8]
+        --anchors DIR [--case resmlp 4096 784] [--case myrtle5 16 8]
         [--case attention 256 16] [--rounds 2]
 """
 

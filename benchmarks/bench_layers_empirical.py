@@ -7,7 +7,7 @@ time (best of 3 after a warm-up; rounds alternate) and the ratios to neural-tang
 faster), and the CPU.
 
     python benchmarks/bench_layers_empirical.py --nt-python ~/.cache/ntkrun-anchors/nt-venv/bin/python \\
-        --anchors ../shared/anchors [--n0 784] [--width 512] [--n 512] [--rounds 2]
+        --anchors DIR [--n0 784] [--width 512] [--n 512] [--rounds 2]
 """
 
 from __future__ import annotations
