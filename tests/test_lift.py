@@ -235,8 +235,41 @@ class Shared(nn.Module):
         return self.out(self.fc(torch.relu(self.fc(self.inp(x)))))
 
 
+class Graph(nn.Module):
+    """A two-branch model whose forward is `how` (the reviewer's cases of tensors used twice, in-place
+    operations and concatenations the composition cannot express)."""
+
+    def __init__(self, how: str, widths: tuple[int, int] = (8, 8)) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(4, widths[0]), nn.Linear(4, widths[1])
+        self.c, self.out = nn.Linear(8, 8), nn.Linear(sum(widths) if "cat" in how else 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        if self.how == "a+b+a":
+            h = a + b + a
+        elif self.how == "chain":
+            h = (a + b) + a
+        elif self.how == "cat aba":
+            h = torch.cat([a, b, a], dim=1)
+        elif self.how == "cat":
+            h = torch.cat([torch.relu(a), torch.tanh(b)], dim=1)
+        elif self.how == "inplace":
+            h = self.c(nn.functional.relu(a, inplace=True)) + a
+        else:  # "cat input"
+            h = torch.cat([x, a], dim=1)  # the raw inputs' fixed features beside a growing layer
+        return self.out(h)
+
+
 def dense(middle: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), middle, nn.Linear(8, 1))
+
+
+def zeroed_readout() -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    nn.init.zeros_(model[2].weight)  # 64 numbers: the check still sees a variance of 0
+    return model
 
 
 def _reinitialized() -> nn.Module:
@@ -258,6 +291,19 @@ def _reinitialized() -> nn.Module:
         (Branchy(), "torch.fx cannot trace Branchy"),
         (Viewed(), "view (call method"),
         (Shared(), "Linear 'fc' is applied 2 times"),
+        (Graph("a+b+a"), "is used twice outside"),
+        (Graph("chain"), "is used twice outside"),
+        (Graph("cat aba"), "joins branches of 3 tensors"),
+        (Graph("cat", (4, 12)), "of [4, 12] features"),
+        (Graph("cat input", (4, 4)), "joins tensors in a way with no layer"),
+        (Graph("inplace"), "works in place"),
+        (nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 1)), "ReLU '1' works in place"),
+        (zeroed_readout(), "Linear '2': its weights' variance is 0 times"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2, divisor_override=1), nn.Flatten(),
+                       nn.Linear(4, 1)), "AvgPool2d '1' is not supported"),
+        (dense(nn.LayerNorm(8, eps=1.0, elementwise_affine=False)), "eps at most 1e-5"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 4), nn.Flatten(), nn.Linear(4, 1)),
+         "Linear '1' on images acts on their last axis"),
     ],
 )
 def test_unsupported_operations_are_refused_by_name(model: nn.Module, message: str) -> None:
@@ -267,24 +313,46 @@ def test_unsupported_operations_are_refused_by_name(model: nn.Module, message: s
     assert "\n" not in str(err.value)
 
 
-def test_a_user_model_that_lifts_gets_its_exact_nngp(monkeypatch) -> None:
-    """network.module's limit (ModuleArchitecture.monte_carlo): examples/models.py's small_cnn (torch's
-    own layers) lifts, so its NNGP is the composition's exactly, standard error 0, and its NTK stays
-    Monte Carlo (the standard parametrization's grows with the width); the residual MLP written with
-    explicit scalings does not lift, and its note says why."""
+USER_MODELS = """
+from torch import nn
+
+
+def mlp(width, in_shape, n_out):
+    return nn.Sequential(nn.Linear(in_shape[0], width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, n_out))
+
+
+def bottleneck(width, in_shape, n_out):
+    return nn.Sequential(nn.Linear(in_shape[0], width), nn.ReLU(), nn.Linear(width, 16), nn.ReLU(),
+                         nn.Linear(16, n_out))
+"""
+
+
+def test_a_user_model_that_lifts_gets_its_exact_nngp(monkeypatch, tmp_path) -> None:
+    """network.module's limit (ModuleArchitecture.monte_carlo): a standard MLP of torch's layers on
+    300 inputs lifts, so its NNGP is the composition's exactly, standard error 0, and its NTK stays
+    Monte Carlo (the standard parametrization's grows with the width). Models whose limit is not the
+    composition's keep Monte Carlo, and the note says why: a hidden layer of fixed width, a first
+    layer of small fan-in (examples/models.py's small_cnn: 9, non-Gaussian pre-activations), explicit
+    scalings (its residual_mlp)."""
     from ntkrun.architectures.module import ModuleArchitecture
 
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
-    cnn = ModuleArchitecture((1, 5, 5), 3, module="models:small_cnn", limit_width=32, mc_samples=3)
-    assert "lifts to serial(conv, relu, conv, relu, flatten, dense)" in cnn.limit_note()
-    assert "its NNGP exact, its NTK by Monte Carlo" in cnn.limit_note()
-    X = torch.randn(4, 25, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    estimate = cnn.monte_carlo(X)
-    sigma, _ = nl.from_torch(cnn.net(16, 0, dtype=torch.float64, device="cpu").net).layers.kernels(
-        X.reshape(4, 1, 5, 5)
-    )
+    mlp = ModuleArchitecture((300,), 3, module="usermodels:mlp", limit_width=32, mc_samples=3)
+    assert "lifts to serial(dense, relu, dense, relu, dense)" in mlp.limit_note()
+    assert "its NNGP exact, its NTK by Monte Carlo" in mlp.limit_note()
+    X = torch.randn(4, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    estimate = mlp.monte_carlo(X)
+    sigma, _ = nl.from_torch(mlp.net(16, 0, dtype=torch.float64, device="cpu").net).layers.kernels(X)
     torch.testing.assert_close(estimate.nngp, sigma, rtol=0, atol=0)
     assert float(estimate.nngp_stderr.abs().max()) == 0 and float(estimate.ntk_stderr.min()) > 0
-    mlp = ModuleArchitecture((25,), 3, module="models:residual_mlp", limit_width=32, mc_samples=3)
-    assert cnn.exact_kinds() == ("nngp",) and mlp.exact_kinds() == ()
-    assert "does not lift to ntkrun.layers (add (call function" in mlp.limit_note()
+    assert mlp.exact_kinds() == ("nngp",)
+    for module, shape, why in (
+        ("usermodels:bottleneck", (300,), "Linear '2' keeps its width as the width grows"),
+        ("models:small_cnn", (1, 5, 5), "its first layer's fan-in is 9"),
+        ("models:residual_mlp", (25,), "add (call function"),
+    ):
+        other = ModuleArchitecture(shape, 3, module=module, limit_width=32, mc_samples=3)
+        assert other.exact_kinds() == () and why in other.limit_note(), other.limit_note()

@@ -35,7 +35,8 @@ from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
 from ntkrun.layers import LayerError, Lifted, from_torch
 
 KEYWORDS = ("width", "depth", "in_shape", "n_out", "seed")
-LIFT_WIDTH = 64  # the network from_torch reads (its limit does not depend on the width)
+LIFT_WIDTH = 64  # the network from_torch reads (its limit does not depend on the width), and twice it
+GAUSSIAN_FAN_IN = 256  # torch's uniform first layer: pre-activations of excess kurtosis ~ -3.6 / fan-in
 MC_SEED = 1_000_000  # the Monte-Carlo limit's networks: seeds MC_SEED .. MC_SEED + mc_samples - 1
 
 
@@ -146,14 +147,27 @@ class ModuleArchitecture(ProbedArchitecture):
         """(the composition the model is, or None; why not): from_torch of one network, tried on
         one input of input_shape."""
         try:
-            net = self.net(LIFT_WIDTH, 0, dtype=torch.float64, device="cpu")
-            lifted = from_torch(net.net if isinstance(net, OneOutput) else net)
+            nets = [self.net(w, 0, dtype=torch.float64, device="cpu") for w in (LIFT_WIDTH, 2 * LIFT_WIDTH)]
+            nets = [net.net if isinstance(net, OneOutput) else net for net in nets]
+            lifted = from_torch(nets[0])
             gen = torch.Generator().manual_seed(0)
             lifted.layers.kernels(torch.randn(1, *self.input_shape, generator=gen, dtype=torch.float64))
         except LayerError as err:
             return None, str(err).removeprefix("from_torch: ")
         except Exception as err:  # a model that cannot be built here: check_module names it
             return None, f"{type(err).__name__}: {err}"
+        fixed = fixed_width_layer(*nets)
+        if fixed:  # its limit is not the composition's, whose every hidden layer grows
+            return None, f"{fixed} keeps its width as the width grows"
+        if lifted.linear_on_inputs and len(self.input_shape) == 3:
+            return None, "its first nn.Linear acts on the images' last axis (columns), not a composition's"
+        if any(layer.mixes_positions for layer in lifted.layers.walk()):
+            return None, "it pools: its exact kernel keeps every pair of positions, dearer than Monte Carlo"
+        if lifted.uniform_fan_in is not None and lifted.uniform_fan_in < GAUSSIAN_FAN_IN:
+            return None, (
+                f"its first layer's fan-in is {lifted.uniform_fan_in}: torch's uniform weights leave its "
+                f"pre-activations non-Gaussian (excess kurtosis about -3.6/{lifted.uniform_fan_in})"
+            )
         return lifted, ""
 
     def exact_kinds(self) -> tuple[str, ...]:
@@ -247,6 +261,17 @@ class ModuleArchitecture(ProbedArchitecture):
         """One network of limit_width, one kernel sample and four float64 accumulators per pair."""
         net = self.network_bytes(self.limit_width, 1, 8)
         return net + self.empirical_ntk_bytes(n1, n2, self.limit_width, 1, 8) + 6 * n1 * n2 * 8
+
+
+def fixed_width_layer(small: nn.Module, large: nn.Module) -> str:
+    """The first hidden weight layer (nn.Linear, nn.Conv2d) whose outputs do not double from a
+    network to its twice-as-wide twin ('' if none): the readout, giving the outputs, is exempt."""
+    names = [n for n, m in small.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    shapes = {n: m.weight.shape[0] for n, m in large.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    for name in names[:-1]:
+        if shapes.get(name) != 2 * dict(small.named_modules())[name].weight.shape[0]:
+            return f"{type(dict(small.named_modules())[name]).__name__} '{name}'"
+    return ""
 
 
 def check_module(description: ModuleArchitecture, widths: list[int], n_out: int, varies: set[str]) -> None:

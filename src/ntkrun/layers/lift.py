@@ -37,7 +37,7 @@ from ntkrun.layers.spatial import AvgPool, Conv, ConvModule, Flatten, GlobalAvgP
 DEFAULT_VARIANCE = 1 / 3  # fan_in x the variance of torch's default (kaiming_uniform(a=sqrt(5))) weights
 _RELU = (torch.relu, nn.functional.relu, "relu")
 _TANH = (torch.tanh, nn.functional.tanh, "tanh")
-_ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
+_ADD = (operator.add, torch.add, "add")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Lifted:
     layers: Layer
     parametrization: str
     n_out: int
+    linear_on_inputs: bool = False  # its first layer an nn.Linear on the raw inputs (their last axis)
+    uniform_fan_in: int | None = None  # the least fan-in of torch's uniform layers reading the inputs
 
 
 def _one(layers: list[Layer]) -> Layer:
@@ -94,6 +96,10 @@ class _Graph:
         self.behind: dict[fx.Node, bool] = {self.input: False}  # a weight layer before it
         self.kinds: set[str] = set()
         self.n_out = 1
+        self.features: dict[fx.Node, int | None] = {self.input: None}  # the last weight layer's outputs
+        self.visited: set[fx.Node] = set()
+        self.linear_on_inputs = False  # nn.Linear on the raw inputs: their last axis (vectors, sequences)
+        self.uniform_fan_in: int | None = None
         calls = [str(n.target) for n in self.nodes if n.op == "call_module"]
         for target in calls:  # one weight matrix in two places: correlated features, not two layers
             if calls.count(target) > 1 and any(True for _ in self.modules[target].parameters()):
@@ -111,14 +117,23 @@ class _Graph:
             raise LayerError("from_torch: the model does not end on nn.Linear (the readout)")
         kinds = self.kinds
         parametrization = kinds.pop() if len(kinds) == 1 else "mixed"
-        return Lifted(serial(*layers), parametrization, self.n_out)
+        inputs = self.linear_on_inputs, self.uniform_fan_in
+        return Lifted(serial(*layers), parametrization, self.n_out, *inputs)
 
     def chain(self, node: fx.Node, stop: fx.Node) -> list[Layer]:
         """The layers from stop's output to node's output (stop dominates node)."""
         if node is stop:
             return []
-        if node.op == "placeholder":
-            raise LayerError("from_torch: the graph is not series-parallel (a branch skips its block)")
+        if node.op == "placeholder" or node in self.visited:  # a tensor used again outside its join
+            raise LayerError(
+                f"from_torch: the graph is not series-parallel ({self.what(node)} is used twice outside "
+                "x + f(x), f(x) + g(x) or torch.cat of branches)"
+            )
+        self.visited.add(node)
+        inplace = node.kwargs.get("inplace") or getattr(self.modules.get(str(node.target)), "inplace", False)
+        method_ = node.op == "call_method" and str(node.target).endswith("_")  # x.relu_(), x.add_(y)
+        if inplace or method_ or node.target in (operator.iadd, operator.imul):
+            raise LayerError(f"from_torch: {self.what(node)} works in place; write x = f(x) (then it lifts)")
         preds = node.all_input_nodes
         if len(preds) > 1 and self.is_call(node, (*_ADD, torch.cat, torch.concat)):
             return self.join(node, stop, preds)
@@ -128,6 +143,7 @@ class _Graph:
             raise LayerError(f"from_torch: {self.what(node)} does not take the input")
         before = self.chain(preds[0], stop)
         self.spatial[node], self.behind[node] = self.spatial[preds[0]], self.behind[preds[0]]
+        self.features[node] = self.features[preds[0]]
         return before + self.layer(node)
 
     def join(self, node: fx.Node, stop: fx.Node, preds: list[fx.Node]) -> list[Layer]:
@@ -138,6 +154,7 @@ class _Graph:
         branches = [self.chain(p, start) for p in preds]
         self.spatial[node] = self.spatial[preds[0]]
         self.behind[node] = any(self.behind[p] for p in preds)
+        self.features[node] = self.features[preds[0]]
         if self.is_call(node, _ADD) and len(preds) == 2 and len(node.args) == 2 and not node.kwargs:
             empty = [b for b in branches if not b]
             if len(empty) == 1:
@@ -146,7 +163,16 @@ class _Graph:
                 return [*before, FanOut(2), parallel(*map(_one, branches)), FanInSum()]
         if self.is_call(node, (torch.cat, torch.concat)) and all(branches):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            widths = {self.features[p] for p in preds}
+            if len(parts) != len(preds) or None in widths or len(widths) > 1:  # concat averages equal widths
+                raise LayerError(
+                    f"from_torch: {self.what(node)} joins branches of {len(parts)} tensors of "
+                    f"{sorted(self.features[p] or 0 for p in preds)} features (0: not a weight layer's); "
+                    "concat needs distinct branches each ending past a weight layer of the same width"
+                )
             if dim in (1, -1) and (dim == 1 or not self.spatial[node]):
+                self.features[node] = sum(self.features[p] or 0 for p in preds)
                 return [*before, Concat(*map(_one, branches))]
         raise LayerError(f"from_torch: {self.what(node)} joins tensors in a way with no layer (x + f(x), "
                          "f(x) + g(x) and torch.cat on the features are)")  # fmt: skip
@@ -178,7 +204,8 @@ class _Graph:
             return [self.layer_norm(node, m)]
         if isinstance(m, nn.AvgPool2d):
             k, s = m.kernel_size, m.stride or m.kernel_size
-            if isinstance(k, int) and s == k and m.padding == 0 and not m.ceil_mode:
+            plain = m.padding == 0 and not m.ceil_mode and m.divisor_override is None
+            if isinstance(k, int) and s == k and plain:
                 self.spatial[node] = True
                 return [AvgPool(k)]
         if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
@@ -192,9 +219,9 @@ class _Graph:
         args = node.args[1:]
         if self.picks_the_output(node):
             return []
-        if self.is_call(node, _RELU) and not args:
+        if self.is_call(node, _RELU) and not args and set(node.kwargs) <= {"inplace"}:  # in place: refused
             return [act.Relu()]
-        if self.is_call(node, _TANH) and not args:
+        if self.is_call(node, _TANH) and not args and not node.kwargs:
             return [act.Tanh()]
         exact = node.kwargs.get("approximate", "none") == "none"  # torch's tanh approximation has none
         if self.is_call(node, (nn.functional.gelu, "gelu")) and exact:
@@ -239,14 +266,19 @@ class _Graph:
         else:
             self.kinds.add("standard")
             fan_in = m.weight[0].numel()
-            ratio = fan_in * float(m.weight.detach().double().pow(2).mean()) / DEFAULT_VARIANCE
-            if m.weight.numel() >= 100 and abs(ratio - 1) > max(0.1, 8 * math.sqrt(0.8 / m.weight.numel())):
-                raise LayerError(
-                    f"from_torch: {self.what(node)}: its weights' variance is {ratio:.3g} times torch's "
-                    "default 1/(3 fan_in); from_torch reads the default initialization only"
-                )
+            self.check_default(node, "weights", m.weight, fan_in)
+            zero = m.bias is None or not bool(m.bias.detach().any())  # nn.init.zeros_: no bias term
+            if first and not zero:
+                self.check_default(node, "biases", m.bias, fan_in)
             W_std = math.sqrt(DEFAULT_VARIANCE)
-            b_std = math.sqrt(DEFAULT_VARIANCE / fan_in) if first and m.bias is not None else 0.0
+            b_std = math.sqrt(DEFAULT_VARIANCE / fan_in) if first and not zero else 0.0
+            if first:
+                self.uniform_fan_in = min(fan_in, self.uniform_fan_in or fan_in)
+        if self.spatial[node] and isinstance(m, nn.Linear):
+            raise LayerError(f"from_torch: {self.what(node)} on images acts on their last axis (columns), "
+                             "not on their channels: flatten or pool first")  # fmt: skip
+        self.linear_on_inputs |= first and isinstance(m, nn.Linear) and self.spatial[node] is None
+        self.features[node] = m.weight.shape[0]
         if isinstance(m, nn.Linear | DenseModule):
             self.n_out = m.weight.shape[0]
             return Dense(W_std, b_std)
@@ -254,6 +286,17 @@ class _Graph:
         if isinstance(m, ConvModule):
             return Conv(m.k, m.padding, W_std, b_std)
         return self.conv(node, m, W_std, b_std)  # type: ignore[arg-type]
+
+    def check_default(self, node: fx.Node, what: str, values: torch.Tensor, fan_in: int) -> None:
+        """LayerError unless fan_in x the mean square of `values` is torch's default 1/3, within 10%
+        or 8 standard errors of its estimate (uniform draws: relative variance 0.8 / count)."""
+        n = values.numel()
+        ratio = fan_in * float(values.detach().double().pow(2).mean()) / DEFAULT_VARIANCE
+        if abs(ratio - 1) > max(0.1, 8 * math.sqrt(0.8 / n)):
+            raise LayerError(
+                f"from_torch: {self.what(node)}: its {what}' variance is {ratio:.3g} times torch's default "
+                "1/(3 fan_in); from_torch reads the default initialization only"
+            )
 
     def conv(self, node: fx.Node, m: nn.Conv2d, W_std: float, b_std: float) -> Layer:
         k = m.kernel_size[0]
@@ -272,10 +315,10 @@ class _Graph:
 
     def layer_norm(self, node: fx.Node, m: nn.Module) -> Layer:
         if isinstance(m, nn.LayerNorm):
-            if m.elementwise_affine or len(m.normalized_shape) != 1 or self.spatial[node]:
+            if m.elementwise_affine or len(m.normalized_shape) != 1 or self.spatial[node] or m.eps > 1e-5:
                 raise LayerError(
                     f"from_torch: {self.what(node)}: LayerNorm over the last axis of vectors or sequences "
-                    "without affine parameters (elementwise_affine=False) has a layer"
+                    "without affine parameters (elementwise_affine=False), eps at most 1e-5, has a layer"
                 )
         return LayerNorm()
 
