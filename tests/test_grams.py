@@ -10,7 +10,7 @@ import torch
 from ntkrun.architectures.conv import CNNArchitecture
 from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.runners.grams import checkpointed_grams
-from ntkrun.work import NoProgress
+from ntkrun.work import NoProgress, Work
 
 
 class Checkpoints:
@@ -19,7 +19,7 @@ class Checkpoints:
     def __init__(self) -> None:
         self.parts: dict[tuple[str, str | None], dict[str, Any]] = {}
 
-    def require(self, name: str) -> dict[str, Any]:
+    def require(self, work: Work) -> dict[str, Any]:
         raise AssertionError("a Gram needs no other unit")
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {name: imports_of(path, set(files)) for name, path in files.items()}
     # the imports made by name at run time: the library face and the experiment records
     graph["ntkrun"] |= {module for module in ntkrun._FACE.values()}
-    graph["ntkrun.experiments"] |= {record.runner for record in experiments.EXPERIMENTS.values()}
+    graph["ntkrun.experiments"] |= {record.module for record in experiments.EXPERIMENTS.values()}
     return graph
 
 
@@ -206,13 +206,37 @@ def test_help_does_not_load_torch():
     assert out.stdout.split() == ["0", "False"]
 
 
-def test_every_runner_has_a_results_version():
-    """docs/architecture.md, "Run identity": bumped by a change that alters a runner's results."""
+def test_every_experiment_has_a_runner_record_of_its_own():
+    """Each runner module ends with its RUNNER record (ntkrun.runners.contract), checked when the
+    module is imported; the record runs the experiment it is registered as, with a results version
+    (docs/architecture.md, "Run identity")."""
     from ntkrun.experiments import EXPERIMENTS
+    from ntkrun.runners.contract import Runner
 
-    for record in EXPERIMENTS.values():
-        version = getattr(record.module, "RESULTS_VERSION", None)
-        assert isinstance(version, int) and version >= 1, record.name
+    for name, record in EXPERIMENTS.items():
+        runner = record.runner
+        assert isinstance(runner, Runner) and runner.experiment == name
+        assert runner.results_version >= 1 and set(runner.archs) <= {"mlp", "cnn"}
+
+
+def test_a_runner_record_that_breaks_the_contract_is_refused_when_it_is_made():
+    """A typo in archs, a function of the wrong arity or a spec of no experiment: a TypeError naming
+    the runner at import, not a silent default at run time (archs once defaulted to the MLP)."""
+    from dataclasses import replace
+
+    import ntkrun.runners.convergence as convergence
+
+    good = convergence.RUNNER
+    with pytest.raises(TypeError, match="runner 'convergence': archs: unknown architecture 'cn'"):
+        replace(good, archs=("mlp", "cn"))
+    with pytest.raises(TypeError, match=r"runner 'convergence': memory\(spec\) does not take 2 positional"):
+        replace(good, memory=lambda spec: 0)
+    with pytest.raises(TypeError, match="runner 'convergence': check is not a function"):
+        replace(good, check=None)
+    with pytest.raises(TypeError, match="results_version must be an int >= 1"):
+        replace(good, results_version=0)
+    with pytest.raises(TypeError, match="Spec must be a RunSpec model"):
+        replace(good, Spec=dict)
 
 
 def test_a_clone_named_ntkrun_beside_a_script_does_not_shadow_the_package(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ def test_the_cnn_keys_at_their_defaults_keep_an_mlp_runs_hash():
 
 
 def test_a_run_of_an_older_results_version_is_not_resumed_into_mixed_results(tmp_path, monkeypatch):
-    """Each runner's RESULTS_VERSION is part of a run's identity: after an upgrade that changed a
+    """Each runner's results_version is part of a run's identity: after an upgrade that changed a
     runner's results, a half-done run of the older version is refused on resume (it silently mixed
     old and new unit files before). A run made before versions existed counts as version 1."""
     import json
@@ -214,11 +215,11 @@ def test_a_run_of_an_older_results_version_is_not_resumed_into_mixed_results(tmp
     assert invoke(*CONVERGENCE, "--unit", "0", "--run-dir", shared).exit_code == 0
     tag = json.loads((shared / IDENTITY).read_text())
     assert tag["data"] == {"results version convergence": "1"}
-    monkeypatch.setattr(convergence, "RESULTS_VERSION", 2)
+    monkeypatch.setattr(convergence, "RUNNER", replace(convergence.RUNNER, results_version=2))
     result = invoke("resume", shared, "--quiet")
     assert result.exit_code == 2, result.output
     assert "computed by results version 1 of ntkrun's convergence runner, this ntkrun's is 2" in result.output
-    monkeypatch.setattr(convergence, "RESULTS_VERSION", 1)
+    monkeypatch.undo()
     tag["data"] = {}  # identity.json and unit files of a run made before versions existed
     (shared / IDENTITY).write_text(json.dumps(tag))
     for unit in (shared / "units").glob("*.pt"):

@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_an_interrupted_shared_run_completes_without_its_old_error(tmp_path, mon
     import ntkrun.runners.convergence as convergence
 
     shared = tmp_path / "run"
-    original, calls = convergence.run_unit, []
+    original, calls = convergence.RUNNER.run_unit, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -234,7 +235,7 @@ def test_an_interrupted_shared_run_completes_without_its_old_error(tmp_path, mon
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(convergence, "run_unit", interrupted)
+    monkeypatch.setattr(convergence, "RUNNER", replace(convergence.RUNNER, run_unit=interrupted))
     assert invoke(*TINY["convergence"], "--run-dir", shared).exit_code == 130
     monkeypatch.undo()
     assert (shared / "ERROR").is_file() and not (shared / "meta.json").exists()

@@ -1,9 +1,10 @@
 """One record per experiment: everything the rest of ntkrun needs to know about it.
 
-Adding an experiment = a runner module under ntkrun/runners/ (its spec model `Spec`, `units`,
-`run_unit`, `aggregate`, `memory`, optionally `check`), its presets under configs/<name>/, and one
-record below. The CLI command, its flags, `resume`, `status` and `show` are made from the record.
-Runner modules are imported only when a spec is resolved, so `ntkrun --help` stays fast.
+Adding an experiment = a runner module under ntkrun/runners/ that ends with its `RUNNER` record
+(ntkrun.runners.contract: its spec model, units, run_unit, aggregate, memory, ...), its presets
+under configs/<name>/, and one record below. The CLI command, its flags, `resume`, `status` and
+`show` are made from the record. Runner modules are imported only when a spec is resolved, so
+`ntkrun --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ntkrun.errors import SpecError
 from ntkrun.presets import presets_of
 from ntkrun.spec import RunSpec, load_spec, read_yaml
+
+if TYPE_CHECKING:
+    from ntkrun.runners.contract import Runner
 
 
 @dataclass(frozen=True)
@@ -33,18 +36,23 @@ class Flag:
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    runner: str  # module with Spec, units, run_unit, aggregate, memory (and optionally check)
+    module: str  # the runner module, whose RUNNER record (ntkrun.runners.contract) runs it
     help: str
     summary_tables: tuple[str, ...] = ("metrics.csv",)  # printed after a run and by `show`
     flags: tuple[Flag, ...] = ()  # flags of this experiment only, besides SHORTCUTS
 
     @property
-    def module(self) -> ModuleType:
-        return importlib.import_module(self.runner)
+    def runner(self) -> Runner:
+        """The runner's record, checked when its module was imported; TypeError if it has none or
+        if it runs another experiment."""
+        record = getattr(importlib.import_module(self.module), "RUNNER", None)
+        if record is None or record.experiment != self.name:
+            raise TypeError(f"{self.module}: no RUNNER record of experiment {self.name!r}")
+        return record
 
     @property
     def model(self) -> type[RunSpec]:
-        return self.module.Spec
+        return self.runner.Spec
 
     @property
     def presets(self) -> dict[str, Path]:

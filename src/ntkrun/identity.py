@@ -17,7 +17,7 @@ from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 
 IDENTITY = "identity.json"
 MODEL_SOURCE = "model source "  # the key of a network.module's source file among the digests
-RESULTS_VERSION = "results version "  # + the experiment: its runner's RESULTS_VERSION (1 if absent)
+RESULTS_VERSION = "results version "  # + the experiment: its runner record's results_version (1 if absent)
 
 
 @dataclass(frozen=True)

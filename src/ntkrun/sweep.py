@@ -10,7 +10,7 @@ and read by the others. Aggregation runs each point's own aggregate into `points
 CSVs and figure a plain run of that spec writes), concatenates each CSV into the run's top level
 with one column per swept key, and draws the comparison figure (ntkrun.sweep_plots).
 
-`Sweep(module)` has the runner interface of ntkrun.units (units, run_unit, aggregate, memory,
+`Sweep(runner)` has the runner interface of ntkrun.units (units, run_unit, aggregate, memory,
 data_files), so the layers above run a sweep as they run any experiment.
 """
 
@@ -21,7 +21,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pandas as pd
@@ -31,8 +30,9 @@ from ntkrun.errors import SpecError
 from ntkrun.identity import Identity
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import resolve_device
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_dict, spec_hash, spec_identity, with_values
-from ntkrun.work import PointWork, Progress, Unit, UnitContext
+from ntkrun.work import PointWork, Progress, Results, Unit, UnitContext, Work
 
 MAX_POINTS = 256  # the default of --max-points
 POINTS_DIR = "points"
@@ -76,6 +76,11 @@ class Grid:
         """The sweep unit that holds `name` of `point` (its own, or the one it shares)."""
         return self.owner.get((point.index, name), f"{point.name}.{name}")
 
+    def work_of(self, point: Point, unit: Unit) -> Work:
+        """The work of the sweep unit that holds `unit` of `point` (a PointWork)."""
+        name = self.unit_name(point, unit.name)
+        return next(u.work for u in self.units if u.name == name)
+
 
 _GRIDS: dict[str, Grid] = {}
 
@@ -111,10 +116,10 @@ def _ignores(key: str, prefixes: tuple[str, ...]) -> bool:
 
 
 class Sweep:
-    """The runner interface of ntkrun.units over an experiment's runner `module`, for a swept spec."""
+    """The runner interface of ntkrun.units over an experiment's `runner`, for a swept spec."""
 
-    def __init__(self, module: ModuleType) -> None:
-        self.module = module
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
 
     def grid(self, spec: RunSpec) -> Grid:
         """The spec's grid (cached by the spec's content: units are asked for often)."""
@@ -125,11 +130,11 @@ class Sweep:
 
     def _grid(self, spec: RunSpec) -> Grid:
         grid = Grid(points(spec))
-        shared_of = getattr(self.module, "shared", lambda spec: {})
+        shared_of = self.runner.shared
         first: dict[tuple[str, str], str] = {}  # (unit, what it reads) -> the sweep unit computing it
         for point in grid.points:
             identity, shared = _flat(spec_identity(spec_dict(point.spec))), shared_of(point.spec)
-            for unit in sorted(self.module.units(point.spec), key=lambda u: u.stage):
+            for unit in sorted(self.runner.units(point.spec), key=lambda u: u.stage):
                 name = f"{point.name}.{unit.name}"
                 ignored = shared.get(type(unit.work))
                 if ignored is not None:
@@ -152,21 +157,19 @@ class Sweep:
 
     def memory(self, spec: RunSpec, unit: Unit) -> int:
         point = self.grid(spec).points[unit.work.point]
-        return int(self.module.memory(point.spec, unit.work.unit))
+        return int(self.runner.memory(point.spec, unit.work.unit))
 
     def data_files(self, spec: RunSpec) -> list[Path]:
-        files = getattr(self.module, "data_files", None)
-        if files is None:
-            return []
-        found = [path for point in self.grid(spec).points for path in files(point.spec)]
+        found = [path for point in self.grid(spec).points for path in self.runner.data_files(point.spec)]
         return sorted(set(found), key=found.index)
 
     def run_unit(self, spec: RunSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
         grid = self.grid(spec)
         point = grid.points[unit.work.point]
-        return self.module.run_unit(point.spec, unit.work.unit, _PointContext(ctx, grid, point), progress)
+        context = _PointContext(ctx, grid, point, self.runner)
+        return self.runner.run_unit(point.spec, unit.work.unit, context, progress)
 
-    def aggregate(self, spec: RunSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+    def aggregate(self, spec: RunSpec, run: RunDir, results: Results) -> pd.DataFrame:
         """Each point's aggregate into points/<point>/ (marked complete there), then the run's
         tables: each point's CSVs concatenated with one column per swept key; points.csv; the
         comparison figure. -> the concatenated summary table."""
@@ -176,8 +179,8 @@ class Sweep:
         for point in grid.points:
             ident = Identity(spec_hash(point.spec), dict(run.identity.data), legacy_spec_hash(point.spec))
             sub = RunDir.shared(run.path / POINTS_DIR / point.name, point.spec, ident)
-            own = {u.name: results[grid.unit_name(point, u.name)] for u in self.module.units(point.spec)}
-            summaries.append(_tagged(self.module.aggregate(point.spec, sub, own), point))
+            own = Results((u, results[grid.work_of(point, u)]) for u in self.runner.units(point.spec))
+            summaries.append(_tagged(self.runner.aggregate(point.spec, sub, own), point))
             sub.finalize(device)
             (sub.path / "units").rmdir()  # a point's units live in the run's units/
             for path in sorted(sub.path.glob("*.csv")):
@@ -206,13 +209,16 @@ def _tagged(frame: pd.DataFrame, point: Point) -> pd.DataFrame:
 
 
 class _PointContext:
-    """A unit context for one point's runner: its unit names mapped to the sweep's."""
+    """A unit context for one point's runner: its units mapped to the sweep's."""
 
-    def __init__(self, ctx: UnitContext, grid: Grid, point: Point) -> None:
-        self.ctx, self.grid, self.point = ctx, grid, point
+    def __init__(self, ctx: UnitContext, grid: Grid, point: Point, runner: Runner) -> None:
+        self.ctx, self.grid, self.point, self.runner = ctx, grid, point, runner
 
-    def require(self, name: str) -> dict[str, Any]:
-        return self.ctx.require(self.grid.unit_name(self.point, name))
+    def require(self, work: Work) -> dict[str, Any]:
+        own = [u for u in self.runner.units(self.point.spec) if u.work == work]
+        if not own:
+            raise LookupError(f"no unit of sweep point {self.point.name} does {work}")
+        return self.ctx.require(self.grid.work_of(self.point, own[0]))
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:
         return self.ctx.load_checkpoint(self.grid.unit_name(self.point, name), part)

@@ -38,17 +38,18 @@ from ntkrun.identity import MODEL_SOURCE, RESULTS_VERSION, Identity
 from ntkrun.locks import AGGREGATE_LOCK, STALE_LOCK_S, acquire, release
 from ntkrun.rundir import RunDir, is_complete, log_to
 from ntkrun.runners.common import check_range, resolve_device
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import RunSpec, legacy_spec_hash, spec_hash
 from ntkrun.sweep import Sweep
-from ntkrun.work import NoProgress, Progress, Unit
+from ntkrun.work import NoProgress, Progress, Results, Unit, Work
 
 LOG = logging.getLogger("ntkrun")
 
 
-def runner(spec: RunSpec) -> Any:
-    """The experiment's runner module, or for a sweep the Sweep over it (the same interface)."""
-    module = experiments.get(spec.experiment).module
-    return Sweep(module) if spec.sweep else module
+def runner(spec: RunSpec) -> Runner | Sweep:
+    """The experiment's runner record, or for a sweep the Sweep over it (the same interface)."""
+    record = experiments.get(spec.experiment).runner
+    return Sweep(record) if spec.sweep else record
 
 
 def units(spec: RunSpec) -> list[Unit]:
@@ -70,15 +71,22 @@ def find_unit(spec: RunSpec, key: str) -> Unit:
     )
 
 
+def unit_of(spec: RunSpec, work: Work) -> Unit:
+    """The unit that does `work` (a unit's ctx.require); LookupError if the spec has none."""
+    for unit in units(spec):
+        if unit.work is work or unit.work == work:
+            return unit
+    raise LookupError(f"no unit of this {spec.experiment} spec does {work}")
+
+
 def identity(spec: RunSpec, data: dict[str, str] | None = None) -> Identity:
     """The identity of the spec's results: its hash, the content of the data files it reads (the
     runner's `data_files(spec)`, if it reads any; or `data`, their digests as a run recorded them)
     and of a network.module's source file. Raises DataError if they cannot be read, SpecError if
     the module cannot be imported."""
     if data is None:
-        files = getattr(runner(spec), "data_files", None)
-        data = digests(files(spec)) if files is not None else {}
-    version = experiments.get(spec.experiment).module.RESULTS_VERSION
+        data = digests(runner(spec).data_files(spec))
+    version = experiments.get(spec.experiment).runner.results_version
     version = {f"{RESULTS_VERSION}{spec.experiment}": str(version)}
     return Identity(spec_hash(spec), {**data, **model_sources(spec), **version}, legacy_spec_hash(spec))
 
@@ -114,30 +122,28 @@ def preflight(spec: RunSpec) -> None:
                 raise type(err)(f"sweep point {point.name} ({point.label}): {err}", err.exit_code) from None
         check_swept_module(spec)
         return
-    module = getattr(spec.network, "module", None)  # type: ignore[attr-defined]
-    if module is not None and not getattr(runner(spec), "MODULES", False):
+    record = experiments.get(spec.experiment).runner
+    network = spec.network  # type: ignore[attr-defined]
+    module = getattr(network, "module", None)  # (features' network block has none)
+    if module is not None and not record.modules:
         raise SpecError(
             f"network.module: {spec.experiment} does not run a user's model yet "
             "(convergence, scaling, pca and generalization do)"
         )
-    layers = getattr(spec.network, "layers", None)  # type: ignore[attr-defined]
-    if layers is not None and not getattr(runner(spec), "LAYERS", False):
+    if network.layers is not None and not record.layers:
         raise SpecError(
             f"network.layers: {spec.experiment} does not run compositions of ntkrun.layers yet "
             "(convergence, regression, scaling, pca, generalization and features do)"
         )
     if module is None:
         check_range(spec)
-    archs = getattr(runner(spec), "ARCHS", ("mlp",))
-    arch = getattr(spec.network, "arch", "mlp")  # type: ignore[attr-defined]
-    if arch not in archs and layers is None:
+    arch = getattr(network, "arch", "mlp")
+    if arch not in record.archs and network.layers is None:
         raise SpecError(
             f"network.arch: {arch!r} is not supported by {spec.experiment}, whose inputs are "
-            f"{getattr(runner(spec), 'INPUTS', 'vectors')}, not images (it runs: {', '.join(archs)})"
+            f"{record.inputs}, not images (it runs: {', '.join(record.archs)})"
         )
-    check = getattr(runner(spec), "check", None)
-    if check is not None:
-        check(spec)
+    record.check(spec)
 
 
 def check_swept_module(spec: RunSpec) -> None:
@@ -195,8 +201,8 @@ class _Context:
         self.spec, self.run = spec, run
         self.load_checkpoint, self.save_checkpoint = run.load_checkpoint, run.save_checkpoint
 
-    def require(self, name: str) -> dict[str, Any]:
-        return compute_unit(self.spec, self.run, find_unit(self.spec, name), NoProgress())
+    def require(self, work: Work) -> dict[str, Any]:
+        return compute_unit(self.spec, self.run, unit_of(self.spec, work), NoProgress())
 
 
 class _UnitProgress:
@@ -324,11 +330,11 @@ def unit_main(run_dir: str, name: str) -> str:
 def aggregate(spec: RunSpec, run: RunDir) -> pd.DataFrame:
     """Build the experiment's CSVs and figures from the saved unit results; -> summary table.
     Raises IncompleteRunError when a unit has no result."""
-    results = {u.name: run.load_unit(u.name) for u in units(spec)}
-    missing = [name for name, r in results.items() if r is None]
+    results = [(u, run.load_unit(u.name)) for u in units(spec)]
+    missing = [u.name for u, r in results if r is None]
     if missing:
         raise IncompleteRunError(missing)
-    return runner(spec).aggregate(spec, run, results)
+    return runner(spec).aggregate(spec, run, Results(results))  # type: ignore[arg-type]
 
 
 def finish(spec: RunSpec, run: RunDir) -> pd.DataFrame:

@@ -5,8 +5,9 @@ Imports nothing of ntkrun but ntkrun.costs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ntkrun.costs import Cost, as_cost
 
@@ -28,10 +29,10 @@ class NoProgress:
 
 
 class UnitContext(Protocol):
-    """What a running unit may ask of its run: another unit's result (computed first if it is
-    not there yet) and its own checkpoints."""
+    """What a running unit may ask of its run: the result of another unit, by the work it does
+    (computed first if it is not there yet), and its own checkpoints."""
 
-    def require(self, name: str) -> dict[str, Any]: ...
+    def require(self, work: Work) -> dict[str, Any]: ...
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None: ...
 
@@ -123,3 +124,28 @@ class Unit:
         if self.needs:
             return 1 + max(u.stage for u in self.needs)
         return 0 if isinstance(self.work, (Reference, MonteCarloLimit)) else 1
+
+
+W = TypeVar("W", Reference, TrainNet, KernelFit, MonteCarloLimit, FeatureNet, PointWork)
+
+
+class Results:
+    """The saved results of a run's units, told apart by the work each did (never by a unit's
+    name or by which keys a result holds): `results[work]`, or `results.of(TrainNet)` for the
+    (work, result) pairs of one kind, in the order of the units."""
+
+    def __init__(self, pairs: Iterable[tuple[Unit, dict[str, Any]]]) -> None:
+        self._pairs = [(unit.work, result) for unit, result in pairs]
+        self._by_work = dict(self._pairs)
+
+    def __getitem__(self, work: Work) -> dict[str, Any]:
+        return self._by_work[work]
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __iter__(self) -> Iterator[tuple[Work, dict[str, Any]]]:
+        return iter(self._pairs)
+
+    def of(self, kind: type[W]) -> list[tuple[W, dict[str, Any]]]:
+        return [(work, result) for work, result in self._pairs if isinstance(work, kind)]

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_an_interrupted_unit_process_keeps_only_finished_units(tmp_path, monkeyp
     """`--unit 0 --unit 1 --run-dir DIR` stopped by Ctrl-C in its second unit: exit 130, the first
     unit's result kept, and nothing else written: no ERROR, no meta.json (the directory is shared
     with other processes, which go on)."""
-    original, calls = ntkrun.runners.convergence.run_unit, []
+    original, calls = ntkrun.runners.convergence.RUNNER.run_unit, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -148,7 +149,8 @@ def test_an_interrupted_unit_process_keeps_only_finished_units(tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ntkrun.runners.convergence, "run_unit", interrupted)
+    record = ntkrun.runners.convergence.RUNNER
+    monkeypatch.setattr(ntkrun.runners.convergence, "RUNNER", replace(record, run_unit=interrupted))
     shared = tmp_path / "run"
     result = invoke(*TINY, "--unit", "0", "--unit", "1", "--run-dir", shared)
     assert result.exit_code == 130, result.output

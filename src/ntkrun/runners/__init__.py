@@ -1,7 +1,8 @@
-"""One module per experiment. Each defines its spec model `Spec` and
+"""One module per experiment, each ending with its `RUNNER` record (ntkrun.runners.contract: the
+one contract, checked when the module is imported): its spec model and
 
     units(spec) -> list[Unit]                          independent pieces of work
-    run_unit(spec, unit, ctx, progress) -> result      a dict of tensors, lists and numbers
+    run_unit(spec, unit, ctx, progress) -> result      a TypedDict of tensors, lists and numbers
     aggregate(spec, run, results) -> summary table     CSVs and figures from the saved results
     memory(spec, unit) -> bytes                        the unit's estimated peak memory
     check(spec)                                        (optional) preflight against data files

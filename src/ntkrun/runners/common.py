@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Collection
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 import torch
@@ -224,13 +224,16 @@ def seed_spread(keys: list[tuple], thetas: list[torch.Tensor]) -> list[float]:
     return [float((t - means[k]).norm() / means[k].norm()) for k, t in zip(keys, thetas, strict=True)]
 
 
-def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> dict[str, list]:
+Table = dict[str, list]  # a table as a unit result stores it: {column: its values}
+
+
+def pack(rows: list[dict[str, Any]] | pd.DataFrame) -> Table:
     """Rows (or a DataFrame) -> {column: list of Python scalars}, storable by torch.save."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     return {str(c): frame[c].tolist() for c in frame.columns}
 
 
-def unpack(*tables: dict[str, list]) -> pd.DataFrame:
+def unpack(*tables: Table) -> pd.DataFrame:
     """The inverse of pack, concatenating several tables in order."""
     return pd.concat([pd.DataFrame(t) for t in tables], ignore_index=True)
 
@@ -261,23 +264,34 @@ def read_cost(data_dir: str | None, splits: Collection[str]) -> Cost:
 # ---------------------------------------------------------------- Monte-Carlo limits as units
 
 
+def limit_works(samples: int, **where: int) -> list[MonteCarloLimit]:
+    """The shares (kernels.monte_carlo.chunks) of a Monte-Carlo limit over `samples` networks;
+    `where`: MonteCarloLimit's depth, seed or n_train."""
+    return [MonteCarloLimit(start, count, **where) for start, count in chunks(samples)]
+
+
 def limit_units(prefix: str, samples: int, cost: float | Cost, **where: int) -> list[Unit]:
-    """The shares (kernels.monte_carlo.chunks) of a Monte-Carlo limit over `samples` networks, as
-    units prefix_0, prefix_1, ...; cost: the FLOPs of all of them; `where`: MonteCarloLimit's depth,
-    seed or n_train."""
+    """The shares of a Monte-Carlo limit (limit_works) as units prefix_0, prefix_1, ...; cost: the
+    FLOPs of all of them."""
     return [
-        Unit(f"{prefix}_{i}", cost * (count / samples), MonteCarloLimit(start, count, **where))
-        for i, (start, count) in enumerate(chunks(samples))
+        Unit(f"{prefix}_{i}", cost * (work.count / samples), work)
+        for i, work in enumerate(limit_works(samples, **where))
     ]
 
 
-def limit_names(prefix: str, samples: int) -> list[str]:
-    return [f"{prefix}_{i}" for i in range(len(chunks(samples)))]
+class LimitShare(TypedDict):
+    """A Monte-Carlo share's result: its networks' mean kernels and their standard errors."""
+
+    n: int
+    ntk: torch.Tensor
+    ntk_se: torch.Tensor
+    nngp: torch.Tensor
+    nngp_se: torch.Tensor
 
 
 def limit_share(
     description: Architecture, work: MonteCarloLimit, X: torch.Tensor, X2: torch.Tensor | None = None
-) -> dict:
+) -> LimitShare:
     """One share's Monte-Carlo kernels (a ModuleArchitecture's networks work.start onwards) as a
     unit result."""
     note = getattr(description, "limit_note", None)
@@ -289,11 +303,11 @@ def limit_share(
 
 
 def limit_estimate(
-    read: Callable[[str], dict], names: list[str]
+    read: Callable[[MonteCarloLimit], Any], samples: int, **where: int
 ) -> tuple[MonteCarloKernels, list[MonteCarloKernels]]:
-    """The shares' results (read by name: UnitContext.require, or a results dict's __getitem__) ->
-    (the estimate over all of them, the jackknife's leave-one-share-out estimates)."""
-    parts = [
-        MonteCarloKernels(r["nngp"], r["ntk"], r["nngp_se"], r["ntk_se"], r["n"]) for r in map(read, names)
-    ]
+    """The results of a limit's shares (limit_works(samples, **where), read by their work:
+    UnitContext.require, or Results' __getitem__) -> (the estimate over all of them, the
+    jackknife's leave-one-share-out estimates)."""
+    shares: list[LimitShare] = [read(work) for work in limit_works(samples, **where)]
+    parts = [MonteCarloKernels(r["nngp"], r["ntk"], r["nngp_se"], r["ntk_se"], r["n"]) for r in shares]
     return combine(parts), leave_one_out(parts) if len(parts) > 1 else []

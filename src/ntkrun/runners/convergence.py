@@ -7,7 +7,7 @@ each recorded step, train by full-batch GD on f*(x) = x1 x2. Also the analytic l
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -22,12 +22,13 @@ from ntkrun.kernels import analytic_kernels, empirical_ntk
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    LimitShare,
+    Table,
     architecture,
     build_net,
     check_user_model,
     gd_flops,
     limit_estimate,
-    limit_names,
     limit_share,
     limit_units,
     network_caption,
@@ -37,16 +38,11 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import GridSpec, MonteCarloSpec, NetworkSpec, RunSpec, TrainingSpec
-from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
+from ntkrun.work import MonteCarloLimit, Progress, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 1
-INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
-MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
-LAYERS = True  # runs a network.layers composition of vectors (ntkrun.layers), its exact limit
 
 
 class ConvergenceSpec(RunSpec):
@@ -57,7 +53,11 @@ class ConvergenceSpec(RunSpec):
     kernels: MonteCarloSpec = MonteCarloSpec()  # the limit of a network.module
 
 
-Spec = ConvergenceSpec
+class NetResult(TypedDict):
+    """A TrainNet unit's result: Theta(x0, grid) at the recorded steps, and the training losses."""
+
+    kernels: Table
+    losses: Table
 
 
 def arch(spec: ConvergenceSpec) -> Architecture:
@@ -195,19 +195,21 @@ def memory(spec: ConvergenceSpec, unit: Unit) -> int:
     )
 
 
-def run_unit(spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(
+    spec: ConvergenceSpec, unit: Unit, ctx: UnitContext, progress: Progress
+) -> NetResult | LimitShare:
     if isinstance(unit.work, MonteCarloLimit):
         _, x0, Xg = grid_points(spec)  # a share of the Monte-Carlo limit Theta(x0, grid)
         return limit_share(arch(spec), unit.work, x0, Xg)
     width, seed = unit.work.width, unit.work.seed
     device = resolve_device(spec.device)
     kernel_rows, loss_rows = train_unit(spec, width, seed, device, progress, step_cost(spec, width).flops)
-    return {"kernels": pack(kernel_rows), "losses": pack(loss_rows)}
+    return NetResult(kernels=pack(kernel_rows), losses=pack(loss_rows))
 
 
-def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: ConvergenceSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """kernels.csv, losses.csv, summary.csv, metrics.csv and Figure 1; -> metrics."""
-    trained = [r for name, r in results.items() if not name.startswith("limit_")]
+    trained = [r for _, r in results.of(TrainNet)]
     kernels = unpack(*(r["kernels"] for r in trained))
     losses = unpack(*(r["losses"] for r in trained))
     gammas, x0, Xg = grid_points(spec)
@@ -219,7 +221,7 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> p
         _, theta = analytic_kernels(x0, Xg, net.depth, net.nonlinearity, net.beta)
         summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
     else:  # the Monte-Carlo limit: its mean, and its standard error beside it
-        limit, _ = limit_estimate(results.__getitem__, limit_names("limit", spec.kernels.mc_samples))
+        limit, _ = limit_estimate(results.__getitem__, spec.kernels.mc_samples)
         summary = summarize(kernels, pd.Series(limit.ntk[0].numpy(), index=gammas.numpy()))
         summary["theta_inf_se"] = summary["gamma"].map(
             pd.Series(limit.ntk_stderr[0].numpy(), index=gammas.numpy())
@@ -234,3 +236,19 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: dict[str, dict]) -> p
         summary, kernels, run.path / "figure", lr=spec.training.lr, seeds=spec.seeds, title=title
     )
     return table
+
+
+RUNNER = Runner(
+    ConvergenceSpec,
+    # bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
+    # a run of an older version is then not resumed into mixed results
+    results_version=1,
+    inputs="points on the unit circle (2-D)",  # no architecture but the MLP takes them
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    modules=True,  # a network.module, its limit by Monte Carlo (docs/science.md §10)
+    layers=True,  # a network.layers composition of vectors (ntkrun.layers), its exact limit
+    check=check,
+)

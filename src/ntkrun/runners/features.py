@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,7 @@ from ntkrun.kernels import empirical_ntk
 from ntkrun.layers.parse import depth as layer_depth
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    Table,
     architecture,
     distinct_names,
     eigen_cost,
@@ -53,6 +54,7 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
     ARCH_NAMES,
     PADDING_NAMES,
@@ -69,14 +71,9 @@ from ntkrun.spec import (
     as_list,
     check_arch_keys,
 )
-from ntkrun.work import FeatureNet, Progress, Reference, Unit, UnitContext
+from ntkrun.work import FeatureNet, Progress, Reference, Results, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 2  # 2: the NTK predictor from g_0 = 0 through dynamics.predictor (1b669c1)
-ARCHS = ("mlp", "cnn")
-LAYERS = True  # runs a network.layers composition (ntkrun.layers): NTK parametrization, arms (a) and (b)
 # the papers' slopes (docs/science.md §11): kernel change in width (NTK -1: Dyer & Gur-Ari 2020, within
 # Theorem 2's bound n^-1/2; muP and mean-field 0: Yang & Hu 2021), in alpha (-1: Chizat et al. 2019),
 # and in depth/width the fluctuation (+1/2) and the change (+1) of Hanin & Nica 2019
@@ -174,9 +171,6 @@ class FeaturesSpec(RunSpec):
                 "network.arch: a cnn takes images; set data.image: [C, H, W] or data.inputs: images"
             )
         return self
-
-
-Spec = FeaturesSpec
 
 
 def arm_units(spec: FeaturesSpec) -> dict[str, list[FeatureNet]]:
@@ -298,16 +292,31 @@ def alignment(theta: torch.Tensor, y: torch.Tensor) -> float:
     return float(y @ theta @ y / (theta.norm() * (y @ y)))
 
 
-def predictor(spec: FeaturesSpec, depth: int) -> dict:
+class PredictorResult(TypedDict):
+    """A Reference unit's result: the NTK predictor's outputs on the test points (M,)."""
+
+    f_test: torch.Tensor
+
+
+class NetResult(TypedDict):
+    """A FeatureNet unit's result: its row of measures, and its Theta at init (for the seed spread)."""
+
+    rows: Table
+    theta_0: torch.Tensor
+
+
+def predictor(spec: FeaturesSpec, depth: int) -> PredictorResult:
     """The NTK predictor on the test points at the nets' time, from g_0 = 0 (docs/science.md §4)."""
     X, y, Xt, _ = task(spec)
     tr, model = spec.training, limit(spec, depth)
     eig = dynamics.eigen(model.kernel(X))
     f = dynamics.predictor(eig, model.kernel(Xt, X), tr.steps * tr.lr, lr=tr.lr) @ y
-    return {"f_test": f}
+    return PredictorResult(f_test=f)
 
 
-def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(
+    spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progress
+) -> PredictorResult | NetResult:
     if isinstance(unit.work, Reference):
         return predictor(spec, unit.work.depth)
     work, tr = unit.work, spec.training
@@ -328,7 +337,7 @@ def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progres
     theta_T = empirical_ntk(net, X).double().cpu()
     with torch.no_grad():
         f_test = (work.alpha * (net(Xt) - f0_test)).double().cpu()
-    f_ntk = ctx.require(f"limit_d{work.depth}")["f_test"]
+    f_ntk = ctx.require(Reference(depth=work.depth))["f_test"]
     # the alpha -> infinity limit of this network: its linearization, kernel regression with its Theta_0
     f_lin = dynamics.predictor(dynamics.eigen(theta_0), theta_test, tr.steps * tr.lr, lr=tr.lr) @ y
     row = {
@@ -346,7 +355,7 @@ def run_unit(spec: FeaturesSpec, unit: Unit, ctx: UnitContext, progress: Progres
         "lin_dist_T": float((f_test - f_lin).norm() / f_lin.norm()),
     }
     LOG.info("%s", row)
-    return {"rows": pack([row]), "theta_0": theta_0}
+    return NetResult(rows=pack([row]), theta_0=theta_0)
 
 
 def arm_table(table: pd.DataFrame, spec: FeaturesSpec, arm: str) -> pd.DataFrame:
@@ -375,15 +384,15 @@ def fits(table: pd.DataFrame, spec: FeaturesSpec) -> pd.DataFrame:
     return out[["arm", "group", "x", *[c for c in out.columns if c not in ("arm", "group", "x")]]]
 
 
-def aggregate(spec: FeaturesSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: FeaturesSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """features.csv, fits.csv and the figure; -> fits."""
-    nets = {name: r for name, r in results.items() if "rows" in r}
-    table = unpack(*(r["rows"] for r in nets.values()))
+    nets = [r for _, r in results.of(FeatureNet)]
+    table = unpack(*(r["rows"] for r in nets))
     keys = list(zip(table["parametrization"], table["alpha"], table["depth"], table["width"], strict=True))
     table.insert(
         table.columns.get_loc("change_T"),
         "spread_0",
-        seed_spread(keys, [r["theta_0"] for r in nets.values()]),
+        seed_spread(keys, [r["theta_0"] for r in nets]),
     )
     fit_table = fits(table, spec)
     run.write_csv("features.csv", table)
@@ -403,3 +412,20 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: dict[str, dict]) -> pd.D
     arms = {arm: arm_table(table, spec, arm) for arm in ("width", "alpha", "ratio")}
     features_figure(arms, fit_table, run.path / "figure", title=title)
     return fit_table
+
+
+RUNNER = Runner(
+    FeaturesSpec,
+    # bumped by a change that alters its results (docs/architecture.md, "Run identity"); 2: the NTK
+    # predictor from g_0 = 0 through dynamics.predictor (1b669c1)
+    results_version=2,
+    inputs="Gaussian vectors or images, or two classes of the IDX images",
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    archs=("mlp", "cnn"),
+    layers=True,  # a network.layers composition (ntkrun.layers): NTK parametrization, arms (a) and (b)
+    check=check,
+    data_files=data_files,
+)

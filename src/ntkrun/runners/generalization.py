@@ -15,11 +15,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Literal
 
 import pandas as pd
 import torch
-from pydantic import BeforeValidator, Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
@@ -33,6 +31,7 @@ from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners import generalization_mc as mc
 from ntkrun.runners.common import (
+    LimitShare,
     UnknownCost,
     architecture,
     check_user_model,
@@ -46,27 +45,23 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
+from ntkrun.runners.generalization_spec import GenSpec
 from ntkrun.runners.grams import checkpointed_grams
-from ntkrun.runners.labelled import CLASSES, KERNEL_KINDS, dataset, n_train_sizes, scores, targets
-from ntkrun.spec import (
-    Model,
-    NetworkSpec,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    RunSpec,
-    as_list,
+from ntkrun.runners.labelled import (
+    CLASSES,
+    KERNEL_KINDS,
+    FitResult,
+    NetResult,
+    ReferenceResult,
+    dataset,
+    n_train_sizes,
+    scores,
+    targets,
 )
-from ntkrun.work import KernelFit, MonteCarloLimit, Progress, Reference, TrainNet, Unit, UnitContext
+from ntkrun.work import KernelFit, MonteCarloLimit, Progress, Reference, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 1
-ARCHS = ("mlp", "cnn")
-MODULES = True  # runs a network.module, its kernels by Monte Carlo (docs/science.md §10)
-LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact kernels
 
 
 def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
@@ -80,75 +75,6 @@ def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     return {KernelFit: ignored, MonteCarloLimit: ignored}
 
 
-class GenDataSpec(Model):
-    dir: str | None = None  # IDX folder with train and test splits; else --data-dir, $NTKRUN_DATA_DIR
-    scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255 (choice), or per-pixel on the train points
-    n_train: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [
-        1000,
-        5000,
-        20000,
-        60000,
-    ]
-    n_test: PositiveInt | None = None  # test points (a seeded choice); None: the whole test split
-    seed: NonNegativeInt = 0  # the seeded order of the training points (nested sets) and the test choice
-    target_on: float = 0.9  # one-hot targets, centered (choice, Lee et al. 2018)
-    target_off: float = -0.1
-
-
-class GenKernelSpec(Model):
-    ridge: NonNegativeFloat = 0.0  # relative to the mean diagonal; raised automatically if the solve fails
-    # s^2 of the NNGP predictor, (Sigma + s^2 I)^-1, added to the ridge, relative (choice: the
-    # 60000-point float32 Fashion-MNIST Sigma factored only from 1.2e-6 on; 1e-5 keeps a margin)
-    nngp_noise: NonNegativeFloat = 1e-5
-    dtype: Literal["auto", "float32", "float64"] = "auto"  # Gram storage; auto: float64 up to 20000 points
-    checkpoint_rows: PositiveInt = 4096  # Gram rows per checkpointed block (larger Grams only)
-    # the Monte-Carlo limit of a network.module (docs/science.md §10): its networks' width (default:
-    # the largest network.width) and how many are averaged
-    limit_width: PositiveInt | None = None
-    mc_samples: Annotated[int, Field(ge=2)] = 32
-
-
-class GenTrainingSpec(Model):
-    n_train: PositiveInt = 1000  # the networks' training set: the first n_train training points
-    # (choice) lr * lambda_max / N of the limiting NTK is ~0.9 on MNIST-like data at lr 10 (GD is
-    # stable below 2); the paper's lr 1 would need 10x the steps for the same training time
-    lr: PositiveFloat = 10.0
-    steps: PositiveInt = 1000
-    center: bool = True  # predict f_t(x) - f_0(x): in the limit exactly the NTK predictor (choice)
-
-
-class GenSpec(RunSpec):
-    experiment: Literal["generalization"] = "generalization"
-    seeds: PositiveInt = 4  # networks per width
-    network: NetworkSpec = NetworkSpec(depth=4, width=[128, 512, 2048])
-    data: GenDataSpec = GenDataSpec()
-    kernels: GenKernelSpec = GenKernelSpec()
-    training: GenTrainingSpec = GenTrainingSpec()
-    # mlp_ntk, mlp_nngp: the MLP's kernels of the same depth, beside another architecture's
-    predictors: Annotated[list[Literal["ntk", "nngp", "net", "mlp_ntk", "mlp_nngp"]], Field(min_length=1)] = [
-        "ntk",
-        "nngp",
-        "net",
-    ]
-    n_boot: PositiveInt = 2000  # bootstrap resamples for the distance slope
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GenSpec:
-        if "net" in self.predictors and not self.network.width:
-            raise ValueError("network.width is empty but the predictor 'net' is requested")
-        baselines = [p for p in self.predictors if p.startswith("mlp_")]
-        own = self.network.module is None and self.network.layers is None
-        if baselines and self.network.arch == "mlp" and own:
-            raise ValueError(
-                f"predictors: {', '.join(baselines)} compare another network (arch, network.layers, "
-                "network.module) with the MLP; this one is the MLP"
-            )
-        if len(set(self.data.n_train)) != len(self.data.n_train):
-            raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")
-        return self
-
-
-Spec = GenSpec
 AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
 
 
@@ -236,7 +162,7 @@ def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:
     return f"{'+'.join(predictors)}_n{n}"
 
 
-def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> FitResult:
     """Each of the unit's predictors fitted on the first n_train points and scored on the test
     split: one row per predictor."""
     predictors, n = unit.work.predictors, unit.work.n_train
@@ -281,10 +207,10 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
         }
         LOG.info("%s", row)
         out.append(row)
-    return {"rows": pack(out), "notes": notes}
+    return FitResult(rows=pack(out), notes=notes)
 
 
-def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
+def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> ReferenceResult:
     """The NTK predictor on the networks' training set, on the test points, at t = inf and at the
     nets' training time t = steps * lr (the GD dynamics of docs/science.md §4, mean only)."""
     tr = spec.training
@@ -302,13 +228,13 @@ def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> dict:
     # the NTK predictor at the nets' training time, scored like them ("ntk_t" in accuracy.csv)
     row = {"predictor": "ntk_t", "n_train": tr.n_train, "width": math.nan, "seed": -1}
     row.update(scores(spec, out["t"].double(), labels_t), ridge=0.0, gram_dtype="float64")
-    return {**out, "rows": pack([row])}
+    return ReferenceResult(inf=out["inf"], t=out["t"], rows=pack([row]))
 
 
 # ---------------------------------------------------------------- network units
 
 
-def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> NetResult:
     width, seed, tr = unit.work.width, unit.work.seed, spec.training
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     X, labels, Xt, labels_t = dataset(spec, tr.n_train)
@@ -325,7 +251,7 @@ def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
     train(net, Xd, goal, lr=tr.lr, steps=tr.steps, label=label, progress=progress, step_cost=cost)
     with torch.no_grad():
         pred = (net(Xtd) - (f0_test if tr.center else 0.0)).double().cpu()
-    reference = ctx.require("reference")
+    reference = ctx.require(Reference())
     row = {
         "predictor": "net",
         "n_train": tr.n_train,
@@ -339,7 +265,7 @@ def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) ->
         f_ntk = reference[key].double()
         dist[f"dist_{key}"] = float((pred - f_ntk).norm() / f_ntk.norm())
     LOG.info("%s %s", row, dist)
-    return {"rows": pack([row]), "distance": pack([dist])}
+    return NetResult(rows=pack([row]), distance=pack([dist]))
 
 
 # ---------------------------------------------------------------- the experiment's face
@@ -406,7 +332,9 @@ def memory(spec: GenSpec, unit: Unit) -> int:
     return data + net + description.training_bytes(max(n, m), w, CLASSES, b)
 
 
-def run_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(
+    spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress
+) -> FitResult | ReferenceResult | NetResult | LimitShare:
     if isinstance(unit.work, MonteCarloLimit):
         return mc.share(spec, arch(spec), unit.work)
     if isinstance(unit.work, KernelFit) and monte_carlo(spec, unit.work.predictors):
@@ -424,14 +352,15 @@ def fits(distance: pd.DataFrame, spec: GenSpec) -> pd.DataFrame:
     return slope_table(distance, references, n_boot=spec.n_boot, seed=spec.base_seed)
 
 
-def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: GenSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """accuracy.csv, distance.csv, fits.csv and the figure; -> accuracy."""
-    accuracy = unpack(*(r["rows"] for r in results.values() if "rows" in r))
+    scored = [r for work, r in results if not isinstance(work, MonteCarloLimit)]  # in the units' order
+    accuracy = unpack(*(r["rows"] for r in scored))
     accuracy = accuracy.sort_values(["predictor", "n_train", "width", "seed"], kind="stable").reset_index(
         drop=True
     )
     run.write_csv("accuracy.csv", accuracy)
-    nets = [r["distance"] for r in results.values() if "distance" in r]
+    nets = [r["distance"] for _, r in results.of(TrainNet)]
     distance = unpack(*nets) if nets else pd.DataFrame(columns=["width", "seed", "dist_inf", "dist_t"])
     fit_table = fits(distance, spec)
     run.write_csv("distance.csv", distance)
@@ -444,3 +373,20 @@ def aggregate(spec: GenSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
         accuracy, distance, fit_table, run.path / "figure", n_net=spec.training.n_train, title=title
     )
     return accuracy
+
+
+RUNNER = Runner(
+    GenSpec,
+    results_version=1,  # bumped by a change that alters its results (docs/architecture.md, "Run identity")
+    inputs="the IDX images as vectors (mlp) or images (cnn)",
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    archs=("mlp", "cnn"),
+    modules=True,  # a network.module, its kernels by Monte Carlo (docs/science.md §10)
+    layers=True,  # a network.layers composition (ntkrun.layers), its exact kernels
+    check=check,
+    data_files=data_files,
+    shared=shared,
+)

@@ -17,8 +17,8 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.costs import Cost
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, chunks, jackknife_se
 from ntkrun.linalg import kernel_solve_, solve_bytes
-from ntkrun.runners.common import cholesky_cost, limit_estimate, limit_names, limit_share, limit_units, pack
-from ntkrun.runners.labelled import CLASSES, dataset, scores, targets
+from ntkrun.runners.common import LimitShare, cholesky_cost, limit_estimate, limit_share, limit_units, pack
+from ntkrun.runners.labelled import CLASSES, FitResult, dataset, scores, targets
 from ntkrun.work import MonteCarloLimit, Progress, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
@@ -49,7 +49,7 @@ def fit_bytes(spec: Any, n: int, m: int) -> int:
     return (4 * shares + 6) * (n + m) * n * 8 + solve_bytes(n, CLASSES, 8)
 
 
-def share(spec: Any, description: Architecture, work: MonteCarloLimit) -> dict:
+def share(spec: Any, description: Architecture, work: MonteCarloLimit) -> LimitShare:
     """One share's kernels of [X; X_test] against X, the first work.n_train training points."""
     X, _, Xt, _ = dataset(spec, work.n_train)
     return limit_share(description, work, torch.cat([X, Xt]), X)
@@ -64,13 +64,13 @@ def predict(
     return K[n:] @ alpha.double(), ridge, notes
 
 
-def fit(spec: Any, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def fit(spec: Any, unit: Unit, ctx: UnitContext, progress: Progress) -> FitResult:
     """Each predictor (ntk, nngp) from the shares' estimate, scored on the test points; each score's
     jackknife standard error from the leave-one-share-out estimates."""
     predictors, n = unit.work.predictors, unit.work.n_train
     _, labels, _, labels_t = dataset(spec, n)
     Y = targets(spec, labels)
-    whole, replicates = limit_estimate(ctx.require, limit_names(limit_prefix(n), spec.kernels.mc_samples))
+    whole, replicates = limit_estimate(ctx.require, spec.kernels.mc_samples, n_train=n)
 
     def kernel(estimate: MonteCarloKernels, kind: str) -> torch.Tensor:
         return estimate.ntk if kind == "ntk" else estimate.nngp
@@ -98,4 +98,4 @@ def fit(spec: Any, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
         rows.append(row)
     for note in all_notes:
         LOG.warning("%s: %s", unit.name, note)
-    return {"rows": pack(rows), "notes": all_notes}
+    return FitResult(rows=pack(rows), notes=all_notes)

@@ -1,13 +1,37 @@
 """The labelled data of `ntkrun generalization`: nested training sets of a seeded order, the test
-split, centered one-hot targets and the scores of a predictor."""
+split, centered one-hot targets, the scores of a predictor and the results that hold them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from ntkrun.data import choose_points, load_split, resolve_data_dir
+
+
+class FitResult(TypedDict):
+    """A KernelFit unit's result: a row of scores per predictor, and the solves' notes."""
+
+    rows: dict[str, list]
+    notes: list[str]
+
+
+class ReferenceResult(TypedDict):
+    """The Reference unit's result: the NTK predictor's test outputs at t = inf and at the nets'
+    training time t (M, 10), and its row of scores (predictor ntk_t)."""
+
+    inf: torch.Tensor
+    t: torch.Tensor
+    rows: dict[str, list]
+
+
+class NetResult(TypedDict):
+    """A TrainNet unit's result: its row of scores, and its distances to the NTK predictor."""
+
+    rows: dict[str, list]
+    distance: dict[str, list]
+
 
 CLASSES = 10
 KERNEL_KINDS = ("ntk", "nngp", "mlp_ntk", "mlp_nngp")  # the kernel predictors (mlp_: the MLP's)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -30,12 +30,13 @@ from ntkrun.kernels.monte_carlo import chunks, jackknife_se
 from ntkrun.plots import pca_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    LimitShare,
+    Table,
     UnknownCost,
     architecture,
     check_user_model,
     eigen_cost,
     limit_estimate,
-    limit_names,
     limit_share,
     limit_units,
     pack,
@@ -45,6 +46,7 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
     Model,
     MonteCarloSpec,
@@ -54,15 +56,9 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
 )
-from ntkrun.work import MonteCarloLimit, Progress, Reference, TrainNet, Unit, UnitContext
+from ntkrun.work import MonteCarloLimit, Progress, Reference, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 1
-ARCHS = ("mlp", "cnn")
-MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
-LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact kernels
 
 
 def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:
@@ -105,7 +101,19 @@ class PCASpec(RunSpec):
     kernels: MonteCarloSpec = MonteCarloSpec()  # the limit (kernel: analytic) of a network.module
 
 
-Spec = PCASpec
+# The Reference unit's result: the kernel's top eigenvalues (`lambda`, (3,)) and components on the
+# digits (`f`, (N, 3)), their table, and the digits' labels (N,). (`lambda` is a keyword: hence
+# the functional form.)
+ReferenceResult = TypedDict(
+    "ReferenceResult",
+    {"eigenvalues": Table, "lambda": torch.Tensor, "f": torch.Tensor, "labels": torch.Tensor},
+)
+
+
+class NetResult(TypedDict):
+    """A TrainNet unit's result: its trajectory along the kernel's components."""
+
+    trajectory: Table
 
 
 def check(spec: PCASpec) -> None:
@@ -157,18 +165,20 @@ def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> to
     return (K + K.T) / 2
 
 
-def reference_unit(spec: PCASpec, X: torch.Tensor, device: torch.device, ctx: UnitContext) -> dict:
+def reference_unit(
+    spec: PCASpec, X: torch.Tensor, labels: torch.Tensor, device: torch.device, ctx: UnitContext
+) -> ReferenceResult:
     """The reference kernel's top eigenpairs; for a Monte-Carlo limit, from its shares, with the
     jackknife standard error of each eigenvalue over them (eigenvalues.csv's lambda_se)."""
     if not monte_carlo(spec):
         K = reference_kernel(spec, X, device)
         eig_table, lam, f = principal_components(spec, K)
-        return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f}
-    whole, replicates = limit_estimate(ctx.require, limit_names("limit", spec.kernels.mc_samples))
+        return ReferenceResult({"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": labels})
+    whole, replicates = limit_estimate(ctx.require, spec.kernels.mc_samples)
     eig_table, lam, f = principal_components(spec, (whole.ntk + whole.ntk.T) / 2)
     lams = [dynamics.kernel_pca_dense((e.ntk + e.ntk.T) / 2, 3)[0] for e in replicates]
     eig_table["lambda_se"] = [jackknife_se([float(r[i]) for r in lams]) for i in range(3)]
-    return {"eigenvalues": pack(eig_table), "lambda": lam, "f": f}
+    return ReferenceResult({"eigenvalues": pack(eig_table), "lambda": lam, "f": f, "labels": labels})
 
 
 def principal_components(spec: PCASpec, K: torch.Tensor) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
@@ -347,25 +357,27 @@ def memory(spec: PCASpec, unit: Unit) -> int:
     return data + description.network_bytes(w, 1, b) + description.training_bytes(n, w, 1, b)
 
 
-def run_unit(spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(
+    spec: PCASpec, unit: Unit, ctx: UnitContext, progress: Progress
+) -> ReferenceResult | NetResult | LimitShare:
     device = resolve_device(spec.device)
     X, y_labels = digits(spec)
     if isinstance(unit.work, MonteCarloLimit):
         return limit_share(arch(spec), unit.work, X)
     if isinstance(unit.work, Reference):
-        reference = reference_unit(spec, X, device, ctx)
+        reference = reference_unit(spec, X, y_labels.clone(), device, ctx)
         LOG.info("lambda_1..3 = %s", reference["lambda"].tolist())
-        return {**reference, "labels": y_labels.clone()}
-    reference = ctx.require("reference")
+        return reference
+    reference = ctx.require(Reference())
     f_k = reference["f"][:, spec.component - 1]
     width, seed = unit.work.width, unit.work.seed
     rows = train_unit(spec, ctx, width, seed, X, f_k, device, progress, step_cost(spec, width).flops)
-    return {"trajectory": pack(rows)}
+    return NetResult(trajectory=pack(rows))
 
 
-def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: PCASpec, run: RunDir, results: Results) -> pd.DataFrame:
     """eigenvalues.csv, components.csv, trajectories.csv, metrics.csv and Figure 3; -> metrics."""
-    reference = results["reference"]
+    reference = results[Reference()]
     f, lam = reference["f"], reference["lambda"]
     components = pd.DataFrame(
         {
@@ -377,7 +389,7 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
         }
     )
     k = spec.component - 1
-    traj = unpack(*(r["trajectory"] for r in results.values() if "trajectory" in r))
+    traj = unpack(*(r["trajectory"] for _, r in results.of(TrainNet)))
     table = metrics(traj, spec, float(lam[k]))
     eigenvalues = unpack(reference["eigenvalues"])
     lam_se = float(eigenvalues["lambda_se"][k]) if "lambda_se" in eigenvalues else None
@@ -398,3 +410,20 @@ def aggregate(spec: PCASpec, run: RunDir, results: dict[str, dict]) -> pd.DataFr
         kernel=spec.kernel,
     )
     return table
+
+
+RUNNER = Runner(
+    PCASpec,
+    results_version=1,  # bumped by a change that alters its results (docs/architecture.md, "Run identity")
+    inputs="the IDX digits as vectors (mlp) or images (cnn)",
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    archs=("mlp", "cnn"),
+    modules=True,  # a network.module, its limit by Monte Carlo (docs/science.md §10)
+    layers=True,  # a network.layers composition (ntkrun.layers), its exact kernels
+    check=check,
+    data_files=data_files,
+    shared=shared,
+)

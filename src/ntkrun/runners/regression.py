@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from ntkrun.network import layer_sizes
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    Table,
     architecture,
     build_net,
     distinct_names,
@@ -40,6 +41,7 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
     CircleGridSpec,
     Model,
@@ -49,14 +51,9 @@ from ntkrun.spec import (
     PositiveInt,
     RunSpec,
 )
-from ntkrun.work import Progress, Reference, TrainNet, Unit, UnitContext
+from ntkrun.work import Progress, Reference, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 1
-INPUTS = "points on the unit circle (2-D)"  # no architecture but the MLP takes them (preflight)
-LAYERS = True  # runs a network.layers composition of vectors (ntkrun.layers), its exact limit
 
 
 class RegressionTrainingSpec(Model):
@@ -120,7 +117,17 @@ class RegressionSpec(RunSpec):
         return self
 
 
-Spec = RegressionSpec
+class LimitResult(TypedDict):
+    """The Reference unit's result: the limiting Gaussian's mean and percentiles on the grid."""
+
+    limit: Table
+
+
+class NetResult(TypedDict):
+    """A TrainNet unit's result: f_T on the grid, and the loss before and after training."""
+
+    functions: Table
+    losses: Table
 
 
 def check(spec: RegressionSpec) -> None:
@@ -303,7 +310,9 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
     return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
 
 
-def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(
+    spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progress
+) -> LimitResult | NetResult:
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     angles, y = training_data(spec)
     gammas = grid_angles(spec.grid.n_angles)
@@ -316,7 +325,7 @@ def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progr
                 raise
             hint = f"here: kernel_width {spec.kernel_width} is too narrow (or use kernel: analytic)"
             raise NumericalError(f"{err}; {hint}") from err
-        return {"limit": pack(limit)}
+        return LimitResult(limit=pack(limit))
     width, seed = unit.work.width, unit.work.seed
     net = build_net(spec, 2, width, seed, device)
     label = f"width {width}, seed {seed}"
@@ -334,18 +343,18 @@ def run_unit(spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progr
         f_T = net(Xg.to(device, dtype)).double().cpu()
     LOG.info("%s: loss %.4g -> %.4g", label, losses[0], losses[-1])
     functions = {"width": width, "seed": seed, "gamma": gammas.tolist(), "f_T": f_T.tolist()}
-    return {
-        "functions": pack(pd.DataFrame(functions)),
-        "losses": pack([{"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]}]),
-    }
+    return NetResult(
+        functions=pack(pd.DataFrame(functions)),
+        losses=pack([{"width": width, "seed": seed, "loss_0": losses[0], "loss_T": losses[-1]}]),
+    )
 
 
-def aggregate(spec: RegressionSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: RegressionSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """functions.csv, limit.csv, losses.csv, training.csv, metrics.csv and Figure 2; -> metrics."""
-    trained = [r for name, r in results.items() if name != "limit"]
+    trained = [r for _, r in results.of(TrainNet)]
     functions = unpack(*(r["functions"] for r in trained))
     losses = unpack(*(r["losses"] for r in trained))
-    limit = unpack(results["limit"]["limit"])
+    limit = unpack(results[Reference()]["limit"])
     angles, y = training_data(spec)
     table = metrics(functions, limit, losses, spec)
     training = pd.DataFrame({"gamma": angles.numpy(), "y": y.numpy()})
@@ -361,3 +370,16 @@ def aggregate(spec: RegressionSpec, run: RunDir, results: dict[str, dict]) -> pd
     figure = run.path / "figure"
     regression_figure(functions, limit, training, figure, band=band, seeds=spec.seeds, title=title)
     return table
+
+
+RUNNER = Runner(
+    RegressionSpec,
+    results_version=1,  # bumped by a change that alters its results (docs/architecture.md, "Run identity")
+    inputs="points on the unit circle (2-D)",  # no architecture but the MLP takes them
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    layers=True,  # a network.layers composition of vectors (ntkrun.layers), its exact limit
+    check=check,
+)

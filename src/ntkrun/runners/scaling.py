@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NotRequired, TypedDict
 
 import pandas as pd
 import torch
@@ -30,11 +30,12 @@ from ntkrun.layers.parse import depth as layer_depth
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
+    LimitShare,
+    Table,
     architecture,
     check_user_model,
     eigen_cost,
     limit_estimate,
-    limit_names,
     limit_share,
     limit_units,
     pack,
@@ -44,6 +45,7 @@ from ntkrun.runners.common import (
     train,
     unpack,
 )
+from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
     ARCH_NAMES,
     PADDING_NAMES,
@@ -60,13 +62,9 @@ from ntkrun.spec import (
     as_list,
     check_arch_keys,
 )
-from ntkrun.work import MonteCarloLimit, Progress, TrainNet, Unit, UnitContext
+from ntkrun.work import MonteCarloLimit, Progress, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
-# Bumped by a change that alters this runner's results (docs/architecture.md, "Run identity"):
-# a run of an older version is then not resumed into mixed results.
-RESULTS_VERSION = 1
-ARCHS = ("mlp", "cnn")
 
 
 class ScalingNetworkSpec(Model):
@@ -130,12 +128,17 @@ class ScalingSpec(RunSpec):
         return self
 
 
-Spec = ScalingSpec
 # reference slopes (see README); spread_init needs no limit: ||Theta_s(0) - mean_s Theta_s(0)|| / ||mean||
 # over the seeds of one width (Theorem 1's fluctuation, fair to a model whose kernel grows with width)
 METRICS = {"dist_init": -0.5, "spread_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}
-MODULES = True  # runs a network.module, its limit by Monte Carlo (docs/science.md §10)
-LAYERS = True  # runs a network.layers composition (ntkrun.layers), its exact limit
+
+
+class NetResult(TypedDict):
+    """A TrainNet unit's result: its row of distances, and its Theta on Z at init (for the seed
+    spread; absent in the unit files of a run begun before spread_init existed)."""
+
+    rows: Table
+    theta_0: NotRequired[torch.Tensor]
 
 
 def depths(spec: ScalingSpec) -> list[int]:
@@ -244,9 +247,7 @@ def limit_kernels(
             }
         ]
     z = Z.shape[0]
-    whole, replicates = limit_estimate(
-        ctx.require, limit_names(limit_name(depth, seed), spec.kernels.mc_samples)
-    )
+    whole, replicates = limit_estimate(ctx.require, spec.kernels.mc_samples, depth=depth, seed=seed)
     return [
         {"eig": dynamics.eigen(K[z:, z:]), "theta_zx": K[:z, z:], "theta_zz": K[:z, :z]}
         for K in (e.ntk for e in [whole, *replicates])
@@ -272,7 +273,7 @@ def memory(spec: ScalingSpec, unit: Unit) -> int:
     )
 
 
-def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> dict:
+def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> NetResult | LimitShare:
     """The distances of one (depth, width, seed) network (its Theta on Z at init kept for the seed
     spread), or the Monte-Carlo limit of a network.module on Z and one seed's training set."""
     depth, seed = unit.work.depth, unit.work.seed
@@ -322,16 +323,17 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
         for key in measured:
             row[f"{key}_se"] = jackknife_se([r[key] for r in replicates])
     LOG.info("%s", row)
-    return {"rows": pack([row]), "theta_0": theta_0}
+    return NetResult(rows=pack([row]), theta_0=theta_0)
 
 
-def spread_init(table: pd.DataFrame, results: dict[str, dict]) -> list[float]:
+def spread_init(table: pd.DataFrame, results: list[NetResult]) -> list[float]:
     """Per row (network): ||Theta_s(0) - mean|| / ||mean||, the mean over the seeds of its depth and
     width: a fluctuation measured without a limit."""
-    if any("theta_0" not in r for r in results.values()):  # unit files of a run begun before it existed
+    thetas = [r.get("theta_0") for r in results]
+    if any(theta is None for theta in thetas):  # unit files of a run begun before it existed
         return [math.nan] * len(table)
     keys = list(zip(table["depth"], table["width"], strict=True))
-    return seed_spread(keys, [r["theta_0"] for r in results.values()])
+    return seed_spread(keys, thetas)  # type: ignore[arg-type]
 
 
 def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
@@ -339,10 +341,10 @@ def fits(table: pd.DataFrame, spec: ScalingSpec) -> pd.DataFrame:
     return slope_table(table, METRICS, n_boot=spec.n_boot, seed=spec.base_seed, by="depth")
 
 
-def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.DataFrame:
+def aggregate(spec: ScalingSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """scaling.csv, fits.csv and the figure; -> fits."""
-    trained = {name: r for name, r in results.items() if "rows" in r}
-    table = unpack(*(r["rows"] for r in trained.values()))
+    trained: list[NetResult] = [r for _, r in results.of(TrainNet)]  # type: ignore[misc]
+    table = unpack(*(r["rows"] for r in trained))
     table.insert(table.columns.get_loc("dist_init") + 1, "spread_init", spread_init(table, trained))
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
@@ -360,3 +362,18 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: dict[str, dict]) -> pd.Da
     title = f"{what}{which}, {spec.seeds} seeds, T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
     scaling_figure(table, fit_table, run.path / "figure", title=title)
     return fit_table
+
+
+RUNNER = Runner(
+    ScalingSpec,
+    results_version=1,  # bumped by a change that alters its results (docs/architecture.md, "Run identity")
+    inputs="Gaussian vectors, images (data.image) or sequences (data.sequence)",
+    units=units,
+    run_unit=run_unit,
+    aggregate=aggregate,
+    memory=memory,
+    archs=("mlp", "cnn"),
+    modules=True,  # a network.module, its limit by Monte Carlo (docs/science.md §10)
+    layers=True,  # a network.layers composition (ntkrun.layers), its exact limit
+    check=check,
+)
