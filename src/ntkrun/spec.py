@@ -105,6 +105,10 @@ NtkOnly = Annotated[Literal["ntk"], BeforeValidator(_ntk_only)]  # network.param
 
 
 class NetworkSpec(Model):
+    """The one network block of every experiment. An experiment that varies depth or needs several
+    widths subclasses it to change those fields' types and defaults (scaling, features), nothing
+    else: what a runner needs to know of the network it asks its description (ntkrun.architectures)."""
+
     depth: PositiveInt = 4  # weight layers L (a cnn: L - 1 convolutions, then the dense layer)
     width: Widths = [500, 10000]  # one network per width (a cnn: channels)
     nonlinearity: NonlinearityName = "relu"

@@ -56,20 +56,13 @@ from ntkrun.runners.common import (
 )
 from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
-    ARCH_NAMES,
-    PADDING_NAMES,
-    READOUT_NAMES,
-    LayerList,
     Model,
-    NonlinearityName,
-    NonNegativeFloat,
+    NetworkSpec,
     NonNegativeInt,
-    NtkOnly,
     PositiveFloat,
     PositiveInt,
     RunSpec,
     as_list,
-    check_arch_keys,
 )
 from ntkrun.work import FeatureNet, Progress, Reference, Results, Unit, UnitContext
 
@@ -84,11 +77,10 @@ RATIO_SLOPES = {"spread_0": 0.5, "change_T": 1.0}
 PositiveFloats = Annotated[list[PositiveFloat], Field(min_length=1), BeforeValidator(as_list)]
 
 
-class FeaturesNetworkSpec(Model):
-    arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # cnn: on images (data.image or data.inputs images)
-    kernel_size: PositiveInt = 3  # cnn only
-    padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
-    readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
+class FeaturesNetworkSpec(NetworkSpec):
+    """The network block, with the parametrizations of arm (a); a cnn runs on images (data.image or
+    data.inputs images)."""
+
     depth: PositiveInt = 3  # arms (a) and (b) (mean-field: 2)
     width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(as_list)] = [
         64,
@@ -97,16 +89,11 @@ class FeaturesNetworkSpec(Model):
         512,
         1024,
     ]
-    parametrization: NtkOnly = "ntk"  # docs/science.md §7.2 (features: arms (b), (c))
     # arm (a): each over the widths (docs/science.md §11.1)
     parametrizations: Annotated[list[Literal["ntk", "mup", "meanfield"]], Field(min_length=1)] = [
         "ntk",
         "mup",
     ]
-    nonlinearity: NonlinearityName = "relu"
-    beta: NonNegativeFloat = 0.1
-    # a composition of ntkrun.layers (a list, or a named one): replaces depth, arch and nonlinearity
-    layers: LayerList | None = None
 
     @model_validator(mode="after")
     def _arch(self) -> FeaturesNetworkSpec:
@@ -117,7 +104,7 @@ class FeaturesNetworkSpec(Model):
                 "parametrizations: a composition of ntkrun.layers runs in NTK parametrization only (muP "
                 "and mean-field are written for the MLP and the CNN); set network.parametrizations=[ntk]"
             )
-        return check_arch_keys(self)
+        return self
 
 
 class FeaturesTrainingSpec(Model):

@@ -47,45 +47,28 @@ from ntkrun.runners.common import (
 )
 from ntkrun.runners.contract import Runner
 from ntkrun.spec import (
-    ARCH_NAMES,
-    PADDING_NAMES,
-    READOUT_NAMES,
-    LayerList,
     Model,
     MonteCarloSpec,
-    NonlinearityName,
-    NonNegativeFloat,
-    NtkOnly,
+    NetworkSpec,
     PositiveFloat,
     PositiveInt,
     RunSpec,
     as_list,
-    check_arch_keys,
 )
 from ntkrun.work import MonteCarloLimit, Progress, Results, TrainNet, Unit, UnitContext
 
 LOG = logging.getLogger("ntkrun")
 
 
-class ScalingNetworkSpec(Model):
-    depth: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [2, 3, 4]
+class ScalingNetworkSpec(NetworkSpec):
+    """The network block, over several depths and a log grid of widths."""
+
+    depth: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [2, 3, 4]  # type: ignore[assignment]
+    # a log grid: the slope needs at least two widths; a cnn runs on Gaussian images (data.image), a
+    # composition of ntkrun.layers replaces depth (one depth: its weight layers)
     width: Annotated[list[PositiveInt], Field(min_length=2), BeforeValidator(as_list)] = [
         2**k for k in range(6, 14)
-    ]  # a log grid: the slope needs at least two widths
-    nonlinearity: NonlinearityName = "relu"
-    beta: NonNegativeFloat = 0.1
-    parametrization: NtkOnly = "ntk"  # docs/science.md §7.2 (features: arms (b), (c))
-    arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # cnn: on Gaussian images (data.image)
-    kernel_size: PositiveInt = 3  # cnn only
-    padding: Literal[PADDING_NAMES] = "same"  # type: ignore[valid-type]  # cnn only
-    readout: Literal[READOUT_NAMES] = "flatten"  # type: ignore[valid-type]  # cnn only
-    module: str | None = None  # your own model, "package.module:function" (ntkrun.architectures.module)
-    # a composition of ntkrun.layers: replaces depth (one depth: its weight layers), arch, nonlinearity
-    layers: LayerList | None = None
-
-    @model_validator(mode="after")
-    def _cnn_keys(self) -> ScalingNetworkSpec:
-        return check_arch_keys(self)
+    ]
 
 
 class ScalingDataSpec(Model):
