@@ -55,6 +55,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+def placement(spec: RunSpec) -> tuple[torch.device, torch.dtype]:
+    """Where and in what a unit's networks compute: spec.device and spec.dtype, resolved."""
+    return resolve_device(spec.device), resolve_dtype(spec.dtype)  # type: ignore[attr-defined]
+
+
 def train(
     net: torch.nn.Module,
     X: torch.Tensor,
@@ -117,6 +122,16 @@ def check_user_model(
         raise SpecError(f"network.module: {err}") from None
 
 
+def priced(describe: Callable[[], Architecture]) -> Architecture | UnknownCost:
+    """The description the units' costs come from; without the data (whose IDX header gives the
+    inputs' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed and
+    aggregated, and a run is refused by the data check before anything is computed."""
+    try:
+        return describe()
+    except DataError:
+        return UnknownCost()
+
+
 class UnknownCost:
     """The cost model of a description whose inputs' shape is unknown here (its data are absent):
     every FLOP count is NaN, never a guess."""
@@ -156,22 +171,25 @@ def build_net(
     return architecture(spec, shape, depth).net(width, seed, dtype=dtype, device=device, n_out=n_out)
 
 
-def network_caption(net: Any) -> str:
-    """'depth 4 relu, beta 0.1' (a cnn: 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'): a
-    figure's account of spec.network."""
-    if getattr(net, "layers", None) is not None:
-        return f"layers {caption(net.layers)}"
-    if getattr(net, "module", None) is not None:  # its depth, where the factory takes one
+def network_caption(net: Any, depth: bool = True, on: str = "") -> str:
+    """A figure's account of spec.network, written once for every experiment: 'depth 4 relu, beta
+    0.1'; a cnn 'cnn depth 4 relu, 3x3 same, flatten, beta 0.1'; a composition 'layers ...'; a
+    user's model its factory. depth=False leaves the depth out (a figure with a panel per depth);
+    `on` names the inputs ('8x8 images')."""
+    where = f" on {on}" if on else ""
+    if net.layers is not None:
+        return f"layers {caption(net.layers)}{where}"
+    if net.module is not None:  # its depth, where the factory takes one
         try:
-            takes = "depth" in accepted(load_factory(net.module)[0])
+            takes = depth and "depth" in accepted(load_factory(net.module)[0])
         except ValueError:  # not importable here (the figure of a run made elsewhere)
-            takes = True
-        return f"{net.module} (depth {net.depth})" if takes else net.module
-    if getattr(net, "arch", "mlp") == "cnn":
+            takes = depth
+        return f"{net.module} (depth {net.depth}){where}" if takes else f"{net.module}{where}"
+    what = f"depth {net.depth} {net.nonlinearity}" if depth else net.nonlinearity
+    if net.arch == "cnn":
         k = net.kernel_size
-        geometry = f"{k}x{k} {net.padding}, {net.readout}"
-        return f"cnn depth {net.depth} {net.nonlinearity}, {geometry}, beta {net.beta:g}"
-    return f"depth {net.depth} {net.nonlinearity}, beta {net.beta:g}"
+        return f"cnn {what}, {k}x{k} {net.padding}, {net.readout}{where}, beta {net.beta:g}"
+    return f"{what}{where}, beta {net.beta:g}"
 
 
 def check_range(spec: RunSpec, q0: float = 0.1) -> None:

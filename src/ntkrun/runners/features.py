@@ -48,8 +48,7 @@ from ntkrun.runners.common import (
     eigen_cost,
     network_caption,
     pack,
-    resolve_device,
-    resolve_dtype,
+    placement,
     seed_spread,
     train,
     unpack,
@@ -307,7 +306,7 @@ def run_unit(
     if isinstance(unit.work, Reference):
         return predictor(spec, unit.work.depth)
     work, tr = unit.work, spec.training
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    device, dtype = placement(spec)
     X64, y, Xt64, yt = task(spec)
     model = description(spec, work)
     X, Xt = model.inputs(X64).to(device, dtype), model.inputs(Xt64).to(device, dtype)
@@ -388,10 +387,7 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: Results) -> pd.DataFrame
     shape = "x".join(str(s) for s in input_shape(spec))
     task_name = f"sign(x1 x2), {shape} Gaussian" if spec.data.inputs == "gaussian" else (
         f"classes {spec.data.classes[0]} vs {spec.data.classes[1]}")  # fmt: skip
-    what = f"{net.nonlinearity}, beta {net.beta:g}"
-    if net.arch == "cnn":
-        what = f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout}, {what}"
-    what = network_caption(net) if net.layers is not None else what
+    what = network_caption(net, depth=False)  # (arm (c) varies the depth)
     title = (
         f"{what}; {task_name}, {spec.data.n_train} points; "
         f"{tr.steps} GD steps (lr {tr.lr:g}); {spec.seeds} seeds"

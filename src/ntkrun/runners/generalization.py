@@ -39,8 +39,9 @@ from ntkrun.runners.common import (
     eigen_cost,
     network_caption,
     pack,
+    placement,
+    priced,
     read_cost,
-    resolve_device,
     resolve_dtype,
     train,
     unpack,
@@ -105,14 +106,9 @@ def arch(spec: GenSpec) -> Architecture:
 
 
 def cost_model(spec: GenSpec, predictor: str = "ntk") -> Architecture | UnknownCost:
-    """The description the units' costs come from (that of a kernel predictor's kernel); without
-    the data (whose IDX header gives the images' shape) an UnknownCost, whose costs are NaN: the
-    units can still be listed, followed and aggregated, and a run is refused by the data check
-    before anything is computed."""
-    try:
-        return kernel_of(spec, predictor)[0]
-    except DataError:
-        return UnknownCost()
+    """The description the units' costs come from: that of a kernel predictor's kernel (NaN costs
+    without the data: common.priced)."""
+    return priced(lambda: kernel_of(spec, predictor)[0])
 
 
 def data_files(spec: GenSpec) -> list[Path]:
@@ -236,7 +232,7 @@ def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> ReferenceRe
 
 def net_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> NetResult:
     width, seed, tr = unit.work.width, unit.work.seed, spec.training
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    device, dtype = placement(spec)
     X, labels, Xt, labels_t = dataset(spec, tr.n_train)
     description = arch(spec)
     net = description.net(width, seed, dtype=dtype, device=device, n_out=CLASSES)

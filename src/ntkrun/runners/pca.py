@@ -24,7 +24,6 @@ from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
 from ntkrun.costs import Cost
 from ntkrun.data import check_request, choose_points, files_of, load_split, resolve_data_dir, split_info
-from ntkrun.errors import DataError
 from ntkrun.kernels import empirical_ntk
 from ntkrun.kernels.monte_carlo import chunks, jackknife_se
 from ntkrun.plots import pca_figure
@@ -40,6 +39,7 @@ from ntkrun.runners.common import (
     limit_share,
     limit_units,
     pack,
+    priced,
     read_cost,
     resolve_device,
     resolve_dtype,
@@ -134,13 +134,8 @@ def arch(spec: PCASpec) -> Architecture:
 
 
 def cost_model(spec: PCASpec) -> Architecture | UnknownCost:
-    """The description the units' costs come from; without the data (whose IDX header gives the
-    images' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed
-    and aggregated, and a run is refused by the data check before anything is computed."""
-    try:
-        return arch(spec)
-    except DataError:
-        return UnknownCost()
+    """The description the units' costs come from (NaN costs without the data: common.priced)."""
+    return priced(lambda: arch(spec))
 
 
 def data_files(spec: PCASpec) -> list[Path]:

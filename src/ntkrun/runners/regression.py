@@ -36,8 +36,7 @@ from ntkrun.runners.common import (
     network_caption,
     ntk_flops,
     pack,
-    resolve_device,
-    resolve_dtype,
+    placement,
     train,
     unpack,
 )
@@ -313,7 +312,7 @@ def memory(spec: RegressionSpec, unit: Unit) -> int:
 def run_unit(
     spec: RegressionSpec, unit: Unit, ctx: UnitContext, progress: Progress
 ) -> LimitResult | NetResult:
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    device, dtype = placement(spec)
     angles, y = training_data(spec)
     gammas = grid_angles(spec.grid.n_angles)
     X, Xg = circle(angles), circle(gammas)
@@ -363,9 +362,7 @@ def aggregate(spec: RegressionSpec, run: RunDir, results: Results) -> pd.DataFra
     run.write_csv("losses.csv", losses)
     run.write_csv("training.csv", training)
     run.write_csv("metrics.csv", table)
-    net = spec.network
-    what = network_caption(net) if net.layers is not None else f"depth {net.depth} {net.nonlinearity}"
-    title = f"{what}, {spec.training.steps} GD steps, {spec.kernel} limit"
+    title = f"{network_caption(spec.network)}, {spec.training.steps} GD steps, {spec.kernel} limit"
     band = (min(spec.percentiles), max(spec.percentiles))
     figure = run.path / "figure"
     regression_figure(functions, limit, training, figure, band=band, seeds=spec.seeds, title=title)

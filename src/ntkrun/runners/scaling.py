@@ -25,7 +25,6 @@ from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target, se
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
 from ntkrun.kernels.monte_carlo import chunks, jackknife_se
-from ntkrun.layers.parse import caption
 from ntkrun.layers.parse import depth as layer_depth
 from ntkrun.plots import scaling_figure
 from ntkrun.rundir import RunDir
@@ -38,9 +37,9 @@ from ntkrun.runners.common import (
     limit_estimate,
     limit_share,
     limit_units,
+    network_caption,
     pack,
-    resolve_device,
-    resolve_dtype,
+    placement,
     seed_spread,
     train,
     unpack,
@@ -260,7 +259,7 @@ def run_unit(spec: ScalingSpec, unit: Unit, ctx: UnitContext, progress: Progress
     """The distances of one (depth, width, seed) network (its Theta on Z at init kept for the seed
     spread), or the Monte-Carlo limit of a network.module on Z and one seed's training set."""
     depth, seed = unit.work.depth, unit.work.seed
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    device, dtype = placement(spec)
     tr = spec.training
     Z64 = fixed_inputs(spec)
     X = gaussian_inputs(tr.n_train, Z64.shape[1], seed)
@@ -332,17 +331,10 @@ def aggregate(spec: ScalingSpec, run: RunDir, results: Results) -> pd.DataFrame:
     fit_table = fits(table, spec)
     run.write_csv("scaling.csv", table)
     run.write_csv("fits.csv", fit_table)
-    net = spec.network
     shape = "x".join(str(s) for s in spec.data.image or spec.data.sequence or ())
-    what = (
-        f"cnn {net.kernel_size}x{net.kernel_size} {net.padding} {net.readout} on {shape} images, "
-        if net.arch == "cnn" and net.layers is None
-        else ""
-    )
-    on = f" on {shape} {'images' if spec.data.image else 'sequences'}" if shape else ""
-    which = f"layers {caption(net.layers)}{on}" if net.layers is not None else ""
-    which = which or f"{net.nonlinearity}, beta {net.beta:g}"
-    title = f"{what}{which}, {spec.seeds} seeds, T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
+    on = f"{shape} {'images' if spec.data.image else 'sequences'}" if shape else ""
+    which = network_caption(spec.network, depth=False, on=on)
+    title = f"{which}, {spec.seeds} seeds, T = {spec.training.steps} GD steps (lr {spec.training.lr:g})"
     scaling_figure(table, fit_table, run.path / "figure", title=title)
     return fit_table
 
