@@ -27,6 +27,15 @@ def test_results_are_read_by_work_in_the_order_of_the_units():
         results[Reference(depth=2)]
 
 
+def test_a_unit_listed_twice_is_read_once():
+    """A spec that repeats a width lists its units twice, sharing one unit file: its rows are
+    aggregated once, at its first place (as when results were a dict by unit name)."""
+    twice = Unit("w8_s0", 1.0, TrainNet(8, 0))
+    units = [twice, Unit("w16_s0", 1.0, TrainNet(16, 0)), twice]
+    results = Results((u, {"name": u.name}) for u in units)
+    assert [r["name"] for _, r in results.of(TrainNet)] == ["w8_s0", "w16_s0"]
+
+
 def test_a_limit_is_read_from_its_shares_by_their_work():
     """limit_estimate asks each share for the work limit_units gave it: a share of another depth or
     seed is never read in its place."""

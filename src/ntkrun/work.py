@@ -135,7 +135,12 @@ class Results:
     (work, result) pairs of one kind, in the order of the units."""
 
     def __init__(self, pairs: Iterable[tuple[Unit, dict[str, Any]]]) -> None:
-        self._pairs = [(unit.work, result) for unit, result in pairs]
+        # one result per unit name, at its first place: a spec that repeats a width lists its units
+        # twice, and they share one unit file (its rows are not counted twice)
+        named: dict[str, tuple[Work, dict[str, Any]]] = {}
+        for unit, result in pairs:
+            named.setdefault(unit.name, (unit.work, result))
+        self._pairs = list(named.values())
         self._by_work = dict(self._pairs)
 
     def __getitem__(self, work: Work) -> dict[str, Any]:

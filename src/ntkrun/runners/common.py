@@ -177,16 +177,16 @@ def network_caption(net: Any, depth: bool = True, on: str = "") -> str:
     user's model its factory. depth=False leaves the depth out (a figure with a panel per depth);
     `on` names the inputs ('8x8 images')."""
     where = f" on {on}" if on else ""
-    if net.layers is not None:
+    if getattr(net, "layers", None) is not None:
         return f"layers {caption(net.layers)}{where}"
-    if net.module is not None:  # its depth, where the factory takes one
+    if getattr(net, "module", None) is not None:  # its depth, where the factory takes one
         try:
             takes = depth and "depth" in accepted(load_factory(net.module)[0])
         except ValueError:  # not importable here (the figure of a run made elsewhere)
             takes = depth
         return f"{net.module} (depth {net.depth}){where}" if takes else f"{net.module}{where}"
     what = f"depth {net.depth} {net.nonlinearity}" if depth else net.nonlinearity
-    if net.arch == "cnn":
+    if getattr(net, "arch", "mlp") == "cnn":
         k = net.kernel_size
         return f"cnn {what}, {k}x{k} {net.padding}, {net.readout}{where}, beta {net.beta:g}"
     return f"{what}{where}, beta {net.beta:g}"

@@ -96,6 +96,11 @@ class FeaturesNetworkSpec(NetworkSpec):
 
     @model_validator(mode="after")
     def _arch(self) -> FeaturesNetworkSpec:
+        if self.module is not None:  # (refused here, before its units' costs would build it)
+            raise ValueError(
+                "module: features does not run a user's model (its arms need the network in NTK, muP and "
+                "mean-field parametrizations); use network.layers, or network.arch"
+            )
         if self.arch == "cnn" and "meanfield" in self.parametrizations:
             raise ValueError("parametrizations: meanfield is the one-hidden-layer MLP's, not a cnn's")
         if self.layers is not None and self.parametrizations != ["ntk"]:
