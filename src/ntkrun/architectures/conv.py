@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,6 +40,15 @@ class CNNArchitecture(Architecture):
         if len(self.input_shape) != 3:
             raise ValueError(f"a CNN takes images (C, H, W), got inputs of shape {self.input_shape}")
         image_sizes(self.input_shape[1:], self.kernel_size, self.padding, self.depth)
+
+    @property
+    def layer_list(self) -> list[Any]:
+        """The CNN as a list of ntkrun.layers (network.layers): depth - 1 convolutions of b_std =
+        beta, the nonlinearity after each, the readout (flatten, or global average pooling), then
+        the dense layer; its exact kernels are this description's."""
+        conv = {"conv": {"kernel_size": self.kernel_size, "padding": self.padding, "b_std": self.beta}}
+        readout = "flatten" if self.readout == "flatten" else "global_avg_pool"
+        return [*[conv, self.nonlinearity] * (self.depth - 1), readout, {"dense": {"b_std": self.beta}}]
 
     def channels(self, width: int) -> list[int]:
         return [self.input_shape[0], *hidden_widths(width, self.depth)]

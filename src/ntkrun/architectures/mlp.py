@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,6 +49,13 @@ class MLPArchitecture(Architecture):
 
     def inputs(self, X: torch.Tensor) -> torch.Tensor:
         return X.reshape(X.shape[0], -1)
+
+    @property
+    def layer_list(self) -> list[Any]:
+        """The MLP as a list of ntkrun.layers (network.layers): depth Dense layers of b_std = beta,
+        the nonlinearity between them; its exact kernels are this description's."""
+        dense = {"dense": {"b_std": self.beta}}
+        return [*[dense, self.nonlinearity] * (self.depth - 1), dense]
 
     def sizes(self, width: int, n_out: int = 1) -> list[int]:
         return layer_sizes(self.n0, width, self.depth, n_out)

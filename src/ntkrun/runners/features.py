@@ -405,8 +405,9 @@ def aggregate(spec: FeaturesSpec, run: RunDir, results: Results) -> pd.DataFrame
 RUNNER = Runner(
     FeaturesSpec,
     # bumped by a change that alters its results (docs/architecture.md, "Run identity"); 2: the NTK
-    # predictor from g_0 = 0 through dynamics.predictor (1b669c1)
-    results_version=2,
+    # predictor from g_0 = 0 through dynamics.predictor (1b669c1); 3: a network.layers composition of
+    # the CNN's shape takes the CNN's kernel recursion (equal to 1e-13)
+    results_version=3,
     inputs="Gaussian vectors or images, or two classes of the IDX images",
     units=units,
     run_unit=run_unit,
