@@ -41,6 +41,9 @@ class Architecture(ABC):
     parametrization: str = "ntk"
 
     name: ClassVar[str]
+    EXACT: ClassVar[bool] = True
+    """True where `kernel` is the exact infinite-width limit; False where it is a Monte-Carlo
+    estimate over finite networks (a user's model), which runners compute in shares (units)."""
     JOINT_KERNELS: ClassVar[bool] = False
     """True where one recursion gives Sigma and Theta together and costs what one of them costs, so
     a run that wants both asks `kernels` once (the CNN, whose pixel-pair recursion is the cost);

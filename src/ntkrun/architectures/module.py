@@ -119,6 +119,7 @@ class ModuleArchitecture(ProbedArchitecture):
     limit_width: int = 1024
     mc_samples: int = 32
     name: ClassVar[str] = "module"
+    EXACT: ClassVar[bool] = False  # its limit is a Monte-Carlo estimate (docs/science.md §10)
     JOINT_KERNELS: ClassVar[bool] = True  # one Monte-Carlo pass gives the NNGP and the NTK
 
     def net(

@@ -16,6 +16,7 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import analytic_flops, gd_flops, mlp_macs, ntk_flops  # noqa: F401 (the runners' costs)
 from ntkrun.architectures.module import accepted, check_module, load_factory
 from ntkrun.architectures.registry import describe
+from ntkrun.architectures.registry import kind as description_kind
 from ntkrun.costs import Cost, Probe
 from ntkrun.data import resolve_data_dir, split_files
 from ntkrun.errors import DataError, DivergenceError, NumericalRangeError, SpecError
@@ -110,11 +111,20 @@ def architecture(spec: RunSpec, input_shape: tuple[int, ...], depth: int | None 
         raise SpecError(f"{key}{err} (inputs of shape {tuple(input_shape)})") from None
 
 
+def exact_limit(spec: RunSpec) -> bool:
+    """Whether spec.network's limit is exact (Architecture.EXACT), else a Monte-Carlo estimate the
+    runner computes in shares: asked of the description's class, before the data are read."""
+    return description_kind(spec.network).EXACT  # type: ignore[attr-defined]
+
+
 def check_user_model(
     description: Architecture, widths: list[int], n_out: int = 1, depths: list[int] | tuple[int, ...] = ()
 ) -> None:
-    """A network.module tried before anything is written (ntkrun.architectures.module.check_module),
-    with the widths (and depths) the spec varies; SpecError naming network.module."""
+    """The networks of a description that is a user's model (not EXACT) tried before anything is
+    written (ntkrun.architectures.module.check_module), with the widths (and depths) the spec
+    varies; SpecError naming network.module. Nothing to try for any other."""
+    if description.EXACT:
+        return
     varies = {key for key, values in (("width", widths), ("depth", depths)) if len(set(values)) > 1}
     try:
         check_module(description, list(widths), n_out, varies)
@@ -124,11 +134,12 @@ def check_user_model(
 
 def priced(describe: Callable[[], Architecture]) -> Architecture | UnknownCost:
     """The description the units' costs come from; without the data (whose IDX header gives the
-    inputs' shape) an UnknownCost, whose costs are NaN: the units can still be listed, followed and
-    aggregated, and a run is refused by the data check before anything is computed."""
+    inputs' shape), or for a network that cannot take these inputs, an UnknownCost, whose costs are
+    NaN: the units can still be listed, followed and aggregated, and a run is refused by the data
+    check or the preflight before anything is computed."""
     try:
         return describe()
-    except DataError:
+    except (DataError, SpecError):
         return UnknownCost()
 
 

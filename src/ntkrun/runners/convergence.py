@@ -18,7 +18,7 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.costs import Cost
 from ntkrun.data import circle, gaussian_inputs, grid_angles, product_target
 from ntkrun.errors import DivergenceError
-from ntkrun.kernels import analytic_kernels, empirical_ntk
+from ntkrun.kernels import empirical_ntk
 from ntkrun.plots import convergence_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
@@ -27,12 +27,13 @@ from ntkrun.runners.common import (
     architecture,
     build_net,
     check_user_model,
-    gd_flops,
+    exact_limit,
     limit_estimate,
     limit_share,
     limit_units,
     network_caption,
     pack,
+    priced,
     resolve_device,
     resolve_dtype,
     train,
@@ -148,22 +149,15 @@ def metrics(kernels: pd.DataFrame, summary: pd.DataFrame, losses: pd.DataFrame) 
 
 
 def check(spec: ConvergenceSpec) -> None:
-    """A network.module, tried before anything is written (ntkrun.architectures.module.check_module);
-    a network.layers composition, on 2-D points."""
-    if spec.network.layers is not None:
-        arch(spec)
-    if spec.network.module is None:
-        return
+    """The network on 2-D points (a composition is tried on one); a user's model's networks tried
+    before anything is written (check_user_model)."""
     check_user_model(arch(spec), spec.network.width)
 
 
 def step_cost(spec: ConvergenceSpec, width: int) -> Cost:
-    """One GD step on the training set (the MLP's FLOPs, for an arch this experiment refuses at
-    its preflight: the units are listed before it)."""
-    own = spec.network.module is None and spec.network.layers is None
-    if own and getattr(spec.network, "arch", "mlp") != "mlp":
-        return Cost(gemm=gd_flops(spec.training.n_train, 2, width, spec.network.depth))
-    return arch(spec).gd_cost(spec.training.n_train, width)
+    """One GD step on the training set (NaN for a network this experiment refuses at its preflight:
+    the units are listed before it)."""
+    return priced(lambda: arch(spec)).gd_cost(spec.training.n_train, width)
 
 
 def units(spec: ConvergenceSpec) -> list[Unit]:
@@ -174,7 +168,7 @@ def units(spec: ConvergenceSpec) -> list[Unit]:
         for w in spec.network.width
         for s in seeds
     ]
-    if spec.network.module is None:
+    if exact_limit(spec):
         return nets
     return nets + limit_units(
         "limit", spec.kernels.mc_samples, arch(spec).kernel_flops(1, spec.grid.n_angles)
@@ -213,12 +207,8 @@ def aggregate(spec: ConvergenceSpec, run: RunDir, results: Results) -> pd.DataFr
     kernels = unpack(*(r["kernels"] for r in trained))
     losses = unpack(*(r["losses"] for r in trained))
     gammas, x0, Xg = grid_points(spec)
-    net = spec.network
-    if net.layers is not None:  # the composition's exact limit
+    if exact_limit(spec):
         theta = arch(spec).kernel(x0, Xg, kind="ntk")
-        summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
-    elif net.module is None:
-        _, theta = analytic_kernels(x0, Xg, net.depth, net.nonlinearity, net.beta)
         summary = summarize(kernels, pd.Series(theta[0].numpy(), index=gammas.numpy()))
     else:  # the Monte-Carlo limit: its mean, and its standard error beside it
         limit, _ = limit_estimate(results.__getitem__, spec.kernels.mc_samples)

@@ -37,6 +37,7 @@ from ntkrun.runners.common import (
     check_user_model,
     cholesky_cost,
     eigen_cost,
+    exact_limit,
     network_caption,
     pack,
     placement,
@@ -71,7 +72,7 @@ def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     seeded order whose prefixes are the kernels' training sets), and the bootstrap; not the widths
     where a network.module's Monte-Carlo limit takes its width from them."""
     ignored = ("seeds", "base_seed", "training", "n_boot")
-    if spec.network.module is None or spec.kernels.limit_width is not None:
+    if exact_limit(spec) or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
     return {KernelFit: ignored, MonteCarloLimit: ignored}
 
@@ -90,8 +91,7 @@ def check(spec: GenSpec) -> None:
             f"{test_info.images}: {test_info.size} test images, but the train split's are {train_info.size}"
         )
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
-    if spec.network.module is not None:
-        check_user_model(description, spec.network.width, CLASSES)
+    check_user_model(description, spec.network.width, CLASSES)
 
 
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
@@ -149,8 +149,8 @@ def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
 
 
 def monte_carlo(spec: GenSpec, predictors: tuple[str, ...]) -> bool:
-    """Whether a kernel unit fits a network.module's Monte-Carlo kernels (runners.generalization_mc)."""
-    return spec.network.module is not None and not predictors[0].startswith("mlp_")
+    """Whether a kernel unit fits Monte-Carlo kernels (a user's model: runners.generalization_mc)."""
+    return not exact_limit(spec) and not predictors[0].startswith("mlp_")
 
 
 def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:

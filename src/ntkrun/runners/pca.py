@@ -35,6 +35,7 @@ from ntkrun.runners.common import (
     architecture,
     check_user_model,
     eigen_cost,
+    exact_limit,
     limit_estimate,
     limit_share,
     limit_units,
@@ -66,7 +67,7 @@ def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:
     differ only in keys it does not read (ntkrun.sweep): the seeds, training, and the networks'
     widths (unless a network.module's Monte-Carlo limit takes its width from them)."""
     ignored = ("seeds", "base_seed", "training")
-    if spec.network.module is None or spec.kernels.limit_width is not None:
+    if exact_limit(spec) or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
     return {Reference: ignored, MonteCarloLimit: ignored}
 
@@ -122,9 +123,8 @@ def check(spec: PCASpec) -> None:
     info = split_info(resolve_data_dir(spec.data.dir), spec.data.split)
     check_request(info, spec.data.split, spec.data.n_points, "data.n_points")
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
-    if spec.network.module is not None:
-        wide = [spec.kernel_width] if spec.kernel == "empirical" else []
-        check_user_model(description, [*spec.network.width, *wide])
+    wide = [spec.kernel_width] if spec.kernel == "empirical" else []
+    check_user_model(description, [*spec.network.width, *wide])
 
 
 def arch(spec: PCASpec) -> Architecture:
@@ -144,8 +144,8 @@ def data_files(spec: PCASpec) -> list[Path]:
 
 
 def monte_carlo(spec: PCASpec) -> bool:
-    """Whether the reference is a network.module's Monte-Carlo limit (kernel: analytic), in shares."""
-    return spec.network.module is not None and spec.kernel == "analytic"
+    """Whether the reference is a Monte-Carlo limit (a user's model, kernel: analytic), in shares."""
+    return not exact_limit(spec) and spec.kernel == "analytic"
 
 
 def reference_kernel(spec: PCASpec, X: torch.Tensor, device: torch.device) -> torch.Tensor:

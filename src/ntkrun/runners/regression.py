@@ -19,17 +19,15 @@ from pydantic import Field, model_validator
 
 from ntkrun import dynamics, resources
 from ntkrun.architectures.base import Architecture
-from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.costs import Cost
 from ntkrun.data import circle, grid_angles, product_target, seeded_generator
 from ntkrun.errors import NumericalError, SpecError
-from ntkrun.kernels import analytic_kernels, empirical_nngp, empirical_ntk
-from ntkrun.kernels.analytic import CLOSED_FORMS
-from ntkrun.network import layer_sizes
+from ntkrun.kernels import empirical_nngp, empirical_ntk
 from ntkrun.plots import regression_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners.common import (
     Table,
+    UnknownCost,
     architecture,
     build_net,
     distinct_names,
@@ -37,6 +35,7 @@ from ntkrun.runners.common import (
     ntk_flops,
     pack,
     placement,
+    priced,
     train,
     unpack,
 )
@@ -159,17 +158,12 @@ def limit_kernels(
     spec: RegressionSpec, X: torch.Tensor, Xg: torch.Tensor, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Theta and Sigma on train x train, grid x train, and Sigma on the grid diagonal (float64, CPU)."""
-    net = spec.network
-    if spec.kernel == "analytic" and net.layers is not None:
-        description = cost_model(spec)
+    if spec.kernel == "analytic":
+        description = arch(spec)
 
         def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             sigma, theta = description.kernels(A, B, kinds=["nngp", "ntk"])
             return sigma, theta
-    elif spec.kernel == "analytic":
-
-        def kernels(A: torch.Tensor, B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            return analytic_kernels(A, B, net.depth, net.nonlinearity, net.beta)
     else:
         wide = build_net(spec, 2, spec.kernel_width, spec.kernel_seed, device)
 
@@ -250,16 +244,15 @@ def step_cost(spec: RegressionSpec, width: int) -> Cost:
     return cost_model(spec).gd_cost(n_train(spec), width)
 
 
-def cost_model(spec: RegressionSpec) -> Architecture:
-    """The composition of network.layers on the circle's points, else the MLP, whatever
-    network.arch says: the units are listed (and priced) before the preflight refuses any other
-    architecture, in one line naming network.arch."""
-    net = spec.network
-    if net.layers is not None:
-        return architecture(spec, (2,))
-    return MLPArchitecture(
-        (2,), net.depth, net.nonlinearity, net.beta, getattr(net, "parametrization", "ntk")
-    )
+def arch(spec: RegressionSpec) -> Architecture:
+    """The description of spec.network on the circle's points."""
+    return architecture(spec, (2,))
+
+
+def cost_model(spec: RegressionSpec) -> Architecture | UnknownCost:
+    """The description the units' costs come from (NaN costs for a network the preflight refuses
+    on 2-D points: the units are listed before it; common.priced)."""
+    return priced(lambda: arch(spec))
 
 
 def units(spec: RegressionSpec) -> list[Unit]:
@@ -280,33 +273,22 @@ def units(spec: RegressionSpec) -> list[Unit]:
 
 
 def memory(spec: RegressionSpec, unit: Unit) -> int:
-    """Peak bytes of one unit: the limit's kernels (train, grid x train, grid x grid), or a
+    """Peak bytes of one unit, the description's account: the limit's kernels (train, grid x train,
+    grid x grid) with the eigendecomposition, or for kernel: empirical one wide network's NTK; or a
     network with a GD step and its outputs on the grid."""
-    b, depth = resources.dtype_bytes(spec.dtype), spec.network.depth
-    n = n_train(spec)
-    g = spec.grid.n_angles
-    if spec.network.layers is not None:  # the composition's own account of its kernels and networks
-        description, pairs = cost_model(spec), [(n, n), (g, n), (g, g)]
-        if isinstance(unit.work, Reference):
-            return sum(description.kernel_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
-        width = unit.work.width
-        return description.network_bytes(width, 1, b) + description.training_bytes(max(n, g), width, 1, b)
-    if isinstance(unit.work, Reference):
-        pairs = [(n, n), (g, n), (g, g)]
-        if spec.kernel == "analytic":
-            kernels = (
-                sum(resources.analytic_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
-            )
-            closed = spec.network.nonlinearity in CLOSED_FORMS  # else the quadrature's chunk, one at a time
-            return kernels + (0 if closed else max(resources.quadrature_bytes(*p, depth) for p in pairs))
-        sizes = layer_sizes(2, spec.kernel_width, depth)
+    b, n, g, description = resources.dtype_bytes(spec.dtype), n_train(spec), spec.grid.n_angles, arch(spec)
+    pairs = [(n, n), (g, n), (g, g)]
+    if isinstance(unit.work, Reference) and spec.kernel == "empirical":
+        w = spec.kernel_width
         return (
-            resources.network_bytes(sizes, b)
-            + sum(resources.empirical_ntk_bytes(*p, sizes, b) for p in pairs)
-            + resources.training_bytes(g, sizes, b)
+            description.network_bytes(w, 1, b)
+            + sum(description.empirical_ntk_bytes(*p, w, 1, b) for p in pairs)
+            + description.training_bytes(g, w, 1, b)
         )
-    sizes = layer_sizes(2, unit.work.width, depth)
-    return resources.network_bytes(sizes, b) + resources.training_bytes(max(n, g), sizes, b)
+    if isinstance(unit.work, Reference):
+        return sum(description.kernel_bytes(*p) for p in pairs) + resources.eigen_bytes(n) + 4 * g * n * 8
+    width = unit.work.width
+    return description.network_bytes(width, 1, b) + description.training_bytes(max(n, g), width, 1, b)
 
 
 def run_unit(

@@ -34,6 +34,7 @@ from ntkrun.runners.common import (
     architecture,
     check_user_model,
     eigen_cost,
+    exact_limit,
     limit_estimate,
     limit_share,
     limit_units,
@@ -163,12 +164,11 @@ def arch(spec: ScalingSpec, depth: int) -> Architecture:
 
 def check(spec: ScalingSpec) -> None:
     """Before a run directory is made: every depth's geometry on the images (a 'valid' CNN may
-    shrink them away); a network.module tried (ntkrun.architectures.module.check_module)."""
+    shrink them away); a user's model's networks tried (check_user_model)."""
     net = spec.network
     for depth in depths(spec):
         arch(spec, depth)
-    if net.module is not None:
-        check_user_model(arch(spec, net.depth[0]), net.width, 1, net.depth)
+    check_user_model(arch(spec, depths(spec)[0]), net.width, 1, net.depth)
 
 
 def step_cost(spec: ScalingSpec, depth: int, width: int) -> Cost:
@@ -180,7 +180,7 @@ def unit_cost(spec: ScalingSpec, depth: int, width: int) -> Cost:
     """One unit: its GD steps, Theta on Z twice, and the limit on X and Z (a network.module's
     Monte-Carlo limit is a unit of its own)."""
     n, z, description = spec.training.n_train, spec.data.n_points, arch(spec, depth)
-    limit = eigen_cost(n) + (description.kernel_cost(n + z, n + z) if spec.network.module is None else Cost())
+    limit = eigen_cost(n) + (description.kernel_cost(n + z, n + z) if exact_limit(spec) else Cost())
     kernels = Cost(gemm=2 * description.ntk_flops(z, z, width))
     return step_cost(spec, depth, width) * spec.training.steps + kernels + limit
 
@@ -195,7 +195,7 @@ def units(spec: ScalingSpec) -> list[Unit]:
         for w in net.width
         for s in spec.seed_values
     ]
-    if net.module is None:
+    if exact_limit(spec):
         return nets
     samples = spec.kernels.mc_samples
     limits = [
@@ -220,7 +220,7 @@ def limit_kernels(
     the Monte-Carlo limit's shares (a network.module) on Z and X together, then the same from each
     leave-one-share-out estimate (the jackknife's replicates, docs/science.md §10)."""
     description = arch(spec, depth)
-    if spec.network.module is None:
+    if exact_limit(spec):
         return [
             {
                 "eig": dynamics.eigen(description.kernel(X)),
@@ -244,7 +244,7 @@ def memory(spec: ScalingSpec, unit: Unit) -> int:
     if isinstance(unit.work, MonteCarloLimit):
         return description.kernel_bytes(n + z, n + z)
     w = unit.work.width
-    shares = len(chunks(spec.kernels.mc_samples)) if spec.network.module is not None else 0
+    shares = len(chunks(spec.kernels.mc_samples)) if not exact_limit(spec) else 0
     return shares * 4 * (n + z) ** 2 * 8 + (
         description.network_bytes(w, 1, b)
         + description.training_bytes(max(n, z), w, 1, b)
