@@ -163,7 +163,7 @@ def test_a_refusal_at_run_time_keeps_its_exit_code_and_message(tmp_path, monkeyp
     assert result.exit_code == 2, result.output
     message = result.stderr
     assert message.startswith("ntkrun: error: ") and message.count("\n") == 1, message
-    assert "analytic_kernels: " in message
+    assert "analytic_kernel: " in message  # the allocation that refused, by name
     assert "more than the 1 KiB available ($NTKRUN_MEMORY_LIMIT)" in message
     assert "internal error" not in message and "partial files kept in" in message
     (failed,) = (tmp_path / "regression").iterdir()
