@@ -135,9 +135,9 @@ def test_pca_takes_the_compositions_kernel_as_its_reference(images, tmp_path):
 
 
 def test_features_runs_a_composition_over_widths_and_output_scales(tmp_path):
-    """features with a residual MLP (NTK parametrization): arms (a) and (b) run on the composition's
-    networks (their unit names carry its depth, 4 weight layers) against its NTK predictor; depth_width
-    must be empty (a composition has one depth), said in one line."""
+    """features with a residual MLP (NTK parametrization and muP): arms (a) and (b) run on the
+    composition's networks (their unit names carry its depth, 4 weight layers) against its NTK
+    predictor; depth_width must be empty (a composition has one depth), said in one line."""
     tiny = ["features", "--preset", "layers", "--set", "network.width=[16, 32]", "--seeds", "2",
             "--steps", "3", "--set", "training.output_scales=[1, 2]",
             "--set", "training.output_scale_width=16",
@@ -145,7 +145,7 @@ def test_features_runs_a_composition_over_widths_and_output_scales(tmp_path):
     result = cli(*tiny, "-o", tmp_path)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "features" / "latest" / "features.csv")
-    assert set(table["depth"]) == {4} and set(table["parametrization"]) == {"ntk"}
+    assert set(table["depth"]) == {4} and set(table["parametrization"]) == {"ntk", "mup"}
     assert np.isfinite(table["change_T"]).all() and (table["change_T"] > 0).all()
     refused = cli(*tiny, "--set", "depth_width=[[2, 16]]", "--check")
     assert refused.exit_code == 2 and "depth_width: a composition has one depth" in refused.output
@@ -199,7 +199,7 @@ def test_attention_on_gaussian_sequences_through_scaling(tmp_path):
          "layer 5 (avg_pool): a 2x2 window on 1x1 images"),
         ("scaling", "[conv, relu, dense]", "the composition ends on images"),
         ("regression", "[conv, relu, flatten, dense]", "network.layers: conv needs images (C, H, W)"),
-        ("features", "mlp", "network: parametrizations: a composition of ntkrun.layers runs in NTK"),
+        ("features", "mlp", "depth_width: a composition has one depth"),
     ],
 )  # fmt: skip
 def test_a_bad_list_is_one_line_at_check_before_any_run_directory(tmp_path, experiment, layers, message):

@@ -219,6 +219,9 @@ def gd_step(net: nn.Module, X: torch.Tensor, y: torch.Tensor, lr: float) -> torc
 def lr_factor(net: nn.Module, name: str) -> float:
     """The learning-rate factor of parameter `name` ("weights.l" or "biases.l") of a network with
     per-layer `lr_scales` (muP, docs/science.md §11.1); 1 for any other."""
+    factors = getattr(net, "lr_factors", None)  # a composition's network (ntkrun.layers)
+    if factors is not None:
+        return factors.get(name, 1.0)
     scales = getattr(net, "lr_scales", None)
     kind, _, layer = name.partition(".")
     if scales is None or kind not in ("weights", "biases") or not layer.isdigit():

@@ -106,7 +106,8 @@ class LayersArchitecture(ProbedArchitecture):
         sigma, _ = model.kernels(x)  # every layer's transformation, on one input of this shape
         if sigma.dim() > 2:
             raise LayerError("the composition ends on images: flatten or global_avg_pool before the readout")
-        model.net(2, 0, 1, n0=self.features, dtype=torch.float64)(x)  # and its finite network
+        # and its finite network (muP: Dense and Conv weights only)
+        model.net(2, 0, 1, n0=self.features, dtype=torch.float64, parametrization=self.parametrization)(x)
 
     @property
     def model(self) -> Layer:
@@ -125,7 +126,9 @@ class LayersArchitecture(ProbedArchitecture):
     def net(
         self, width: int, seed: int, *, dtype: torch.dtype, device: torch.device | str, n_out: int = 1
     ) -> nn.Module:
-        return self.model.net(width, seed, n_out, n0=self.features, dtype=dtype).to(device)
+        return self.model.net(
+            width, seed, n_out, n0=self.features, dtype=dtype, parametrization=self.parametrization
+        ).to(device)
 
     def kernel(
         self,

@@ -14,6 +14,7 @@ for layers over positions. A network holding another parameter (attention's) tak
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,9 +69,11 @@ def features(net: nn.Module, X: torch.Tensor, k: int) -> list[Feature]:
     found: list[Feature] = []
     for i, (m, x, _) in enumerate(seen):
         d = torch.stack([deltas[a][i] for a in range(k)])  # (k, N, ...) as z
-        b2 = m.b_std**2 if m.bias is not None else 0.0
+        # each parameter's gradient weighted by the square root of its learning-rate factor (muP)
+        rw, rb = math.sqrt(m.lr_w), math.sqrt(m.lr_b)
+        b2 = (m.b_std * rb) ** 2 if m.bias is not None else 0.0
         if isinstance(m, DenseModule) and x.dim() == 2:
-            found.append((x * m.w_scale, d, b2))
+            found.append((x * (m.w_scale * rw), d, b2))
             continue
         if isinstance(m, ConvModule):
             xs, ds, c = _patches(m, x), d.flatten(3), m.scale  # (N, C k^2, P), (k, N, C', P)
@@ -78,9 +81,9 @@ def features(net: nn.Module, X: torch.Tensor, k: int) -> list[Feature]:
             xs, ds, c = x.flatten(2), d.flatten(3), m.w_scale
         else:  # Dense on sequences (N, T, n)
             xs, ds, c = x.transpose(1, 2), d.transpose(2, 3), m.w_scale
-        g = torch.einsum("kndp,ncp->kndc", ds, xs).flatten(2) * c
+        g = torch.einsum("kndp,ncp->kndc", ds, xs).flatten(2) * (c * rw)
         if b2:
-            g = torch.cat([g, ds.sum(-1) * m.b_std], dim=2)
+            g = torch.cat([g, ds.sum(-1) * (m.b_std * rb)], dim=2)
         found.append((None, g, 0.0))
     return found
 

@@ -104,16 +104,22 @@ class Layer(ABC):
         *,
         n0: int | tuple[int, int, int],
         dtype: torch.dtype = torch.float32,
+        parametrization: str = "ntk",
     ) -> nn.Module:
         """The finite network it describes on inputs of n0 numbers (or images of shape (C, H, W)):
         every weight layer `width` features (channels), the readout n_out, parameters N(0, 1)
-        drawn from `seed`; (N, n0) -> (N,) for n_out 1, else (N, n_out)."""
+        drawn from `seed`; (N, n0) -> (N,) for n_out 1, else (N, n_out). parametrization "ntk"
+        (stax's), or "mup" (maximal_update_: the same draws)."""
         if not self.readout:
             raise LayerError(f"the composition ends on {self.last_name}: end it with a Dense readout")
+        if parametrization not in ("ntk", "mup"):
+            raise LayerError(f"parametrization {parametrization!r}: a composition's networks are ntk or mup")
         gen = torch.Generator().manual_seed(seed)
         module, _ = self.module(n0, width, n_out, gen)
         net = Net(module, n_out).to(dtype)
         net.composition = self
+        if parametrization == "mup":
+            maximal_update_(net, width)
         return net
 
     def walk(self) -> Iterator[Layer]:
@@ -151,7 +157,30 @@ class Net(nn.Module):
         super().__init__()
         self.body, self.n_out = body, n_out
         self.composition: Layer | None = None  # the composition it was built from (Layer.net)
+        # each parameter's learning-rate factor by name, where not 1 (muP: maximal_update_)
+        self.lr_factors: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return out.squeeze(-1) if self.n_out == 1 else out
+
+
+def maximal_update_(net: Net, width: int) -> None:
+    """The maximal-update parametrization (muP, Yang & Hu 2021, in ntkrun's NTK-parametrized form:
+    docs/science.md §11.1, §12.5) of a composition's network, in place and from the same draws: the
+    readout's multiplier divided by sqrt(width) (the MLP's 1/n), and every weight and bias moving
+    with the learning rate lr * width but the readout's bias (lr). Yang & Hu's table defines it for
+    Dense and Conv weights; a network holding any other parameter (attention's) is refused."""
+    weighted = [m for m in net.modules() if hasattr(m, "lr_w")]
+    owned = {id(p) for m in weighted for p in m.parameters()}
+    if any(id(p) not in owned for p in net.parameters()):
+        raise LayerError("muP is defined here for Dense and Conv weights only (attention has other scalings)")
+    readout = weighted[-1]  # a composition ends on its readout: the last weight module built
+    readout.w_scale /= math.sqrt(width)
+    for m in weighted:
+        m.lr_w, m.lr_b = float(width), float(width) if m is not readout else 1.0
+    names = {id(p): name for name, p in net.named_parameters()}
+    for m in weighted:
+        net.lr_factors[names[id(m.weight)]] = m.lr_w
+        if m.bias is not None:
+            net.lr_factors[names[id(m.bias)]] = m.lr_b

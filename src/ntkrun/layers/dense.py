@@ -29,6 +29,7 @@ class DenseModule(nn.Module):
         self.weight = nn.Parameter(torch.randn(n_out, n_in, generator=gen))
         self.bias = nn.Parameter(torch.randn(n_out, generator=gen)) if b_std else None
         self.w_scale, self.b_std = W_std / math.sqrt(n_in), b_std
+        self.lr_w = self.lr_b = 1.0  # learning-rate factors of weight and bias (muP: maximal_update_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image = x.dim() == 4  # images: the same weights at every position, on the channels

@@ -103,6 +103,7 @@ class ConvModule(nn.Module):
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k, generator=gen))
         self.bias = nn.Parameter(torch.randn(c_out, generator=gen)) if b_std else None
         self.scale, self.b_std, self.k, self.padding = W_std / math.sqrt(c_in * k * k), b_std, k, padding
+        self.lr_w = self.lr_b = 1.0  # learning-rate factors of weight and bias (muP: maximal_update_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.k // 2

@@ -103,10 +103,10 @@ class FeaturesNetworkSpec(NetworkSpec):
             )
         if self.arch == "cnn" and "meanfield" in self.parametrizations:
             raise ValueError("parametrizations: meanfield is the one-hidden-layer MLP's, not a cnn's")
-        if self.layers is not None and self.parametrizations != ["ntk"]:
+        if self.layers is not None and "meanfield" in self.parametrizations:
             raise ValueError(
-                "parametrizations: a composition of ntkrun.layers runs in NTK parametrization only (muP "
-                "and mean-field are written for the MLP and the CNN); set network.parametrizations=[ntk]"
+                "parametrizations: meanfield is the one-hidden-layer MLP's; a composition of ntkrun.layers "
+                "runs in ntk and mup"
             )
         return self
 
