@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
+from typer.testing import CliRunner
 
+from ntkrun.cli import app
 from ntkrun.kernels import empirical_ntk
 from ntkrun.layers.base import LayerError
 from ntkrun.layers.parse import parse
@@ -83,3 +85,16 @@ def test_mup_is_refused_where_the_table_has_no_row():
         )
     with pytest.raises(LayerError, match="a composition's networks are ntk or mup"):
         parse(MLP_LIST).net(4, 0, n0=3, dtype=F64, parametrization="meanfield")
+
+
+def test_features_refuses_mup_of_attention_at_check(tmp_path):
+    """One line at --check naming the key (it was an internal error when the units were priced)."""
+    layers = "network.layers=[conv, relu, attention, relu, global_avg_pool, dense]"
+    images = ["--set", "data.inputs=gaussian", "--set", "data.image=[1, 4, 4]"]
+    args = ["features", "--preset", "quick", "--set", layers, "--set", "depth_width=[]", *images, "--check"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (
+        "network.parametrizations: mup: muP is defined here for Dense and Conv weights only" in result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1 and not any(tmp_path.iterdir())

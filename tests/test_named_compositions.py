@@ -77,3 +77,4 @@ def test_a_composition_of_the_cnns_shape_takes_its_recursion():
     for rows in ((0, 2), (2, 5)):
         described.kernel(X, kind="ntk", out=out, rows=rows)
     assert torch.equal(out.triu(), theta.triu())
+    assert described.kernel(X, kind="ntk", rows=(1, 3)).shape == (2, 5)  # a block, as the layers' path

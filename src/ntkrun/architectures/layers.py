@@ -152,13 +152,17 @@ class LayersArchitecture(ProbedArchitecture):
         outs: Sequence[torch.Tensor | None] | None = None,
         rows: tuple[int, int] | None = None,
     ) -> list[torch.Tensor]:
-        """Sigma ("nngp") and Theta ("ntk") from one pass of the composition; with rows=(r0, r1),
-        whole rows r0 .. r1 of the Gram (into `outs` there, or returned)."""
+        """Sigma ("nngp") and Theta ("ntk") from one pass of the composition; with rows=(r0, r1), rows
+        r0 .. r1 of a symmetric Gram, their upper triangle and diagonal (into `outs` there, or
+        returned as an (r1 - r0, N) block; runners/grams.py mirrors the whole)."""
         for kind in kinds:
             self.check_kernel(kind)
         fast = hand_written(self.layers, tuple(self.input_shape))
         if fast is not None:
-            return fast.kernels(X, X2, kinds=kinds, out_dtype=out_dtype, outs=outs, rows=rows)
+            found = fast.kernels(X, X2, kinds=kinds, out_dtype=out_dtype, outs=outs, rows=rows)
+            if rows is not None and all(o is None for o in outs or [None]):  # rows of a whole Gram
+                return [K[rows[0] : rows[1]] for K in found]
+            return found
         sigma, theta = self.model.kernels(self.inputs(X), None if X2 is None else self.inputs(X2), rows=rows)
         r0, r1 = rows if rows is not None else (0, X.shape[0])
         found = []

@@ -176,6 +176,8 @@ def maximal_update_(net: Net, width: int) -> None:
     if any(id(p) not in owned for p in net.parameters()):
         raise LayerError("muP is defined here for Dense and Conv weights only (attention has other scalings)")
     readout = weighted[-1]  # a composition ends on its readout: the last weight module built
+    if not hasattr(readout, "w_scale"):
+        raise LayerError("muP needs a Dense readout (flatten or pool a convolution's images first)")
     readout.w_scale /= math.sqrt(width)
     for m in weighted:
         m.lr_w, m.lr_b = float(width), float(width) if m is not readout else 1.0

@@ -35,7 +35,7 @@ from ntkrun.data import (
     resolve_data_dir,
     split_info,
 )
-from ntkrun.errors import DataError
+from ntkrun.errors import DataError, SpecError
 from ntkrun.features_plots import features_figure
 from ntkrun.fits import slope_table
 from ntkrun.kernels import empirical_ntk
@@ -212,7 +212,7 @@ def unit_cost(spec: FeaturesSpec, work: FeatureNet | Reference) -> Cost:
         if isinstance(work, Reference):
             return limit(spec, work.depth).kernel_cost(n + m, n) + eigen_cost(n)
         model = description(spec, work)
-    except DataError:
+    except (DataError, ValueError):  # no data here, or refused at the preflight (check)
         return Cost(gemm=math.nan)
     ntks = model.ntk_flops(n + m, n, work.width) + model.ntk_flops(n, n, work.width)
     return model.gd_cost(n, work.width) * spec.training.steps + Cost(gemm=ntks) + eigen_cost(n)
@@ -248,8 +248,14 @@ def check(spec: FeaturesSpec) -> None:
         folder = resolve_data_dir(spec.data.dir)
         check_request(split_info(folder, "train"), "train", spec.data.n_train, "data.n_train")
         check_request(split_info(folder, "test"), "test", spec.data.n_test, "data.n_test")
-    for depth in sorted({w.depth for arm in arm_units(spec).values() for w in arm}):
+    works = {w for arm in arm_units(spec).values() for w in arm}
+    for depth in sorted({w.depth for w in works}):
         limit(spec, depth)
+    for work in sorted({replace(w, alpha=1.0, width=2, seed=0) for w in works}, key=str):
+        try:  # each parametrization's networks (muP: Dense and Conv weights only)
+            description(spec, work)
+        except ValueError as err:
+            raise SpecError(f"network.parametrizations: {work.parametrization}: {err}") from None
 
 
 def data_files(spec: FeaturesSpec) -> list[Path]:

@@ -129,7 +129,9 @@ class NetResult(TypedDict):
 
 
 def check(spec: RegressionSpec) -> None:
-    """kernel: empirical reads the MLP's readout (empirical_nngp): SpecError for a composition."""
+    """The network on 2-D points (a composition is tried on one); kernel: empirical reads the MLP's
+    readout (empirical_nngp): SpecError for a composition."""
+    arch(spec)
     if spec.network.layers is not None and spec.kernel == "empirical":
         raise SpecError(
             "kernel: empirical estimates Sigma from an MLP's readout; a network.layers composition has "
