@@ -11,26 +11,15 @@ hand-written recursion is faster) and the CPU.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from bench_engine import best_time
 
 from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.conv import CNNArchitecture
 from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.layers.parse import parse
 from ntkrun.units import cpu_model
-
-
-def best(f: Callable[[], object]) -> float:
-    f()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -56,8 +45,8 @@ def main() -> None:
         X, model = X.double(), parse(hand.layer_list)
         layers_t, hand_t = [], []
         for _ in range(args.rounds):
-            layers_t.append(best(lambda m=model, h=hand, x=X: m.kernels(h.inputs(x))))
-            hand_t.append(best(lambda h=hand, x=X: h.kernels(x, kinds=("nngp", "ntk"))))
+            layers_t.append(best_time(lambda m=model, h=hand, x=X: m.kernels(h.inputs(x)), 3))
+            hand_t.append(best_time(lambda h=hand, x=X: h.kernels(x, kinds=("nngp", "ntk")), 3))
         a, b = min(layers_t), min(hand_t)
         print(f"{name:36s} {a:10.4f} {b:10.4f} {b / a:12.2f}")
 
