@@ -76,5 +76,6 @@ def test_a_composition_of_the_cnns_shape_takes_its_recursion():
     out = torch.zeros(5, 5, dtype=torch.float64)  # a Gram in row blocks, as runners/grams.py fills it
     for rows in ((0, 2), (2, 5)):
         described.kernel(X, kind="ntk", out=out, rows=rows)
-    assert torch.equal(out.triu(), theta.triu())
+    # row blocks may take other BLAS kernels than the whole (AVX2 vs AVX-512): equal to rounding
+    torch.testing.assert_close(out.triu(), theta.triu(), rtol=RTOL, atol=0)
     assert described.kernel(X, kind="ntk", rows=(1, 3)).shape == (2, 5)  # a block, as the layers' path
