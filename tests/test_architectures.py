@@ -73,3 +73,31 @@ def test_a_description_refuses_a_limit_it_does_not_have():
         description.kernel(X)
     with pytest.raises(ValueError, match="kind must be one of ntk, nngp"):
         describe(network(), (4,)).kernel(X, kind="gp")
+
+
+LAYERS = '["conv", "relu", "avg_pool", "flatten", "dense"]'  # no fast path: the layers' own
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "layers"])
+def test_a_row_block_alone_is_those_rows_of_the_gram_bit_for_bit(kind):
+    """rows=(r0, r1) into an (r1 - r0, N) block (what a Gram-block unit holds: never the whole Gram),
+    or returned alone, is exactly the same rows written into a whole (N, N) Gram: the same tiles."""
+    from ntkrun.architectures.layers import LayersArchitecture
+
+    if kind == "layers":
+        description = LayersArchitecture((1, 6, 6), 2, layers=LAYERS)
+    else:
+        description = describe(network(arch=kind), (1, 6, 6))
+    X = torch.randn(9, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    whole = [torch.full((9, 9), float("nan"), dtype=torch.float64) for _ in range(2)]
+    for rows in ((0, 4), (4, 9)):
+        description.kernels(X, kinds=("ntk", "nngp"), outs=whole, rows=rows)
+    for rows in ((0, 4), (2, 7), (4, 9)):
+        r0, r1 = rows
+        blocks = [torch.full((r1 - r0, 9), float("nan"), dtype=torch.float64) for _ in range(2)]
+        description.kernels(X, kinds=("ntk", "nngp"), outs=blocks, rows=rows)
+        alone = description.kernels(X, kinds=("ntk", "nngp"), rows=rows)
+        upper = torch.ones(r1 - r0, 9, dtype=torch.bool).triu(r0)  # the rows' upper triangle
+        for W, B, A in zip(whole, blocks, alone, strict=True):
+            assert B.shape == A.shape == (r1 - r0, 9)
+            assert torch.equal(B[upper], W[r0:r1][upper]) and torch.equal(A[upper], W[r0:r1][upper])

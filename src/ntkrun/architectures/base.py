@@ -29,6 +29,25 @@ from torch import nn
 from ntkrun.costs import Cost, Probe
 
 
+def place_rows(
+    blocks: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor | None] | None,
+    rows: tuple[int, int] | None,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Kernels computed as blocks (r1 - r0, N2) of rows=(r0, r1) (the whole (N1, N2) without rows)
+    into `outs` where given, a whole Gram's or that block's shape, else returned in out_dtype."""
+    found = []
+    for block, out in zip(blocks, outs if outs is not None else [None] * len(blocks), strict=True):
+        if out is None:
+            found.append(block.to(out_dtype))
+            continue
+        r0 = 0 if rows is None or out.shape[0] == block.shape[0] else rows[0]  # a block's out, or the whole's
+        out[r0 : r0 + block.shape[0]] = block
+        found.append(out)
+    return found
+
+
 @dataclass(frozen=True)
 class Architecture(ABC):
     """The shared fields of every description (those of the spec's `network` block) and the

@@ -97,9 +97,10 @@ class CNNArchitecture(Architecture):
         for kind, out in zip(kinds, outs, strict=True):
             pair[kind == "ntk"] = out
         n2 = X.shape[0] if X2 is None else X2.shape[0]
+        n1 = X.shape[0] if rows is None else rows[1] - rows[0]  # rows without outs: that block alone
         for kind, out in zip(kinds, outs, strict=True):
             if out is None:
-                (pair[kind == "ntk"],) = empty_checked([(X.shape[0], n2)], out_dtype, "cpu", "the CNN kernel")
+                (pair[kind == "ntk"],) = empty_checked([(n1, n2)], out_dtype, "cpu", "the CNN kernel")
         sigma, theta = cnn_kernels(
             X, X2, self.depth, self.nonlinearity, self.beta, kernel_size=self.kernel_size,
             padding=self.padding, readout=self.readout, out_dtype=out_dtype, outs=pair, rows=rows,

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.base import Architecture, place_rows
 from ntkrun.architectures.conv import CNNArchitecture
 from ntkrun.architectures.probed import ProbedArchitecture
 from ntkrun.layers.activations import Activation
@@ -153,25 +153,15 @@ class LayersArchitecture(ProbedArchitecture):
         rows: tuple[int, int] | None = None,
     ) -> list[torch.Tensor]:
         """Sigma ("nngp") and Theta ("ntk") from one pass of the composition; with rows=(r0, r1), rows
-        r0 .. r1 of a symmetric Gram, their upper triangle and diagonal (into `outs` there, or
-        returned as an (r1 - r0, N) block; runners/grams.py mirrors the whole)."""
+        r0 .. r1 of a symmetric Gram, their upper triangle and diagonal (into `outs`, whole Grams or
+        (r1 - r0, N) blocks, or returned as blocks; runners/grams.py mirrors the whole)."""
         for kind in kinds:
             self.check_kernel(kind)
         fast = hand_written(self.layers, tuple(self.input_shape))
         if fast is not None:
-            found = fast.kernels(X, X2, kinds=kinds, out_dtype=out_dtype, outs=outs, rows=rows)
-            if rows is not None and all(o is None for o in outs or [None]):  # rows of a whole Gram
-                return [K[rows[0] : rows[1]] for K in found]
-            return found
+            return fast.kernels(X, X2, kinds=kinds, out_dtype=out_dtype, outs=outs, rows=rows)
         sigma, theta = self.model.kernels(self.inputs(X), None if X2 is None else self.inputs(X2), rows=rows)
-        r0, r1 = rows if rows is not None else (0, X.shape[0])
-        found = []
-        for kind, out in zip(kinds, outs if outs is not None else [None] * len(kinds), strict=True):
-            block = (theta if kind == "ntk" else sigma).to(out_dtype)
-            if out is not None:
-                out[r0:r1] = block
-            found.append(block if out is None else out)
-        return found
+        return place_rows([(theta if kind == "ntk" else sigma) for kind in kinds], outs, rows, out_dtype)
 
     @property
     def positions(self) -> int:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ntkrun.architectures.base import place_rows
 from ntkrun.architectures.probed import ProbedArchitecture
 from ntkrun.costs import Cost
 from ntkrun.kernels.monte_carlo import MonteCarloKernels, monte_carlo_kernels
@@ -240,13 +241,8 @@ class ModuleArchitecture(ProbedArchitecture):
             self.check_kernel(kind)
         r0, r1 = rows if rows is not None else (0, X.shape[0])
         estimate = self.monte_carlo(X[r0:r1], X2 if X2 is not None else X)
-        found = []
-        for kind, out in zip(kinds, outs if outs is not None else [None] * len(kinds), strict=True):
-            block = (estimate.ntk if kind == "ntk" else estimate.nngp).to(out_dtype)
-            if out is not None:
-                out[r0:r1] = block
-            found.append(block if out is None else out)
-        return found
+        blocks = [estimate.ntk if kind == "ntk" else estimate.nngp for kind in kinds]
+        return place_rows(blocks, outs, rows, out_dtype)
 
     def kernel_flops(self, n1: int, n2: int) -> float:
         """mc_samples forward passes and empirical NTKs at limit_width."""

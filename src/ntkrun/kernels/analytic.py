@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ntkrun.kernels.tiles import grid
+from ntkrun.kernels.tiles import block_rows, grid
 from ntkrun.linalg import empty_checked, mirror_
 from ntkrun.network import hidden_widths
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
@@ -300,11 +300,13 @@ def analytic_kernel(
 
     For Grams too large to hold twice (60000 points: 14.4 GB in float32). Fills `out` (N1, N2)
     if given, else a new tensor. `rows=(r0, r1)` computes those rows only, so a caller can
-    checkpoint the Gram block by block; with X2 = None only their upper-triangle part (columns
-    >= row) and their exact diagonal are written, and `ntkrun.linalg.mirror_(out, to_lower=True)`
-    completes the matrix once every row is done (without `rows`, the whole symmetric matrix is
-    returned). Whatever the row ranges, every entry is that of `analytic_kernels`, bit for bit
-    (the same tiles; a range that starts or ends inside a tile computes that tile whole).
+    checkpoint the Gram block by block, into an (N1, N2) `out` or an (r1 - r0, N2) block (returned
+    alone without `out`: `tiles.block_rows`); with X2 = None only their upper-triangle part
+    (columns >= row) and their exact diagonal are written, and `ntkrun.linalg.mirror_(out,
+    to_lower=True)` completes the matrix once every row is done (without `rows`, the whole
+    symmetric matrix is returned). Whatever the row ranges, every entry is that of
+    `analytic_kernels`, bit for bit (the same tiles; a range that starts or ends inside a tile
+    computes that tile whole).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -317,20 +319,20 @@ def analytic_kernel(
     r0, r1 = rows if rows is not None else (0, n1)
     dtype = _out_dtype(out_dtype)
     if out is None:
-        (out,) = empty_checked([(n1, n2)], dtype, X.device, "analytic_kernel")
-    elif out.shape != (n1, n2) or out.dtype != dtype:
-        raise ValueError(f"out must be a ({n1}, {n2}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+        (out,) = empty_checked([(r1 - r0 if rows else n1, n2)], dtype, X.device, "analytic_kernel")
+    shift = block_rows(out, (n1, n2), rows, dtype)
     d1, t1 = rec.diagonals(X)  # of every point, as analytic_kernels computes them
     d2 = d1 if symmetric else rec.diagonals(X2)[0]
     for k, tile in enumerate(tiles, start=1):
         r, c = tile.rows, tile.cols
         sigma, theta = rec.block(X[r], X2[c], [d[r] for d in d1], [d[c] for d in d2])[-1]
-        out[tile.out, c] = (theta if kind == "ntk" else sigma)[tile.keep]
+        block = (theta if kind == "ntk" else sigma)[tile.keep]
+        out[tile.out.start - shift : tile.out.stop - shift, c] = block
         if progress is not None:
             progress(k, len(tiles))
     if symmetric:
         index = torch.arange(r0, r1)
-        out[index, index] = (t1[-1] if kind == "ntk" else d1[-1])[r0:r1].to(dtype)
+        out[index - shift, index] = (t1[-1] if kind == "ntk" else d1[-1])[r0:r1].to(dtype)
         if rows is None:
             mirror_(out, to_lower=True, block=MIRROR_BLOCK)
     return out

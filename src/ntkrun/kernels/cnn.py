@@ -34,7 +34,7 @@ from ntkrun.kernels.analytic import (
     _as_float64,
     quadrature_expectations,
 )
-from ntkrun.kernels.tiles import grid
+from ntkrun.kernels.tiles import block_rows, grid
 from ntkrun.linalg import empty_checked
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 
@@ -388,7 +388,8 @@ def cnn_kernels(
     parametrization="standard" needs the hidden channel counts `widths` (an int or L - 1 ints).
     Pairs are computed in tiles of `tile_shape` at fixed offsets (`progress(done, total)` per tile);
     with X2 = None those on and above the diagonal, mirrored, and an exact diagonal. `rows=(r0, r1)`
-    computes those rows only, as `ntkrun.analytic_kernel` does, each entry the whole Gram's bit for bit.
+    computes those rows only, as `ntkrun.analytic_kernel` does (into (N1, N2) `outs` or (r1 - r0, N2)
+    blocks), each entry the whole Gram's bit for bit.
     """
     check_geometry(kernel_size, padding, readout, depth)
     X = _as_images(X, "X")
@@ -415,11 +416,11 @@ def cnn_kernels(
     if symmetric:
         tile_rows = tile_cols  # square tiles, on and above the diagonal
     tiles = grid(n1, n2, tile_rows, tile_cols, symmetric, rows)  # checks rows
+    r0, r1 = rows if rows is not None else (0, n1)
     if outs is None:
-        outs = empty_checked([(n1, n2), (n1, n2)], out_dtype, X.device, "cnn_kernels")
-    targets = [(i, out) for i, out in enumerate(outs) if out is not None]
-    if any(out.shape != (n1, n2) or out.dtype != out_dtype for _, out in targets):
-        raise ValueError(f"outs must be ({n1}, {n2}) {out_dtype} tensors or None")
+        outs = empty_checked([(r1 - r0 if rows else n1, n2)] * 2, out_dtype, X.device, "cnn_kernels")
+    targets = [(i, out, block_rows(out, (n1, n2), rows, out_dtype))
+               for i, out in enumerate(outs) if out is not None]  # fmt: skip
     v1 = rec.variances(X)  # of every input, whatever rows are asked for
     v2 = v1 if symmetric else rec.variances(X2)
     for done, tile in enumerate(tiles, start=1):
@@ -432,17 +433,16 @@ def cnn_kernels(
         s, t = rec.run(A0, [u[r, None] for u in v1], [u[None, c] for u in v2], readout == "gap")
         if symmetric and r.start == c.start:  # a diagonal tile: its upper triangle, mirrored
             s, t = s.triu() + s.triu(1).t(), t.triu() + t.triu(1).t()
-        for i, out in targets:
-            out[tile.out, c] = (s, t)[i][tile.keep]
+        for i, out, shift in targets:
+            out[tile.out.start - shift : tile.out.stop - shift, c] = (s, t)[i][tile.keep]
             if symmetric and r.start != c.start and rows is None:
                 out[c, r] = (s, t)[i].t()
         if progress is not None:
             progress(done, len(tiles))
     if symmetric:
         rec.pool.free.clear()  # the tiles' buffers go before the self pairs' (of another shape) come
-        r0, r1 = rows if rows is not None else (0, n1)
         s, t = rec.self_kernels(X, v1)  # of every input, chunked as always
         index = torch.arange(r0, r1, device=X.device)
-        for i, out in targets:
-            out[index, index] = (s, t)[i][r0:r1].to(out_dtype)
+        for i, out, shift in targets:
+            out[index - shift, index] = (s, t)[i][r0:r1].to(out_dtype)
     return outs[0], outs[1]

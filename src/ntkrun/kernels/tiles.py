@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -52,3 +54,17 @@ def grid(
             cols = slice(c0, min(c0 + tile_cols, n2))
             tiles.append(Tile(slice(t0, t1), cols, slice(a - t0, b - t0), slice(a, b)))
     return tiles
+
+
+def block_rows(
+    out: torch.Tensor, shape: tuple[int, int], rows: tuple[int, int] | None, dtype: torch.dtype
+) -> int:
+    """Where a Gram (N1, N2) = `shape`'s rows go in `out`: the whole Gram's (N1, N2) (-> 0), or,
+    with rows=(r0, r1), that block alone, (r1 - r0, N2) (-> r0: Gram row i is out's row i - r0),
+    so a unit computing a row block never holds the whole Gram. Raises ValueError otherwise."""
+    n1, n2 = shape
+    block = (rows[1] - rows[0], n2) if rows is not None else shape
+    if out.dtype != dtype or tuple(out.shape) not in (shape, block):
+        wanted = f"({n1}, {n2})" + (f" or ({block[0]}, {n2})" if block != shape else "")
+        raise ValueError(f"out must be a {wanted} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    return 0 if tuple(out.shape) == shape else rows[0]  # type: ignore[index]
