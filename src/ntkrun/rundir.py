@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -91,6 +92,14 @@ def _reserve(parent: Path, base: str) -> Path:
         target.chmod(0o777 & ~umask())
         return target
     raise RunError(f"no free run directory name under {parent} for {base}")
+
+
+def crc32(tensor: Any) -> int | None:
+    """CRC-32 of a tensor's bytes (None for anything else)."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
 
 
 class RunDir:
@@ -267,20 +276,27 @@ class RunDir:
 
     def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None:
         """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
-        several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity."""
+        several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity,
+        and with the CRC-32 of each tensor at the state's top level."""
         (self.path / "units").mkdir(exist_ok=True)
-        blob = {**self.identity.tag(), "state": state}
+        sums = {key: crc32(value) for key, value in state.items() if isinstance(value, torch.Tensor)}
+        blob = {**self.identity.tag(), "state": state, "crc32": sums}
         atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(blob, tmp))
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:
-        """The saved state, or None: absent, unreadable, or of another identity (logged, ignored:
-        the unit computes that part again)."""
+        """The saved state, its tensors memory-mapped (read as they are used: a Gram block is copied
+        into its Gram, never held twice), or None: absent, unreadable, of another identity, or a
+        tensor whose CRC-32 is not the one saved (logged, ignored: the unit computes it again)."""
         path = self.checkpoint_file(name, part)
-        blob = self._load(path)
+        blob = self._load(path, mmap=True)
         if blob is None:
             return None
         old = "state" not in blob or "spec_hash" not in blob  # e.g. pca's {step, state, rows}, saved bare
         reason = "is of an older format (untagged)" if old else self.identity.mismatch(blob)
+        if reason is None:
+            sums = blob.get("crc32", {})
+            bad = [key for key, value in sums.items() if crc32(blob["state"].get(key)) != value]
+            reason = f"has {bad[0]!r} of another checksum (corrupt)" if bad else None
         if reason is not None:
             LOG.warning("%s: checkpoint ignored: it %s", path, reason)
             return None

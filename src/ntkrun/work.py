@@ -66,6 +66,19 @@ class KernelFit:
 
 
 @dataclass(frozen=True)
+class GramBlock:
+    """Rows r0 .. r1 of the kernels of the KernelFit (predictors, n_train): of its training Gram
+    (their upper triangle), or of its test points against the training points (`test`), saved as
+    a checkpoint part of that fit, which reads it (kernels.rows_per_unit)."""
+
+    predictors: tuple[str, ...]
+    n_train: int
+    test: bool
+    r0: int
+    r1: int
+
+
+@dataclass(frozen=True)
 class MonteCarloLimit:
     """`count` of the networks (from the `start`-th) whose mean kernel is the limit of a user's model
     (ntkrun.kernels.monte_carlo): a share of kernels.mc_samples, so that executors spread them."""
@@ -97,7 +110,7 @@ class PointWork:
     unit: Unit
 
 
-Work = Reference | TrainNet | KernelFit | MonteCarloLimit | FeatureNet | PointWork
+Work = Reference | TrainNet | KernelFit | GramBlock | MonteCarloLimit | FeatureNet | PointWork
 
 
 @dataclass(frozen=True)
@@ -118,15 +131,16 @@ class Unit:
     def stage(self) -> int:
         """Its depth in the graph of `needs`: 1 + the latest stage it reads, so every executor runs it
         after them (a pool or SLURM would otherwise compute them again inside it, serially). A unit
-        that declares nothing: 0 for a Reference or Monte-Carlo share, which others read; else 1."""
+        that declares nothing: 0 for a Reference, Monte-Carlo share or Gram block, which others read;
+        else 1."""
         if isinstance(self.work, PointWork):
             return self.work.unit.stage
         if self.needs:
             return 1 + max(u.stage for u in self.needs)
-        return 0 if isinstance(self.work, (Reference, MonteCarloLimit)) else 1
+        return 0 if isinstance(self.work, (Reference, MonteCarloLimit, GramBlock)) else 1
 
 
-W = TypeVar("W", Reference, TrainNet, KernelFit, MonteCarloLimit, FeatureNet, PointWork)
+W = TypeVar("W", Reference, TrainNet, KernelFit, GramBlock, MonteCarloLimit, FeatureNet, PointWork)
 
 
 class Results:

@@ -216,3 +216,30 @@ def test_a_requeued_job_continues_from_its_checkpoint(cluster, tmp_path):
     assert "4 units" not in (status := ntkrun(cluster, "status", run).stdout) and "run complete" in status
     for name in ["eigenvalues.csv", "components.csv", "trajectories.csv", "metrics.csv"]:
         assert (run / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_gram_blocks_as_array_tasks_give_the_one_unit_runs_bytes(cluster, tmp_path):
+    """kernels.rows_per_unit: a CNTK fit's training and test Gram blocks are array tasks of their own
+    (stage 0), the fit another (stage 1) that reads them memory-mapped; accuracy.csv is byte for
+    byte that of the same spec run here as one unit per fit."""
+    from test_data import write_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data, n=80, split="train")
+    write_split(data, n=1200, split="t10k")
+    spec = ["generalization", "--preset", "quick", "--data-dir", str(data), "--quiet"]
+    for item in ("device=cpu", "network.arch=cnn", "network.depth=2", "predictors=[ntk, nngp]",
+                 "data.n_train=[70]", "data.n_test=1200"):  # fmt: skip
+        spec += ["--set", item]
+    here = CliRunner().invoke(app, [*spec, "--output-root", str(tmp_path / "here")])
+    assert here.exit_code == 0, here.output
+    reference = run_dir_of(here.stdout.replace("\n", ""))
+    blocks = [*spec, "--set", "kernels.rows_per_unit=32"]
+    result = ntkrun(cluster, *blocks, *SLURM, "--wait", "--output-root", tmp_path / "slurm")
+    assert result.returncode == 0, result.stderr
+    assert "submitted 6 unit(s) as SLURM job(s)" in result.stdout  # 3 + 2 blocks, then the fit
+    run = run_dir_of(result.stdout)
+    for name in ("accuracy.csv", "distance.csv", "fits.csv"):
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not list((run / "units").glob("*.ckpt*"))

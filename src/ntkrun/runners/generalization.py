@@ -20,20 +20,15 @@ import pandas as pd
 import torch
 
 from ntkrun import dynamics, resources
-from ntkrun.architectures.base import Architecture
-from ntkrun.architectures.mlp import MLPArchitecture
-from ntkrun.architectures.registry import kind as description_kind
 from ntkrun.data import check_request, files_of, resolve_data_dir, split_info
-from ntkrun.errors import DataError
+from ntkrun.errors import DataError, SpecError
 from ntkrun.fits import slope_table
-from ntkrun.linalg import kernel_solve_, solve_bytes
+from ntkrun.linalg import solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
 from ntkrun.runners import generalization_mc as mc
 from ntkrun.runners.common import (
     LimitShare,
-    UnknownCost,
-    architecture,
     check_user_model,
     cholesky_cost,
     eigen_cost,
@@ -41,18 +36,28 @@ from ntkrun.runners.common import (
     network_caption,
     pack,
     placement,
-    priced,
     read_cost,
-    resolve_dtype,
     train,
     unpack,
 )
 from ntkrun.runners.contract import Runner
+from ntkrun.runners.generalization_fits import (
+    arch,
+    block_bytes,
+    block_unit,
+    block_units,
+    cost_model,
+    gram_dtype,
+    kernel_groups,
+    kernel_of,
+    kernel_unit,
+    kernel_unit_name,
+    monte_carlo,
+)
 from ntkrun.runners.generalization_spec import GenSpec
-from ntkrun.runners.grams import checkpointed_grams
 from ntkrun.runners.labelled import (
     CLASSES,
-    KERNEL_KINDS,
+    BlockResult,
     FitResult,
     NetResult,
     ReferenceResult,
@@ -61,7 +66,17 @@ from ntkrun.runners.labelled import (
     scores,
     targets,
 )
-from ntkrun.work import KernelFit, MonteCarloLimit, Progress, Reference, Results, TrainNet, Unit, UnitContext
+from ntkrun.work import (
+    GramBlock,
+    KernelFit,
+    MonteCarloLimit,
+    Progress,
+    Reference,
+    Results,
+    TrainNet,
+    Unit,
+    UnitContext,
+)
 
 LOG = logging.getLogger("ntkrun")
 
@@ -74,10 +89,7 @@ def shared(spec: GenSpec) -> dict[type, tuple[str, ...]]:
     ignored = ("seeds", "base_seed", "training", "n_boot")
     if exact_limit(spec) or spec.kernels.limit_width is not None:
         ignored += ("network.width",)
-    return {KernelFit: ignored, MonteCarloLimit: ignored}
-
-
-AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
+    return {KernelFit: ignored, GramBlock: ignored, MonteCarloLimit: ignored}
 
 
 def check(spec: GenSpec) -> None:
@@ -92,23 +104,11 @@ def check(spec: GenSpec) -> None:
         )
     description = arch(spec)  # the network's geometry on these images (a 'valid' CNN may shrink them away)
     check_user_model(description, spec.network.width, CLASSES)
-
-
-def image_shape(spec: GenSpec) -> tuple[int, int, int]:
-    """(channels, rows, cols) of one image, from the train split's IDX header."""
-    info = split_info(resolve_data_dir(spec.data.dir), "train")
-    return info.shape
-
-
-def arch(spec: GenSpec) -> Architecture:
-    """The description of spec.network on the data's images (ntkrun.architectures)."""
-    return architecture(spec, image_shape(spec))
-
-
-def cost_model(spec: GenSpec, predictor: str = "ntk") -> Architecture | UnknownCost:
-    """The description the units' costs come from: that of a kernel predictor's kernel (NaN costs
-    without the data: common.priced)."""
-    return priced(lambda: kernel_of(spec, predictor)[0])
+    if spec.kernels.rows_per_unit is not None and not exact_limit(spec):
+        raise SpecError(
+            "kernels.rows_per_unit: a network.module's Monte-Carlo kernels are spread as shares of "
+            "kernels.mc_samples, not as row blocks; leave it unset"
+        )
 
 
 def data_files(spec: GenSpec) -> list[Path]:
@@ -116,94 +116,7 @@ def data_files(spec: GenSpec) -> list[Path]:
     return files_of(spec.data.dir, ["train", "test"])
 
 
-def gram_dtype(spec: GenSpec, n: int) -> torch.dtype:
-    if spec.kernels.dtype == "auto":
-        return torch.float64 if n <= AUTO_FLOAT64_POINTS else torch.float32
-    return resolve_dtype(spec.kernels.dtype)
-
-
 # ---------------------------------------------------------------- kernel units
-
-
-def kernel_of(spec: GenSpec, predictor: str) -> tuple[Architecture, str]:
-    """(description, kind) of a kernel predictor: 'ntk'/'nngp' of spec.network, 'mlp_ntk'/'mlp_nngp'
-    of the MLP of the same depth, nonlinearity and beta on the same images."""
-    if predictor.startswith("mlp_"):
-        net = spec.network
-        baseline = MLPArchitecture(image_shape(spec), net.depth, net.nonlinearity, net.beta)
-        return baseline, predictor.removeprefix("mlp_")
-    return arch(spec), predictor
-
-
-def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
-    """The kernel predictors each kernel unit fits: `ntk` and `nngp` of one description whose
-    recursion gives both at once (Architecture.JOINT_KERNELS: the CNN) share a unit, so its Grams
-    on the training and the test points are computed once; any other is a unit of its own."""
-    wanted = [k for k in KERNEL_KINDS if k in spec.predictors]
-    groups: list[tuple[str, ...]] = []
-    for baseline in (False, True):
-        family = tuple(k for k in wanted if k.startswith("mlp_") == baseline)
-        joint = (MLPArchitecture if baseline else description_kind(spec.network)).JOINT_KERNELS
-        groups.extend([family] if joint and len(family) > 1 else [(k,) for k in family])
-    return groups
-
-
-def monte_carlo(spec: GenSpec, predictors: tuple[str, ...]) -> bool:
-    """Whether a kernel unit fits Monte-Carlo kernels (a user's model: runners.generalization_mc)."""
-    return not exact_limit(spec) and not predictors[0].startswith("mlp_")
-
-
-def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:
-    """ntk_n500 for one predictor (as every earlier run named it), ntk+nngp_n500 for a pair."""
-    return f"{'+'.join(predictors)}_n{n}"
-
-
-def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> FitResult:
-    """Each of the unit's predictors fitted on the first n_train points and scored on the test
-    split: one row per predictor."""
-    predictors, n = unit.work.predictors, unit.work.n_train
-    description, kinds = kernel_of(spec, predictors[0])[0], [kernel_of(spec, p)[1] for p in predictors]
-    X, labels, Xt, labels_t = dataset(spec, n)
-    rows, dtype = spec.kernels.checkpoint_rows, gram_dtype(spec, n)
-    Ks = checkpointed_grams(description, kinds, X, dtype, rows, ctx, unit.name, progress)
-    solve_cost, reported = n**3 / 3, [0]
-
-    def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
-        if done < reported[0]:  # a retry with a larger ridge starts over
-            reported[0] = 0
-        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
-        reported[0] = done
-
-    alphas, ridges, notes, Y = [], [], [], targets(spec, labels)
-    for kind in kinds:
-        relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
-        reported[0] = 0
-        alpha, ridge, solve_notes = kernel_solve_(Ks[0], Y, ridge=relative, progress=solved)
-        del Ks[0]  # solved in place: its memory goes before the next one's solve
-        alphas.append(alpha.double())
-        ridges.append(ridge)
-        notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solve_notes)
-    for note in notes:
-        LOG.warning("%s: %s", unit.name, note)
-    preds: list[list[torch.Tensor]] = [[] for _ in kinds]
-    for c in range(0, Xt.shape[0], 1000):
-        k_tests = description.kernels(Xt[c : c + 1000], X, kinds=kinds)
-        for pred, k_test, alpha in zip(preds, k_tests, alphas, strict=True):
-            pred.append(k_test @ alpha)
-    out = []
-    for predictor, pred, ridge in zip(predictors, preds, ridges, strict=True):
-        row = {
-            "predictor": predictor,
-            "n_train": n,
-            "width": math.nan,
-            "seed": -1,
-            **scores(spec, torch.cat(pred), labels_t),
-            "ridge": ridge,
-            "gram_dtype": str(dtype).removeprefix("torch."),
-        }
-        LOG.info("%s", row)
-        out.append(row)
-    return FitResult(rows=pack(out), notes=notes)
 
 
 def reference_unit(spec: GenSpec, unit: Unit, progress: Progress) -> ReferenceResult:
@@ -276,12 +189,19 @@ def units(spec: GenSpec) -> list[Unit]:
         model = cost_model(spec, predictors[0])
         grams = 1 if model.JOINT_KERNELS else len(predictors)  # (UnknownCost: NaN all the same)
         for n in spec.data.n_train:
-            cost = grams * (model.kernel_cost(n, n) * 0.5 + model.kernel_cost(m, n))
+            blocks = [] if monte_carlo(spec, predictors) else block_units(spec, predictors, n, m)
+            train, test = (any(b.work.test == t for b in blocks) for t in (False, True))
+            cost = grams * (
+                model.kernel_cost(n, n) * 0.5 * (not train) + model.kernel_cost(m, n) * (not test)
+            )
             cost = read + cost + cholesky_cost(n) * len(predictors)
             if monte_carlo(spec, predictors):  # the module's kernels in shares, then their fit
                 out.extend(mc.share_units(spec, model, n, m))
                 cost = read + mc.fit_cost(spec, predictors, n, m)
-            out.append(Unit(kernel_unit_name(predictors, n), cost, KernelFit(predictors, n)))
+            out.extend(blocks)
+            out.append(
+                Unit(kernel_unit_name(predictors, n), cost, KernelFit(predictors, n), needs=tuple(blocks))
+            )
     if "net" in spec.predictors:
         n, tr = spec.training.n_train, spec.training
         ref_cost = read + description.kernel_cost(n + m, n) + eigen_cost(n)
@@ -312,6 +232,8 @@ def memory(spec: GenSpec, unit: Unit) -> int:
         return data + mc.share_bytes(description, unit.work.n_train, m)
     if isinstance(unit.work, KernelFit) and monte_carlo(spec, unit.work.predictors):
         return data + mc.fit_bytes(spec, unit.work.n_train, m)
+    if isinstance(unit.work, GramBlock):
+        return data + block_bytes(spec, unit.work, m)
     if isinstance(unit.work, KernelFit):
         n, k = unit.work.n_train, len(unit.work.predictors)
         model, b = kernel_of(spec, unit.work.predictors[0])[0], gram_dtype(spec, n).itemsize
@@ -330,7 +252,9 @@ def memory(spec: GenSpec, unit: Unit) -> int:
 
 def run_unit(
     spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress
-) -> FitResult | ReferenceResult | NetResult | LimitShare:
+) -> FitResult | ReferenceResult | NetResult | LimitShare | BlockResult:
+    if isinstance(unit.work, GramBlock):
+        return block_unit(spec, unit, ctx)
     if isinstance(unit.work, MonteCarloLimit):
         return mc.share(spec, arch(spec), unit.work)
     if isinstance(unit.work, KernelFit) and monte_carlo(spec, unit.work.predictors):
@@ -350,7 +274,7 @@ def fits(distance: pd.DataFrame, spec: GenSpec) -> pd.DataFrame:
 
 def aggregate(spec: GenSpec, run: RunDir, results: Results) -> pd.DataFrame:
     """accuracy.csv, distance.csv, fits.csv and the figure; -> accuracy."""
-    scored = [r for work, r in results if not isinstance(work, MonteCarloLimit)]  # in the units' order
+    scored = [r for work, r in results if isinstance(work, (KernelFit, Reference, TrainNet))]  # in order
     accuracy = unpack(*(r["rows"] for r in scored))
     accuracy = accuracy.sort_values(["predictor", "n_train", "width", "seed"], kind="stable").reset_index(
         drop=True

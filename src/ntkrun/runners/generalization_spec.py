@@ -41,6 +41,9 @@ class GenKernelSpec(Model):
     nngp_noise: NonNegativeFloat = 1e-5
     dtype: Literal["auto", "float32", "float64"] = "auto"  # Gram storage; auto: float64 up to 20000 points
     checkpoint_rows: PositiveInt = 4096  # Gram rows per checkpointed block (larger Grams only)
+    # Gram rows per unit: each Gram of more rows (training, and test rounded up to whole 1000s) is
+    # split into row-block units that any executor spreads; None: one unit per fit (docs/science.md §5.6)
+    rows_per_unit: PositiveInt | None = None
     # the Monte-Carlo limit of a network.module (docs/science.md §10): its networks' width (default:
     # the largest network.width) and how many are averaged
     limit_width: PositiveInt | None = None

@@ -17,6 +17,14 @@ class FitResult(TypedDict):
     notes: list[str]
 
 
+class BlockResult(TypedDict):
+    """A GramBlock unit's result: which checkpoint part of its fit holds the block, and its shape
+    (the block itself is in that part, read by the fit memory-mapped)."""
+
+    part: str
+    shape: list[int]
+
+
 class ReferenceResult(TypedDict):
     """The Reference unit's result: the NTK predictor's test outputs at t = inf and at the nets'
     training time t (M, 10), and its row of scores (predictor ntk_t)."""

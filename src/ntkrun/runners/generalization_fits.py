@@ -1,0 +1,191 @@
+"""The kernel predictors of `ntkrun generalization` (ntkrun.runners.generalization): which kernels
+are fitted together, on which description, as which units (a fit, and its row blocks where
+kernels.rows_per_unit splits the Grams), and the fit itself: Grams, in-place solve, test predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ntkrun.architectures.base import Architecture
+from ntkrun.architectures.mlp import MLPArchitecture
+from ntkrun.architectures.registry import kind as description_kind
+from ntkrun.data import resolve_data_dir, split_info
+from ntkrun.linalg import kernel_solve_
+from ntkrun.runners.common import (
+    UnknownCost,
+    architecture,
+    exact_limit,
+    pack,
+    priced,
+    read_cost,
+    resolve_dtype,
+)
+from ntkrun.runners.generalization_spec import GenSpec
+from ntkrun.runners.grams import (
+    TEST_CHUNK,
+    checkpointed_grams,
+    gram_block,
+    predictions,
+    spans,
+    test_block,
+    test_rows,
+)
+from ntkrun.runners.labelled import KERNEL_KINDS, BlockResult, FitResult, dataset, scores, targets
+from ntkrun.work import GramBlock, Progress, Unit, UnitContext
+
+LOG = logging.getLogger("ntkrun")
+
+AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
+
+
+def image_shape(spec: GenSpec) -> tuple[int, int, int]:
+    """(channels, rows, cols) of one image, from the train split's IDX header."""
+    info = split_info(resolve_data_dir(spec.data.dir), "train")
+    return info.shape
+
+
+def arch(spec: GenSpec) -> Architecture:
+    """The description of spec.network on the data's images (ntkrun.architectures)."""
+    return architecture(spec, image_shape(spec))
+
+
+def cost_model(spec: GenSpec, predictor: str = "ntk") -> Architecture | UnknownCost:
+    """The description the units' costs come from: that of a kernel predictor's kernel (NaN costs
+    without the data: common.priced)."""
+    return priced(lambda: kernel_of(spec, predictor)[0])
+
+
+def gram_dtype(spec: GenSpec, n: int) -> torch.dtype:
+    if spec.kernels.dtype == "auto":
+        return torch.float64 if n <= AUTO_FLOAT64_POINTS else torch.float32
+    return resolve_dtype(spec.kernels.dtype)
+
+
+def kernel_of(spec: GenSpec, predictor: str) -> tuple[Architecture, str]:
+    """(description, kind) of a kernel predictor: 'ntk'/'nngp' of spec.network, 'mlp_ntk'/'mlp_nngp'
+    of the MLP of the same depth, nonlinearity and beta on the same images."""
+    if predictor.startswith("mlp_"):
+        net = spec.network
+        baseline = MLPArchitecture(image_shape(spec), net.depth, net.nonlinearity, net.beta)
+        return baseline, predictor.removeprefix("mlp_")
+    return arch(spec), predictor
+
+
+def kernel_groups(spec: GenSpec) -> list[tuple[str, ...]]:
+    """The kernel predictors each kernel unit fits: `ntk` and `nngp` of one description whose
+    recursion gives both at once (Architecture.JOINT_KERNELS: the CNN) share a unit, so its Grams
+    on the training and the test points are computed once; any other is a unit of its own."""
+    wanted = [k for k in KERNEL_KINDS if k in spec.predictors]
+    groups: list[tuple[str, ...]] = []
+    for baseline in (False, True):
+        family = tuple(k for k in wanted if k.startswith("mlp_") == baseline)
+        joint = (MLPArchitecture if baseline else description_kind(spec.network)).JOINT_KERNELS
+        groups.extend([family] if joint and len(family) > 1 else [(k,) for k in family])
+    return groups
+
+
+def monte_carlo(spec: GenSpec, predictors: tuple[str, ...]) -> bool:
+    """Whether a kernel unit fits Monte-Carlo kernels (a user's model: runners.generalization_mc)."""
+    return not exact_limit(spec) and not predictors[0].startswith("mlp_")
+
+
+def kernel_unit_name(predictors: tuple[str, ...], n: int) -> str:
+    """ntk_n500 for one predictor (as every earlier run named it), ntk+nngp_n500 for a pair."""
+    return f"{'+'.join(predictors)}_n{n}"
+
+
+def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress) -> FitResult:
+    """Each of the unit's predictors fitted on the first n_train points and scored on the test
+    split: one row per predictor."""
+    predictors, n = unit.work.predictors, unit.work.n_train
+    description, kinds = kernel_of(spec, predictors[0])[0], [kernel_of(spec, p)[1] for p in predictors]
+    X, labels, Xt, labels_t = dataset(spec, n)
+    rows, dtype = spec.kernels.rows_per_unit or spec.kernels.checkpoint_rows, gram_dtype(spec, n)
+    split = spec.kernels.rows_per_unit is None  # else block units computed the blocks, at their cost
+    for block in unit.needs:  # computed first where they are not yet (as when this unit is run alone)
+        ctx.require(block.work)
+    Ks = checkpointed_grams(description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=split)
+    solve_cost, reported = n**3 / 3, [0]
+
+    def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
+        if done < reported[0]:  # a retry with a larger ridge starts over
+            reported[0] = 0
+        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
+        reported[0] = done
+
+    alphas, ridges, notes, Y = [], [], [], targets(spec, labels)
+    for kind in kinds:
+        relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
+        reported[0] = 0
+        alpha, ridge, solve_notes = kernel_solve_(Ks[0], Y, ridge=relative, progress=solved)
+        del Ks[0]  # solved in place: its memory goes before the next one's solve
+        alphas.append(alpha.double())
+        ridges.append(ridge)
+        notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solve_notes)
+    for note in notes:
+        LOG.warning("%s: %s", unit.name, note)
+    preds = predictions(description, kinds, Xt, X, alphas, ctx, unit.name, spec.kernels.rows_per_unit)
+    out = []
+    for predictor, pred, ridge in zip(predictors, preds, ridges, strict=True):
+        row = {
+            "predictor": predictor,
+            "n_train": n,
+            "width": math.nan,
+            "seed": -1,
+            **scores(spec, pred, labels_t),
+            "ridge": ridge,
+            "gram_dtype": str(dtype).removeprefix("torch."),
+        }
+        LOG.info("%s", row)
+        out.append(row)
+    return FitResult(rows=pack(out), notes=notes)
+
+
+def block_units(spec: GenSpec, predictors: tuple[str, ...], n: int, m: int) -> list[Unit]:
+    """The row-block units of the fit of `predictors` on n training points (kernels.rows_per_unit):
+    its training Gram's blocks where it has more than one, then its test blocks likewise."""
+    rows = spec.kernels.rows_per_unit
+    if rows is None:
+        return []
+    model, name = cost_model(spec, predictors[0]), kernel_unit_name(predictors, n)
+    read = read_cost(spec.data.dir, ("train", "test"))
+    grams = 1 if model.JOINT_KERNELS else len(predictors)
+    out = []
+    for r0, r1 in spans(n, rows) if n > rows else []:
+        cost = read + grams * model.kernel_cost(r1 - r0, n - (r0 + r1) // 2)  # the upper triangle
+        out.append(Unit(f"{name}_rows{r0}", cost, GramBlock(predictors, n, False, r0, r1)))
+    for t0, t1 in spans(m, test_rows(rows)) if m > test_rows(rows) else []:
+        cost = read + grams * model.kernel_cost(t1 - t0, n)
+        out.append(Unit(f"{name}_test{t0}", cost, GramBlock(predictors, n, True, t0, t1)))
+    return out
+
+
+def block_unit(spec: GenSpec, unit: Unit, ctx: UnitContext) -> BlockResult:
+    """One row block of a fit's Gram (or of its test kernel), saved as that fit's checkpoint part."""
+    work = unit.work
+    description, kinds = (
+        kernel_of(spec, work.predictors[0])[0],
+        [kernel_of(spec, p)[1] for p in work.predictors],
+    )
+    X, _, Xt, _ = dataset(spec, work.n_train)
+    if work.test:
+        part, state = f"test{work.r0}", test_block(description, kinds, Xt, X, work.r0, work.r1)
+    else:
+        dtype = gram_dtype(spec, work.n_train)
+        part, state = f"rows{work.r0}", gram_block(description, kinds, X, dtype, work.r0, work.r1)
+    ctx.save_checkpoint(kernel_unit_name(work.predictors, work.n_train), state, part)
+    return BlockResult(part=part, shape=list(state[kinds[0]].shape))
+
+
+def block_bytes(spec: GenSpec, work: GramBlock, m: int) -> int:
+    """A block unit's peak: its kernels' working memory and the block of each kind, twice where the
+    training Gram's upper triangle is copied out of the rows computed."""
+    model, n, k = kernel_of(spec, work.predictors[0])[0], work.n_train, len(work.predictors)
+    rows = work.r1 - work.r0
+    if work.test:
+        return model.kernel_bytes(min(rows, TEST_CHUNK), n) + k * rows * n * 8
+    return model.kernel_bytes(rows, n) + 2 * k * rows * n * gram_dtype(spec, n).itemsize

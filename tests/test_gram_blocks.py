@@ -1,0 +1,170 @@
+"""Gram blocks as units (kernels.rows_per_unit): a block-unit run gives the one-unit run's bytes
+inline, in a pool, one process per unit and after a kill; a block file that is missing, truncated,
+corrupt or of another run is computed again, never read."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from faults import launch
+from test_data import write_split
+from typer.testing import CliRunner
+
+from ntkrun.cli import app
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """120 training and 2100 test images: more than two 1000-row test blocks."""
+    folder = tmp_path_factory.mktemp("blocks") / "data"
+    folder.mkdir()
+    write_split(folder, n=120, split="train")
+    write_split(folder, n=2100, split="t10k")
+    return folder
+
+
+MLP = ["predictors=[ntk, nngp]", "data.n_train=[50, 100]", "data.n_test=2100"]
+CNN = [
+    "network.arch=cnn",
+    "network.depth=2",
+    "predictors=[ntk, nngp]",
+    "data.n_train=[70]",
+    "data.n_test=1500",
+]
+BLOCKS = ["kernels.rows_per_unit=32"]
+
+
+def args(data: Path, sets: list[str], *extra: str | Path) -> list[str]:
+    return ["generalization", "--preset", "quick", "--data-dir", str(data), "--quiet",
+            *[a for s in ["device=cpu", *sets] for a in ("--set", s)], *map(str, extra)]  # fmt: skip
+
+
+def invoke(*argv: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def one_unit(data, tmp_path_factory) -> dict[str, Path]:
+    """Each spec run the ordinary way (a unit per fit), inline."""
+    runs = {}
+    for name, sets in (("mlp", MLP), ("cnn", CNN)):
+        out = tmp_path_factory.mktemp(f"whole-{name}")
+        result = invoke(*args(data, sets, "-o", out))
+        assert result.exit_code == 0, result.output
+        runs[name] = out / "generalization" / "latest"
+    return runs
+
+
+def same_csvs(a: Path, b: Path) -> None:
+    for name in ("accuracy.csv", "distance.csv", "fits.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_blocks_are_units_listed_with_their_cost(data):
+    """Training blocks of 32 rows where a Gram has more; test blocks of whole 1000s; each fit after."""
+    listing = invoke(*args(data, [*MLP, *BLOCKS], "--list-units"))
+    assert listing.exit_code == 0, listing.output
+    assert listing.stdout.startswith("28 units")
+    names = [line.split()[1] for line in listing.stdout.splitlines()[1:-1]]
+    assert names[:5] == [
+        "ntk_n50_rows0",
+        "ntk_n50_rows32",
+        "ntk_n50_test0",
+        "ntk_n50_test1000",
+        "ntk_n50_test2000",
+    ]
+    assert names[-4:] == ["ntk_n50", "ntk_n100", "nngp_n50", "nngp_n100"]  # stage 1: after every block
+    block = next(line for line in listing.stdout.splitlines() if " ntk_n100_test0 " in line)
+    assert "GFLOP" in block and "stage 0" in block
+
+
+@pytest.mark.parametrize(("name", "sets", "executor"), [
+    ("mlp", MLP, ()), ("cnn", CNN, ()), ("cnn", CNN, ("--executor", "local", "--jobs", "2")),
+])  # fmt: skip
+def test_a_block_unit_run_gives_the_one_unit_runs_bytes(data, one_unit, tmp_path, name, sets, executor):
+    """Same tiles, same test chunks, same solve: the CSVs equal byte for byte, and every block's
+    file goes once its fit is saved."""
+    result = invoke(*args(data, [*sets, *BLOCKS], "-o", tmp_path, *executor))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "generalization" / "latest"
+    same_csvs(run, one_unit[name])
+    assert not list((run / "units").glob("*.ckpt*"))
+    if not executor:  # (a pool's workers log to units/<name>.log)
+        log = (run / "run.log").read_text()
+        assert "Gram rows 32-64 from their checkpoint" in log and "test rows 1000-" in log
+
+
+def test_one_process_per_unit_fit_first_computes_its_blocks_as_units(data, one_unit, tmp_path):
+    """A fit run alone before its blocks (an array task that started early) computes them first, as
+    units (saved, so not computed again), then the blocks' own invocations find them done."""
+    shared = tmp_path / "run"
+    listing = invoke(*args(data, [*CNN, *BLOCKS], "--list-units"))
+    n = int(listing.stdout.split()[0])
+    for index in reversed(range(n)):
+        result = invoke(*args(data, [*CNN, *BLOCKS], "--unit", index, "--run-dir", shared))
+        assert result.exit_code == 0, result.output
+    same_csvs(shared, one_unit["cnn"])
+    assert not list((shared / "units").glob("*.ckpt*"))  # no block written after its fit
+
+
+def test_a_killed_block_run_resumes_to_the_same_bytes(data, one_unit, tmp_path):
+    """SIGKILL just after the second block is saved; resume computes the rest."""
+    argv = args(data, [*MLP, *BLOCKS], "-o", tmp_path / "killed")
+    proc = launch("checkpoint", 2, "SIGKILL", tmp_path / "killed.marker", argv)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    (partial,) = (tmp_path / "killed" / "generalization").glob(".*.partial")
+    assert len(list((partial / "units").glob("*.ckpt.*"))) == 2
+    result = invoke("resume", partial, "--quiet")
+    assert result.exit_code == 0, result.output
+    same_csvs(tmp_path / "killed" / "generalization" / "latest", one_unit["mlp"])
+
+
+def test_a_damaged_or_foreign_block_file_is_computed_again_never_read(data, one_unit, tmp_path, caplog):
+    """Every block unit run (their parts saved), then four parts damaged: one truncated, one with
+    a flipped byte (its CRC-32 differs), one deleted, one replaced by the same part of a run of
+    another ridge. The fit computes those four itself and gives the one-unit run's bytes."""
+    sets = [*CNN, *BLOCKS]
+    shared, other = tmp_path / "run", tmp_path / "other"
+    names = ["ntk+nngp_n70_rows0", "ntk+nngp_n70_rows32", "ntk+nngp_n70_rows64", "ntk+nngp_n70_test0",
+             "ntk+nngp_n70_test1000"]  # fmt: skip
+    for name in names:
+        assert invoke(*args(data, sets, "--unit", name, "--run-dir", shared)).exit_code == 0
+    foreign = [*sets, "kernels.nngp_noise=1e-4"]
+    assert invoke(*args(data, foreign, "--unit", names[2], "--run-dir", other)).exit_code == 0
+    parts = shared / "units"
+    rows0, rows32, rows64 = (parts / f"ntk+nngp_n70.ckpt.rows{r}.pt" for r in (0, 32, 64))
+    rows0.write_bytes(rows0.read_bytes()[: rows0.stat().st_size // 2])
+    blob = torch.load(rows32, weights_only=True)
+    blob["state"]["ntk"][3, 5] += 1e-9  # what a bad disk would do: the saved checksum no longer holds
+    torch.save(blob, rows32)
+    shutil.copy(other / "units" / rows64.name, rows64)
+    (parts / "ntk+nngp_n70.ckpt.test1000.pt").unlink()
+    caplog.set_level(logging.INFO, logger="ntkrun")
+    result = invoke(*args(data, sets, "--unit", "ntk+nngp_n70", "--run-dir", shared))
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(rows0.name in w and "unreadable" in w for w in warned)
+    assert any(rows32.name in w and "has 'ntk' of another checksum (corrupt)" in w for w in warned)
+    assert any(rows64.name in w and "belongs to spec" in w for w in warned)
+    read = [r.getMessage() for r in caplog.records if "from their" in r.getMessage()]
+    assert read == ["ntk+nngp_n70: test rows 0-1000 from their block"]  # the one part left whole
+    same_csvs(shared, one_unit["cnn"])
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["kernels.rows_per_unit=0"], "kernels.rows_per_unit: Input should be greater than 0 (got 0)"),
+    (["kernels.rows_per_unit=-3"], "kernels.rows_per_unit: Input should be greater than 0"),
+    (["kernels.rows_per_unit=32", "network.module=models:residual_mlp", "network.width=[16]"],
+     "kernels.rows_per_unit: a network.module's Monte-Carlo kernels are spread as shares"),
+])  # fmt: skip
+def test_bad_block_settings_are_one_line_at_check(data, tmp_path, sets, message, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    result = invoke(*args(data, [*MLP, *sets], "--check", "-o", tmp_path))
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "generalization").exists()
