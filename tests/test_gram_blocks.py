@@ -1,6 +1,6 @@
-"""Gram blocks as units (kernels.rows_per_unit): a block-unit run gives the one-unit run's bytes
-inline, in a pool, one process per unit and after a kill; a block file that is missing, truncated,
-corrupt or of another run is computed again, never read."""
+"""Past one machine: Gram blocks as units (kernels.rows_per_unit) give the one-unit run's bytes inline,
+in a pool, one process per unit and after a kill; a block file that is missing, truncated, corrupt
+or of another run is computed again, never read. kernels.solver cg gives the Cholesky's predictions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from faults import launch
@@ -105,6 +107,11 @@ def test_one_process_per_unit_fit_first_computes_its_blocks_as_units(data, one_u
     shared = tmp_path / "run"
     listing = invoke(*args(data, [*CNN, *BLOCKS], "--list-units"))
     n = int(listing.stdout.split()[0])
+    for index in (1, 3):
+        assert invoke(*args(data, [*CNN, *BLOCKS], "--unit", index, "--run-dir", shared)).exit_code == 0
+    status = invoke("status", shared)
+    assert "6 units: 4 not started, 2 done; run not aggregated" in status.stdout, status.stdout
+    assert "Gram blocks (kernels.rows_per_unit): 2 of 5 done" in status.stdout
     for index in reversed(range(n)):
         result = invoke(*args(data, [*CNN, *BLOCKS], "--unit", index, "--run-dir", shared))
         assert result.exit_code == 0, result.output
@@ -160,6 +167,10 @@ def test_a_damaged_or_foreign_block_file_is_computed_again_never_read(data, one_
 @pytest.mark.parametrize(("sets", "message"), [
     (["kernels.rows_per_unit=0"], "kernels.rows_per_unit: Input should be greater than 0 (got 0)"),
     (["kernels.rows_per_unit=-3"], "kernels.rows_per_unit: Input should be greater than 0"),
+    (["kernels.solver=cg", "kernels.precond_rank=60"],
+     "kernels.precond_rank: 60 is more than the 50 training points of the smallest data.n_train"),
+    (["kernels.tol=0"], "kernels.tol: Input should be greater than 0"),
+    (["kernels.tol=1"], "kernels.tol: Input should be less than 1"),
     (["kernels.rows_per_unit=32", "network.module=models:residual_mlp", "network.width=[16]"],
      "kernels.rows_per_unit: a network.module's Monte-Carlo kernels are spread as shares"),
 ])  # fmt: skip
@@ -168,3 +179,33 @@ def test_bad_block_settings_are_one_line_at_check(data, tmp_path, sets, message,
     result = invoke(*args(data, [*MLP, *sets], "--check", "-o", tmp_path))
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "generalization").exists()
+
+
+def test_cg_gives_the_cholesky_predictions_and_records_its_solve(data, one_unit, tmp_path):
+    """kernels.solver cg on the float64 Grams at tol 1e-10: accuracy.csv records the solver, its
+    iterations and its residual (<= tol); the predictions are the Cholesky's: the same accuracy and
+    a test MSE within 1e-6 (alpha's error is at most cond x tol, cond ~1e4 here)."""
+    sets = [*MLP, "kernels.solver=cg", "kernels.precond_rank=40", "kernels.tol=1e-10"]
+    result = invoke(*args(data, sets, "-o", tmp_path))
+    assert result.exit_code == 0, result.output
+    cg = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
+    chol = pd.read_csv(one_unit["mlp"] / "accuracy.csv")
+    assert (cg["solver"] == "cg").all() and (chol["solver"] == "cholesky").all()
+    assert (cg["iterations"] > 0).all() and (cg["residual"] <= 1e-10).all()
+    assert chol["iterations"].isna().all() and chol["residual"].isna().all()
+    assert cg["test_accuracy"].tolist() == chol["test_accuracy"].tolist()
+    assert np.allclose(cg["test_mse"], chol["test_mse"], rtol=1e-6, atol=0)
+    assert np.allclose(cg["ridge"], chol["ridge"], rtol=1e-12, atol=0)
+
+
+def test_a_cg_solve_that_does_not_converge_fails_the_run_and_keeps_its_blocks(data, tmp_path):
+    sets = [*MLP, *BLOCKS, "kernels.solver=cg", "kernels.precond_rank=2", "kernels.tol=1e-12",
+            "kernels.max_iter=2", "predictors=[ntk]"]  # fmt: skip
+    result = invoke(*args(data, sets, "-o", tmp_path))
+    assert result.exit_code != 0
+    assert "conjugate gradients did not converge: relative residual" in result.output
+    assert "raise kernels.precond_rank or kernels.max_iter, or use kernels.solver: cholesky" in result.output
+    (failed,) = (tmp_path / "generalization").glob("*.failed")
+    assert not (failed / "meta.json").exists()
+    assert (failed / "units" / "ntk_n50.ckpt.rows32.pt").is_file()  # the blocks are kept for a retry
+    assert (failed / "units" / "ntk_n50.failed").read_text().startswith("NumericalError: conjugate gradients")

@@ -50,7 +50,7 @@ from ntkrun.units import (
     unit_threads,
     units,
 )
-from ntkrun.work import Progress, Unit
+from ntkrun.work import GramBlock, PointWork, Progress, Unit
 
 
 @dataclass
@@ -365,6 +365,7 @@ class Status:
     points: pd.DataFrame | None = None  # a sweep's points: point, values, units done of the units it reads
     mixed: str | None = None  # the units came from different devices or thread counts (one line)
     error: str | None = None  # the run's ERROR: why it failed (its first line)
+    blocks: tuple[int, int] | None = None  # Gram-block units (kernels.rows_per_unit): (done, all)
 
 
 def status(run_dir: Path) -> Status:
@@ -382,7 +383,15 @@ def status(run_dir: Path) -> Status:
     if (run.path / "ERROR").is_file():
         error = ((run.path / "ERROR").read_text().strip().splitlines() or ["failed"])[0]
     mixed_line = describe_mixed(mixed) if mixed else None
-    return Status(table, complete, aggregator, holder, points, mixed_line, error)
+    block = {u.name for u in units(spec) if isinstance(inner(u).work, GramBlock)}
+    states = [state for name, state in zip(table["unit"], table["state"], strict=True) if name in block]
+    blocks = (states.count("done"), len(states)) if states else None
+    return Status(table, complete, aggregator, holder, points, mixed_line, error, blocks)
+
+
+def inner(unit: Unit) -> Unit:
+    """A sweep's unit's own unit (that of its point), else the unit."""
+    return unit.work.unit if isinstance(unit.work, PointWork) else unit
 
 
 def point_status(spec: RunSpec, table: pd.DataFrame) -> pd.DataFrame:

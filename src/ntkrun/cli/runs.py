@@ -40,6 +40,8 @@ def print_status(run_dir: Path) -> None:
         else "not aggregated"
     )
     say(f"{len(found.table)} units: {summary}; run {state}")
+    if found.blocks is not None:
+        say(f"Gram blocks (kernels.rows_per_unit): {found.blocks[0]} of {found.blocks[1]} done")
     if found.mixed:
         say(found.mixed)
     if found.runner:

@@ -23,6 +23,7 @@ from ntkrun import dynamics, resources
 from ntkrun.data import check_request, files_of, resolve_data_dir, split_info
 from ntkrun.errors import DataError, SpecError
 from ntkrun.fits import slope_table
+from ntkrun.iterative import nystrom_bytes
 from ntkrun.linalg import solve_bytes
 from ntkrun.plots import generalization_figure
 from ntkrun.rundir import RunDir
@@ -53,6 +54,7 @@ from ntkrun.runners.generalization_fits import (
     kernel_unit,
     kernel_unit_name,
     monte_carlo,
+    solver_of,
 )
 from ntkrun.runners.generalization_spec import GenSpec
 from ntkrun.runners.labelled import (
@@ -239,6 +241,8 @@ def memory(spec: GenSpec, unit: Unit) -> int:
         model, b = kernel_of(spec, unit.work.predictors[0])[0], gram_dtype(spec, n).itemsize
         test = model.kernel_bytes(min(m, 1000), n) + (k - 1) * min(m, 1000) * n * 8  # a block per kind
         block = k * n * n * b + solve_bytes(n, CLASSES, b) + test
+        if solver_of(spec, n) == "cg":  # the Nystrom factors (Omega, Y, B, U) and CG's iterates, kept
+            block += 4 * n * min(spec.kernels.precond_rank, n) * 8 + nystrom_bytes(n)
         checkpoint = k * (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
         return data + block + checkpoint
     n = spec.training.n_train

@@ -14,6 +14,7 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.architectures.registry import kind as description_kind
 from ntkrun.data import resolve_data_dir, split_info
+from ntkrun.iterative import cg_solve
 from ntkrun.linalg import kernel_solve_
 from ntkrun.runners.common import (
     UnknownCost,
@@ -40,6 +41,9 @@ from ntkrun.work import GramBlock, Progress, Unit, UnitContext
 LOG = logging.getLogger("ntkrun")
 
 AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
+AUTO_CG_POINTS = (
+    10**9
+)  # kernels.solver auto: CG from here (docs/science.md §5.7: placeholder, measured below)
 
 
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
@@ -109,40 +113,71 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     for block in unit.needs:  # computed first where they are not yet (as when this unit is run alone)
         ctx.require(block.work)
     Ks = checkpointed_grams(description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=split)
-    solve_cost, reported = n**3 / 3, [0]
-
-    def solved(done: int, total: int) -> None:  # done/total: the share of the factorization's work
-        if done < reported[0]:  # a retry with a larger ridge starts over
-            reported[0] = 0
-        progress.advance(f"{unit.name}: Cholesky {done}/{total}", solve_cost * (done - reported[0]) / total)
-        reported[0] = done
-
-    alphas, ridges, notes, Y = [], [], [], targets(spec, labels)
+    alphas, solves, notes, Y = [], [], [], targets(spec, labels)
     for kind in kinds:
         relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
-        reported[0] = 0
-        alpha, ridge, solve_notes = kernel_solve_(Ks[0], Y, ridge=relative, progress=solved)
-        del Ks[0]  # solved in place: its memory goes before the next one's solve
+        alpha, solved = solve(spec, Ks[0], Y, relative, progress, f"{unit.name}: {kind}")
+        del Ks[0]  # (solved in place by a Cholesky): its memory goes before the next one's solve
         alphas.append(alpha.double())
-        ridges.append(ridge)
-        notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solve_notes)
+        solves.append(solved)
+        notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solved.pop("notes"))
     for note in notes:
         LOG.warning("%s: %s", unit.name, note)
     preds = predictions(description, kinds, Xt, X, alphas, ctx, unit.name, spec.kernels.rows_per_unit)
     out = []
-    for predictor, pred, ridge in zip(predictors, preds, ridges, strict=True):
+    for predictor, pred, solved in zip(predictors, preds, solves, strict=True):
         row = {
             "predictor": predictor,
             "n_train": n,
             "width": math.nan,
             "seed": -1,
             **scores(spec, pred, labels_t),
-            "ridge": ridge,
+            "ridge": solved["ridge"],
             "gram_dtype": str(dtype).removeprefix("torch."),
+            "solver": solved["solver"],
+            "iterations": solved["iterations"],
+            "residual": solved["residual"],
         }
         LOG.info("%s", row)
         out.append(row)
     return FitResult(rows=pack(out), notes=notes)
+
+
+def solver_of(spec: GenSpec, n: int) -> str:
+    """kernels.solver, `auto` resolved by the rule of docs/science.md §5.7: cg from AUTO_CG_POINTS."""
+    if spec.kernels.solver == "auto":
+        return "cg" if n >= AUTO_CG_POINTS else "cholesky"
+    return spec.kernels.solver
+
+
+def solve(
+    spec: GenSpec, K: torch.Tensor, Y: torch.Tensor, relative: float, progress: Progress, what: str
+) -> tuple[torch.Tensor, dict]:
+    """(K + r I) alpha = Y, r = relative x the mean diagonal, by the spec's solver: a Cholesky in
+    place (K destroyed; r raised where it fails) or preconditioned CG (K kept) -> (alpha (N, m),
+    {ridge: r as used, solver, iterations (CG), residual (CG, relative, recomputed), notes})."""
+    n, kernels = K.shape[0], spec.kernels
+    if solver_of(spec, n) == "cholesky":
+        cost, reported = n**3 / 3, [0]
+
+        def factored(done: int, total: int) -> None:  # done/total: the share of the factorization's work
+            reported[0] = 0 if done < reported[0] else reported[0]  # a retry with a larger ridge starts over
+            progress.advance(f"{what}: Cholesky {done}/{total}", cost * (done - reported[0]) / total)
+            reported[0] = done
+
+        alpha, ridge, notes = kernel_solve_(K, Y, ridge=relative, progress=factored)
+        return alpha, {"ridge": ridge, "solver": "cholesky", "iterations": math.nan, "residual": math.nan,
+                       "notes": notes}  # fmt: skip
+    scale = K.diagonal().double().abs().mean().item() or 1.0
+    step = 2.0 * n * n * Y.shape[1]
+
+    def iterated(done: int, total: int) -> None:
+        progress.advance(f"{what}: CG iteration {done} (at most {total})", step)
+
+    found = cg_solve(K, Y, ridge=relative * scale, rank=kernels.precond_rank, tol=kernels.tol,
+                     max_iter=kernels.max_iter, seed=spec.data.seed, progress=iterated)  # fmt: skip
+    return found.alpha, {"ridge": relative * scale, "solver": "cg", "iterations": found.iterations,
+                         "residual": found.residual, "notes": []}  # fmt: skip
 
 
 def block_units(spec: GenSpec, predictors: tuple[str, ...], n: int, m: int) -> list[Unit]:

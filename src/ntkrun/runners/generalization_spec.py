@@ -44,6 +44,13 @@ class GenKernelSpec(Model):
     # Gram rows per unit: each Gram of more rows (training, and test rounded up to whole 1000s) is
     # split into row-block units that any executor spreads; None: one unit per fit (docs/science.md §5.6)
     rows_per_unit: PositiveInt | None = None
+    # how (K + r I) alpha = Y is solved (docs/science.md §5.7): an in-place Cholesky, or conjugate
+    # gradients preconditioned by a randomized Nystrom approximation of rank precond_rank, until the
+    # relative residual is at most tol, in at most max_iter iterations; auto: by the measured rule
+    solver: Literal["cholesky", "cg", "auto"] = "cholesky"
+    precond_rank: PositiveInt = 500
+    tol: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_iter: PositiveInt = 1000
     # the Monte-Carlo limit of a network.module (docs/science.md §10): its networks' width (default:
     # the largest network.width) and how many are averaged
     limit_width: PositiveInt | None = None
@@ -84,6 +91,12 @@ class GenSpec(RunSpec):
             raise ValueError(
                 f"predictors: {', '.join(baselines)} compare another network (arch, network.layers, "
                 "network.module) with the MLP; this one is the MLP"
+            )
+        rank, smallest = self.kernels.precond_rank, min(self.data.n_train)
+        if self.kernels.solver == "cg" and rank > smallest:
+            raise ValueError(
+                f"kernels.precond_rank: {rank} is more than the {smallest} training points of the "
+                "smallest data.n_train (the preconditioner's rank is at most N)"
             )
         if len(set(self.data.n_train)) != len(self.data.n_train):
             raise ValueError(f"data.n_train has repeated sizes: {self.data.n_train}")

@@ -1,0 +1,162 @@
+"""Kernel least squares by preconditioned conjugate gradients: (K + r I) alpha = Y without
+factoring K (docs/science.md §5.7).
+
+The Cholesky factorization costs N^3 / 3 flops whatever the data; conjugate gradients cost one
+product of K with the (N, m) iterate per iteration, 2 N^2 m flops, and converge in a number of
+iterations set by the condition number of the preconditioned system. The preconditioner is the
+randomized Nystrom approximation of rank l (Frangella, Tropp & Udell 2023): K ~ U diag(lam) U^T
+from one product K Omega with l random directions, and
+
+    P^-1 = U diag((lam_l + r) / (lam + r)) U^T + (I - U U^T),
+
+which maps the top l eigenvalues of K + r I onto lam_l + r: the iterations then depend on
+(lam_l + r) / (lam_min + r), not on lam_max / lam_min. K's products run in K's dtype (float32 at
+large N, the GEMM rate); the preconditioner, the iterates, inner products and recurrences are
+float64. The relative residual reported is recomputed from K at the end, not the recurrence's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ntkrun.errors import NumericalError
+
+Progress = Callable[[int, int], None]
+NUMBERS = 2**22  # K's entries per float64 copy in a product (32 MB: cache-friendly, measured as fast)
+
+
+def nystrom_bytes(n: int, m: int = 10) -> int:
+    """CG's memory besides K and the Nystrom factors (4 N l float64): its workspace and seven
+    (N, m) float64 iterates."""
+    return NUMBERS * 8 + 7 * n * m * 8
+
+
+@dataclass(frozen=True)
+class Nystrom:
+    """K ~ U diag(lam) U^T: U (N, l) orthonormal columns, lam (l,) descending, >= 0; float64."""
+
+    U: torch.Tensor
+    lam: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CGSolution:
+    """alpha (N, m) float64; iterations run; residual: max over columns of ||Y - (K + r I) alpha||
+    / ||Y||, recomputed from K."""
+
+    alpha: torch.Tensor
+    iterations: int
+    residual: float
+
+
+def kernel_matmul(
+    K: torch.Tensor, P: torch.Tensor, ridge: float = 0.0, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(K + ridge I) P: K (N, N) float32/float64 (both triangles), P (N, m) float64 -> (N, m)
+    float64, K's entries (as stored) times P accumulated in float64: rows of K copied into the
+    float64 workspace `work` (rows, N) (NUMBERS entries when not given; reuse one across calls: a
+    fresh one costs its page faults every time)."""
+    n = K.shape[1]
+    if work is None:
+        work = workspace(K)
+    out = torch.empty(P.shape, dtype=torch.float64, device=P.device)
+    rows = work.shape[0]
+    for r0 in range(0, K.shape[0], rows):
+        r1 = min(r0 + rows, K.shape[0])
+        block = work[: r1 - r0, :n]
+        block.copy_(K[r0:r1])
+        torch.mm(block, P, out=out[r0:r1])
+    return out.add_(P, alpha=ridge) if ridge else out
+
+
+def workspace(K: torch.Tensor) -> torch.Tensor:
+    """The float64 rows `kernel_matmul` copies K's into: NUMBERS entries (at least one row)."""
+    return torch.empty(max(1, NUMBERS // K.shape[1]), K.shape[1], dtype=torch.float64, device=K.device)
+
+
+def nystrom(K: torch.Tensor, rank: int, seed: int = 0) -> Nystrom:
+    """The randomized Nystrom approximation of the PSD K (N, N) of rank l = rank <= N: Omega (N, l)
+    orthonormalized Gaussian, Y = K Omega, shifted by nu = eps ||Y||_F for stability (eps of K's
+    dtype), B = Y C^-T with C C^T = Omega^T Y, then U S V^T = B and lam = max(S^2 - nu, 0).
+    Cost: 2 N^2 l flops for Y (a GEMM), O(N l^2) for the rest."""
+    n = K.shape[0]
+    if not 1 <= rank <= n:
+        raise ValueError(f"rank must be in 1 .. {n}, got {rank}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
+    Y = (K @ omega.to(K.dtype)).double()  # in K's dtype: its rounding does not matter here
+    nu = torch.finfo(K.dtype).eps * float(Y.norm())
+    Y.add_(omega, alpha=nu)
+    small = omega.T @ Y
+    small = (small + small.T) / 2
+    C, info = torch.linalg.cholesky_ex(small)
+    if int(info) != 0:  # rounding made Omega^T Y indefinite: a larger shift
+        shift = 1e-8 * float(small.diagonal().abs().max())
+        C = torch.linalg.cholesky(small + shift * torch.eye(rank, dtype=torch.float64))
+    B = torch.linalg.solve_triangular(C, Y.T, upper=False).T  # Y C^-T
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    return Nystrom(U, (S**2 - nu).clamp_(min=0.0))
+
+
+def precondition(pre: Nystrom, ridge: float, R: torch.Tensor) -> torch.Tensor:
+    """P^-1 R for the Nystrom preconditioner of K + ridge I: R (N, m) float64 -> (N, m)."""
+    floor = max(float(pre.lam[-1]) + ridge, torch.finfo(torch.float64).tiny)
+    scale = floor / (pre.lam + ridge).clamp(min=floor)
+    coef = pre.U.T @ R
+    return R + pre.U @ (coef * (scale[:, None] - 1.0))
+
+
+def cg_solve(
+    K: torch.Tensor,
+    Y: torch.Tensor,
+    *,
+    ridge: float = 0.0,
+    rank: int = 1000,
+    tol: float = 1e-5,
+    max_iter: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CGSolution:
+    """Solve (K + ridge I) alpha = Y, K (N, N) float32/float64 with both triangles (not modified),
+    Y (N, m) or (N,), by conjugate gradients on each column at once, Nystrom-preconditioned at
+    rank min(rank, N), until every column's relative residual is at most tol. Raises
+    NumericalError naming the residual reached when max_iter iterations do not get there.
+    progress(iteration, max_iter) after each iteration."""
+    if not 0 < tol < 1:
+        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    n = K.shape[0]
+    B = (Y.unsqueeze(1) if Y.dim() == 1 else Y).double()
+    pre, work = nystrom(K, min(rank, n), seed), workspace(K)
+    norms = B.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
+    X = torch.zeros_like(B)
+    R = B.clone()
+    Z = precondition(pre, ridge, R)
+    P = Z.clone()
+    rz = (R * Z).sum(0)
+    iterations, converged = 0, False
+    for iterations in range(1, max_iter + 1):
+        AP = kernel_matmul(K, P, ridge, work)
+        a = rz / (P * AP).sum(0)
+        X.addcmul_(P, a)
+        R.addcmul_(AP, a, value=-1.0)
+        if progress is not None:
+            progress(iterations, max_iter)
+        if float((R.norm(dim=0) / norms).max()) <= tol:
+            converged = True
+            break
+        Z = precondition(pre, ridge, R)
+        rz_next = (R * Z).sum(0)
+        P = Z.add_(P * (rz_next / rz))
+        rz = rz_next
+    residual = float(((B - kernel_matmul(K, X, ridge, work)).norm(dim=0) / norms).max())
+    if not converged or not math.isfinite(residual):
+        raise NumericalError(
+            f"conjugate gradients did not converge: relative residual {residual:.3g} after {iterations} "
+            f"iterations (kernels.tol {tol:g}, kernels.max_iter {max_iter}); raise kernels.precond_rank "
+            "or kernels.max_iter, or use kernels.solver: cholesky"
+        )
+    return CGSolution(X if Y.dim() == 2 else X[:, 0], iterations, residual)
