@@ -105,3 +105,34 @@ def test_the_list_names_the_rates_and_prices_every_unit():
     assert result.exit_code == 0, result.output
     assert "timed at a small size" in result.output and "unknown" not in result.output
     assert "total:" in result.output
+
+
+def test_gram_block_units_are_priced_by_their_kernels_and_add_up_to_the_whole_fit(tmp_path):
+    """kernels.rows_per_unit: each block unit is priced by its data read and its kernel rows, the
+    fit by its read and its solve; the blocks' kernel FLOPs add up to the one-unit fit's (the
+    training blocks price their upper triangle, as the one-unit Gram does)."""
+    from tests.test_data import write_split
+
+    write_split(tmp_path, n=300, split="train")
+    write_split(tmp_path, n=2300, split="t10k")
+    sets = [f"data.dir={tmp_path}", "data.n_test=2300", "data.n_train=[256]", "predictors=[ntk]"]
+
+    def plan(*extra: str):
+        request = orchestrate.Request("generalization", preset="quick", sets=[*sets, *extra])
+        return {u.name: u for u in orchestrate.plan(request, checks=False).units}
+
+    whole, split = plan(), plan("kernels.rows_per_unit=100")
+    assert sorted(split) == ["ntk_n256", "ntk_n256_rows0", "ntk_n256_rows100", "ntk_n256_rows200",
+                             "ntk_n256_test0", "ntk_n256_test1000", "ntk_n256_test2000"]  # fmt: skip
+    assert kinds(split["ntk_n256"]) == {"read", "cholesky"} and kinds(whole["ntk_n256"]) == {
+        "read",
+        "kernel",
+        "cholesky",
+    }
+    blocks = [u for name, u in split.items() if name != "ntk_n256"]
+    assert all(kinds(u) == {"read", "kernel"} for u in blocks)
+
+    def kernel_flops(unit) -> float:
+        return sum(p.flops * k for p, k in unit.cost.probes if p.kind == "kernel")
+
+    assert sum(kernel_flops(u) for u in blocks) == pytest.approx(kernel_flops(whole["ntk_n256"]), rel=0.01)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ntkrun import dynamics, resources
+from ntkrun.costs import Cost
 from ntkrun.data import check_request, files_of, resolve_data_dir, split_info
 from ntkrun.errors import DataError, SpecError
 from ntkrun.fits import slope_table
@@ -192,11 +193,11 @@ def units(spec: GenSpec) -> list[Unit]:
         grams = 1 if model.JOINT_KERNELS else len(predictors)  # (UnknownCost: NaN all the same)
         for n in spec.data.n_train:
             blocks = [] if monte_carlo(spec, predictors) else block_units(spec, predictors, n, m)
-            train, test = (any(b.work.test == t for b in blocks) for t in (False, True))
-            cost = grams * (
-                model.kernel_cost(n, n) * 0.5 * (not train) + model.kernel_cost(m, n) * (not test)
+            split = {b.work.test for b in blocks}  # the kernels block units compute, not this fit
+            kernels = [model.kernel_cost(n, n) * 0.5] * (False not in split) + [model.kernel_cost(m, n)] * (
+                True not in split
             )
-            cost = read + cost + cholesky_cost(n) * len(predictors)
+            cost = read + sum(kernels, Cost()) * grams + cholesky_cost(n) * len(predictors)
             if monte_carlo(spec, predictors):  # the module's kernels in shares, then their fit
                 out.extend(mc.share_units(spec, model, n, m))
                 cost = read + mc.fit_cost(spec, predictors, n, m)
