@@ -181,11 +181,13 @@ def test_bad_block_settings_are_one_line_at_check(data, tmp_path, sets, message,
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "generalization").exists()
 
 
-def test_cg_gives_the_cholesky_predictions_and_records_its_solve(data, one_unit, tmp_path):
+@pytest.mark.parametrize("blocks", [[], BLOCKS])  # the Gram assembled, or out of core: its strips
+def test_cg_gives_the_cholesky_predictions_and_records_its_solve(data, one_unit, tmp_path, blocks):
     """kernels.solver cg on the float64 Grams at tol 1e-10: accuracy.csv records the solver, its
     iterations and its residual (<= tol); the predictions are the Cholesky's: the same accuracy and
-    a test MSE within 1e-6 (alpha's error is at most cond x tol, cond ~1e4 here)."""
-    sets = [*MLP, "kernels.solver=cg", "kernels.precond_rank=40", "kernels.tol=1e-10"]
+    a test MSE within 1e-6 (alpha's error is at most cond x tol, cond ~1e4 here). With block units
+    CG multiplies the saved strips, memory-mapped, and the fit's memory estimate holds no Gram."""
+    sets = [*MLP, *blocks, "kernels.solver=cg", "kernels.precond_rank=40", "kernels.tol=1e-10"]
     result = invoke(*args(data, sets, "-o", tmp_path))
     assert result.exit_code == 0, result.output
     cg = pd.read_csv(tmp_path / "generalization" / "latest" / "accuracy.csv")
@@ -196,6 +198,17 @@ def test_cg_gives_the_cholesky_predictions_and_records_its_solve(data, one_unit,
     assert cg["test_accuracy"].tolist() == chol["test_accuracy"].tolist()
     assert np.allclose(cg["test_mse"], chol["test_mse"], rtol=1e-6, atol=0)
     assert np.allclose(cg["ridge"], chol["ridge"], rtol=1e-12, atol=0)
+    log = (tmp_path / "generalization" / "latest" / "run.log").read_text()
+    assert ("ntk_n100: the Gram out of core: 4 row strips of 32 rows, memory-mapped" in log) == bool(blocks)
+    if blocks:  # the fit's memory estimate is the assembled one's less the 100-point float64 Gram
+        from ntkrun import orchestrate, units
+
+        def fit_bytes(extra: list[str]) -> int:
+            request = orchestrate.Request("generalization", preset="quick", sets=[f"data.dir={data}", *extra])
+            plan = orchestrate.plan(request, checks=False)
+            return units.memory_estimate(plan.spec, next(u for u in plan.units if u.name == "ntk_n100"))
+
+        assert fit_bytes([s for s in sets if s not in BLOCKS]) - fit_bytes(sets) == 100 * 100 * 8
 
 
 def test_a_cg_solve_that_does_not_converge_fails_the_run_and_keeps_its_blocks(data, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntkrun.errors import NumericalError
-from ntkrun.iterative import cg_solve, kernel_matmul, nystrom, precondition
+from ntkrun.iterative import UpperStrips, cg_solve, kernel_matmul, nystrom, precondition
 from ntkrun.kernels import analytic_kernels
 
 
@@ -96,3 +96,29 @@ def test_a_solve_that_does_not_converge_says_so_with_the_remedy():
             cg_solve(K, Y, tol=bad)
     with pytest.raises(ValueError, match=re.escape("rank must be in 1 .. 300")):
         nystrom(K, 301)
+
+
+def test_out_of_core_strips_multiply_and_solve_as_the_whole_gram():
+    """The Gram as the upper-triangle row strips block units save (their diagonal squares' lower
+    part garbage): products equal the whole Gram's (float64, to rounding), and CG on the strips
+    reaches its tolerance with alpha the in-memory CG's to within cond x tol."""
+    K, Y = gram(), targets(300)
+    strips = []
+    for r0 in range(0, 300, 70):  # 70-row strips, the last one 20 rows
+        block = K[r0 : r0 + 70, r0:].clone()
+        block[:, : block.shape[0]] += torch.tril(torch.full((block.shape[0],) * 2, float("nan")), -1)
+        strips.append((r0, block))
+    upper = UpperStrips(tuple(strips), 300)
+    P = targets(300, 4)
+    for rows in (1, 13, 300):  # workspaces that cut the strips into chunks of various heights
+        work = torch.empty(rows, 300, dtype=torch.float64)
+        found = kernel_matmul(upper, P, 0.1, work)  # the NaNs below the diagonal are never read
+        torch.testing.assert_close(
+            found, K @ P + 0.1 * P, rtol=1e-12, atol=1e-12 * float((K @ P).abs().max())
+        )
+    assert torch.equal(upper.diagonal(), K.diagonal())
+    whole = cg_solve(K, Y, rank=40, tol=1e-9, max_iter=2000)
+    out_of_core = cg_solve(upper, Y, rank=40, tol=1e-9, max_iter=2000)
+    assert residual(K, Y, out_of_core.alpha, 0.0) <= 1e-9
+    cond = float(torch.linalg.cond(K))
+    assert float((out_of_core.alpha - whole.alpha).norm() / whole.alpha.norm()) <= 2 * cond * 1e-9 * 3

@@ -36,6 +36,52 @@ def nystrom_bytes(n: int, m: int = 10) -> int:
 
 
 @dataclass(frozen=True)
+class UpperStrips:
+    """A symmetric Gram (N, N) held as the upper-triangle row strips a Gram-block unit saves:
+    (r0, block (r1 - r0, N - r0)), rows r0 .. r1 from column r0 on, the diagonal square's lower
+    part not meaningful; e.g. memory-mapped from their files, so the Gram is never assembled (CG
+    out of core: each product reads every strip once)."""
+
+    strips: tuple[tuple[int, torch.Tensor], ...]
+    n: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.strips[0][1].dtype
+
+    def chunks(self, step: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(i0, i1, rows i0 .. i1 of the Gram from column i0 on), at most `step` rows each."""
+        out = []
+        for r0, block in self.strips:
+            for a in range(0, block.shape[0], step):
+                b = min(a + step, block.shape[0])
+                out.append((r0 + a, r0 + b, block[a:b, a:]))
+        return out
+
+    def diagonal(self) -> torch.Tensor:
+        """(N,) float64."""
+        return torch.cat([c[:, : i1 - i0].diagonal().double() for i0, i1, c in self.chunks(NUMBERS)])
+
+    def matmul(self, P: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """K P: P (N, m) float64 -> (N, m) float64, each chunk copied into the float64 `work`."""
+        out = torch.zeros(P.shape, dtype=torch.float64)
+        flat = work.view(-1)
+        for i0, i1, chunk in self.chunks(max(1, work.numel() // self.n)):
+            h = i1 - i0
+            C = flat[: chunk.numel()].view(chunk.shape)
+            C.copy_(chunk)
+            D = C[:, :h].triu()
+            out[i0:i1] += D @ P[i0:i1] + D.triu(1).T @ P[i0:i1]
+            if i1 < self.n:
+                out[i0:i1] += C[:, h:] @ P[i1:]
+                out[i1:] += C[:, h:].T @ P[i0:i1]
+        return out
+
+
+Gram = torch.Tensor | UpperStrips
+
+
+@dataclass(frozen=True)
 class Nystrom:
     """K ~ U diag(lam) U^T: U (N, l) orthonormal columns, lam (l,) descending, >= 0; float64."""
 
@@ -54,15 +100,18 @@ class CGSolution:
 
 
 def kernel_matmul(
-    K: torch.Tensor, P: torch.Tensor, ridge: float = 0.0, work: torch.Tensor | None = None
+    K: Gram, P: torch.Tensor, ridge: float = 0.0, work: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(K + ridge I) P: K (N, N) float32/float64 (both triangles), P (N, m) float64 -> (N, m)
     float64, K's entries (as stored) times P accumulated in float64: rows of K copied into the
     float64 workspace `work` (rows, N) (NUMBERS entries when not given; reuse one across calls: a
-    fresh one costs its page faults every time)."""
-    n = K.shape[1]
+    fresh one costs its page faults every time). K may be an UpperStrips (out of core)."""
     if work is None:
         work = workspace(K)
+    if isinstance(K, UpperStrips):
+        out = K.matmul(P, work)
+        return out.add_(P, alpha=ridge) if ridge else out
+    n = K.shape[1]
     out = torch.empty(P.shape, dtype=torch.float64, device=P.device)
     rows = work.shape[0]
     for r0 in range(0, K.shape[0], rows):
@@ -73,22 +122,26 @@ def kernel_matmul(
     return out.add_(P, alpha=ridge) if ridge else out
 
 
-def workspace(K: torch.Tensor) -> torch.Tensor:
+def workspace(K: Gram) -> torch.Tensor:
     """The float64 rows `kernel_matmul` copies K's into: NUMBERS entries (at least one row)."""
-    return torch.empty(max(1, NUMBERS // K.shape[1]), K.shape[1], dtype=torch.float64, device=K.device)
+    n = K.n if isinstance(K, UpperStrips) else K.shape[1]
+    return torch.empty(max(1, NUMBERS // n), n, dtype=torch.float64)
 
 
-def nystrom(K: torch.Tensor, rank: int, seed: int = 0) -> Nystrom:
+def nystrom(K: Gram, rank: int, seed: int = 0) -> Nystrom:
     """The randomized Nystrom approximation of the PSD K (N, N) of rank l = rank <= N: Omega (N, l)
     orthonormalized Gaussian, Y = K Omega, shifted by nu = eps ||Y||_F for stability (eps of K's
     dtype), B = Y C^-T with C C^T = Omega^T Y, then U S V^T = B and lam = max(S^2 - nu, 0).
     Cost: 2 N^2 l flops for Y (a GEMM), O(N l^2) for the rest."""
-    n = K.shape[0]
+    n = K.n if isinstance(K, UpperStrips) else K.shape[0]
     if not 1 <= rank <= n:
         raise ValueError(f"rank must be in 1 .. {n}, got {rank}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
-    Y = (K @ omega.to(K.dtype)).double()  # in K's dtype: its rounding does not matter here
+    if isinstance(K, UpperStrips):
+        Y = K.matmul(omega, workspace(K))
+    else:
+        Y = (K @ omega.to(K.dtype)).double()  # in K's dtype: its rounding does not matter here
     nu = torch.finfo(K.dtype).eps * float(Y.norm())
     Y.add_(omega, alpha=nu)
     small = omega.T @ Y
@@ -111,7 +164,7 @@ def precondition(pre: Nystrom, ridge: float, R: torch.Tensor) -> torch.Tensor:
 
 
 def cg_solve(
-    K: torch.Tensor,
+    K: Gram,
     Y: torch.Tensor,
     *,
     ridge: float = 0.0,
@@ -121,14 +174,15 @@ def cg_solve(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CGSolution:
-    """Solve (K + ridge I) alpha = Y, K (N, N) float32/float64 with both triangles (not modified),
-    Y (N, m) or (N,), by conjugate gradients on each column at once, Nystrom-preconditioned at
-    rank min(rank, N), until every column's relative residual is at most tol. Raises
+    """Solve (K + ridge I) alpha = Y, K (N, N) float32/float64 with both triangles (not modified)
+    or an UpperStrips (out of core), Y (N, m) or (N,), by conjugate gradients on each column at
+    once, Nystrom-preconditioned at rank min(rank, N), until every column's relative residual is
+    at most tol. Raises
     NumericalError naming the residual reached when max_iter iterations do not get there.
     progress(iteration, max_iter) after each iteration."""
     if not 0 < tol < 1:
         raise ValueError(f"tol must be in (0, 1), got {tol}")
-    n = K.shape[0]
+    n = K.n if isinstance(K, UpperStrips) else K.shape[0]
     B = (Y.unsqueeze(1) if Y.dim() == 1 else Y).double()
     pre, work = nystrom(K, min(rank, n), seed), workspace(K)
     norms = B.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)

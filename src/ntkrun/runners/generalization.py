@@ -241,11 +241,19 @@ def memory(spec: GenSpec, unit: Unit) -> int:
         n, k = unit.work.n_train, len(unit.work.predictors)
         model, b = kernel_of(spec, unit.work.predictors[0])[0], gram_dtype(spec, n).itemsize
         test = model.kernel_bytes(min(m, 1000), n) + (k - 1) * min(m, 1000) * n * 8  # a block per kind
-        block = k * n * n * b + solve_bytes(n, CLASSES, b) + test
-        if solver_of(spec, n) == "cg":  # the Nystrom factors (Omega, Y, B, U) and CG's iterates, kept
-            block += 4 * n * min(spec.kernels.precond_rank, n) * 8 + nystrom_bytes(n)
-        checkpoint = k * (spec.kernels.checkpoint_rows * n * b) if n > spec.kernels.checkpoint_rows else 0
-        return data + block + checkpoint
+        rows = spec.kernels.rows_per_unit or spec.kernels.checkpoint_rows
+        if solver_of(spec, n) == "cholesky":
+            return (
+                data
+                + k * n * n * b
+                + solve_bytes(n, CLASSES, b)
+                + test
+                + (k * rows * n * b if n > rows else 0)
+            )
+        # CG: the Nystrom factors (Omega, Y, B, U) and the iterates; the Gram assembled, or out of core
+        # (kernels.rows_per_unit) its strips memory-mapped: in the page cache, never all in this process
+        gram = 0 if spec.kernels.rows_per_unit is not None and n > rows else k * n * n * b
+        return data + gram + 4 * n * min(spec.kernels.precond_rank, n) * 8 + nystrom_bytes(n) + test
     n = spec.training.n_train
     if isinstance(unit.work, Reference):
         kernels = description.kernel_bytes(n, n) + description.kernel_bytes(m, n)

@@ -14,7 +14,7 @@ from ntkrun.architectures.base import Architecture
 from ntkrun.architectures.mlp import MLPArchitecture
 from ntkrun.architectures.registry import kind as description_kind
 from ntkrun.data import resolve_data_dir, split_info
-from ntkrun.iterative import cg_solve
+from ntkrun.iterative import Gram, UpperStrips, cg_solve
 from ntkrun.linalg import kernel_solve_
 from ntkrun.runners.common import (
     UnknownCost,
@@ -32,6 +32,7 @@ from ntkrun.runners.grams import (
     gram_block,
     predictions,
     spans,
+    strip_grams,
     test_block,
     test_rows,
 )
@@ -112,7 +113,12 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     split = spec.kernels.rows_per_unit is None  # else block units computed the blocks, at their cost
     for block in unit.needs:  # computed first where they are not yet (as when this unit is run alone)
         ctx.require(block.work)
-    Ks = checkpointed_grams(description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=split)
+    if spec.kernels.rows_per_unit is not None and n > rows and solver_of(spec, n) == "cg":  # out of core
+        Ks = strip_grams(description, kinds, X, dtype, rows, ctx, unit.name)
+    else:
+        Ks = checkpointed_grams(
+            description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=split
+        )
     alphas, solves, notes, Y = [], [], [], targets(spec, labels)
     for kind in kinds:
         relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
@@ -151,12 +157,12 @@ def solver_of(spec: GenSpec, n: int) -> str:
 
 
 def solve(
-    spec: GenSpec, K: torch.Tensor, Y: torch.Tensor, relative: float, progress: Progress, what: str
+    spec: GenSpec, K: Gram, Y: torch.Tensor, relative: float, progress: Progress, what: str
 ) -> tuple[torch.Tensor, dict]:
     """(K + r I) alpha = Y, r = relative x the mean diagonal, by the spec's solver: a Cholesky in
     place (K destroyed; r raised where it fails) or preconditioned CG (K kept) -> (alpha (N, m),
     {ridge: r as used, solver, iterations (CG), residual (CG, relative, recomputed), notes})."""
-    n, kernels = K.shape[0], spec.kernels
+    n, kernels = (K.n if isinstance(K, UpperStrips) else K.shape[0]), spec.kernels
     if solver_of(spec, n) == "cholesky":
         cost, reported = n**3 / 3, [0]
 
@@ -168,7 +174,7 @@ def solve(
         alpha, ridge, notes = kernel_solve_(K, Y, ridge=relative, progress=factored)
         return alpha, {"ridge": ridge, "solver": "cholesky", "iterations": math.nan, "residual": math.nan,
                        "notes": notes}  # fmt: skip
-    scale = K.diagonal().double().abs().mean().item() or 1.0
+    scale = K.diagonal().double().abs().mean().item() or 1.0  # (the strips' diagonal: float64)
     step = 2.0 * n * n * Y.shape[1]
 
     def iterated(done: int, total: int) -> None:

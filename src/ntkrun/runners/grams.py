@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ntkrun.architectures.base import Architecture
+from ntkrun.iterative import UpperStrips
 from ntkrun.linalg import empty_checked, mirror_
 from ntkrun.work import Progress, UnitContext
 
@@ -105,6 +106,32 @@ def checkpointed_grams(
     for K in Ks:
         mirror_(K, to_lower=True)
     return Ks
+
+
+def strip_grams(
+    description: Architecture,
+    kinds: Sequence[str],
+    X: torch.Tensor,
+    dtype: torch.dtype,
+    rows: int,
+    ctx: UnitContext,
+    name: str,
+) -> list[UpperStrips]:
+    """Each kind's Gram on X (N, n0) as its upper-triangle row strips of `rows` rows, never
+    assembled: the parts rows<r0> of unit `name` memory-mapped, a part that is not there (or not
+    whole) computed and saved first. For conjugate gradients out of core (docs/science.md §5.7)."""
+    n, strips = X.shape[0], [[] for _ in kinds]
+    for r0, r1 in spans(n, rows):
+        blocks = _saved(ctx, name, f"rows{r0}", kinds, (r1 - r0, n - r0))
+        if blocks is None:
+            ctx.save_checkpoint(name, gram_block(description, kinds, X, dtype, r0, r1), f"rows{r0}")
+            blocks = _saved(ctx, name, f"rows{r0}", kinds, (r1 - r0, n - r0))
+        if blocks is None:  # (only where the checkpoint could not be read back)
+            raise RuntimeError(f"{name}: Gram rows {r0}-{r1} could not be read back after being saved")
+        for strip, block in zip(strips, blocks, strict=True):
+            strip.append((r0, block))
+    LOG.info("%s: the Gram out of core: %d row strips of %d rows, memory-mapped", name, len(strips[0]), rows)
+    return [UpperStrips(tuple(strip), n) for strip in strips]
 
 
 def predictions(
