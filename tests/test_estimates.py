@@ -82,6 +82,7 @@ def test_a_probe_is_shrunk_to_its_budget_points_first(probe, expect):
 
 def test_a_probe_time_is_scaled_by_the_flops_of_the_full_size(monkeypatch):
     costs.probe_seconds.cache_clear()
+    costs.timed.cache_clear()
     monkeypatch.setattr(costs, "_best", lambda work, repeats=3: 0.01)  # the clock, replaced
     probe = Probe("gd", 4096, width=2048, description=mlp())
     n, width, n2 = costs.shrunk(probe)
@@ -92,6 +93,7 @@ def test_a_probe_time_is_scaled_by_the_flops_of_the_full_size(monkeypatch):
     assert rates.seconds(cost) == pytest.approx(2.0 + 3 * expected, rel=1e-12)
     assert rates.seconds(5e9) == pytest.approx(5.0)  # a bare number: FLOPs of large products
     costs.probe_seconds.cache_clear()
+    costs.timed.cache_clear()
 
 
 def test_costs_add_and_scale():

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 PROBE_FLOPS = 3e9  # a probe is shrunk (points, then width) until it does at most this: ~30 ms
+KERNEL_PROBE_MAX = 1024  # a kernel probe's points: at most this square
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ def shrunk(probe: Probe) -> tuple[int, int, int]:
     PROBE_FLOPS, or as far as it goes: GD keeps 512 points and 16 channels, a factorization 512
     rows, as smaller ones run far below the rate of the full size (a kernel goes down to one pair)."""
     n, width, n2 = probe.n, probe.width, probe.n2
+    if probe.kind == "kernel":  # one square size per description, whatever (n, n2): every kernel unit
+        s = 1  # of a run is priced by the same timing, so their estimates are consistent
+        while s < KERNEL_PROBE_MAX and flops_of(probe, 2 * s, width, 2 * s) <= PROBE_FLOPS:
+            s *= 2
+        return s, width, s
     while flops_of(probe, n, width, n2) > PROBE_FLOPS:
         if probe.kind == "gd" and n > 512:
             n //= 2
@@ -141,11 +147,17 @@ def probe_seconds(probe: Probe) -> float:
     if probe.flops != probe.flops:
         return float("nan")
     n, width, n2 = shrunk(probe)
-    work = _work(probe, n, width, n2)
-    seconds = _best(work, 1)
-    if seconds < 0.5:
-        seconds = _best(work, 2)
+    seconds = timed(replace(probe, n=n, width=width, n2=n2))
     return seconds * probe.flops / max(flops_of(probe, n, width, n2), 1.0)
+
+
+@functools.cache
+def timed(probe: Probe) -> float:
+    """Seconds of the probe's work at its size, the best of two after one that warms up (unless that
+    one took over half a second); once per size a process."""
+    work = _work(probe, probe.n, probe.width, probe.n2)
+    seconds = _best(work, 1)
+    return _best(work, 2) if seconds < 0.5 else seconds
 
 
 def _work(probe: Probe, n: int, width: int, n2: int) -> Callable[[], object]:
