@@ -197,18 +197,27 @@ def test_cg_gives_the_cholesky_predictions_and_records_its_solve(data, one_unit,
     assert chol["iterations"].isna().all() and chol["residual"].isna().all()
     assert cg["test_accuracy"].tolist() == chol["test_accuracy"].tolist()
     assert np.allclose(cg["test_mse"], chol["test_mse"], rtol=1e-6, atol=0)
-    assert np.allclose(cg["ridge"], chol["ridge"], rtol=1e-12, atol=0)
+    nngp = cg["predictor"] == "nngp"  # its noise; the NTK's ridge 0 is floored at 1e-10 of its mean diagonal
+    assert np.allclose(cg["ridge"][nngp], chol["ridge"][nngp], rtol=1e-12, atol=0)
+    assert (cg["ridge"][~nngp] > 0).all() and (chol["ridge"][~nngp] == 0).all()
     log = (tmp_path / "generalization" / "latest" / "run.log").read_text()
     assert ("ntk_n100: the Gram out of core: 4 row strips of 32 rows, memory-mapped" in log) == bool(blocks)
-    if blocks:  # the fit's memory estimate is the assembled one's less the 100-point float64 Gram
+    if blocks:  # the fit's memory estimate: the assembled one's, less the 100-point float64 Gram, plus
+        # one 32-row strip, which the fit computes itself where its block unit's part is bad
         from ntkrun import orchestrate, units
+        from ntkrun.runners.generalization import block_bytes
+        from ntkrun.work import GramBlock
 
-        def fit_bytes(extra: list[str]) -> int:
+        def fit_bytes(extra: list[str]) -> tuple[object, int]:
             request = orchestrate.Request("generalization", preset="quick", sets=[f"data.dir={data}", *extra])
             plan = orchestrate.plan(request, checks=False)
-            return units.memory_estimate(plan.spec, next(u for u in plan.units if u.name == "ntk_n100"))
+            fit = next(u for u in plan.units if u.name == "ntk_n100")
+            return plan.spec, units.memory_estimate(plan.spec, fit)
 
-        assert fit_bytes([s for s in sets if s not in BLOCKS]) - fit_bytes(sets) == 100 * 100 * 8
+        spec, out_of_core = fit_bytes(sets)
+        strip = block_bytes(spec, GramBlock(("ntk",), 100, False, 0, 32), 2100)
+        assembled = fit_bytes([s for s in sets if s not in BLOCKS])[1]
+        assert out_of_core == assembled - 100 * 100 * 8 + strip
 
 
 def test_a_cg_solve_that_does_not_converge_fails_the_run_and_keeps_its_blocks(data, tmp_path):
@@ -217,8 +226,30 @@ def test_a_cg_solve_that_does_not_converge_fails_the_run_and_keeps_its_blocks(da
     result = invoke(*args(data, sets, "-o", tmp_path))
     assert result.exit_code != 0
     assert "conjugate gradients did not converge: relative residual" in result.output
-    assert "raise kernels.precond_rank or kernels.max_iter, or use kernels.solver: cholesky" in result.output
+    assert (
+        "raise kernels.precond_rank, kernels.max_iter or kernels.ridge, or use kernels.solver: cholesky"
+        in result.output
+    )
     (failed,) = (tmp_path / "generalization").glob("*.failed")
     assert not (failed / "meta.json").exists()
     assert (failed / "units" / "ntk_n50.ckpt.rows32.pt").is_file()  # the blocks are kept for a retry
     assert (failed / "units" / "ntk_n50.failed").read_text().startswith("NumericalError: conjugate gradients")
+
+
+def test_auto_is_the_cholesky_below_the_measured_crossover_and_cg_from_it():
+    from ntkrun.runners.generalization_fits import AUTO_CG_POINTS, solver_of
+    from ntkrun.runners.generalization_spec import GenSpec
+
+    auto = GenSpec(kernels={"solver": "auto"})
+    assert AUTO_CG_POINTS == 10**6  # docs/science.md §5.7: extrapolated from the measured ratios
+    assert solver_of(auto, 60000) == "cholesky" and solver_of(auto, 10**6) == "cg"
+    assert solver_of(GenSpec(kernels={"solver": "cg"}), 100) == "cg"
+
+
+def test_test_blocks_follow_the_test_split_when_n_test_is_the_whole_split(data):
+    """data.n_test null: the test blocks cover the split's 2100 images (not an assumed 10000)."""
+    sets = ["predictors=[ntk]", "data.n_train=[50]", "data.n_test=null", *BLOCKS]
+    listing = invoke(*args(data, sets, "--list-units"))
+    assert listing.exit_code == 0, listing.output
+    names = [line.split()[1] for line in listing.stdout.splitlines()[1:-1]]
+    assert [n for n in names if "_test" in n] == ["ntk_n50_test0", "ntk_n50_test1000", "ntk_n50_test2000"]

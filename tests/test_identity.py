@@ -228,3 +228,14 @@ def test_a_run_of_an_older_results_version_is_not_resumed_into_mixed_results(tmp
         torch.save(blob, unit)
     result = invoke("resume", shared, "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def test_the_kernel_solve_keys_at_their_defaults_keep_a_generalization_runs_hash():
+    """kernels.rows_per_unit, solver, precond_rank, tol and max_iter arrived after runs were made:
+    at their defaults they leave the hash as it was (those runs resume); away from them, another spec."""
+    spec = spec_of("generalization", preset="quick")
+    old = spec_dict(spec)
+    for key in ("rows_per_unit", "solver", "precond_rank", "tol", "max_iter"):
+        del old["kernels"][key]
+    assert spec_hash(old) == spec_hash(spec)
+    assert spec_hash(spec_of("generalization", preset="quick", sets=["kernels.tol=1e-6"])) != spec_hash(spec)

@@ -88,7 +88,7 @@ def test_a_solve_that_does_not_converge_says_so_with_the_remedy():
     K, Y = gram(), targets(300)
     with pytest.raises(NumericalError, match=r"did not converge: relative residual .* after 2 iterations"):
         cg_solve(K, Y, rank=2, tol=1e-12, max_iter=2)
-    remedy = "raise kernels.precond_rank or kernels.max_iter, or use kernels.solver: cholesky"
+    remedy = "raise kernels.precond_rank, kernels.max_iter or kernels.ridge, or use kernels.solver: cholesky"
     with pytest.raises(NumericalError, match=re.escape(remedy)):
         cg_solve(K, Y, rank=2, tol=1e-12, max_iter=2)
     for bad in (0.0, 1.0):
@@ -122,3 +122,13 @@ def test_out_of_core_strips_multiply_and_solve_as_the_whole_gram():
     assert residual(K, Y, out_of_core.alpha, 0.0) <= 1e-9
     cond = float(torch.linalg.cond(K))
     assert float((out_of_core.alpha - whole.alpha).norm() / whole.alpha.norm()) <= 2 * cond * 1e-9 * 3
+
+
+def test_a_column_solved_exactly_stays_put_and_the_rest_converge():
+    """A zero target column (a class absent from a small training set, with target_off 0) has a zero
+    residual from the start: its step is 0, not 0 / 0 = NaN that would spoil every column."""
+    K, Y = gram(), targets(300)
+    Y[:, 1] = 0.0
+    found = cg_solve(K, Y, rank=40, tol=1e-9, max_iter=2000)
+    assert torch.equal(found.alpha[:, 1], torch.zeros(300, dtype=torch.float64))
+    assert residual(K, Y[:, [0, 2]], found.alpha[:, [0, 2]], 0.0) <= 1e-9

@@ -130,8 +130,9 @@ def workspace(K: Gram) -> torch.Tensor:
 
 def nystrom(K: Gram, rank: int, seed: int = 0) -> Nystrom:
     """The randomized Nystrom approximation of the PSD K (N, N) of rank l = rank <= N: Omega (N, l)
-    orthonormalized Gaussian, Y = K Omega, shifted by nu = eps ||Y||_F for stability (eps of K's
-    dtype), B = Y C^-T with C C^T = Omega^T Y, then U S V^T = B and lam = max(S^2 - nu, 0).
+    orthonormalized Gaussian, Y = K Omega, shifted by nu = sqrt(N) eps ||Y||_2 for stability (eps
+    of K's dtype; Frangella, Tropp & Udell's Algorithm 2.1), B = Y C^-T with C C^T = Omega^T Y,
+    then U S V^T = B and lam = max(S^2 - nu, 0).
     Cost: 2 N^2 l flops for Y (a GEMM), O(N l^2) for the rest."""
     n = K.n if isinstance(K, UpperStrips) else K.shape[0]
     if not 1 <= rank <= n:
@@ -142,14 +143,19 @@ def nystrom(K: Gram, rank: int, seed: int = 0) -> Nystrom:
         Y = K.matmul(omega, workspace(K))
     else:
         Y = (K @ omega.to(K.dtype)).double()  # in K's dtype: its rounding does not matter here
-    nu = torch.finfo(K.dtype).eps * float(Y.norm())
+    nu = math.sqrt(n) * torch.finfo(K.dtype).eps * float(torch.linalg.matrix_norm(Y, ord=2))
     Y.add_(omega, alpha=nu)
     small = omega.T @ Y
     small = (small + small.T) / 2
     C, info = torch.linalg.cholesky_ex(small)
-    if int(info) != 0:  # rounding made Omega^T Y indefinite: a larger shift
+    if int(info) != 0:  # rounding made Omega^T Y indefinite: a larger shift, once
         shift = 1e-8 * float(small.diagonal().abs().max())
-        C = torch.linalg.cholesky(small + shift * torch.eye(rank, dtype=torch.float64))
+        C, info = torch.linalg.cholesky_ex(small + shift * torch.eye(rank, dtype=torch.float64))
+    if int(info) != 0:
+        raise NumericalError(
+            "the Nystrom preconditioner's core matrix is not positive definite (a kernel with NaN, or "
+            "far from positive semi-definite); raise kernels.ridge or use kernels.solver: cholesky"
+        )
     B = torch.linalg.solve_triangular(C, Y.T, upper=False).T  # Y C^-T
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
     return Nystrom(U, (S**2 - nu).clamp_(min=0.0))
@@ -161,6 +167,11 @@ def precondition(pre: Nystrom, ridge: float, R: torch.Tensor) -> torch.Tensor:
     scale = floor / (pre.lam + ridge).clamp(min=floor)
     coef = pre.U.T @ R
     return R + pre.U @ (coef * (scale[:, None] - 1.0))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den per column, 0 where den is 0 (a column whose residual is exactly 0)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
 def cg_solve(
@@ -194,23 +205,26 @@ def cg_solve(
     iterations, converged = 0, False
     for iterations in range(1, max_iter + 1):
         AP = kernel_matmul(K, P, ridge, work)
-        a = rz / (P * AP).sum(0)
+        a = _ratio(rz, (P * AP).sum(0))  # a column already solved (R = 0, e.g. Y's) stays put
         X.addcmul_(P, a)
         R.addcmul_(AP, a, value=-1.0)
         if progress is not None:
             progress(iterations, max_iter)
-        if float((R.norm(dim=0) / norms).max()) <= tol:
+        relative = float((R.norm(dim=0) / norms).max())
+        if relative <= tol:
             converged = True
+            break
+        if not math.isfinite(relative):  # (no use iterating on)
             break
         Z = precondition(pre, ridge, R)
         rz_next = (R * Z).sum(0)
-        P = Z.add_(P * (rz_next / rz))
+        P = Z.add_(P * _ratio(rz_next, rz))
         rz = rz_next
     residual = float(((B - kernel_matmul(K, X, ridge, work)).norm(dim=0) / norms).max())
     if not converged or not math.isfinite(residual):
         raise NumericalError(
             f"conjugate gradients did not converge: relative residual {residual:.3g} after {iterations} "
-            f"iterations (kernels.tol {tol:g}, kernels.max_iter {max_iter}); raise kernels.precond_rank "
-            "or kernels.max_iter, or use kernels.solver: cholesky"
+            f"iterations (kernels.tol {tol:g}, kernels.max_iter {max_iter}); raise kernels.precond_rank, "
+            "kernels.max_iter or kernels.ridge, or use kernels.solver: cholesky"
         )
     return CGSolution(X if Y.dim() == 2 else X[:, 0], iterations, residual)

@@ -400,6 +400,11 @@ _NEWER_FIELDS = [
     ("network", "layers", None),
     ("kernels", "limit_width", None),
     ("kernels", "mc_samples", 32),
+    ("kernels", "rows_per_unit", None),
+    ("kernels", "solver", "cholesky"),
+    ("kernels", "precond_rank", 500),
+    ("kernels", "tol", 1e-5),
+    ("kernels", "max_iter", 1000),
 ]
 
 

@@ -42,9 +42,9 @@ from ntkrun.work import GramBlock, Progress, Unit, UnitContext
 LOG = logging.getLogger("ntkrun")
 
 AUTO_FLOAT64_POINTS = 20000  # float64 Grams up to here (3.2 GB); beyond, float32 (14.4 GB at 60000)
-AUTO_CG_POINTS = (
-    10**9
-)  # kernels.solver auto: CG from here (docs/science.md §5.7: placeholder, measured below)
+# kernels.solver auto: CG from here, the crossover extrapolated from CG's time over the Cholesky's
+# measured at 2000-20000 points on a 2-core AMD EPYC (docs/science.md §5.7)
+AUTO_CG_POINTS = 10**6
 
 
 def image_shape(spec: GenSpec) -> tuple[int, int, int]:
@@ -109,15 +109,16 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     predictors, n = unit.work.predictors, unit.work.n_train
     description, kinds = kernel_of(spec, predictors[0])[0], [kernel_of(spec, p)[1] for p in predictors]
     X, labels, Xt, labels_t = dataset(spec, n)
-    rows, dtype = spec.kernels.rows_per_unit or spec.kernels.checkpoint_rows, gram_dtype(spec, n)
-    split = spec.kernels.rows_per_unit is None  # else block units computed the blocks, at their cost
+    per_unit = spec.kernels.rows_per_unit
+    blocks = per_unit is not None and n > per_unit  # block units computed the Gram's rows, at their cost
+    rows, dtype = per_unit if blocks else spec.kernels.checkpoint_rows, gram_dtype(spec, n)
     for block in unit.needs:  # computed first where they are not yet (as when this unit is run alone)
         ctx.require(block.work)
-    if spec.kernels.rows_per_unit is not None and n > rows and solver_of(spec, n) == "cg":  # out of core
+    if blocks and solver_of(spec, n) == "cg":  # out of core
         Ks = strip_grams(description, kinds, X, dtype, rows, ctx, unit.name)
     else:
         Ks = checkpointed_grams(
-            description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=split
+            description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=not blocks
         )
     alphas, solves, notes, Y = [], [], [], targets(spec, labels)
     for kind in kinds:
@@ -175,6 +176,9 @@ def solve(
         return alpha, {"ridge": ridge, "solver": "cholesky", "iterations": math.nan, "residual": math.nan,
                        "notes": notes}  # fmt: skip
     scale = K.diagonal().double().abs().mean().item() or 1.0  # (the strips' diagonal: float64)
+    # CG needs K + r I positive definite (the Nystrom preconditioner assumes r > 0): r is at least
+    # the floor the Cholesky raises a failed ridge to, max(1e-10, eps) of the mean diagonal
+    relative = max(relative, 1e-10, torch.finfo(K.dtype).eps)
     step = 2.0 * n * n * Y.shape[1]
 
     def iterated(done: int, total: int) -> None:
