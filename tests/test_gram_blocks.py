@@ -253,3 +253,18 @@ def test_test_blocks_follow_the_test_split_when_n_test_is_the_whole_split(data):
     assert listing.exit_code == 0, listing.output
     names = [line.split()[1] for line in listing.stdout.splitlines()[1:-1]]
     assert [n for n in names if "_test" in n] == ["ntk_n50_test0", "ntk_n50_test1000", "ntk_n50_test2000"]
+
+
+def test_an_unreadable_fit_file_is_no_fit_done_and_its_missing_strip_is_saved(data, tmp_path):
+    """The out-of-core CG fit finds a strip missing and its own unit file corrupt: a corrupt file is
+    no unit done, so the strip it computes is saved (and read back memory-mapped), not dropped."""
+    sets = ["predictors=[ntk]", "data.n_train=[100]", "data.n_test=40", *BLOCKS, "kernels.solver=cg",
+            "kernels.precond_rank=40"]  # fmt: skip
+    shared = tmp_path / "run"
+    for r0 in (0, 32, 64, 96):
+        assert invoke(*args(data, sets, "--unit", f"ntk_n100_rows{r0}", "--run-dir", shared)).exit_code == 0
+    (shared / "units" / "ntk_n100.ckpt.rows32.pt").unlink()
+    (shared / "units" / "ntk_n100.pt").write_bytes(b"\x00garbage")
+    result = invoke(*args(data, sets, "--unit", "ntk_n100", "--run-dir", shared))
+    assert result.exit_code == 0, result.output
+    assert (shared / "accuracy.csv").is_file() and not list((shared / "units").glob("*.ckpt*"))

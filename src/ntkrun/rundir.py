@@ -278,8 +278,9 @@ class RunDir:
         """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
         several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity,
         and with the CRC-32 of each tensor at the state's top level. Nothing is written for a unit
-        already saved (a Gram block's unit that ran after its fit: the part would never be read)."""
-        if self.unit_file(name).is_file():
+        already done (a Gram block's unit that ran after its fit: the part would never be read; a
+        unit file that cannot be read is no unit done)."""
+        if self.unit_file(name).is_file() and self._load(self.unit_file(name), mmap=True) is not None:
             return
         (self.path / "units").mkdir(exist_ok=True)
         sums = {key: crc32(value) for key, value in state.items() if isinstance(value, torch.Tensor)}

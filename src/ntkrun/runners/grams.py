@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ntkrun.architectures.base import Architecture
+from ntkrun.errors import RunError
 from ntkrun.iterative import UpperStrips
 from ntkrun.linalg import empty_checked, mirror_
 from ntkrun.work import Progress, UnitContext
@@ -126,8 +127,10 @@ def strip_grams(
         if blocks is None:
             ctx.save_checkpoint(name, gram_block(description, kinds, X, dtype, r0, r1), f"rows{r0}")
             blocks = _saved(ctx, name, f"rows{r0}", kinds, (r1 - r0, n - r0))
-        if blocks is None:  # (only where the checkpoint could not be read back)
-            raise RuntimeError(f"{name}: Gram rows {r0}-{r1} could not be read back after being saved")
+        if blocks is None:  # (only where the checkpoint could not be read back: a full or failing disk)
+            raise RunError(
+                f"{name}: Gram rows {r0}-{r1} could not be read back after being saved; check the disk"
+            )
         for strip, block in zip(strips, blocks, strict=True):
             strip.append((r0, block))
     LOG.info("%s: the Gram out of core: %d row strips of %d rows, memory-mapped", name, len(strips[0]), rows)
