@@ -278,8 +278,7 @@ class RunDir:
         """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
         several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity,
         and with the CRC-32 of each tensor at the state's top level. Nothing is written for a unit
-        already done (a Gram block's unit that ran after its fit: the part would never be read; a
-        unit file that cannot be read is no unit done)."""
+        already done (a Gram block's unit that ran after its fit), whose file can be read."""
         if self.unit_file(name).is_file() and self._load(self.unit_file(name), mmap=True) is not None:
             return
         (self.path / "units").mkdir(exist_ok=True)
