@@ -50,8 +50,14 @@ def test_a_float32_gram_is_multiplied_in_float64():
     found = cg_solve(K, Y, rank=40, tol=1e-10, max_iter=3000)
     assert residual(K, Y, found.alpha, 0.0) <= 1e-10
     P = targets(300, 5)
-    work = torch.empty(7, 300, dtype=torch.float64)  # 7 rows of K at a time: blocks that do not divide N
-    assert torch.allclose(kernel_matmul(K, P, 0.5, work), K.double() @ P + 0.5 * P, rtol=1e-14, atol=0)
+    # float64 dot products of 300 terms, each side within gamma_300 |K| |P| of the exact value
+    # (Higham's bound, gamma_n ~ n eps64 = 3e-14 relative): a float32 accumulation misses it by 10^6
+    bound = 2 * 300 * torch.finfo(torch.float64).eps * (K.double().abs() @ P.abs())
+    for shape in ((7, 300), (7, 64), (128, 128)):  # tiles that do not divide N, rows and columns
+        found = kernel_matmul(K, P, 0.5, torch.empty(shape, dtype=torch.float64))
+        assert ((found - (K.double() @ P + 0.5 * P)).abs() <= bound + 1e-15).all()
+    with pytest.raises(ValueError, match="at most as many rows as columns"):
+        kernel_matmul(K, P, 0.5, torch.empty(64, 7, dtype=torch.float64))
 
 
 def test_nystrom_at_full_rank_is_the_kernel_and_below_it_never_exceeds_it():
@@ -132,3 +138,14 @@ def test_a_column_solved_exactly_stays_put_and_the_rest_converge():
     found = cg_solve(K, Y, rank=40, tol=1e-9, max_iter=2000)
     assert torch.equal(found.alpha[:, 1], torch.zeros(300, dtype=torch.float64))
     assert residual(K, Y[:, [0, 2]], found.alpha[:, [0, 2]], 0.0) <= 1e-9
+
+
+def test_a_whole_gram_is_read_above_its_diagonal_only():
+    """The fit hands CG its Gram unmirrored (rows computed above the diagonal only): NaN below the
+    diagonal changes nothing, to the last bit, and the solve still reaches its tolerance on K."""
+    K, Y = gram(), targets(300)
+    upper = K.clone()
+    upper[torch.ones(300, 300, dtype=torch.bool).tril(-1)] = float("nan")
+    whole, half = cg_solve(K, Y, rank=40, tol=1e-9), cg_solve(upper, Y, rank=40, tol=1e-9)
+    assert torch.equal(whole.alpha, half.alpha) and whole.iterations == half.iterations
+    assert residual(K, Y, half.alpha, 0.0) <= 1e-9

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
@@ -108,18 +109,29 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
     split: one row per predictor."""
     predictors, n = unit.work.predictors, unit.work.n_train
     description, kinds = kernel_of(spec, predictors[0])[0], [kernel_of(spec, p)[1] for p in predictors]
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def lap(phase: str) -> None:  # the unit's profile, logged at its end (benchmarks/bench_floor.py)
+        clock.append(time.perf_counter())
+        seconds[phase] = seconds.get(phase, 0.0) + clock[-1] - clock[-2]
+
     X, labels, Xt, labels_t = dataset(spec, n)
+    lap("data")
     per_unit = spec.kernels.rows_per_unit
     blocks = per_unit is not None and n > per_unit  # block units computed the Gram's rows, at their cost
     rows, dtype = per_unit if blocks else spec.kernels.checkpoint_rows, gram_dtype(spec, n)
     for block in unit.needs:  # computed first where they are not yet (as when this unit is run alone)
         ctx.require(block.work)
-    if blocks and solver_of(spec, n) == "cg":  # out of core
+    cg = solver_of(spec, n) == "cg"
+    if blocks and cg:  # out of core
         Ks = strip_grams(description, kinds, X, dtype, rows, ctx, unit.name)
-    else:
+    else:  # (CG reads the upper triangle only)
         Ks = checkpointed_grams(
-            description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=not blocks
+            description, kinds, X, dtype, rows, ctx, unit.name, progress, saved_counts=not blocks,
+            lower=not cg,
         )
+    lap("Gram")
     alphas, solves, notes, Y = [], [], [], targets(spec, labels)
     for kind in kinds:
         relative = spec.kernels.ridge + (spec.kernels.nngp_noise if kind == "nngp" else 0.0)
@@ -128,9 +140,12 @@ def kernel_unit(spec: GenSpec, unit: Unit, ctx: UnitContext, progress: Progress)
         alphas.append(alpha.double())
         solves.append(solved)
         notes.extend(f"{kind}: {note}" if len(kinds) > 1 else note for note in solved.pop("notes"))
+    lap("solve")
     for note in notes:
         LOG.warning("%s: %s", unit.name, note)
     preds = predictions(description, kinds, Xt, X, alphas, ctx, unit.name, spec.kernels.rows_per_unit)
+    lap("test kernel and predictions")
+    LOG.info("%s: seconds: %s", unit.name, ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     out = []
     for predictor, pred, solved in zip(predictors, preds, solves, strict=True):
         row = {

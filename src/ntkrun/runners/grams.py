@@ -81,13 +81,15 @@ def checkpointed_grams(
     name: str,
     progress: Progress,
     saved_counts: bool = True,
+    lower: bool = True,
 ) -> list[torch.Tensor]:
     """The Gram of each of `kinds` ("ntk", "nngp") on X (N, n0) -> (N, N) in `dtype`, by blocks of
     `rows` rows (their upper triangle, one `description.kernels` call for all kinds, then mirrored).
     A Gram of more than one block saves each block, of every kind, as checkpoint part rows<r0> of
     unit `name`; a saved part of the right shape is read instead of computed (memory-mapped, copied
     into the one Gram). saved_counts: a read block advances `progress` by its cost (False where
-    block units computed it: their cost is theirs)."""
+    block units computed it: their cost is theirs). lower: the upper triangle mirrored onto the lower
+    one at the end (the Cholesky's input; conjugate gradients read the upper one only)."""
     n = X.shape[0]
     Ks = empty_checked([(n, n)] * len(kinds), dtype, "cpu", f"{name}: the Gram")
     for r0, r1 in spans(n, rows):
@@ -104,7 +106,7 @@ def checkpointed_grams(
                 state = {kind: K[r0:r1, r0:].clone() for kind, K in zip(kinds, Ks, strict=True)}
                 ctx.save_checkpoint(name, state, f"rows{r0}")
         progress.advance(f"{name}: Gram rows {r1}/{n}", cost)
-    for K in Ks:
+    for K in Ks if lower else []:
         mirror_(K, to_lower=True)
     return Ks
 
