@@ -8,6 +8,7 @@ import signal
 import struct
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -59,6 +60,8 @@ def test_kernel_predictors_equal_a_dense_numpy_solve(images, tmp_path):
             # the condition number of these Grams is ~1e3-1e4: both solves agree to ~1e-12
             assert row["test_mse"] == pytest.approx(((pred - Yt) ** 2).mean(), rel=1e-9)
             assert row["test_accuracy"] == (pred.argmax(1) == yt.numpy()).mean()
+    height, width = plt.imread(tmp_path / "generalization" / "latest" / "figure.png").shape[:2]
+    assert width / height < 2  # without nets, the learning curves alone (1.4): no empty (b) and (c)
 
 
 def test_nets_approach_the_ntk_predictor_as_width_grows(images, tmp_path):
@@ -71,6 +74,8 @@ def test_nets_approach_the_ntk_predictor_as_width_grows(images, tmp_path):
     assert fits.loc["dist_t", "slope"] < 0 and fits.loc["dist_t", "ci_high"] < 0, fits
     distance = pd.read_csv(tmp_path / "generalization" / "latest" / "distance.csv")
     assert len(distance) == 9 and (distance["dist_t"] > 0).all()
+    height, width = plt.imread(tmp_path / "generalization" / "latest" / "figure.png").shape[:2]
+    assert width / height > 2.5  # the three panels (2.9)
 
 
 @pytest.mark.parametrize(

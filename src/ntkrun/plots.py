@@ -248,79 +248,86 @@ def generalization_figure(
 ) -> None:
     """(a) learning curves: test accuracy vs N_train, a line per kernel (a Monte-Carlo kernel's with
     its +-2 jackknife SE band), the nets (trained on n_net points) as points; (b) test accuracy vs
-    width, the kernel predictors at n_net as lines;
-    (c) distance of the nets to the NTK predictor vs width (log-log) with the fitted slopes."""
+    width, the kernel predictors at n_net as lines; (c) distance of the nets to the NTK predictor vs
+    width (log-log) with the fitted slopes. Without nets (kernel predictors only), (a) alone."""
     nets = accuracy[accuracy["predictor"] == "net"]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"wspace": 0.35})
-        ax = axes[0]
-        for kind in ("ntk", "nngp", "mlp_ntk", "mlp_nngp"):
-            g = accuracy[accuracy["predictor"] == kind].sort_values("n_train")
-            if len(g):
-                color, label = KERNEL_STYLES[kind]
-                style = "o--" if kind.startswith("mlp_") else "o-"
-                ax.plot(g["n_train"], g["test_accuracy"], style, color=color, ms=3.5, label=label)
-                if "test_accuracy_se" in g and g["test_accuracy_se"].notna().any():  # Monte-Carlo kernels
-                    low, high = (g["test_accuracy"] + k * 2 * g["test_accuracy_se"] for k in (-1, 1))
-                    ax.fill_between(g["n_train"], low, high, color=color, alpha=0.2, lw=0)
-        widths = sorted(nets["width"].unique())
-        shades = {
-            w: plt.get_cmap("Greys")(0.35 + 0.6 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)
-        }
-        for w in widths:
-            acc = nets[nets["width"] == w]["test_accuracy"]
-            ax.errorbar(
-                [n_net],
-                [acc.mean()],
-                yerr=[acc.std() if len(acc) > 1 else 0],
-                fmt="s",
-                ms=4,
-                color=shades[w],
-                label=f"net, width {w:g}",
-            )
-        ax.set_xscale("log")
-        sizes = sorted({int(n) for n in accuracy["n_train"]})  # labelled where the points are, not 10^k
-        ax.set_xticks(sizes, [f"{n:d}" for n in sizes], fontsize=7)
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("training points N_train")
-        ax.set_ylabel("test accuracy")
-        ax.set_title("(a) learning curves", fontsize=9)
-        _legend(ax)
-        ax = axes[1]
-        if len(nets):
-            g = nets.groupby("width")["test_accuracy"]
-            ax.errorbar(
-                g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt="s-", color="k", ms=4, label="nets"
-            )
-        for kind, (color, label) in KERNEL_STYLES.items():
-            at = accuracy[(accuracy["predictor"] == kind) & (accuracy["n_train"] == n_net)]
-            if len(at):
-                ax.axhline(at["test_accuracy"].iloc[0], color=color, ls="--", lw=1, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width n")
-        ax.set_title(f"(b) accuracy vs width, N_train = {n_net}", fontsize=9)
-        _legend(ax)
-        ax = axes[2]
-        for metric, marker, label in (
-            ("dist_t", "o", "to NTK at the nets' t"),
-            ("dist_inf", "^", "to NTK, t = inf"),
-        ):
-            if not len(distance) or fits.empty:
-                break
-            g = distance.groupby("width")[metric]
-            fit = fits[fits["metric"] == metric].iloc[0]
-            text = f"{label}: slope {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
-            line = ax.errorbar(g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt=marker, ms=4, label=text)
-            w = np.array(g.mean().index, float)
-            ax.plot(w, np.exp(fit["intercept"]) * w ** fit["slope"], "-", lw=1, color=line[0].get_color())
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("width n")
-        ax.set_ylabel("||f_net - f_ntk|| / ||f_ntk|| (test)")
-        ax.set_title("(c) nets approach the NTK predictor", fontsize=9)
-        _legend(ax)
+        if not len(nets) and not len(distance):
+            fig, ax = plt.subplots(figsize=(6.0, 3.8))
+            _learning_curves(ax, accuracy, nets, n_net)
+            ax.set_title("learning curves", fontsize=9)
+        else:
+            fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"wspace": 0.35})
+            _learning_curves(axes[0], accuracy, nets, n_net)
+            axes[0].set_title("(a) learning curves", fontsize=9)
+            _accuracy_vs_width(axes[1], accuracy, nets, n_net)
+            _distances(axes[2], distance, fits)
         fig.suptitle(title, fontsize=10)
         _save(fig, stem)
+
+
+def _learning_curves(ax: plt.Axes, accuracy: pd.DataFrame, nets: pd.DataFrame, n_net: int) -> None:
+    for kind in ("ntk", "nngp", "mlp_ntk", "mlp_nngp"):
+        g = accuracy[accuracy["predictor"] == kind].sort_values("n_train")
+        if len(g):
+            color, label = KERNEL_STYLES[kind]
+            style = "o--" if kind.startswith("mlp_") else "o-"
+            ax.plot(g["n_train"], g["test_accuracy"], style, color=color, ms=3.5, label=label)
+            if "test_accuracy_se" in g and g["test_accuracy_se"].notna().any():  # Monte-Carlo kernels
+                low, high = (g["test_accuracy"] + k * 2 * g["test_accuracy_se"] for k in (-1, 1))
+                ax.fill_between(g["n_train"], low, high, color=color, alpha=0.2, lw=0)
+    widths = sorted(nets["width"].unique())
+    shades = {
+        w: plt.get_cmap("Greys")(0.35 + 0.6 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)
+    }
+    for w in widths:
+        acc = nets[nets["width"] == w]["test_accuracy"]
+        yerr = [acc.std() if len(acc) > 1 else 0]
+        ax.errorbar(
+            [n_net], [acc.mean()], yerr=yerr, fmt="s", ms=4, color=shades[w], label=f"net, width {w:g}"
+        )
+    ax.set_xscale("log")
+    sizes = sorted({int(n) for n in accuracy["n_train"]})  # labelled where the points are, not 10^k
+    ax.set_xticks(sizes, [f"{n:d}" for n in sizes], fontsize=7)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("training points N_train")
+    ax.set_ylabel("test accuracy")
+    _legend(ax)
+
+
+def _accuracy_vs_width(ax: plt.Axes, accuracy: pd.DataFrame, nets: pd.DataFrame, n_net: int) -> None:
+    if len(nets):
+        g = nets.groupby("width")["test_accuracy"]
+        ax.errorbar(g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt="s-", color="k", ms=4, label="nets")
+    for kind, (color, label) in KERNEL_STYLES.items():
+        at = accuracy[(accuracy["predictor"] == kind) & (accuracy["n_train"] == n_net)]
+        if len(at):
+            ax.axhline(at["test_accuracy"].iloc[0], color=color, ls="--", lw=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width n")
+    ax.set_title(f"(b) accuracy vs width, N_train = {n_net}", fontsize=9)
+    _legend(ax)
+
+
+def _distances(ax: plt.Axes, distance: pd.DataFrame, fits: pd.DataFrame) -> None:
+    for metric, marker, label in (
+        ("dist_t", "o", "to NTK at the nets' t"),
+        ("dist_inf", "^", "to NTK, t = inf"),
+    ):
+        if not len(distance) or fits.empty:
+            break
+        g = distance.groupby("width")[metric]
+        fit = fits[fits["metric"] == metric].iloc[0]
+        text = f"{label}: slope {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+        line = ax.errorbar(g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt=marker, ms=4, label=text)
+        w = np.array(g.mean().index, float)
+        ax.plot(w, np.exp(fit["intercept"]) * w ** fit["slope"], "-", lw=1, color=line[0].get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width n")
+    ax.set_ylabel("||f_net - f_ntk|| / ||f_ntk|| (test)")
+    ax.set_title("(c) nets approach the NTK predictor", fontsize=9)
+    _legend(ax)
 
 
 def _legend(ax: plt.Axes) -> None:

@@ -312,10 +312,11 @@ def aggregate(spec: GenSpec, run: RunDir, results: Results) -> pd.DataFrame:
     fit_table = fits(distance, spec)
     run.write_csv("distance.csv", distance)
     run.write_csv("fits.csv", fit_table)
-    title = (
-        f"{network_caption(spec.network)}; nets: {spec.seeds} seeds, {spec.training.steps} GD steps "
-        f"(lr {spec.training.lr:g}) on {spec.training.n_train} points"
+    trained = (
+        f"nets: {spec.seeds} seeds, {spec.training.steps} GD steps (lr {spec.training.lr:g}) on "
+        f"{spec.training.n_train} points"
     )
+    title = f"{network_caption(spec.network)}; {trained if 'net' in spec.predictors else 'kernel predictors'}"
     generalization_figure(
         accuracy, distance, fit_table, run.path / "figure", n_net=spec.training.n_train, title=title
     )
