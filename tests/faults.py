@@ -174,3 +174,29 @@ def unit_main_counting(run_dir: str, name: str) -> str:
     with open(os.environ["COUNT_FILE"] + ".events", "a") as fh:
         fh.write(f"end {name}\n")
     return name
+
+
+def unit_main_gated(run_dir: str, name: str) -> str:
+    """A pool worker's entry point that appends "start <unit>" / "end <unit>" to $EVENTS_FILE and
+    holds the unit named in $GATE_UNIT until the line $GATE_OPEN is there (at most 60 s; then it
+    notes "gate timed out" and goes on): a deterministic check that another unit starts meanwhile."""
+    import time
+    from pathlib import Path
+
+    from ntkrun.units import unit_main
+
+    events = Path(os.environ["EVENTS_FILE"])
+    with open(events, "a") as fh:
+        fh.write(f"start {name}\n")
+    if name == os.environ.get("GATE_UNIT"):
+        deadline = time.monotonic() + 60
+        while os.environ["GATE_OPEN"] not in events.read_text().splitlines():
+            if time.monotonic() > deadline:
+                with open(events, "a") as fh:
+                    fh.write("gate timed out\n")
+                break
+            time.sleep(0.05)
+    unit_main(run_dir, name)
+    with open(events, "a") as fh:
+        fh.write(f"end {name}\n")
+    return name

@@ -268,3 +268,24 @@ def test_an_unreadable_fit_file_is_no_fit_done_and_its_missing_strip_is_saved(da
     result = invoke(*args(data, sets, "--unit", "ntk_n100", "--run-dir", shared))
     assert result.exit_code == 0, result.output
     assert (shared / "accuracy.csv").is_file() and not list((shared / "units").glob("*.ckpt*"))
+
+
+def test_a_pool_starts_a_fit_once_its_own_blocks_are_done(data, tmp_path, monkeypatch):
+    """No stage barrier: while the larger fit's last block is held, a free worker starts the smaller
+    fit, whose blocks are all done (with a barrier it would wait for that block: the gate times out)."""
+    from faults import unit_main_gated
+
+    import ntkrun.executors.local
+
+    events = tmp_path / "events"
+    monkeypatch.setenv("EVENTS_FILE", str(events))
+    monkeypatch.setenv("GATE_UNIT", "ntk_n100_rows96")
+    monkeypatch.setenv("GATE_OPEN", "start ntk_n50")
+    monkeypatch.setattr(ntkrun.executors.local, "unit_main", unit_main_gated)
+    sets = ["predictors=[ntk]", "data.n_train=[50, 100]", "data.n_test=40", *BLOCKS]
+    result = invoke(*args(data, sets, "-o", tmp_path / "out", "--executor", "local", "--jobs", "2"))
+    assert result.exit_code == 0, result.output
+    lines = events.read_text().splitlines()
+    assert "gate timed out" not in lines, lines
+    assert lines.index("start ntk_n50") < lines.index("end ntk_n100_rows96"), lines
+    assert lines.index("start ntk_n100") > lines.index("end ntk_n100_rows96"), lines  # its own block

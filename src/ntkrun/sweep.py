@@ -132,6 +132,7 @@ class Sweep:
         grid = Grid(points(spec))
         shared_of = self.runner.shared
         first: dict[tuple[str, str], str] = {}  # (unit, what it reads) -> the sweep unit computing it
+        made: dict[str, Unit] = {}
         for point in grid.points:
             identity, shared = _flat(spec_identity(spec_dict(point.spec))), shared_of(point.spec)
             for unit in sorted(self.runner.units(point.spec), key=lambda u: u.stage):
@@ -147,7 +148,9 @@ class Sweep:
                     first[key] = name
                 grid.owner[(point.index, unit.name)] = name
                 grid.readers[name] = [point.name]
-                grid.units.append(Unit(name, unit.cost, PointWork(point.index, unit)))
+                needs = tuple(made[grid.owner[(point.index, n.name)]] for n in unit.needs)  # (earlier stages)
+                made[name] = Unit(name, unit.cost, PointWork(point.index, unit), needs=needs)
+                grid.units.append(made[name])
         return grid
 
     # ---------------------------------------------------------------- the runner interface

@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
@@ -85,7 +85,8 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, spec: RunSpec, run: RunDir, todo: list[Unit], progress: Progress) -> Dispatch:
-        """Compute `todo` in `jobs` worker processes, stage by stage. A unit computes with the run's
+        """Compute `todo` in `jobs` worker processes, each unit once the units it reads are done
+        (`_schedule`). A unit computes with the run's
         executor.threads (as inline and on SLURM: the same bytes).
         Where the workers' threads outnumber the cores, their OpenMP threads sleep instead of
         spinning while they wait (OMP_WAIT_POLICY=PASSIVE: the features quick preset in 2 workers
@@ -103,8 +104,7 @@ class LocalExecutor(Executor):
         try:
             with _environment({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {}):
                 workers = [_Worker(context) for _ in range(min(self.jobs, len(todo)))]
-            for stage in sorted({u.stage for u in todo}):
-                self._stage(run, deque(u for u in todo if u.stage == stage), workers, progress)
+            self._schedule(run, todo, workers, progress)
             failed = False
         finally:
             for worker in workers:
@@ -112,21 +112,39 @@ class LocalExecutor(Executor):
         return Dispatch(finished=True)
 
     @staticmethod
-    def _stage(run: RunDir, pending: deque[Unit], workers: list[_Worker], progress: Progress) -> None:
-        """Hand out the stage's units to idle workers until every one has answered."""
+    def _schedule(run: RunDir, todo: list[Unit], workers: list[_Worker], progress: Progress) -> None:
+        """Hand each unit, in `todo`'s order (stage 0 first), to an idle worker as soon as what it
+        reads is done: the units of its `needs` that are in `todo` where it declares them (a fit
+        starts when its own Gram blocks are done, not when every block of the run is), else every
+        unit of an earlier stage (what a unit reads without declaring it, e.g. a Reference, is of
+        stage 0). Returns when every unit has answered."""
+        pending, waited = deque(todo), {u.name for u in todo}
+        done: set[str] = set()
+        left = Counter(u.stage for u in todo)  # units of each stage not answered yet
+
+        def ready(unit: Unit) -> bool:
+            if unit.needs:
+                return all(n.name not in waited or n.name in done for n in unit.needs)
+            return not any(left[stage] for stage in range(unit.stage))
+
         while pending or any(w.unit is not None for w in workers):
             for worker in workers:
-                if worker.unit is None and pending:
-                    worker.unit = pending.popleft()
-                    try:  # a worker that died idle (killed, out of memory) has a broken pipe
-                        worker.conn.send((str(run.path), worker.unit.name))
-                    except OSError:
-                        worker.process.join(JOIN_S)
-                        _died(run, worker)
+                unit = next((u for u in pending if ready(u)), None) if worker.unit is None else None
+                if unit is None:
+                    continue
+                pending.remove(unit)
+                worker.unit = unit
+                try:  # a worker that died idle (killed, out of memory) has a broken pipe
+                    worker.conn.send((str(run.path), unit.name))
+                except OSError:
+                    worker.process.join(JOIN_S)
+                    _died(run, worker)
             busy = [w for w in workers if w.unit is not None]
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            if not busy:  # (units whose needs are neither in todo nor answered: cannot happen)
+                raise RunError(f"units {', '.join(u.name for u in pending)} wait on units never run")
+            ready_conns = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
             for worker in busy:
-                if worker.conn in ready or worker.conn.poll():
+                if worker.conn in ready_conns or worker.conn.poll():
                     try:
                         name, err = worker.conn.recv()
                     except EOFError:  # the pipe closed: the worker is gone
@@ -134,8 +152,10 @@ class LocalExecutor(Executor):
                     if err is not None:
                         raise err
                     progress.advance(name, worker.unit.flops or 1.0)
+                    done.add(name)
+                    left[worker.unit.stage] -= 1
                     worker.unit = None
-                elif worker.process.sentinel in ready:
+                elif worker.process.sentinel in ready_conns:
                     _died(run, worker)
 
 
