@@ -209,3 +209,20 @@ def test_show_refuses_a_folder_that_is_not_a_run_and_a_run_names_its_tables(tmp_
     run = Run(tmp_path, {}, {}, {"metrics": None}, True)
     with pytest.raises(KeyError, match="'nope': this run has no such table; its tables: metrics"):
         run["nope"]
+
+
+def test_help_lists_every_experiment_with_its_whole_first_sentence_and_completion_is_offered():
+    """`ntkrun --help` names every experiment with its purpose, not cut at Click's 45 characters;
+    `--show-completion bash` prints a bash completion script (Typer's own, through Click)."""
+    from ntkrun.experiments import EXPERIMENTS
+
+    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for record in EXPERIMENTS.values():
+        first = record.help.split(". ")[0].rstrip(".")
+        flat = " ".join(result.output.split())
+        assert f"{record.name} {first}." in flat, record.name
+    assert "..." not in result.output.split("Commands:")[1]
+    script = Path(sys.executable).parent / "ntkrun"  # the installed command, as a user's shell runs it
+    completion = subprocess.run([script, "--show-completion", "bash"], capture_output=True, text=True)
+    assert completion.returncode == 0 and "_ntkrun_completion()" in completion.stdout, completion.stderr

@@ -11,12 +11,16 @@ from ntkrun.version import __version__
 app = typer.Typer(
     help="Experiment runner for the Neural Tangent Kernel (Jacot, Gabriel & Hongler 2018).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain usage errors: "Error: Invalid value for '--width': ..."
 )
 for module in (experiments, runs, data):
     module.register(app)
+for command in app.registered_commands:  # `ntkrun --help` lists each command's whole first sentence
+    text = command.help or command.callback.__doc__ or ""
+    first = text.strip().split("\n\n")[0].split(". ")[0].replace("\n", " ").rstrip(".")
+    command.short_help = command.short_help or f"{first}."
 
 
 def _version(value: bool) -> None:
