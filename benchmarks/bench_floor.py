@@ -12,6 +12,7 @@ the rest of the wall time is start-up (imports, spec, data digests) and writing 
 figure). Prints the floor, the time, floor / time, the profile and the test accuracy.
 
     python benchmarks/bench_floor.py [--n 60000] [--solver cholesky|cg] [--rank 500] [--tol 1e-5]
+                                     [--set KEY=VALUE ...]
 
 Fashion-MNIST at /usr/share/datasets/fashion-mnist or $NTKRUN_DATA_DIR. At N = 60000 the command
 needs about 15 GB of memory; it runs 10-20 minutes on 2 cores.
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=500)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--keep", type=Path, default=None, help="output root to keep the run in")
+    parser.add_argument("--set", action="append", default=[], help="more KEY=VALUE for the command")
     args = parser.parse_args()
     data = os.environ.get("NTKRUN_DATA_DIR", "/usr/share/datasets/fashion-mnist")
     torch.set_num_threads(torch.get_num_threads())
@@ -73,6 +75,7 @@ def main() -> None:
     sets = [
         f"data.dir={data}", f"data.n_train=[{args.n}]", "predictors=[ntk]",
         f"kernels.solver={args.solver}", f"kernels.precond_rank={args.rank}", f"kernels.tol={args.tol}",
+        *args.set,
     ]  # fmt: skip
     command = [sys.executable, "-m", "ntkrun", "generalization", "--output-root", str(root)]
     command += [x for s in sets for x in ("--set", s)]

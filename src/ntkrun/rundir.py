@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from ntkrun import signals
-from ntkrun.atomic import atomic_write, umask
+from ntkrun.atomic import atomic_write, settle, umask
 from ntkrun.errors import RunError, SpecError, Stop, UnitSpecMismatchError, stopped
 from ntkrun.identity import IDENTITY, Identity, run_mismatch
 from ntkrun.locks import RUNNING, acquire, release
@@ -277,14 +277,14 @@ class RunDir:
     def save_checkpoint(self, name: str, state: dict[str, Any], part: str | None = None) -> None:
         """A long unit's state, atomically replacing the previous checkpoint; a unit may keep
         several named parts (e.g. the row blocks of a large Gram matrix). Tagged with the identity,
-        and with the CRC-32 of each tensor at the state's top level. Nothing is written for a unit
-        already done (a Gram block's unit that ran after its fit), whose file can be read."""
+        and with the CRC-32 of each tensor at the state's top level; a large one written through
+        (atomic.settle). Nothing is written for a unit already done (a block run after its fit)."""
         if self.unit_file(name).is_file() and self._load(self.unit_file(name), mmap=True) is not None:
             return
         (self.path / "units").mkdir(exist_ok=True)
         sums = {key: crc32(value) for key, value in state.items() if isinstance(value, torch.Tensor)}
         blob = {**self.identity.tag(), "state": state, "crc32": sums}
-        atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(blob, tmp))
+        settle(atomic_write(self.checkpoint_file(name, part), lambda tmp: torch.save(blob, tmp)))
 
     def load_checkpoint(self, name: str, part: str | None = None) -> dict[str, Any] | None:
         """The saved state, its tensors memory-mapped (read as they are used: a Gram block is copied
