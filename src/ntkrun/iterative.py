@@ -10,9 +10,10 @@ from one product K Omega with l random directions, and
     P^-1 = U diag((lam_l + r) / (lam + r)) U^T + (I - U U^T),
 
 which maps the top l eigenvalues of K + r I onto lam_l + r: the iterations then depend on
-(lam_l + r) / (lam_min + r), not on lam_max / lam_min. K's products run in K's dtype (float32 at
-large N, the GEMM rate); the preconditioner, the iterates, inner products and recurrences are
-float64. The relative residual reported is recomputed from K at the end, not the recurrence's.
+(lam_l + r) / (lam_min + r), not on lam_max / lam_min. The Nystrom product K Omega runs in K's
+dtype (float32 at large N, the GEMM rate); CG's products of K accumulate in float64, and the
+preconditioner, the iterates, inner products and recurrences are float64. The relative residual
+reported is recomputed from K at the end, not the recurrence's.
 """
 
 from __future__ import annotations
