@@ -178,8 +178,10 @@ def unit_main_counting(run_dir: str, name: str) -> str:
 
 def unit_main_gated(run_dir: str, name: str) -> str:
     """A pool worker's entry point that appends "start <unit>" / "end <unit>" to $EVENTS_FILE and
-    holds the unit named in $GATE_UNIT until the line $GATE_OPEN is there (at most 60 s; then it
-    notes "gate timed out" and goes on): a deterministic check that another unit starts meanwhile."""
+    holds the unit named in $GATE_UNIT until the line $GATE_OPEN is there (at most 600 s; then it
+    notes "gate timed out" and goes on): a deterministic check that another unit starts meanwhile.
+    The bound only ends a failing test (a scheduler that never starts that unit) instead of hanging
+    it; a passing one waits for the event itself, however slow the machine."""
     import time
     from pathlib import Path
 
@@ -189,7 +191,7 @@ def unit_main_gated(run_dir: str, name: str) -> str:
     with open(events, "a") as fh:
         fh.write(f"start {name}\n")
     if name == os.environ.get("GATE_UNIT"):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while os.environ["GATE_OPEN"] not in events.read_text().splitlines():
             if time.monotonic() > deadline:
                 with open(events, "a") as fh:
