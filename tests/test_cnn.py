@@ -14,8 +14,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntkrun.architectures import CNN
 from ntkrun.kernels import analytic_kernels, empirical_ntk
-from ntkrun.kernels.analytic import relu_expectations
-from ntkrun.kernels.cnn import cnn_kernels, patch_sum, relu_expectations_
+from ntkrun.kernels.analytic import relu_expectations, relu_expectations_
+from ntkrun.kernels.cnn import cnn_kernels, patch_sum
 from ntkrun.linalg import mirror_
 from ntkrun.network import MLP
 from ntkrun.nonlinearities import get_nonlinearity

@@ -101,6 +101,29 @@ def test_layer_recursion_matches_a_scalar_reference_loop():
     assert th.item() == pytest.approx(theta, abs=1e-5)
 
 
+@pytest.mark.parametrize("widths", [None, [7, 9, 11]])
+def test_in_place_relu_tiles_match_a_numpy_recursion(widths):
+    """The in-place ReLU recursion on reused tile buffers (several column tiles: N2 = 2500 > 1024)
+    against the closed form written out in numpy over all pairs, both parametrizations, depth 4:
+    the same formulas in another order of operations, so agreement to 1e-12 relative."""
+    g = np.random.default_rng(3)
+    X, X2, beta = g.normal(size=(40, 6)), g.normal(size=(2500, 6)), 0.1
+    sxy = X @ X2.T / 6 + beta**2
+    sxx, syy = (X * X).sum(1)[:, None] / 6 + beta**2, (X2 * X2).sum(1)[None, :] / 6 + beta**2
+    theta = X @ X2.T + 1 if widths else sxy.copy()
+    for l in range(3):
+        s = np.sqrt(sxx * syy)
+        rho = np.clip(sxy / s, -1, 1)
+        e_ss = s * (np.sqrt(1 - rho**2) + (np.pi - np.arccos(rho)) * rho) / (2 * np.pi)
+        e_dd = (np.pi - np.arccos(rho)) / (2 * np.pi)
+        theta = theta * e_dd + (widths[l] * e_ss + 1 if widths else e_ss + beta**2)
+        sxx, syy, sxy = sxx / 2 + beta**2, syy / 2 + beta**2, e_ss + beta**2
+    kw = {"parametrization": "standard", "widths": widths} if widths else {}
+    sigma, th = analytic_kernels(torch.tensor(X), torch.tensor(X2), 4, "relu", beta, **kw)
+    np.testing.assert_allclose(sigma.numpy(), sxy, rtol=1e-12)
+    np.testing.assert_allclose(th.numpy(), theta, rtol=1e-12)
+
+
 def test_symmetric_psd_and_blocking():
     X = torch.randn(40, 5, dtype=torch.float64)
     X2 = torch.randn(7, 5, dtype=torch.float64)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
-from ntkrun.kernels.analytic import MIRROR_BLOCK, QUADRATURE_CHUNK, QUADRATURE_ORDER, tile_rows_for
+from ntkrun.kernels.analytic import MIRROR_BLOCK, QUADRATURE_CHUNK, QUADRATURE_ORDER, tile_shape_for
+from ntkrun.kernels.buffers import LIVE_COPIES
 from ntkrun.kernels.empirical import DEFAULT_MEMORY_BUDGET, FEATURE_COPIES
 
 
@@ -44,20 +45,21 @@ QUADRATURE_COPIES = 5  # (chunk, order) float64 arrays of the quadrature alive a
 
 
 def analytic_bytes(n1: int, n2: int, depth: int = 4, closed_form: bool = True) -> int:
-    """Sigma and Theta (float64), one row block's ~16 (rows, N2) float64 intermediates, and the
+    """Sigma and Theta (float64), one tile's LIVE_COPIES reused float64 intermediates, and the
     temporaries of mirroring a symmetric Gram's upper triangle (three blocks); without a closed
     form, the Gauss-Hermite quadrature's chunk of (entries, order) arrays (a nonlinearity such as
     tanh: hundreds of MB where the closed forms need a few)."""
-    rows = min(n1, tile_rows_for(n2))
+    rows, cols = tile_shape_for(n2)
     quadrature = 0 if closed_form else quadrature_bytes(n1, n2, depth)
-    return 2 * n1 * n2 * 8 + 16 * 8 * rows * n2 + 3 * 8 * min(n1, MIRROR_BLOCK) ** 2 + quadrature
+    tile = LIVE_COPIES * 8 * min(n1, rows) * cols
+    return 2 * n1 * n2 * 8 + tile + 3 * 8 * min(n1, MIRROR_BLOCK) ** 2 + quadrature
 
 
 def quadrature_bytes(n1: int, n2: int, depth: int = 4) -> int:
-    """The quadrature's working set while it computes one row block's expectations (transient: one
+    """The quadrature's working set while it computes one tile's expectations (transient: one
     kernel computation at a time holds it)."""
-    rows = min(n1, tile_rows_for(n2))
-    return QUADRATURE_COPIES * 8 * min(QUADRATURE_CHUNK, rows * n2 * QUADRATURE_ORDER)
+    rows, cols = tile_shape_for(n2)
+    return QUADRATURE_COPIES * 8 * min(QUADRATURE_CHUNK, min(n1, rows) * cols * QUADRATURE_ORDER)
 
 
 def eigen_bytes(n: int) -> int:

@@ -30,10 +30,13 @@ from ntkrun.kernels.analytic import (
     CLOSED_FORMS,
     OUT_DTYPES,
     PARAMETRIZATIONS,
+    TWO_PI,
     Expectations,
     _as_float64,
     quadrature_expectations,
+    relu_expectations_,
 )
+from ntkrun.kernels.buffers import LIVE_COPIES, BufferPool
 from ntkrun.kernels.tiles import block_rows, grid
 from ntkrun.linalg import empty_checked
 from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
@@ -41,33 +44,14 @@ from ntkrun.nonlinearities import NONLINEARITIES, Nonlinearity, get_nonlinearity
 Progress = Callable[[int, int], None]
 
 TILE_NUMBERS = 2**17  # numbers per tile intermediate: 1 MB in float64, cache sized (see tile_shape)
-LIVE_COPIES = 12  # intermediates of one tile alive at once (maps, expectations, patch sums)
-TWO_PI = 2 * math.pi
 
 
-class _Pool:
-    """Reused buffers by shape, and the 0/1 masks of patch_sum: a fresh multi-MB tensor costs page
-    faults on every allocation (measured: 40% of the time of a Gram with fresh intermediates)."""
+class _Pool(BufferPool):
+    """The tile buffers, and the 0/1 masks of patch_sum."""
 
     def __init__(self) -> None:
-        self.free: dict[tuple, list[torch.Tensor]] = {}
+        super().__init__()
         self.masks: dict[tuple, torch.Tensor] = {}
-
-    def get(self, like: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
-        shape = tuple(like.shape if shape is None else shape)
-        key = (shape, like.dtype, like.device)
-        stack = self.free.get(key)
-        return stack.pop() if stack else torch.empty(shape, dtype=like.dtype, device=like.device)
-
-    def put(self, *ts: torch.Tensor | None) -> None:
-        """Keep tensors for reuse, at most LIVE_COPIES in all (of every shape): tensors made outside
-        the pool (a tile's input Gram, the expectations) are put back too, and without the bound
-        every tile would leave one more behind (the pool grew by a tile's maps per tile); a bound
-        per shape would let "valid" padding, whose maps shrink layer by layer, keep that many of
-        each layer's shape."""
-        for t in ts:
-            if t is not None and t.is_contiguous() and sum(map(len, self.free.values())) < LIVE_COPIES:
-                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     def mask(
         self, spatial: tuple[int, ...], dims: tuple[int, ...], o: int, like: torch.Tensor
@@ -84,46 +68,6 @@ class _Pool:
                 mask = mask * ((idx >= 0) & (idx < n)).to(like.dtype).reshape(shape)
             self.masks[key] = mask.reshape(-1)
         return self.masks[key]
-
-
-def relu_expectations_(
-    sxx: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor,
-    roots: tuple[torch.Tensor, torch.Tensor] | None = None, pool: _Pool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """2 pi (E[relu(u) relu(v)], E[relu'(u) relu'(v)]): ntkrun.kernels.analytic.relu_expectations
-    times 2 pi (the caller folds 1 / 2 pi into its next scaling), in fewer passes; overwrites sxy
-    (full size; sxx, syy broadcast against it).
-
-    The same formulas: s = sqrt(sxx syy), rho = sxy / s clipped to [-1, 1], 2 pi e_ss = s (sin th
-    + (pi - th) cos th), 2 pi e_dd = pi - th = arccos(-rho), both 0 where s = 0. Without `roots`
-    s is sqrt(sxx syy), so where sxy = sxx = syy it is sxx exactly (sqrt of a rounded square) and
-    rho exactly 1; with roots = (sqrt(sxx), sqrt(syy)) (small, precomputed) s is their product,
-    one pass instead of two (the tiles of the Gram, whose diagonal is recomputed exactly).
-    Agreement with relu_expectations to rounding is tested.
-    """
-    pool = pool or _Pool()
-    s = pool.get(sxy)
-    if roots is None:
-        torch.mul(sxx, syy, out=s).sqrt_()
-    else:
-        torch.mul(*roots, out=s)
-    degenerate = bool((sxx <= 0).any() or (syy <= 0).any())  # small tensors: a cheap check
-    if degenerate:
-        zero = s <= 0
-        s.masked_fill_(zero, 1.0)
-    rho = sxy.div_(s)
-    if degenerate:
-        rho.masked_fill_(zero, 1.0)
-    rho.clamp_(-1.0, 1.0)
-    sin = torch.addcmul(torch.ones((), dtype=rho.dtype, device=rho.device), rho, rho, value=-1.0,
-                        out=pool.get(rho)).sqrt_()  # fmt: skip
-    j0 = torch.neg(rho, out=pool.get(rho)).arccos_()  # pi - th
-    e_ss = sin.addcmul_(j0, rho).mul_(s)
-    if degenerate:
-        e_ss.masked_fill_(zero, 0.0)
-        j0.masked_fill_(zero, 0.0)
-    pool.put(s, rho)
-    return e_ss, j0
 
 
 def _narrow(t: torch.Tensor, dims: Sequence[int], start: int, length: int) -> torch.Tensor:
