@@ -111,8 +111,8 @@ class NetworkSpec(Model):
 
     depth: PositiveInt = 4  # weight layers L (a cnn: L - 1 convolutions, then the dense layer)
     width: Widths = [500, 10000]  # one network per width (a cnn: channels)
-    nonlinearity: NonlinearityName = "relu"
-    beta: NonNegativeFloat = 0.1
+    nonlinearity: NonlinearityName = "relu"  # sigma of every hidden layer (docs/science.md §1)
+    beta: NonNegativeFloat = 0.1  # the bias scale: z = W a / sqrt(n) + beta b
     parametrization: NtkOnly = "ntk"  # docs/science.md §7.2
     arch: Literal[ARCH_NAMES] = "mlp"  # type: ignore[valid-type]  # docs/science.md §9 for cnn
     kernel_size: PositiveInt = 3  # cnn only: k x k convolutions, stride 1
@@ -135,8 +135,8 @@ class MonteCarloSpec(Model):
 
 
 class TrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: NonNegativeInt = 200
+    lr: PositiveFloat = 1.0  # GD learning rate eta (training time t = lr x steps)
+    steps: NonNegativeInt = 200  # full-batch GD steps
     n_train: PositiveInt = 128  # (choice) training points x ~ N(0, I_2), drawn once per seed
     record_steps: list[NonNegativeInt] | None = None  # default [0, steps]
 
@@ -162,14 +162,14 @@ class GridSpec(CircleGridSpec):
 
 
 class SlurmSpec(Model):
-    partition: str | None = None
+    partition: str | None = None  # sbatch --partition (default: the cluster's)
     gpus: NonNegativeInt = 0  # GPUs per unit (per array task)
     cpus: PositiveInt = 2  # CPUs per unit
-    mem_gb: PositiveFloat | None = None
+    mem_gb: PositiveFloat | None = None  # memory per unit (default: the unit's estimate)
     time: PositiveInt = 60  # minutes per unit; long units are requeued from their checkpoint
     array_parallelism: PositiveInt = 64  # array tasks running at once
-    account: str | None = None
-    qos: str | None = None
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
     additional: dict[str, str] = {}  # any other sbatch option, e.g. {constraint: a100}
 
 
@@ -185,11 +185,11 @@ class ExecutorSpec(Model):
 class RunSpec(Model):
     """Fields every experiment has."""
 
-    experiment: str
+    experiment: str  # the experiment this spec runs (set by the command)
     seeds: PositiveInt = 10  # seeds base_seed .. base_seed + seeds - 1
-    base_seed: NonNegativeInt = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float64"] = "float32"
+    base_seed: NonNegativeInt = 0  # the first seed
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
+    dtype: Literal["float32", "float64"] = "float32"  # of the networks and their empirical kernels
     output: str = "outputs"  # root directory of run directories
     executor: ExecutorSpec = ExecutorSpec()
     # a grid over spec keys, one run: {dotted key: [values]}, every combination (ntkrun.sweep)

@@ -113,7 +113,7 @@ class FeaturesNetworkSpec(NetworkSpec):
 
 class FeaturesTrainingSpec(Model):
     lr: PositiveFloat = 1.0  # muP: lr * n for its width-connected parameters (§11.1)
-    steps: PositiveInt = 200
+    steps: PositiveInt = 200  # full-batch GD steps
     output_scale: PositiveFloat = 1.0  # alpha of arms (a) and (c) (§11.2)
     output_scales: PositiveFloats = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]  # arm (b)
     output_scale_width: PositiveInt = 256  # arm (b)'s width
@@ -125,8 +125,8 @@ class FeaturesDataSpec(Model):
     # gaussian images (channels, rows, cols) for a cnn, every pixel N(0, 1) (dim unused), label the
     # sign of the product of the first two pixels
     image: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None = None
-    n_train: PositiveInt = 64
-    n_test: PositiveInt = 512
+    n_train: PositiveInt = 64  # training points of the task
+    n_test: PositiveInt = 512  # test points (alignment, distance to the NTK predictor)
     dir: str | None = None  # images: IDX folder with a train and a test split (Fashion-MNIST)
     classes: Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)] = [0, 6]  # label +1, -1
     seed: NonNegativeInt = 0  # the task's draw (the same for every network)
@@ -142,7 +142,7 @@ class FeaturesSpec(RunSpec):
     depth_width: list[Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]] = [
         [2, 16], [3, 32], [5, 64], [2, 32], [3, 64], [5, 128], [2, 64], [3, 128], [5, 256],
     ]  # fmt: skip
-    n_boot: PositiveInt = 2000
+    n_boot: PositiveInt = 2000  # bootstrap resamples of the fitted slopes' intervals
 
     @model_validator(mode="after")
     def _pairs(self) -> FeaturesSpec:

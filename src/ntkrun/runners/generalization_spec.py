@@ -18,20 +18,18 @@ from ntkrun.spec import (
     as_list,
 )
 
+TrainSizes = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)]
+
 
 class GenDataSpec(Model):
     dir: str | None = None  # IDX folder with train and test splits; else --data-dir, $NTKRUN_DATA_DIR
     scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255 (choice), or per-pixel on the train points
-    n_train: Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(as_list)] = [
-        1000,
-        5000,
-        20000,
-        60000,
-    ]
+    # the learning curve's training set sizes (nested sets: each the first points of the next)
+    n_train: TrainSizes = [1000, 5000, 20000, 60000]
     n_test: PositiveInt | None = None  # test points (a seeded choice); None: the whole test split
     seed: NonNegativeInt = 0  # the seeded order of the training points (nested sets) and the test choice
     target_on: float = 0.9  # one-hot targets, centered (choice, Lee et al. 2018)
-    target_off: float = -0.1
+    target_off: float = -0.1  # the other classes' entry of the centered one-hot target
 
 
 class GenKernelSpec(Model):
@@ -48,13 +46,13 @@ class GenKernelSpec(Model):
     # gradients preconditioned by a randomized Nystrom approximation of rank precond_rank, until the
     # relative residual is at most tol, in at most max_iter iterations; auto: by the measured rule
     solver: Literal["cholesky", "cg", "auto"] = "cholesky"
-    precond_rank: PositiveInt = 500
-    tol: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    max_iter: PositiveInt = 1000
+    precond_rank: PositiveInt = 500  # cg: rank of the Nystrom preconditioner
+    tol: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # cg: relative residual to stop at
+    max_iter: PositiveInt = 1000  # cg: iterations at most (then the fit fails, saying so)
     # the Monte-Carlo limit of a network.module (docs/science.md §10): its networks' width (default:
     # the largest network.width) and how many are averaged
     limit_width: PositiveInt | None = None
-    mc_samples: Annotated[int, Field(ge=2)] = 32
+    mc_samples: Annotated[int, Field(ge=2)] = 32  # networks averaged
 
 
 class GenTrainingSpec(Model):
@@ -62,7 +60,7 @@ class GenTrainingSpec(Model):
     # (choice) lr * lambda_max / N of the limiting NTK is ~0.9 on MNIST-like data at lr 10 (GD is
     # stable below 2); the paper's lr 1 would need 10x the steps for the same training time
     lr: PositiveFloat = 10.0
-    steps: PositiveInt = 1000
+    steps: PositiveInt = 1000  # full-batch GD steps of every network
     center: bool = True  # predict f_t(x) - f_0(x): in the limit exactly the NTK predictor (choice)
 
 

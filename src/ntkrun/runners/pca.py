@@ -74,16 +74,16 @@ def shared(spec: PCASpec) -> dict[type, tuple[str, ...]]:
 
 class PCADataSpec(Model):
     dir: str | None = None  # IDX folder; else --data-dir, $NTKRUN_DATA_DIR, ~/.cache/ntkrun
-    split: Literal["train", "test"] = "train"
-    n_points: PositiveInt = 512
+    split: Literal["train", "test"] = "train"  # the IDX split the digits come from
+    n_points: PositiveInt = 512  # digits (the kernel is n_points x n_points)
     seed: NonNegativeInt = 0  # the seeded choice of digits
     scaling: Literal["unit", "standardize"] = "unit"  # pixel / 255, or per-pixel standardization
 
 
 class PCATrainingSpec(Model):
-    lr: PositiveFloat = 1.0
+    lr: PositiveFloat = 1.0  # GD learning rate
     steps: PositiveInt = 2000  # (choice)
-    record_every: PositiveInt = 10
+    record_every: PositiveInt = 10  # steps between recorded points of the trajectories
     checkpoint_every: PositiveInt = 100  # steps between unit checkpoints (resume restarts there)
 
 
@@ -94,11 +94,11 @@ class PCASpec(RunSpec):
     training: PCATrainingSpec = PCATrainingSpec()
     data: PCADataSpec = PCADataSpec()
     kernel: Literal["analytic", "empirical"] = "empirical"  # reference kernel (paper: empirical)
-    kernel_width: PositiveInt = 10000
-    kernel_seed: NonNegativeInt = 0
+    kernel_width: PositiveInt = 10000  # kernel: empirical, one network of this width at init
+    kernel_seed: NonNegativeInt = 0  # that network's seed
     component: Annotated[int, Field(ge=1, le=3)] = 2  # the target moves along f(component)
     target_scale: PositiveFloat = 0.5  # f* = f_theta(0) + target_scale * f(component)
-    power_tol: PositiveFloat = 1e-10
+    power_tol: PositiveFloat = 1e-10  # relative tolerance of the top eigenvectors' power iteration
     kernels: MonteCarloSpec = MonteCarloSpec()  # the limit (kernel: analytic) of a network.module
 
 

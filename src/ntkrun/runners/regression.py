@@ -55,21 +55,17 @@ LOG = logging.getLogger("ntkrun")
 
 
 class RegressionTrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: PositiveInt = 1000
+    lr: PositiveFloat = 1.0  # GD learning rate
+    steps: PositiveInt = 1000  # full-batch GD steps (training time T = lr x steps)
 
 
 class RegressionDataSpec(Model):
+    # (choice) training inputs on the unit circle; null = n_train random angles
     train_angles: (
         Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)] | None
-    ) = [
-        -2.5,
-        -0.9,
-        0.6,
-        2.2,
-    ]  # (choice) training inputs on the unit circle; null = n_train random angles
+    ) = [-2.5, -0.9, 0.6, 2.2]
     n_train: PositiveInt | None = None  # random angles, uniform on [-pi, pi), seeded by data_seed
-    data_seed: NonNegativeInt = 0
+    data_seed: NonNegativeInt = 0  # the seed of the random angles (n_train)
     target: Literal["x1*x2", "sin", "values"] = "x1*x2"  # (choice) f*(x) = x1 x2
     target_k: PositiveInt = 1  # target sin: f* = sin(k gamma)
     target_values: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None  # target values
@@ -105,7 +101,8 @@ class RegressionSpec(RunSpec):
     data: RegressionDataSpec = RegressionDataSpec()
     kernel: Literal["analytic", "empirical"] = "analytic"  # the limit's Theta and Sigma
     kernel_width: PositiveInt = 10000  # kernel: empirical, one network of this width at init
-    kernel_seed: NonNegativeInt = 0
+    kernel_seed: NonNegativeInt = 0  # that network's seed
+    # the band of network values
     percentiles: Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=2)] = [10, 50, 90]
     grid: CircleGridSpec = CircleGridSpec()
 

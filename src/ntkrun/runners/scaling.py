@@ -82,8 +82,8 @@ class ScalingDataSpec(Model):
 
 
 class ScalingTrainingSpec(Model):
-    lr: PositiveFloat = 1.0
-    steps: PositiveInt = 200
+    lr: PositiveFloat = 1.0  # GD learning rate
+    steps: PositiveInt = 200  # full-batch GD steps
     n_train: PositiveInt = 128  # training inputs x ~ N(0, I), target x1 x2, drawn once per seed
 
 
@@ -111,8 +111,9 @@ class ScalingSpec(RunSpec):
         return self
 
 
-# reference slopes (see README); spread_init needs no limit: ||Theta_s(0) - mean_s Theta_s(0)|| / ||mean||
-# over the seeds of one width (Theorem 1's fluctuation, fair to a model whose kernel grows with width)
+# reference slopes (docs/experiments/scaling.md); spread_init needs no limit:
+# ||Theta_s(0) - mean_s Theta_s(0)|| / ||mean|| over the seeds of one width (Theorem 1's fluctuation,
+# fair to a model whose kernel grows with width)
 METRICS = {"dist_init": -0.5, "spread_init": -0.5, "change_T": -0.5, "func_dist_T": -0.5}
 
 
