@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python >= 3.10 and make:
 #   make demo   a virtual environment in .venv with torch and ntkrun, then a quick real run
-#   make test   the same environment with the test extras, then lint and the whole suite
+#   make test   the same environment with the test extras, then lint, the whole suite and the docs
+#   make docs   the documentation site in site/, built strictly (a broken link or reference fails)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -9,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test docs clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "ntkrun needs Python >= 3.10, found " + sys.version.split()[0])'
@@ -25,7 +26,7 @@ $(VENV)/.ntkrun: pyproject.toml $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.ntkrun-test: pyproject.toml $(VENV)/.ntkrun
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,docs]"
 	@touch $@
 
 demo: $(VENV)/.ntkrun
@@ -34,7 +35,11 @@ demo: $(VENV)/.ntkrun
 
 test: $(VENV)/.ntkrun-test
 	$(BIN)/ruff check .
+	$(MAKE) docs
 	$(BIN)/python -m pytest -q
 
+docs: $(VENV)/.ntkrun-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs site

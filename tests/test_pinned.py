@@ -46,7 +46,7 @@ def test_quick_preset_csvs_are_pinned(experiment, tmp_path):
     assert sorted(p.name for p in run.glob("*.csv")) == [p.name for p in pinned]
     same_machine = json.loads((PINNED / "environment.json").read_text()) == this_machine()
     for path in pinned:
-        if same_machine:  # same spec, seed and machine: byte-identical (README, "Run directories")
+        if same_machine:  # same spec, seed and machine: byte-identical (docs/guides/run-directories.md)
             assert (run / path.name).read_bytes() == path.read_bytes(), path.name
             continue
         # Another BLAS or thread count sums in another order: float32 networks differ in the last
