@@ -242,6 +242,7 @@ class _Recursion:
             sigma, theta = self.next(l, d[-1], torch.sqrt(d[-1] * d[-1]), d[-1], theta.clone())
             d.append(sigma)
             t.append(theta)
+        self.pool.free.clear()  # buffers of the diagonals' shape: the tiles' come next
         return d, t
 
     def block(
