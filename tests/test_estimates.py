@@ -138,3 +138,24 @@ def test_gram_block_units_are_priced_by_their_kernels_and_add_up_to_the_whole_fi
         return sum(p.flops * k for p, k in unit.cost.probes if p.kind == "kernel")
 
     assert sum(kernel_flops(u) for u in blocks) == pytest.approx(kernel_flops(whole["ntk_n256"]), rel=0.01)
+
+
+def test_a_pool_prices_its_units_as_sharing_the_cores():
+    """In a local pool whose workers' threads outnumber the cores, --list-units prices each unit
+    slower by that ratio (2 workers of cpu_count threads: 2x), its time alone kept for the total."""
+    import os
+
+    threads = os.cpu_count() or 1
+
+    def table(*extra: str):
+        sets = [f"executor.threads={threads}", *extra]
+        request = orchestrate.Request("scaling", preset="quick", sets=sets)
+        return orchestrate.unit_table(orchestrate.plan(request, checks=False))
+
+    inline, pool = table(), table("executor.kind=local", "executor.jobs=2")
+    assert inline.attrs["sharing"] == 1.0 and pool.attrs["sharing"] == 2.0
+    assert list(pool["alone"]) == list(inline["alone"]) == list(inline["seconds"])
+    assert list(pool["seconds"]) == [2.0 * s for s in inline["seconds"]]
+    result = CliRunner().invoke(app, ["scaling", "--preset", "quick", "--executor", "local", "--jobs", "2",
+                                      "--set", f"executor.threads={threads}", "--list-units"])  # fmt: skip
+    assert result.exit_code == 0 and "in the pool 2x a unit's time alone" in result.output

@@ -27,6 +27,7 @@ from ntkrun.errors import (
     stopped,
 )
 from ntkrun.executors import make_executor
+from ntkrun.executors.local import sharing
 from ntkrun.executors.slurm import queue_states, recorded_jobs, slurm_available, unit_status
 from ntkrun.identity import MODEL_SOURCE, RESULTS_VERSION, Identity, recorded
 from ntkrun.locks import AGGREGATE_LOCK, RUNNING, STALE_LOCK_S, lock_holder
@@ -155,17 +156,24 @@ def plan(req: Request, *, checks: bool = True) -> Plan:
 
 def unit_table(p: Plan) -> pd.DataFrame:
     """Index, name, stage, GFLOP and the seconds estimated at this machine's rates, per unit (the
-    timed probes of ntkrun.costs run here, at the executor's threads per unit)."""
+    timed probes of ntkrun.costs run here, at the executor's threads per unit), as the unit runs
+    under the run's executor: in a local pool whose workers' threads outnumber the cores, slower
+    by their ratio (`attrs["sharing"]`; "alone" holds the seconds of the unit running alone)."""
     readers = runner(p.spec).grid(p.spec).readers if p.spec.sweep else {}
-    with unit_threads(p.spec.executor.threads):
+    ex = p.spec.executor
+    threads = ex.threads or torch.get_num_threads()
+    share = sharing(ex.jobs, threads, len(p.units)) if ex.kind == "local" else 1.0
+    with unit_threads(ex.threads):
         speed = rates()
         rows = [
             {"index": i, "unit": u.name, "stage": u.stage, "gflop": u.flops / 1e9,
-             "seconds": speed.seconds(u.cost), "shared": ", ".join(readers.get(u.name, [])[1:])}
+             "alone": speed.seconds(u.cost), "shared": ", ".join(readers.get(u.name, [])[1:])}
             for i, u in enumerate(p.units)
         ]  # fmt: skip
     table = pd.DataFrame(rows)
+    table["seconds"] = table["alone"] * share
     table.attrs["gflops"] = speed.gemm / 1e9
+    table.attrs["sharing"] = share
     return table
 
 

@@ -174,10 +174,12 @@ def report(experiment: str, outcome: orchestrate.Outcome, quiet: bool) -> None:
 def print_units(plan: orchestrate.Plan) -> None:
     """Index, name, stage and cost of every unit (for an sbatch --array range)."""
     table = heavy("ntkrun.orchestrate").unit_table(plan)
+    share = table.attrs["sharing"]
+    pool = f"; in the pool {share:.2g}x a unit's time alone: its workers share the cores" * (share > 1)
     say(
         f"{len(table)} units (sbatch --array=0-{len(table) - 1}); cost in GFLOP, time estimated on this "
         "machine (its GD steps, kernels, solves and data reads timed at a small size; products at "
-        f"{table.attrs['gflops']:.0f} GFLOP/s):"
+        f"{table.attrs['gflops']:.0f} GFLOP/s{pool}):"
     )
     for row in table.itertuples(index=False):
         stage = " (stage 0: before the others)" if row.stage == 0 else ""
@@ -190,7 +192,7 @@ def print_units(plan: orchestrate.Plan) -> None:
         say(f"total: {known:.3g} GFLOP and {unknown} unit(s) of unknown cost (their data were not found: "
             "the costs need the images' shape; --check says why)")  # fmt: skip
     else:
-        say(f"total: {table['gflop'].sum():.3g} GFLOP, ~{_duration(table['seconds'].sum())} in one process")
+        say(f"total: {table['gflop'].sum():.3g} GFLOP, ~{_duration(table['alone'].sum())} in one process")
 
 
 def _duration(seconds: float) -> str:
