@@ -56,6 +56,17 @@ def test_read_idx_round_trip(tmp_path, gz):
     assert X.shape == (50, 28, 28) and y.shape == (50,) and X.dtype == np.uint8
 
 
+def test_idx_labels_past_the_ten_classes_are_refused_naming_the_file(tmp_path):
+    """The labelled experiments' targets have 10 classes: an IDX label file holding 10 or more is
+    one DataError naming it (as an .npz's labels are), not an index error inside a unit."""
+    write_split(tmp_path, n=20)
+    labels = np.arange(20, dtype=np.uint8) % 12
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    message = r"t10k-labels-idx1-ubyte\.gz: holds labels 0\.\.11; they must be 0\.\.9"
+    with pytest.raises(DataError, match=message):
+        load_split(tmp_path, "test")
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [

@@ -253,6 +253,8 @@ def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{images}, {labels}: shapes {X.shape} and {y.shape} do not form a labelled image set"
         )
+    if y.size and y.max() >= npzdata.CLASSES:  # as an .npz's: the experiments' targets have 10 classes
+        raise DataError(f"{labels}: holds labels 0..{y.max()}; they must be 0..{npzdata.CLASSES - 1}")
     return X, y
 
 
