@@ -16,23 +16,12 @@ products). Prints the achieved flop rate and its fraction of each ceiling.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from bench_engine import best_time as best
 
 from ntkrun.architectures.conv import CNNArchitecture
 from ntkrun.kernels.cnn import TILE_NUMBERS, cnn_kernels
-
-
-def best(f: Callable[[], object], rounds: int) -> float:
-    f()
-    out = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def ceilings(rounds: int) -> dict[str, float]:
@@ -69,6 +58,7 @@ def main() -> None:
     for readout, n in (("flatten", args.n), ("gap", args.gap_n)):
         X = torch.rand(n, 1, args.size, args.size, generator=g, dtype=torch.float64)
         X2 = torch.rand(n, 1, args.size, args.size, generator=g, dtype=torch.float64)
+
         def gram(X=X, X2=X2, r=readout) -> object:
             return cnn_kernels(X, X2, depth=args.depth, readout=r)
 
